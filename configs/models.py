@@ -1,0 +1,102 @@
+"""Model presets: `tiny` (tests, CPU demo), `small` (ViT-S/16), `b16` (the paper's), `l14`.
+
+Each preset returns the `model` section of a config (see configs/base.py for field meanings).
+The text tower is OpenAI CLIP's 512x12x8 for every preset but `tiny`; the decoder is 512 wide,
+6 layers, 8 heads for every preset but `tiny`, as in the reference.
+"""
+
+import ml_collections
+
+PRESETS = ("tiny", "small", "b16", "l14")
+
+
+def _tower(width: int, depth: int, heads: int, **extra) -> dict:
+  return dict(width=width, depth=depth, heads=heads, **extra)
+
+
+def get_model_config(preset: str) -> ml_collections.ConfigDict:
+  """The `model` section for `preset`; raises ValueError naming the preset if unknown."""
+  if preset not in PRESETS:
+    raise ValueError(f"config.model preset {preset!r} is unknown; choose one of {PRESETS}")
+  clip_text = _tower(512, 12, 8)
+  reference_decoder = _tower(512, 6, 8, mlp_dim=2048)
+  towers = {
+      "tiny": dict(
+          embed_dim=64,
+          image=_tower(64, 2, 4, image_size=32, patch_size=8),
+          text=_tower(64, 2, 4),
+          decoder=_tower(64, 2, 4, mlp_dim=128),
+      ),
+      "small": dict(
+          embed_dim=512,
+          image=_tower(384, 12, 12, image_size=224, patch_size=16),
+          text=clip_text,
+          decoder=reference_decoder,
+      ),
+      "b16": dict(
+          embed_dim=512,
+          image=_tower(768, 12, 12, image_size=224, patch_size=16),
+          text=clip_text,
+          decoder=reference_decoder,
+      ),
+      "l14": dict(
+          embed_dim=512,
+          image=_tower(1024, 24, 16, image_size=224, patch_size=14),
+          text=clip_text,
+          decoder=reference_decoder,
+      ),
+  }[preset]
+  model = default_model_config()
+  model.preset = preset
+  model.embed_dim = towers["embed_dim"]
+  for section in ("image", "text", "decoder"):
+    model[section].update(towers[section])
+  return model
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+  """Every model field with its meaning; sizes are the b16 reference."""
+  return ml_collections.ConfigDict(dict(
+      # Preset name this section was built from (informational; sizes below are what count).
+      preset="b16",
+      # "grain": global image query + region queries; "clip": CLS -> image_projection, no decoder.
+      kind="grain",
+      # Shared image/text embedding width.
+      embed_dim=512,
+      # Computation dtype of activations ("float32" or "bfloat16"); parameters stay float32.
+      dtype="float32",
+      # Rematerialize each transformer block in the backward pass (saves activation memory).
+      remat=False,
+      # Run the blocks of each tower with nnx.scan over stacked parameters (faster compiles).
+      scan_layers=False,
+      image=dict(
+          image_size=224,     # input height = width (images are squashed, not cropped)
+          patch_size=16,
+          width=768,
+          depth=12,
+          heads=12,
+          mlp_ratio=4.0,
+          qk_norm=True,       # LayerNorm over each head's q and k (the reference's timm ViT)
+          layer_norm_eps=1e-6,
+      ),
+      text=dict(
+          vocab_size=49408,
+          context_length=77,
+          width=512,
+          depth=12,
+          heads=8,
+          mlp_ratio=4.0,
+          layer_norm_eps=1e-5,
+          # Token batches run on the shortest of these context lengths that holds every EOT.
+          context_buckets=(16, 32, 48, 77),
+      ),
+      decoder=dict(
+          num_region_queries=5,   # plus one global image query (the last)
+          width=512,
+          depth=6,
+          heads=8,
+          mlp_dim=2048,
+          dropout=0.1,
+          layer_norm_eps=1e-5,
+      ),
+  ))

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m grain_jax.bench <name> [flags]`; each prints its figures."""

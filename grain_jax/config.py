@@ -1,0 +1,116 @@
+"""Loading and validating configs before anything is built.
+
+Every error names the offending field (`config.model.image.heads`, ...), so a typo or an
+impossible size fails in a second with a clear message instead of deep inside a compile.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+from configs import base
+from grain_jax.sharding import mesh_shape
+
+
+class ConfigError(ValueError):
+  """A config field is unknown, has the wrong type, or holds an impossible value."""
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)` (or `get_config()`)."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} does not exist")
+  module_spec = importlib.util.spec_from_file_location(f"_grain_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config()")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _check_fields(config, schema, prefix: str) -> None:
+  """Every field of `config` must exist in `schema` with a compatible type."""
+  for key, value in config.items():
+    name = f"{prefix}.{key}"
+    if key not in schema:
+      raise ConfigError(f"{name} is not a known field (known here: {', '.join(sorted(schema.keys()))})")
+    expected = schema[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"{name} must be a section, got {value!r}")
+      _check_fields(value, expected, name)
+    elif expected is not None and value is not None and not _compatible(value, expected):
+      raise ConfigError(f"{name}={value!r} should be of type {type(expected).__name__}")
+
+
+def _compatible(value, expected) -> bool:
+  if isinstance(expected, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(expected, bool)
+  if isinstance(expected, float):
+    return isinstance(value, (int, float))
+  if isinstance(expected, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(expected))
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def _check_model(model) -> None:
+  _require(model.kind in ("grain", "clip"), f"config.model.kind={model.kind!r} must be 'grain' or 'clip'")
+  _require(model.dtype in ("float32", "bfloat16"),
+           f"config.model.dtype={model.dtype!r} must be 'float32' or 'bfloat16'")
+  for tower in ("image", "text", "decoder"):
+    cfg = model[tower]
+    for field in ("width", "depth", "heads"):
+      _require(cfg[field] > 0, f"config.model.{tower}.{field}={cfg[field]} must be positive")
+    _require(cfg.width % cfg.heads == 0,
+             f"config.model.{tower}.width={cfg.width} is not divisible by config.model.{tower}.heads={cfg.heads}")
+  image = model.image
+  _require(image.image_size % image.patch_size == 0,
+           f"config.model.image.image_size={image.image_size} is not a multiple of "
+           f"config.model.image.patch_size={image.patch_size}")
+  text = model.text
+  _require(all(0 < bucket <= text.context_length for bucket in text.context_buckets),
+           f"config.model.text.context_buckets={tuple(text.context_buckets)} must lie in "
+           f"[1, config.model.text.context_length={text.context_length}]")
+  _require(model.decoder.num_region_queries > 0,
+           f"config.model.decoder.num_region_queries={model.decoder.num_region_queries} must be positive")
+  _require(0.0 <= model.decoder.dropout < 1.0, f"config.model.decoder.dropout={model.decoder.dropout} must be in [0, 1)")
+
+
+def _check_choices(config) -> None:
+  choices = {
+      ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
+      ("loss", "region_negatives"): ("global", "per_device"),
+  }
+  for (section, field), allowed in choices.items():
+    if section in config and field in config[section]:
+      value = config[section][field]
+      _require(value in allowed, f"config.{section}.{field}={value!r} must be one of {allowed}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks `config` against the documented schema (configs/base.py); returns it unchanged.
+
+  Args:
+    config: the full config.
+    num_devices: when given, the mesh sizes must tile exactly this many devices.
+
+  Raises:
+    ConfigError naming the first offending field.
+  """
+  _check_fields(config, base.get_config(), "config")
+  _check_model(config.model)
+  _check_choices(config)
+  if num_devices is not None:
+    try:
+      mesh_shape(config.mesh, num_devices)
+    except ValueError as error:
+      raise ConfigError(str(error)) from None
+  return config

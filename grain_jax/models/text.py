@@ -1,0 +1,74 @@
+"""The text encoder: OpenAI CLIP's causal transformer, pooled at the EOT token."""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grain_jax.models import layers
+from grain_jax.sharding import constrain
+
+
+class TextBlock(nnx.Module):
+  """CLIP residual block: `x += attn(ln_1(x), causal)`; `x += mlp(ln_2(x))`. `[B, T, D] -> [B, T, D]`."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype):
+    width, eps = cfg.width, cfg.layer_norm_eps
+    # OpenAI CLIP's init: residual outputs are scaled down with depth.
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * cfg.depth) ** -0.5, (2 * width) ** -0.5
+    self.ln_1 = layers.layer_norm(width, eps, dtype, rngs)
+    self.attn = layers.Attention(width, cfg.heads, rngs=rngs, dtype=dtype,
+                                 qkv_init=layers.normal(attn_std), out_init=layers.normal(proj_std))
+    self.ln_2 = layers.layer_norm(width, eps, dtype, rngs)
+    self.mlp = layers.Mlp(width, int(width * cfg.mlp_ratio), "quick_gelu", rngs=rngs, dtype=dtype,
+                          fc1_init=layers.normal(fc_std), fc2_init=layers.normal(proj_std))
+
+  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    x = x + self.attn(self.ln_1(x), mask=mask)
+    x = x + self.mlp(self.ln_2(x))
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class TextTransformer(nnx.Module):
+  """`token ids [T, L]` (L <= context_length) -> caption embeddings `[T, embed_dim]` (not normalized).
+
+  The mask is causal and the embedding is read at the EOT token (the highest id), so tokens after
+  EOT never influence it: any `L` that keeps every EOT gives the same embeddings as the full
+  context (see `truncate_to_bucket`).
+  """
+
+  def __init__(self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+               scan: bool = False, remat: bool = False):
+    self.dtype = dtype
+    self.token_embedding = layers.param(rngs, layers.normal(0.02), (cfg.vocab_size, cfg.width), ("vocab", "embed"))
+    self.positional_embedding = layers.param(rngs, layers.normal(0.01), (cfg.context_length, cfg.width),
+                                             ("length", "embed"))
+    self.blocks = layers.LayerStack(lambda r: TextBlock(cfg, rngs=r, dtype=dtype), cfg.depth,
+                                    rngs=rngs, scan=scan, remat=remat)
+    self.ln_final = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
+    self.text_projection = layers.param(rngs, layers.normal(cfg.width ** -0.5), (cfg.width, embed_dim),
+                                        ("embed", "joint"))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    length = ids.shape[1]
+    x = jnp.take(self.token_embedding[...], ids, axis=0).astype(self.dtype)
+    x = x + self.positional_embedding[:length].astype(self.dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    x = self.ln_final(self.blocks(x, causal))
+    pooled = x[jnp.arange(x.shape[0]), jnp.argmax(ids, axis=-1)]
+    return pooled @ self.text_projection.astype(self.dtype)
+
+
+def truncate_to_bucket(ids: np.ndarray, buckets: Sequence[int]) -> np.ndarray:
+  """Cuts `ids [T, 77]` to the smallest bucket length that keeps every sequence's EOT token.
+
+  Runs on the host so each bucket compiles once; the embeddings are unchanged (see
+  TextTransformer). Returns `[T, bucket]`.
+  """
+  needed = int(np.max(np.argmax(ids, axis=-1))) + 1 if ids.size else 1
+  fitting = [bucket for bucket in sorted(buckets) if bucket >= needed]
+  length = fitting[0] if fitting else ids.shape[1]
+  return ids[:, :length]

@@ -1,0 +1,62 @@
+"""The image encoder: a ViT with qk-norm, as timm's `VisionTransformer(qk_norm=True)`."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grain_jax.models import layers
+from grain_jax.sharding import constrain
+
+
+class VitBlock(nnx.Module):
+  """Pre-norm block: `x += attn(norm1(x))`; `x += mlp(norm2(x))`. `[B, T, D] -> [B, T, D]`."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype):
+    width, eps = cfg.width, cfg.layer_norm_eps
+    self.norm1 = layers.layer_norm(width, eps, dtype, rngs)
+    self.attn = layers.Attention(
+        width, cfg.heads, rngs=rngs, dtype=dtype, qk_norm=cfg.qk_norm, norm_eps=eps,
+        qkv_init=layers.trunc_normal_02, out_init=layers.trunc_normal_02)
+    self.norm2 = layers.layer_norm(width, eps, dtype, rngs)
+    self.mlp = layers.Mlp(
+        width, int(width * cfg.mlp_ratio), "gelu", rngs=rngs, dtype=dtype,
+        fc1_init=layers.trunc_normal_02, fc2_init=layers.trunc_normal_02)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.norm1(x))
+    x = x + self.mlp(self.norm2(x))
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class VisionTransformer(nnx.Module):
+  """`images [B, H, W, 3]` -> all final tokens `[B, 1 + N, D]` (CLS first), after the final norm."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, scan: bool = False, remat: bool = False):
+    if cfg.image_size % cfg.patch_size:
+      raise ValueError(f"config.model.image.image_size={cfg.image_size} is not a multiple of "
+                       f"config.model.image.patch_size={cfg.patch_size}")
+    self.patch_size, self.dtype = cfg.patch_size, dtype
+    num_patches = (cfg.image_size // cfg.patch_size) ** 2
+    patch_in = cfg.patch_size * cfg.patch_size * 3
+    self.patch_kernel = layers.param(
+        rngs, jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
+        (cfg.patch_size, cfg.patch_size, 3, cfg.width), ("patch", "patch", "patch", "embed"))
+    self.patch_bias = layers.param(rngs, layers.torch_linear_init(patch_in), (cfg.width,), ("embed",))
+    self.cls_token = layers.param(rngs, layers.normal(1e-6), (1, 1, cfg.width), (None, None, "embed"))
+    self.pos_embed = layers.param(rngs, layers.trunc_normal_02, (1, 1 + num_patches, cfg.width),
+                                  (None, "length", "embed"))
+    self.blocks = layers.LayerStack(lambda r: VitBlock(cfg, rngs=r, dtype=dtype), cfg.depth,
+                                    rngs=rngs, scan=scan, remat=remat)
+    self.norm = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    batch, height, width, channels = images.shape
+    p = self.patch_size
+    patches = images.reshape(batch, height // p, p, width // p, p, channels)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, (height // p) * (width // p), p, p, channels)
+    x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), self.patch_kernel.astype(self.dtype))
+    x = x + self.patch_bias.astype(self.dtype)
+    cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (batch, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(self.dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+    return self.norm(self.blocks(x))

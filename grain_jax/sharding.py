@@ -1,0 +1,111 @@
+"""Mesh construction and the logical-axis sharding policy.
+
+Parameters and activations are annotated with logical axis names only (`embed`, `mlp`, `heads`,
+...). `config.sharding_rules` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`);
+this module is the only place that applies that mapping.
+"""
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+Rules = Sequence[tuple[str, str | Sequence[str] | None]]
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves the `config.mesh` sizes (one may be -1) against `num_devices`.
+
+  Raises:
+    ValueError naming the `config.mesh.<axis>` fields when the sizes cannot tile the devices.
+  """
+  sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+  fields = ", ".join(f"config.mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+    raise ValueError(f"{fields}: sizes must be positive, with at most one -1 (\"the rest\")")
+  known = int(np.prod([size for size in sizes if size != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"{fields}: {known} does not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f"{fields}: the mesh has {int(np.prod(sizes))} devices but {num_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A `data x fsdp x tensor` mesh over `devices` (default: all) with Auto axis types."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def axis_rules(rules: Rules):
+  """Context manager making `rules` the active logical -> mesh axis mapping."""
+  return flax_spmd.logical_axis_rules(tuple((name, _as_tuple_or_none(axes)) for name, axes in rules))
+
+
+def _as_tuple_or_none(axes):
+  if axes is None or isinstance(axes, str):
+    return axes
+  return tuple(axes)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
+
+  Unknown logical names are replicated, as are names whose mesh axes an earlier dimension
+  already took (e.g. `[embed, embed]` shards only the first).
+  """
+  table = dict(rules if rules is not None else flax_spmd.get_logical_axis_rules())
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    axes = table.get(name) if name is not None else None
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    axes = tuple(axis for axis in axes if axis not in used)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
+  """NamedShardings for an `nnx.State` whose Variables carry `out_sharding` logical names."""
+  def sharding_of(variable):
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+  return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules: Rules) -> nnx.Module:
+  """Builds a module with every parameter created directly in its sharded layout.
+
+  `build()` runs under `jax.jit` with output shardings from the rules, so no host or single
+  device ever holds a full copy of the parameters. It must create its Variables without eager
+  sharding (as `grain_jax.models.grain.build_model` does).
+  """
+  abstract = nnx.eval_shape(build)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  def init_state():
+    return nnx.split(build())[1]
+
+  with jax.set_mesh(mesh), axis_rules(rules):
+    state = jax.jit(init_state, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

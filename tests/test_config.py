@@ -1,0 +1,85 @@
+"""Config loading and validation: every bad field is named in the error."""
+
+import pytest
+
+from configs import models
+from grain_jax.config import ConfigError, load_config, validate
+
+
+@pytest.mark.parametrize("preset", models.PRESETS)
+def test_every_preset_validates(preset):
+  config = validate(load_config(f"configs/base.py:{preset}"), num_devices=8)
+  assert config.model.preset == preset
+
+
+def test_presets_have_the_reference_sizes():
+  small = load_config("configs/base.py:small").model
+  assert (small.image.width, small.image.depth, small.image.heads) == (384, 12, 12)
+  assert (small.text.width, small.text.depth, small.text.heads) == (512, 12, 8)
+  assert (small.decoder.width, small.decoder.depth) == (512, 6)
+  large = load_config("configs/base.py:l14").model
+  assert (large.image.width, large.image.depth, large.image.heads, large.image.patch_size) == (1024, 24, 16, 14)
+
+
+def test_unknown_preset_is_named():
+  with pytest.raises(ValueError, match="'huge'"):
+    load_config("configs/base.py:huge")
+
+
+def test_missing_config_file_is_named(tmp_path):
+  with pytest.raises(ConfigError, match="nope.py"):
+    load_config(str(tmp_path / "nope.py"))
+
+
+def test_a_config_file_can_build_on_base(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text("from configs import base\n\ndef get_config():\n"
+                  "  config = base.get_config('tiny')\n  config.loss.region = 0.5\n  return config\n")
+  assert validate(load_config(str(path))).loss.region == 0.5
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c.model.image.__setattr__("widht", 64), "config.model.image.widht"),
+    (lambda c: c.__setattr__("learning_rat", 1e-3), "config.learning_rat"),
+    (lambda c: c.model.image.__setattr__("heads", 5), "config.model.image.width=64 is not divisible"),
+    (lambda c: c.model.text.__setattr__("heads", 3), "config.model.text.width"),
+    (lambda c: c.model.decoder.__setattr__("heads", 6), "config.model.decoder.width"),
+    (lambda c: c.model.image.__setattr__("patch_size", 5), "config.model.image.image_size"),
+    (lambda c: c.model.__setattr__("kind", "detr"), "config.model.kind"),
+    (lambda c: c.model.__setattr__("dtype", "float16"), "config.model.dtype"),
+    (lambda c: c.model.text.__setattr__("context_buckets", (16, 99)), "config.model.text.context_buckets"),
+    (lambda c: c.matching.__setattr__("method", "auction"), "config.matching.method"),
+    (lambda c: c.model.decoder.__setattr__("dropout", 1.5), "config.model.decoder.dropout"),
+])
+def test_bad_fields_are_named(mutate, field):
+  config = load_config("configs/base.py:tiny")
+  with config.unlocked():
+    mutate(config)
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(")):
+    validate(config)
+
+
+def test_wrong_type_is_named():
+  config = load_config("configs/base.py:tiny")
+  config.model.image = dict(config.model.image.to_dict(), depth="twelve")
+  with pytest.raises(ConfigError, match=r"config\.model\.image\.depth='twelve'"):
+    validate(config)
+
+
+@pytest.mark.parametrize("mesh, devices, ok", [
+    (dict(data=-1, fsdp=1, tensor=1), 8, True),
+    (dict(data=2, fsdp=-1, tensor=2), 8, True),
+    (dict(data=2, fsdp=2, tensor=2), 8, True),
+    (dict(data=3, fsdp=-1, tensor=1), 8, False),
+    (dict(data=4, fsdp=4, tensor=1), 8, False),
+    (dict(data=-1, fsdp=-1, tensor=1), 8, False),
+    (dict(data=0, fsdp=1, tensor=1), 8, False),
+])
+def test_mesh_must_tile_the_devices(mesh, devices, ok):
+  config = load_config("configs/base.py:tiny")
+  config.mesh.update(mesh)
+  if ok:
+    validate(config, num_devices=devices)
+  else:
+    with pytest.raises(ConfigError, match=r"config\.mesh\.data"):
+      validate(config, num_devices=devices)
