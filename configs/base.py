@@ -47,10 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Region-to-box matching (see grain_jax/ops/matching.py). Cost = l1 * L1(cxcywh) - giou * GIoU.
   config.matching = ml_collections.ConfigDict(dict(
       method="hungarian",        # "hungarian" (exact) | "sinkhorn" (entropic OT, rounded) | "greedy"
-      cost_l1=5.0,
-      cost_giou=2.0,
-      sinkhorn_epsilon=0.05,     # entropic regularization, in units of the cost
-      sinkhorn_iterations=50,
+      cost_l1=5.0,               # weight of the L1 distance summed over (cx, cy, w, h)
+      cost_giou=2.0,             # weight of the generalized IoU (subtracted)
+      sinkhorn_epsilon=0.05,     # final entropic regularization, in cost units (annealed down to it)
+      sinkhorn_iterations=50,    # fixed number of Sinkhorn iterations
   ))
 
   # Loss weights and variants: L = L_ic + box_l1 * L1 + box_giou * (1 - GIoU) + region * L_rd.
@@ -59,8 +59,37 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       box_giou=1.5,
       region=1.0,
       aux_layers=False,          # also supervise boxes of every intermediate decoder layer
-      region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour)
+      region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour;
+                                  # the batch is split into the train step's batch shards)
       mask_duplicate_descriptions=True,  # identical description texts are not negatives
+  ))
+
+  # AdamW with linear warmup then cosine decay (the reference's recipe).
+  config.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3,        # peak, reached at the end of warmup
+      warmup_init=1e-6,          # learning rate at step 0
+      end_learning_rate=1e-5,    # at the last step
+      warmup_steps=1000,
+      b1=0.9,
+      b2=0.98,
+      eps=1e-8,
+      weight_decay=0.1,          # not applied to biases, norms, logit_scale and other 1-D params
+      grad_clip_norm=0.0,        # global-norm clipping; 0 = off
+  ))
+
+  # The training loop (see grain_jax/train/trainer.py).
+  config.train = ml_collections.ConfigDict(dict(
+      num_steps=100_000,
+      grad_accum_steps=1,        # micro-batches per step; contrastive negatives come from one micro-batch
+      log_every=50,              # steps between console / TensorBoard scalars
+      checkpoint_every=1000,     # steps between checkpoints (one is always written at the end)
+      keep_checkpoints=3,        # the newest k are kept
+      async_checkpointing=True,
+      profile_steps=(),          # (first, last) step of a profiler trace written to workdir/profile; () = off
+      multiprocess=False,        # call jax.distributed.initialize() (auto-detected on TPU and SLURM)
+      coordinator_address="",    # host:port of process 0 when not auto-detected
+      num_processes=0,           # with coordinator_address
+      process_id=-1,             # with coordinator_address
   ))
 
   # Input pipeline (see grain_jax/data/pipeline.py). Image size and the number of regions per
@@ -72,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # None = repeat forever (training length is counted in steps).
       num_epochs=ml_collections.config_dict.placeholder(int),
       num_workers=0,             # Grain worker processes decoding images; 0 = in this process
-      worker_buffer_size=2,      # examples each worker keeps ready
+      worker_buffer_size=2,      # batches each worker keeps ready
       read_threads=4,            # threads reading and decoding records in each process
       max_bad_fraction=0.05,     # stop with an error when more records than this are skipped
       # The built-in synthetic dataset (grain_jax/data/synthetic.py), written under the workdir
@@ -88,6 +117,30 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_retrieval=100,     # eval: images with two captions each
           num_grounding=100,     # eval: images with phrase -> box pairs
       ),
+  ))
+
+  # Evaluation (see grain_jax/eval/run.py; entry syntax in grain_jax/eval/datasets.py).
+  config.eval = ml_collections.ConfigDict(dict(
+      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds),
+      # "synthetic/attributes", "synthetic/novel", or "folder:PATH" (PATH/<class>/<image>).
+      classification=("synthetic/attributes", "synthetic/novel"),
+      retrieval=("synthetic",),  # "synthetic" or "karpathy:JSON:IMAGE_ROOT"
+      grounding=("synthetic",),  # "synthetic" or "json:PATH"
+      tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
+      descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...)
+      synthetic_dir="",          # the built-in synthetic eval splits; "" = <workdir>/synthetic
+      templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
+      whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
+      renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)
+      scores=("global", "mixed"),  # with descriptions: "global", "region", "mixed" (region ones: GRAIN only)
+      alpha=0.5,                 # weight of the global score in "mixed"
+      batch_size=256,            # images per global batch (rounded up to the batch shards)
+      text_batch_size=1024,      # prompts per global batch
+      num_threads=4,             # image decoding threads per host
+      max_examples=0,            # images per set, spread evenly over it; 0 = all
+      num_confusions=10,         # most frequent (true, predicted) class pairs listed per head
+      iou_threshold=0.5,         # grounding: a box counts when IoU >= this
+      num_pictures=4,            # grounding pictures written to <workdir>/eval/grounding/<set>/
   ))
 
   return config

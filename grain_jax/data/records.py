@@ -1,0 +1,177 @@
+"""Annotation records: the schema, its serialization, ArrayRecord shards and their manifest.
+
+One record per image: the encoded image bytes, the alt-text caption, the MLLM caption ("" when
+there is none) and a list of regions `{description, box, score}` with boxes as normalized
+(x1, y1, x2, y2). A dataset is a directory of ArrayRecord shards plus `manifest.json`:
+
+  {"schema_version": 1, "source": "...", "count": N,
+   "shards": [{"file": "shard-00000.array_record", "count": n}, ...], "skipped": {reason: n}}
+
+Records are msgpack maps so that any tool can read them without this package.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgpack
+import numpy as np
+from array_record.python import array_record_module
+
+from grain_jax.data import quality
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_SUFFIX = ".array_record"
+# Single-record groups: the training pipeline reads records in random order.
+_WRITER_OPTIONS = "group_size:1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+  """One described region: `box` is normalized (x1, y1, x2, y2), `score` the detector's."""
+  description: str
+  box: tuple[float, float, float, float]
+  score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+  """One training image with its captions and regions."""
+  key: str               # where the image came from (its path in the source dataset)
+  image: bytes           # encoded JPEG / PNG
+  caption: str           # alt-text
+  mllm_caption: str = ""  # "" when the source has none
+  regions: tuple[Region, ...] = ()
+
+
+def serialize(record: Record) -> bytes:
+  return msgpack.packb({
+      "schema": SCHEMA_VERSION,
+      "key": record.key,
+      "image": record.image,
+      "caption": record.caption,
+      "mllm_caption": record.mllm_caption,
+      "regions": [{"description": r.description, "box": [float(v) for v in r.box],
+                   "score": float(r.score)} for r in record.regions],
+  })
+
+
+def deserialize(data: bytes) -> Record:
+  """Parses a serialized record; raises quality.BadRecordError with the reason if it can't."""
+  try:
+    fields = msgpack.unpackb(data)
+  except UnicodeDecodeError as e:
+    raise quality.BadRecordError(quality.NON_UTF8_TEXT) from e
+  except Exception as e:  # msgpack raises several unrelated types for truncated / garbage bytes
+    raise quality.BadRecordError(quality.UNREADABLE_RECORD) from e
+  if not isinstance(fields, dict) or fields.get("schema") != SCHEMA_VERSION:
+    raise quality.BadRecordError(quality.UNREADABLE_RECORD)
+  try:
+    regions = tuple(
+        Region(str(r["description"]), tuple(float(v) for v in r["box"]), float(r["score"]))
+        for r in fields["regions"])
+    if any(len(r.box) != 4 for r in regions):
+      raise ValueError("box without 4 coordinates")
+    return Record(key=str(fields["key"]), image=bytes(fields["image"]),
+                  caption=str(fields["caption"]), mllm_caption=str(fields["mllm_caption"] or ""),
+                  regions=regions)
+  except (KeyError, TypeError, ValueError) as e:
+    raise quality.BadRecordError(quality.UNREADABLE_RECORD) from e
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}{SHARD_SUFFIX}"
+
+
+def write_shard(path: str, records: Iterable[bytes]) -> int:
+  """Writes serialized records to `path` atomically (a partial shard never has the final name)."""
+  tmp = path + ".tmp"
+  writer = array_record_module.ArrayRecordWriter(tmp, _WRITER_OPTIONS)
+  count = 0
+  for data in records:
+    writer.write(data)
+    count += 1
+  writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+def write_manifest(out_dir: str, shards: Sequence[dict[str, Any]], source: str,
+                   skipped: dict[str, int] | None = None) -> dict[str, Any]:
+  """Writes `manifest.json` for `shards` ([{"file", "count"}], in order) and returns it."""
+  manifest = {
+      "schema_version": SCHEMA_VERSION,
+      "source": source,
+      "count": int(sum(s["count"] for s in shards)),
+      "shards": list(shards),
+      "skipped": dict(skipped or {}),
+  }
+  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(manifest, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+  return manifest
+
+
+def write_dataset(out_dir: str, records: Iterable[Record], source: str,
+                  shard_size: int = 2048) -> dict[str, Any]:
+  """Serializes `records` into shards of `shard_size` plus a manifest; returns the manifest."""
+  os.makedirs(out_dir, exist_ok=True)
+  shards, pending = [], []
+
+  def flush():
+    name = shard_name(len(shards))
+    shards.append({"file": name, "count": write_shard(os.path.join(out_dir, name), pending)})
+    pending.clear()
+
+  for record in records:
+    pending.append(serialize(record))
+    if len(pending) == shard_size:
+      flush()
+  if pending or not shards:
+    flush()
+  return write_manifest(out_dir, shards, source)
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+  """Reads and validates `data_dir/manifest.json`; errors name the directory and what is wrong."""
+  path = os.path.join(data_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a grain-jax record "
+                            "dataset (write one with python -m grain_jax.data.convert)")
+  with open(path) as f:
+    manifest = json.load(f)
+  version = manifest.get("schema_version")
+  if version != SCHEMA_VERSION:
+    raise ValueError(f"{path} has record schema version {version!r}; this code reads version "
+                     f"{SCHEMA_VERSION}. Convert the data again with this version.")
+  for shard in manifest["shards"]:
+    if not os.path.exists(os.path.join(data_dir, shard["file"])):
+      raise FileNotFoundError(f"{path} lists shard {shard['file']}, which is missing")
+  return manifest
+
+
+def shard_paths(data_dir: str, manifest: dict[str, Any]) -> list[str]:
+  return [os.path.join(data_dir, s["file"]) for s in manifest["shards"] if s["count"]]
+
+
+def shard_of(data_dir: str, manifest: dict[str, Any], index: int) -> str:
+  """The shard file that holds record `index` of the concatenated dataset."""
+  counts = [s["count"] for s in manifest["shards"] if s["count"]]
+  shard = int(np.searchsorted(np.cumsum(counts), index, side="right"))
+  return shard_paths(data_dir, manifest)[min(shard, len(counts) - 1)]
+
+
+def read_records(data_dir: str) -> Iterable[Record]:
+  """Every record of a dataset, in order (for inspection and tests; training uses the pipeline)."""
+  manifest = read_manifest(data_dir)
+  for path in shard_paths(data_dir, manifest):
+    reader = array_record_module.ArrayRecordReader(path)
+    try:
+      for i in range(reader.num_records()):
+        yield deserialize(reader.read([i])[0])
+    finally:
+      reader.close()

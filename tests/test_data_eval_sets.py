@@ -1,0 +1,117 @@
+"""Eval sets: image folders, tfds sources, and padded per-host image batches."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grain_jax.data import eval_sets
+from grain_jax.data import examples
+
+
+def _folder(root, classes=("red thing", "blue thing"), per_class=3):
+  for label, name in enumerate(classes):
+    os.makedirs(root / name)
+    for i in range(per_class):
+      Image.new("RGB", (12, 8), (label * 200, i * 50, 0)).save(root / name / f"{i}.png")
+  return root
+
+
+def test_image_folder(tmp_path):
+  root = _folder(tmp_path)
+  unlisted = eval_sets.image_folder(str(root))  # no class list: sorted folders
+  assert unlisted.class_names == ["blue thing", "red thing"] and unlisted.descriptors == {}
+  (root / "classes.txt").write_text("red thing\nblue thing\n")
+  (root / "descriptors.json").write_text(json.dumps(
+      {"red thing": ["red color"], "blue thing": ["blue color", "a round shape"]}))
+  listed = eval_sets.image_folder(str(root))
+  assert listed.class_names == ["red thing", "blue thing"]
+  assert [s["label"] for s in listed.source] == [0, 0, 0, 1, 1, 1]
+  assert listed.descriptors["blue thing"] == ["blue color", "a round shape"]
+  (root / "descriptors.json").write_text(json.dumps({"red thing": ["red color"]}))
+  with pytest.raises(ValueError, match="no descriptors for classes \\['blue thing'\\]"):
+    eval_sets.image_folder(str(root))
+  (root / "classes.txt").write_text("red thing\ngreen thing\n")
+  with pytest.raises(FileNotFoundError, match="green thing"):
+    eval_sets.image_folder(str(root))
+
+
+def test_image_batches_pad_and_shard_over_hosts(tmp_path):
+  source = eval_sets.image_folder(str(_folder(tmp_path, per_class=5))).source  # 10 images
+  seen = []
+  for host in range(2):
+    batches = list(eval_sets.image_batches(source, 16, batch_size=2, process_index=host,
+                                           process_count=2))
+    assert len(batches) == 3  # 5 images per host, padded to 6
+    batch = batches[-1]
+    assert batch["image"].shape == (2, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["valid"].tolist() == [True, False] and (batch["image"][1] == 0).all()
+    seen += [int(i) for b in batches for i, v in zip(b["index"], b["valid"]) if v]
+    labels = [int(l) for b in batches for l, v in zip(b["label"], b["valid"]) if v]
+    assert labels == [source[i]["label"] for i in seen[-5:]]
+  assert sorted(seen) == list(range(10))
+  first = next(iter(eval_sets.image_batches(source, 16, 2, 0, 1)))
+  np.testing.assert_allclose(first["image"][0], examples.load_image(source[0]["image"], 16))
+
+
+def _prepare_tfds(data_dir, image_dir):
+  """Builds a 5-image tfds dataset in array_record format (images given as files: no TF needed)."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+
+  class GrainJaxTestShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["red_square", "blue_circle"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        path = os.path.join(image_dir, f"{i}.png")
+        Image.new("RGB", (10, 8), (i * 40, 0, 0)).save(path)
+        yield i, {"image": path, "label": i % 2}
+
+  GrainJaxTestShapes(data_dir=data_dir, file_format="array_record").download_and_prepare()
+  return "grain_jax_test_shapes"
+
+
+def test_tfds_classification(tmp_path):
+  name = _prepare_tfds(str(tmp_path / "tfds"), str(tmp_path))
+  (tmp_path / "d.json").write_text(json.dumps({"red square": ["red"], "blue circle": ["round"]}))
+  dataset = eval_sets.tfds_classification(name, "test", str(tmp_path / "tfds"),
+                                          str(tmp_path / "d.json"))
+  assert dataset.class_names == ["red square", "blue circle"]
+  assert dataset.descriptors == {"red square": ["red"], "blue circle": ["round"]}
+  batch = next(iter(eval_sets.image_batches(dataset.source, 8, 8, 0, 1)))
+  assert batch["valid"].tolist() == [True] * 5 + [False] * 3
+  # tfds stores examples in its own order: image i (red = 40 i) has label i % 2.
+  red = batch["image"][:5, 0, 0, 0] * examples.IMAGENET_STD[0] + examples.IMAGENET_MEAN[0]
+  originals = np.round(red * 255 / 40).astype(int)
+  assert sorted(originals.tolist()) == [0, 1, 2, 3, 4]
+  assert batch["label"][:5].tolist() == (originals % 2).tolist()
+
+
+def test_tfds_source_adapter(tmp_path):
+  label = types.SimpleNamespace(names=["golden_retriever", "tabby_cat"])
+  info = types.SimpleNamespace(features={"label": label})
+
+  class FakeSource(list):
+    dataset_info = info
+
+  images = np.random.default_rng(0).integers(0, 255, (3, 10, 14, 3), dtype=np.uint8)
+  source = FakeSource({"image": images[i], "label": np.int64(i % 2), "id": "x"} for i in range(3))
+  (tmp_path / "d.json").write_text(json.dumps({"golden retriever": ["golden fur"],
+                                               "tabby cat": ["stripes"]}))
+  dataset = eval_sets.from_tfds_source(source, str(tmp_path / "d.json"))
+  assert dataset.class_names == ["golden retriever", "tabby cat"]
+  assert len(dataset.source) == 3 and dataset.source[1]["label"] == 1
+  batch = next(iter(eval_sets.image_batches(dataset.source, 8, 4, 0, 1)))
+  assert batch["label"].tolist() == [0, 1, 0, 0] and batch["valid"].tolist() == [True] * 3 + [False]
+  np.testing.assert_allclose(batch["image"][2], examples.load_image(images[2], 8))

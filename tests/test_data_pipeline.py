@@ -1,0 +1,136 @@
+"""The Grain training pipeline: batches, host sharding, determinism, checkpoints, bad records."""
+
+import io
+import os
+
+from etils import epath
+import grain
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import base
+from grain_jax.data import pipeline
+from grain_jax.data import quality
+from grain_jax.data import records
+
+NUM_RECORDS = 12
+
+
+def _png(i: int) -> bytes:
+  out = io.BytesIO()
+  Image.new("RGB", (24, 16), (20 * i % 256, 100, 50)).save(out, "PNG")
+  return out.getvalue()
+
+
+def _record(i: int) -> records.Record:
+  regions = tuple(records.Region(f"object {j} of {i}", (0.1 * j, 0.1, 0.1 * j + 0.2, 0.6),
+                                 0.9 - j / 10) for j in range(i % 4))
+  return records.Record(f"img/{i}", _png(i), f"record {i}", "", regions)
+
+
+def _write(path, data: list[bytes], shard_size: int = 5) -> str:
+  os.makedirs(path, exist_ok=True)
+  shards = []
+  for start in range(0, len(data), shard_size):
+    name = records.shard_name(len(shards))
+    count = records.write_shard(os.path.join(path, name), data[start:start + shard_size])
+    shards.append({"file": name, "count": count})
+  records.write_manifest(str(path), shards, "test")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return _write(tmp_path_factory.mktemp("records"),
+                [records.serialize(_record(i)) for i in range(NUM_RECORDS)])
+
+
+def _dataset(data_dir, **kwargs):
+  options = dict(global_batch_size=2, image_size=16, num_regions=3, seed=0, num_epochs=1,
+                 read_threads=2, process_index=0, process_count=1)
+  options.update(kwargs)
+  return pipeline.train_dataset(data_dir, **options)
+
+
+def _captions(batches) -> list[tuple[int, ...]]:
+  return [tuple(row) for batch in batches for row in batch["caption_ids"]]
+
+
+def test_batch_from_config(data_dir):
+  config = base.get_config("tiny")
+  config.data.batch_size = 4
+  batch = next(iter(pipeline.train_dataset_from_config(config, data_dir)))
+  k = config.model.decoder.num_region_queries
+  size = config.model.image.image_size
+  assert {key: (v.shape, v.dtype) for key, v in batch.items()} == {
+      "image": ((4, size, size, 3), np.float32), "caption_ids": ((4, 77), np.int32),
+      "boxes": ((4, k, 4), np.float32), "box_valid": ((4, k), np.bool_),
+      "desc_ids": ((4, k, 77), np.int32), "desc_text_id": ((4, k), np.int32)}
+  assert set(batch) == set(pipeline.BATCH_KEYS)
+  boxes = batch["boxes"][batch["box_valid"]]
+  assert ((boxes >= 0) & (boxes <= 1)).all()
+
+
+def test_hosts_read_disjoint_slices(data_dir):
+  hosts = [_captions(_dataset(data_dir, global_batch_size=2, process_index=i, process_count=2))
+           for i in range(2)]
+  assert len(hosts[0]) == len(hosts[1]) == NUM_RECORDS // 2
+  assert not set(hosts[0]) & set(hosts[1])
+  assert len(set(hosts[0]) | set(hosts[1])) == NUM_RECORDS
+
+
+def test_seeded_order_and_epochs(data_dir):
+  epoch = _captions(_dataset(data_dir))
+  assert len(epoch) == NUM_RECORDS == len(set(epoch))
+  assert _captions(_dataset(data_dir)) == epoch
+  assert _captions(_dataset(data_dir, seed=1)) != epoch
+  two = _captions(_dataset(data_dir, num_epochs=2))
+  assert two[:NUM_RECORDS] == epoch and sorted(two[NUM_RECORDS:]) == sorted(epoch)
+  assert two[NUM_RECORDS:] != epoch  # each epoch is shuffled anew
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_iterator_checkpoint_round_trip(data_dir, tmp_path, num_workers):
+  handler = grain.checkpoint.CheckpointHandler()  # what Orbax runs for the data iterator
+  iterator = iter(_dataset(data_dir, num_epochs=None, num_workers=num_workers))
+  next(iterator)
+  handler.save(epath.Path(tmp_path), iterator)
+  expected = [next(iterator) for _ in range(3)]
+  restored = handler.restore(epath.Path(tmp_path),
+                             iter(_dataset(data_dir, num_epochs=None, num_workers=num_workers)))
+  for want in expected:
+    got = next(restored)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  assert restored.stats.summary() == iterator.stats.summary()
+
+
+def test_one_worker_process_gives_the_same_batches(data_dir):
+  assert _captions(_dataset(data_dir, num_workers=1)) == _captions(_dataset(data_dir))
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+  data = [records.serialize(_record(i)) for i in range(NUM_RECORDS)]
+  data[2] = b"\x00garbage"
+  data[5] = records.serialize(records.Record("img/5", b"not a png", "caption"))
+  data[7] = records.serialize(records.Record("img/7", _png(7), "", ""))
+  data[8] = records.serialize(records.Record(
+      "img/8", _png(8), "caption", "", (records.Region("x", (0.9, 0.2, 0.1, 1.3), 0.5),)))
+  iterator = iter(_dataset(_write(tmp_path, data), max_bad_fraction=0.5))
+  captions = _captions(iterator)
+  assert len(captions) == NUM_RECORDS - 4  # 9 good records, batches of 2
+  summary = iterator.stats.summary()
+  assert summary["seen"] == NUM_RECORDS and summary["skipped"] == 3
+  assert summary["skipped/unreadable_record"] == 1
+  assert summary["skipped/corrupt_image"] == 1 and summary["skipped/empty_caption"] == 1
+  assert summary["fixed/box_reordered"] == 1 and summary["fixed/box_clipped"] == 1
+
+
+def test_too_many_bad_records_stop_with_the_file_name(tmp_path):
+  data = [records.serialize(_record(i)) for i in range(NUM_RECORDS)]
+  data[6:] = [b"garbage"] * (NUM_RECORDS - 6)  # shards 1 and 2 hold the bad half
+  iterator = iter(_dataset(_write(tmp_path, data), num_epochs=None, max_bad_fraction=0.2))
+  with pytest.raises(quality.BadDataError, match=r"shard-0000[12]\.array_record"):
+    for _ in range(200):
+      next(iterator)

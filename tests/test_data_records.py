@@ -1,0 +1,63 @@
+"""Record schema, shards and manifest."""
+
+import json
+import os
+
+import msgpack
+import pytest
+
+from grain_jax.data import quality
+from grain_jax.data import records
+
+
+def _record(i: int) -> records.Record:
+  return records.Record(f"img/{i}.jpg", bytes([i]) * 10, f"alt {i}", "" if i % 2 else f"mllm {i}",
+                        (records.Region(f"thing {i}", (0.1, 0.2, 0.3, 0.4), 0.5),))
+
+
+def test_serialize_round_trip():
+  record = _record(3)
+  assert records.deserialize(records.serialize(record)) == record
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00\x01garbage", msgpack.packb({"schema": 99}),
+                                  msgpack.packb({"schema": 1, "key": "k"}), msgpack.packb([1, 2])])
+def test_unreadable_records_raise_with_reason(data):
+  with pytest.raises(quality.BadRecordError) as error:
+    records.deserialize(data)
+  assert error.value.reason == quality.UNREADABLE_RECORD
+
+
+def test_non_utf8_text_in_record():
+  fields = msgpack.unpackb(records.serialize(_record(0)))
+  fields["caption"] = b"\xff\xfe"
+  data = msgpack.packb(fields, use_bin_type=False)  # raw bytes where a str belongs
+  with pytest.raises(quality.BadRecordError) as error:
+    records.deserialize(data)
+  assert error.value.reason == quality.NON_UTF8_TEXT
+
+
+def test_write_read_dataset_with_shards(tmp_path):
+  manifest = records.write_dataset(str(tmp_path), (_record(i) for i in range(7)), "test",
+                                   shard_size=3)
+  assert manifest["count"] == 7
+  assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
+  assert list(records.read_records(str(tmp_path))) == [_record(i) for i in range(7)]
+  assert records.shard_of(str(tmp_path), manifest, 0).endswith("shard-00000.array_record")
+  assert records.shard_of(str(tmp_path), manifest, 3).endswith("shard-00001.array_record")
+  assert records.shard_of(str(tmp_path), manifest, 6).endswith("shard-00002.array_record")
+
+
+def test_reader_validates_manifest(tmp_path):
+  with pytest.raises(FileNotFoundError, match="not a grain-jax record dataset"):
+    records.read_manifest(str(tmp_path))
+  records.write_dataset(str(tmp_path), [_record(0)], "test")
+  path = tmp_path / records.MANIFEST
+  manifest = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(manifest, schema_version=0)))
+  with pytest.raises(ValueError, match="schema version 0"):
+    records.read_manifest(str(tmp_path))
+  path.write_text(json.dumps(manifest))
+  os.remove(tmp_path / manifest["shards"][0]["file"])
+  with pytest.raises(FileNotFoundError, match="which is missing"):
+    records.read_manifest(str(tmp_path))
