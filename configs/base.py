@@ -1,26 +1,27 @@
 """Every config field, documented, with the paper's defaults (B/16 backbone, 5 region queries).
 
 Other configs start from this one and change what they need. The argument picks the model preset
-(`tiny`, `small`, `b16`, `l14`; default `b16`):
+(`tiny`, `small`, `b16`, `l14`; default `b16`), optionally followed by a mesh preset from
+configs/meshes.py (default `cpu`):
 
-  python -m grain_jax.main --config configs/base.py:small --workdir runs/small
-
-(the training entry point arrives with the training issue; until then this file is what the models,
-validation and tests read).
+  python -m grain_jax.main --config configs/base.py:tiny --workdir runs/tiny
+  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir gs://bucket/run \
+      --config.data.train_dir=gs://bucket/cc12m
 """
 
 import ml_collections
 
-from configs import models
+from configs import meshes, models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  preset, _, mesh = (arg or "b16").partition(",")
   config = ml_collections.ConfigDict()
 
   # Seed of parameter initialization, dropout and data order.
   config.seed = 0
 
-  config.model = models.get_model_config(arg or "b16")
+  config.model = models.get_model_config(preset)
 
   # Device mesh. Sizes multiply to the number of devices; one size may be -1 ("the rest").
   # `data`: pure data parallelism; `fsdp`: data parallelism with parameters and optimizer state
@@ -92,10 +93,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       process_id=-1,             # with coordinator_address
   ))
 
+  # What `python -m grain_jax.main` runs (see grain_jax/experiment.py).
+  config.experiment = ml_collections.ConfigDict(dict(
+      evaluate=True,             # evaluate (config.eval) after training
+      kinds=(),                  # e.g. ("grain", "clip"): train and compare each kind; () = just config.model.kind
+      seeds=(),                  # seeds of the comparison; () = (config.seed,)
+  ))
+
+  meshes.apply(config, mesh or "cpu")
+
   # Input pipeline (see grain_jax/data/pipeline.py). Image size and the number of regions per
   # image come from config.model (image.image_size, decoder.num_region_queries).
   config.data = ml_collections.ConfigDict(dict(
       train_dir="",              # record shards + manifest.json; "" = the built-in synthetic data
+      synthetic_dir="",          # where the built-in synthetic splits live; "" = <workdir>/synthetic
       batch_size=2048,           # global batch; each host reads batch_size / process_count
       mllm_caption_prob=0.5,     # chance of training on the MLLM caption instead of the alt-text
       # None = repeat forever (training length is counted in steps).
@@ -128,7 +139,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       grounding=("synthetic",),  # "synthetic" or "json:PATH"
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
       descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...)
-      synthetic_dir="",          # the built-in synthetic eval splits; "" = <workdir>/synthetic
       templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
       whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
       renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)

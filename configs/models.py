@@ -24,8 +24,7 @@ def get_model_config(preset: str) -> ml_collections.ConfigDict:
       "tiny": dict(
           embed_dim=64,
           image=_tower(64, 2, 4, image_size=32, patch_size=8),
-          # One context length: on a CPU a recompile per bucket costs more than the padding.
-          text=_tower(64, 2, 4, context_buckets=(77,)),
+          text=_tower(64, 2, 4),
           decoder=_tower(64, 2, 4, mlp_dim=128),
       ),
       "small": dict(

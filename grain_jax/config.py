@@ -88,6 +88,7 @@ def _check_choices(config) -> None:
   choices = {
       ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
       ("loss", "region_negatives"): ("global", "per_device"),
+      ("eval", "templates"): ("clip", "birds", "photo"),
   }
   for (section, field), allowed in choices.items():
     if section in config and field in config[section]:

@@ -75,6 +75,13 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> 
   return PartitionSpec(*spec)
 
 
+def batch_shards(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> int:
+  """How many ways the logical `batch` axis is split over `mesh` (devices holding distinct rows)."""
+  spec = logical_to_spec(("batch",), rules)[0]
+  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+  return int(np.prod([mesh.shape[axis] for axis in axes]))
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
   mesh = jax.sharding.get_abstract_mesh()

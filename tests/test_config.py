@@ -2,7 +2,7 @@
 
 import pytest
 
-from configs import models
+from configs import meshes, models
 from grain_jax.config import ConfigError, load_config, validate
 
 
@@ -83,3 +83,15 @@ def test_mesh_must_tile_the_devices(mesh, devices, ok):
   else:
     with pytest.raises(ConfigError, match=r"config\.mesh\.data"):
       validate(config, num_devices=devices)
+
+
+@pytest.mark.parametrize("mesh", sorted(meshes.MESHES))
+def test_mesh_presets_apply_and_validate(mesh):
+  config = validate(load_config(f"configs/base.py:small,{mesh}"), num_devices=16)
+  assert config.train.multiprocess == meshes.MESHES[mesh]["multiprocess"]
+  assert config.mesh.fsdp == meshes.MESHES[mesh]["fsdp"]
+
+
+def test_unknown_mesh_preset_is_named():
+  with pytest.raises(ValueError, match="'tpu_v9'"):
+    load_config("configs/base.py:b16,tpu_v9")

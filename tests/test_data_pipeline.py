@@ -80,6 +80,15 @@ def test_hosts_read_disjoint_slices(data_dir):
   assert len(set(hosts[0]) | set(hosts[1])) == NUM_RECORDS
 
 
+def test_global_batches_do_not_depend_on_the_number_of_hosts(data_dir):
+  one = list(_dataset(data_dir, global_batch_size=4))
+  hosts = [list(_dataset(data_dir, global_batch_size=4, process_index=i, process_count=2)) for i in range(2)]
+  assert len(one) == len(hosts[0]) == len(hosts[1]) == NUM_RECORDS // 4
+  for whole, first, second in zip(one, *hosts):
+    for key, value in whole.items():
+      np.testing.assert_array_equal(value, np.concatenate([first[key], second[key]]))
+
+
 def test_seeded_order_and_epochs(data_dir):
   epoch = _captions(_dataset(data_dir))
   assert len(epoch) == NUM_RECORDS == len(set(epoch))

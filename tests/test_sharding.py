@@ -37,3 +37,8 @@ def test_constrain_is_a_noop_without_a_mesh_and_shards_within_one():
     y = jax.jit(lambda v: sharding.constrain(v * 2, ("batch", "length", "embed")))(x)
   assert y.sharding.spec == P(("data", "fsdp"))
   np.testing.assert_array_equal(np.asarray(y), x * 2)
+
+
+def test_batch_shards_counts_the_devices_holding_distinct_rows():
+  assert sharding.batch_shards(sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)), RULES) == 4
+  assert sharding.batch_shards(sharding.make_mesh(dict(data=1, fsdp=1, tensor=8)), RULES) == 1

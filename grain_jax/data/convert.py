@@ -173,7 +173,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                             source=args.captions)
   blame = functools.partial(_blame, args)
   num_shards = max(1, -(-len(rows) // args.shard_size))
-  pool = multiprocessing.Pool(args.workers) if args.workers > 1 else None
+  # "spawn": forking a process that has started JAX's threads can deadlock.
+  pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
   bar = tqdm.tqdm(total=len(rows), unit="img", desc="convert")
   try:
     for shard in range(num_shards):

@@ -1,8 +1,13 @@
 """The training input pipeline on Grain: record shards -> per-host batches of numpy arrays.
 
-  source (ArrayRecord) -> this host's slice -> seeded shuffle -> repeat -> decode + tokenize
-  (thread pool) -> skip / count bad records -> batch [in num_workers processes when > 0]
-  -> merge the counts, stop if too many records are bad
+  source (ArrayRecord) -> seeded global shuffle -> repeat -> decode + tokenize (lazily, only the
+  rows this host reads) -> this host's rows of each global batch (thread pool) -> skip / count
+  bad records -> batch [in num_workers processes when > 0] -> merge the counts, stop if too many
+  records are bad
+
+The order and the random choices are those of the global dataset, so one process and several
+processes with the same global batch see the same global batches (as long as no record is skipped
+and num_workers is 0).
 
 The iterator is a Grain DatasetIterator: `get_state()` / `set_state()` checkpoint the position (and
 the bad-record counts) exactly, e.g. with Orbax's Grain checkpoint handler.
@@ -39,6 +44,33 @@ class _Prepare(grain.transforms.RandomMap):
     index, data = element
     example, reasons = examples.prepare(data, rng, **self._kwargs)
     return example, reasons, index
+
+
+class _HostRows(grain.MapDataset):
+  """Host `host`'s rows of every global batch: its i-th element is global element
+  `(i // rows) * rows * hosts + host * rows + i % rows`."""
+
+  def __init__(self, parent: grain.MapDataset, host: int, hosts: int, rows: int):
+    super().__init__(parent)
+    self._host, self._hosts, self._rows = host, hosts, rows
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._hosts
+
+  def _global_index(self, index: int) -> int:
+    batch, row = divmod(index, self._rows)
+    return (batch * self._hosts + self._host) * self._rows + row
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global_index(index)]
+
+  def _getitems(self, indices: Sequence[int]):
+    return self._parent._getitems([self._global_index(i) for i in indices])  # pylint: disable=protected-access
+
+  def __str__(self) -> str:
+    return f"_HostRows(host={self._host}, hosts={self._hosts}, rows={self._rows})"
 
 
 def _stack(batch: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -134,8 +166,9 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
   Each batch (numpy, b = global_batch_size / process_count, H = image_size, k = num_regions):
   `image [b, H, H, 3] float32`, `caption_ids [b, 77] int32`, `boxes [b, k, 4] float32` (cxcywh),
   `box_valid [b, k] bool`, `desc_ids [b, k, 77] int32`, `desc_text_id [b, k] int32`.
-  Hosts read disjoint record slices; `num_epochs=None` repeats forever. Batches are a function of
-  `seed`, the host and `num_workers` (each worker batches its own slice), not of thread timing.
+  Hosts read disjoint rows of each global batch; `num_epochs=None` repeats forever. Batches are a
+  function of `seed`, the host and `num_workers` (each worker batches its own slice), not of
+  thread timing.
   """
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
@@ -144,17 +177,15 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
                      f"{process_count} processes")
   manifest = records.read_manifest(data_dir)
   source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
-  dataset = grain.MapDataset.source(source).map_with_index(_with_index)
-  dataset = dataset[process_index::process_count]
-  if len(dataset) == 0:
+  if len(source) < process_count:
     raise ValueError(f"{data_dir} holds {len(source)} records: none for host {process_index} "
                      f"of {process_count}")
-  # Grain derives the shuffle's and the per-example seeds from this one; hosts differ so that
-  # their caption choices are independent.
-  host_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
-  dataset = dataset.seed(host_seed).shuffle().repeat(num_epochs)
+  dataset = grain.MapDataset.source(source).map_with_index(_with_index)
+  # Grain derives the shuffle's and the per-example seeds from this one, by global position.
+  dataset = dataset.seed(seed).shuffle().repeat(num_epochs)
   dataset = dataset.random_map(
       _Prepare(image_size=image_size, num_regions=num_regions, mllm_prob=mllm_prob))
+  dataset = _HostRows(dataset, process_index, process_count, global_batch_size // process_count)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                       prefetch_buffer_size=4 * read_threads))
   locate = functools.partial(records.shard_of, data_dir, manifest)

@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -157,6 +158,19 @@ def generate(out_dir: str, **params: Any) -> dict[str, str]:
   with open(os.path.join(out_dir, PARAMS), "w") as f:
     json.dump(p, f, indent=1)
   return paths
+
+
+def for_config(config, workdir: str) -> dict[str, str]:
+  """The splits for `config.data.synthetic` in `config.data.synthetic_dir` (default
+  `workdir/synthetic`), generated on first use; split -> directory.
+
+  With several processes each writes its own identical copy (`.../process<i>`): hosts of a pod
+  need not share a filesystem, and none waits on another.
+  """
+  out_dir = config.data.synthetic_dir or os.path.join(workdir, "synthetic")
+  if jax.process_count() > 1:
+    out_dir = os.path.join(out_dir, f"process{jax.process_index()}")
+  return ensure(out_dir, **config.data.synthetic)
 
 
 def ensure(out_dir: str, **params: Any) -> dict[str, str]:

@@ -1,0 +1,181 @@
+"""Which eval sets exist and how `config.eval` names them.
+
+Classification entries:
+  a registry name   one of TFDS_DATASETS below: read with `tfds.data_source` from
+                    `config.eval.tfds_data_dir`, prepared once with
+                    `tfds build TFDS_NAME --data_dir=DIR --file_format=array_record` (some need
+                    the archives downloaded by hand first, e.g. ImageNet), with the Menon &
+                    Vondrick descriptor JSON named here from `config.eval.descriptors_dir`
+  synthetic/attributes, synthetic/novel
+                    the built-in synthetic splits (grain_jax/data/synthetic.py)
+  folder:PATH       any image folder PATH/<class>/<image> (Products-2023 style), with optional
+                    PATH/classes.txt and PATH/descriptors.json (see grain_jax/data/eval_sets.py)
+Retrieval entries: `synthetic`, or `karpathy:JSON:IMAGE_ROOT` (Flickr30k / MSCOCO Karpathy test).
+Grounding entries: `synthetic`, or `json:PATH` ({"images": [{"file", "regions": [...]}]}).
+
+Class names are the dataset's own (tfds label names, in label order) made readable, or for CIFAR
+the shipped lists in grain_jax/data/class_lists (tfds learns their names only when preparing them,
+so they cannot be checked without the data otherwise). Descriptor
+JSONs are matched to them by name, ignoring case, "_" and "-"; when that fails for a JSON with one
+entry per class, its keys are taken in label order as the class names, which is what the
+reference does for every dataset (ImageNet's and CUB's tfds labels are ids, so they always do).
+"""
+
+import dataclasses
+import importlib.resources
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+from grain_jax.data import eval_sets
+from grain_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsDataset:
+  """A tfds classification set: its tfds name, eval split and descriptor file."""
+  tfds_name: str
+  split: str
+  descriptors_file: str      # the Menon & Vondrick release's name for it
+  in_average: bool = True    # one of the paper's 11 datasets
+  readable_labels: bool = True  # False: tfds labels are ids; class names come from the descriptors
+  class_list: str = ""       # grain_jax/data/class_lists/<this>: names in label order, for sets
+                             # whose tfds label names are only known once prepared
+
+
+TFDS_DATASETS = {
+    "cifar10": TfdsDataset("cifar10", "test", "descriptors_cifar10.json", class_list="cifar10.txt"),
+    "cifar100": TfdsDataset("cifar100", "test", "descriptors_cifar100.json", class_list="cifar100.txt"),
+    "sun397": TfdsDataset("sun397", "test", "descriptors_sun.json"),
+    "cars": TfdsDataset("cars196", "test", "descriptors_cars.json"),
+    "dtd": TfdsDataset("dtd", "test", "descriptors_dtd.json"),
+    "pets": TfdsDataset("oxford_iiit_pet", "test", "descriptors_pets.json"),
+    "caltech101": TfdsDataset("caltech101", "test", "descriptors_caltech.json"),
+    "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
+    "cub": TfdsDataset("caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False),
+    "places365": TfdsDataset("places365_small", "validation", "descriptors_places365.json"),
+    "food101": TfdsDataset("food101", "validation", "descriptors_food101.json"),
+    "imagenet": TfdsDataset("imagenet2012", "validation", "descriptors_imagenet.json", in_average=False,
+                            readable_labels=False),
+    "imagenet_v2": TfdsDataset("imagenet_v2", "test", "descriptors_imagenet.json", in_average=False,
+                               readable_labels=False),
+    "eurosat": TfdsDataset("eurosat/rgb", "train", "descriptors_eurosat.json", in_average=False),
+}
+PAPER_AVERAGE = tuple(name for name, d in TFDS_DATASETS.items() if d.in_average)
+
+
+def readable(label: str) -> str:
+  """A tfds label name as words: "/a/airport_terminal" -> "airport terminal", "apple_pie" -> "apple pie"."""
+  label = re.sub(r"^/[a-z]/", "", label)  # SUN397's "/<initial>/" prefix
+  return re.sub(r"\s+", " ", re.sub(r"[_/]", " ", label)).strip()
+
+
+def class_list(file_name: str) -> list[str]:
+  """A class-name list shipped in grain_jax/data/class_lists (one name a line, in label order)."""
+  text = importlib.resources.files("grain_jax.data").joinpath("class_lists", file_name).read_text()
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _key(name: str) -> str:
+  return re.sub(r"[\s_\-]+", " ", name).strip().lower()
+
+
+def align_descriptors(raw: Mapping[str, Sequence[str]], class_names: Sequence[str]
+                      ) -> tuple[list[str], dict[str, list[str]], str]:
+  """Matches a descriptor JSON to a class list.
+
+  Returns:
+    (class names to prompt with, {class name: descriptors}, how: "name" | "position" | "partial").
+    With "partial", classes the JSON lacks are absent from the dict (they get names-only prompts).
+  """
+  by_key = {_key(name): list(values) for name, values in raw.items()}
+  matched = {name: by_key[_key(name)] for name in class_names if _key(name) in by_key}
+  if len(matched) == len(class_names):
+    return list(class_names), matched, "name"
+  if len(raw) == len(class_names):
+    return list(raw), {name: list(values) for name, values in raw.items()}, "position"
+  return list(class_names), matched, "partial"
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+@dataclasses.dataclass
+class Classification:
+  """A resolved classification entry."""
+  name: str
+  data: eval_sets.ClassificationSet  # class_names / descriptors already aligned
+  alignment: str                      # how descriptors met class names ("none" without any)
+  in_average: bool = False
+
+
+def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
+                        source=None) -> Classification:
+  """A registry dataset; `source` replaces the `tfds.data_source` call (tests)."""
+  spec = TFDS_DATASETS[name]
+  data = (eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None)
+          if source is None else eval_sets.from_tfds_source(source))
+  class_names = [readable(n) for n in data.class_names]
+  if spec.class_list:
+    class_names = class_list(spec.class_list)
+    if len(class_names) != len(data.class_names):
+      raise ValueError(f"{name}: {spec.class_list} has {len(class_names)} classes, "
+                       f"the tfds dataset {len(data.class_names)}")
+  path = os.path.join(descriptors_dir, spec.descriptors_file) if descriptors_dir else ""
+  if path and os.path.exists(path):
+    class_names, descriptors, alignment = align_descriptors(_read_json(path), class_names)
+  elif spec.readable_labels:
+    descriptors, alignment = {}, "none"
+  else:
+    raise FileNotFoundError(f"{name}: tfds labels are ids, so class names come from the descriptor "
+                            f"file {spec.descriptors_file} in config.eval.descriptors_dir={descriptors_dir!r}")
+  data = eval_sets.ClassificationSet(class_names, descriptors, data.source)
+  return Classification(name, data, alignment, spec.in_average)
+
+
+def classification(entry: str, config, workdir: str) -> Classification:
+  """Resolves one `config.eval.classification` entry."""
+  if entry.startswith("synthetic/"):
+    split = entry.split("/", 1)[1]
+    if split not in ("attributes", "novel"):
+      raise ValueError(f"config.eval.classification entry {entry!r}: synthetic splits are "
+                       "synthetic/attributes and synthetic/novel")
+    data = eval_sets.image_folder(synthetic.for_config(config, workdir)[split])
+    return Classification(entry, data, "name" if data.descriptors else "none")
+  if entry.startswith("folder:"):
+    root = entry.split(":", 1)[1]
+    data = eval_sets.image_folder(root)
+    return Classification(os.path.basename(os.path.normpath(root)), data,
+                          "name" if data.descriptors else "none")
+  if entry in TFDS_DATASETS:
+    return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir)
+  raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
+                   f"{sorted(TFDS_DATASETS)}, synthetic/attributes, synthetic/novel or folder:PATH")
+
+
+def retrieval(entry: str, config, workdir: str) -> tuple[str, eval_sets.RetrievalSet]:
+  """Resolves one `config.eval.retrieval` entry to (name, set)."""
+  if entry == "synthetic":
+    root = synthetic.for_config(config, workdir)["retrieval"]
+    return "synthetic", eval_sets.karpathy(os.path.join(root, "captions.json"), root)
+  kind, _, rest = entry.partition(":")
+  json_path, _, image_root = rest.partition(":")
+  if kind != "karpathy" or not json_path or not image_root:
+    raise ValueError(f"config.eval.retrieval entry {entry!r} must be 'synthetic' or "
+                     "'karpathy:JSON:IMAGE_ROOT'")
+  name = _read_json(json_path).get("dataset") or os.path.splitext(os.path.basename(json_path))[0]
+  return name, eval_sets.karpathy(json_path, image_root)
+
+
+def grounding(entry: str, config, workdir: str) -> tuple[str, eval_sets.GroundingSet]:
+  """Resolves one `config.eval.grounding` entry to (name, set)."""
+  if entry == "synthetic":
+    return "synthetic", eval_sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
+                                                         "grounding.json"))
+  kind, _, path = entry.partition(":")
+  if kind != "json" or not path:
+    raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
+  return os.path.splitext(os.path.basename(path))[0], eval_sets.grounding(path)

@@ -1,0 +1,151 @@
+"""The evaluation entry point: every set listed in `config.eval`, one results JSON, one table.
+
+  results = run_evaluation(config, model, workdir, mesh)   # writes workdir/eval/results.json
+
+Classification heads are "names/global" (classic CLIP zero-shot: templates x class names) and,
+for a set with descriptors, "descriptions/<score>" for each `config.eval.scores` mode (region and
+mixed only for a GRAIN model). Accuracies are in %.
+"""
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from grain_jax.data import eval_sets
+from grain_jax.data import prompts
+from grain_jax.eval import datasets
+from grain_jax.eval import grounding
+from grain_jax.eval import retrieval
+from grain_jax.eval import zeroshot
+from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
+
+
+def _subset_retrieval(data: eval_sets.RetrievalSet, keep: np.ndarray) -> eval_sets.RetrievalSet:
+  """The images `keep` of a retrieval set with their captions (images renumbered)."""
+  new_index = np.full(len(data.source), -1, np.int32)
+  new_index[keep] = np.arange(len(keep))
+  captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_image) if new_index[i] >= 0]
+  return eval_sets.RetrievalSet(Subset(data.source, keep), [c for c, _ in captions],
+                                np.array([i for _, i in captions], np.int32))
+
+
+def _subset_grounding(data: eval_sets.GroundingSet, keep: np.ndarray) -> eval_sets.GroundingSet:
+  """The images `keep` of a grounding set."""
+  return eval_sets.GroundingSet(Subset(data.source, keep), [data.phrases[i] for i in keep],
+                                [data.boxes[i] for i in keep])
+
+
+def _classification(model, runner: Runner, entry: str, config, workdir: str,
+                    cache: zeroshot.TextCache) -> dict:
+  dataset = datasets.classification(entry, config, workdir)
+  data, cfg = dataset.data, config.eval
+  if dataset.alignment in ("position", "partial"):
+    logging.warning("%s: descriptors matched to classes by %s (see grain_jax/eval/datasets.py)",
+                    dataset.name, dataset.alignment)
+  text = dict(renormalize=cfg.renormalize, whole_words=cfg.whole_word_connectives, cache=cache)
+  template_set = prompts.templates(cfg.templates)
+  heads = {"names/global": zeroshot.class_embeddings(model, runner, data.class_names, None, template_set, **text)}
+  if data.descriptors:
+    described = zeroshot.class_embeddings(model, runner, data.class_names, data.descriptors, template_set, **text)
+    for score in cfg.scores:
+      if score == "global" or model.kind == "grain":
+        heads[f"descriptions/{score}"] = described
+  source = Subset(data.source, spread(len(data.source), cfg.max_examples))
+  metrics = zeroshot.evaluate(model, runner, source, model_image_size(model),
+                              heads, data.class_names, cfg.alpha, cfg.num_confusions)
+  undescribed = [c for c in data.class_names if c not in data.descriptors] if data.descriptors else []
+  return {"name": dataset.name, "in_average": dataset.in_average, "alignment": dataset.alignment,
+          "num_classes": len(data.class_names), "classes_without_descriptors": undescribed,
+          "heads": metrics}
+
+
+def _average(classification: dict) -> dict:
+  """Mean top-1 over the paper's 11 datasets that were evaluated, per head that all of them have."""
+  members = [r for r in classification.values() if r["in_average"]]
+  heads = [h for h in members[0]["heads"] if all(h in r["heads"] for r in members)] if members else []
+  return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
+          "top1": {h: float(np.mean([r["heads"][h]["top1"] for r in members])) for h in heads}}
+
+
+def format_table(results: dict) -> str:
+  """The results as an aligned plain-text table (top-1 %, R@1 %, box recall %)."""
+  rows = [("set", "metric", "value")]
+  for name, result in results["classification"].items():
+    for head, m in result["heads"].items():
+      rows.append((name, f"top1 {head}", f"{m['top1']:.2f}"))
+  average = results.get("classification_average")
+  if average and average["datasets"]:
+    for head, value in average["top1"].items():
+      rows.append((f"mean of {len(average['datasets'])}/{average['of']}", f"top1 {head}", f"{value:.2f}"))
+  for name, r in results["retrieval"].items():
+    rows.append((name, "i->t R@1/5/10", "/".join(f"{v:.1f}" for v in r["image_to_text"].values())))
+    rows.append((name, "t->i R@1/5/10", "/".join(f"{v:.1f}" for v in r["text_to_image"].values())))
+  for name, r in results["grounding"].items():
+    if "skipped" in r:
+      rows.append((name, "grounding", r["skipped"]))
+    else:
+      rows.append((name, f"box recall@{r['iou_threshold']:g} (any query)",
+                   f"{r['recall']:.1f} ({r['any_query_recall']:.1f})"))
+  widths = [max(len(row[i]) for row in rows) for i in range(3)]
+  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
+                   checkpoint_id: str = "") -> dict:
+  """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
+
+  Args:
+    config: the full config (`eval`, `model`, `sharding_rules`, `data.synthetic`).
+    model: a GrainModel, sharded over `mesh` when one is given (evaluated with dropout off; the
+      object itself is left as it is, so training can go on with it).
+    workdir: the run's directory; results go to workdir/eval.
+    mesh: the mesh the model lives on, or None for the default device.
+    checkpoint_id: names the weights (e.g. the step); when set, class text embeddings are cached
+      under workdir/eval/text_cache and reused by later evaluations of the same weights.
+
+  Returns:
+    {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
+  """
+  cfg = config.eval
+  prompts.templates(cfg.templates)  # fail on a bad setting before any work
+  if set(cfg.scores) - set(zeroshot.SCORES):
+    raise ValueError(f"config.eval.scores={tuple(cfg.scores)} may hold only {zeroshot.SCORES}")
+  model = eval_copy(model)
+  runner = runner_from_config(config, mesh)
+  out_dir = os.path.join(workdir, "eval")
+  writer = jax.process_index() == 0
+  cache = zeroshot.TextCache(checkpoint_id, os.path.join(out_dir, "text_cache") if checkpoint_id else "")
+  image_size = model_image_size(model)
+  results = {
+      "model": {"kind": model.kind, "checkpoint": checkpoint_id},
+      "settings": {k: cfg[k] for k in ("templates", "renormalize", "whole_word_connectives", "scores",
+                                       "alpha", "max_examples", "iou_threshold")},
+      "classification": {}, "retrieval": {}, "grounding": {},
+  }
+  for entry in cfg.classification:
+    result = _classification(model, runner, entry, config, workdir, cache)
+    results["classification"][result["name"]] = result
+  results["classification_average"] = _average(results["classification"])
+  for entry in cfg.retrieval:
+    name, data = datasets.retrieval(entry, config, workdir)
+    data = _subset_retrieval(data, spread(len(data.source), cfg.max_examples))
+    results["retrieval"][name] = retrieval.evaluate(model, runner, data, image_size)
+  for entry in cfg.grounding:
+    name, data = datasets.grounding(entry, config, workdir)
+    if model.kind != "grain":
+      results["grounding"][name] = {"skipped": "the plain-CLIP baseline has no region queries"}
+      continue
+    data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
+    picture_dir = os.path.join(out_dir, "grounding", name) if writer else ""
+    results["grounding"][name] = grounding.evaluate(model, runner, data, image_size, cfg.iou_threshold,
+                                                    picture_dir, cfg.num_pictures)
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=1)
+    print(format_table(results), flush=True)
+  return results
+

@@ -1,0 +1,56 @@
+"""Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train]`.
+
+Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
+workdir resumes from its newest checkpoint.
+"""
+
+import logging
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from grain_jax import experiment
+from grain_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def initialize_distributed(train_config) -> None:
+  """`jax.distributed.initialize()` when the config asks for several processes.
+
+  Without a coordinator address JAX detects the cluster itself (Cloud TPU, SLURM, ...).
+  """
+  if not train_config.multiprocess:
+    return
+  if train_config.coordinator_address:
+    jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
+                               num_processes=train_config.num_processes, process_id=train_config.process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+
+
+def quiet_orbax(record: logging.LogRecord) -> bool:
+  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger("absl").addFilter(quiet_orbax)
+  config = _CONFIG.value
+  initialize_distributed(config.train)
+  try:
+    experiment.run(config, _WORKDIR.value)
+  except ConfigError as error:
+    raise app.UsageError(str(error)) from None
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,54 @@
+"""Checkpoints: the train state and the data iterator's position, saved together with Orbax.
+
+A checkpoint that cannot be read (a partial write, a corrupt file) is reported and the one
+before it is used, so a crash during a save never loses more than one checkpoint interval.
+"""
+
+import logging
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from grain_jax.train.step import TrainState
+
+
+class Checkpointer:
+  """Keeps the newest `keep` checkpoints of `TrainState` + data iterator under `directory`."""
+
+  def __init__(self, directory: str, keep: int, async_save: bool = True):
+    self.manager = ocp.CheckpointManager(
+        directory, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+
+  def save(self, state: TrainState, data_iterator) -> None:
+    """Starts saving at step `state.step` (asynchronously when enabled)."""
+    self.manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state._asdict()),
+        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+  def restore_latest(self, like: TrainState, data_iterator) -> TrainState | None:
+    """The newest readable checkpoint restored into `like`'s shapes and shardings, or None.
+
+    `data_iterator` is moved to the restored position in place.
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+      except Exception as error:  # noqa: BLE001 - any failure to read means: fall back to an older one
+        logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
+                        step, self.manager.directory, type(error).__name__, error)
+        continue
+      logging.info("resumed from the checkpoint at step %d in %s", step, self.manager.directory)
+      return TrainState(**restored.state)
+    return None
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,166 @@
+"""The training loop: mesh, input, model, sharding, update step, checkpoints, logging.
+
+One straight line from a config to a trained model, identical on a laptop CPU and a pod: only
+the config (mesh, data paths, sizes) changes.
+"""
+
+import logging
+import os
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+
+from grain_jax import sharding
+from grain_jax.config import validate
+from grain_jax.data import pipeline, synthetic
+from grain_jax.models.grain import build_model
+from grain_jax.models.text import truncate_to_bucket
+from grain_jax.train import optim
+from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.metrics_writer import MetricsWriter
+from grain_jax.train.step import TrainState, make_train_step
+
+
+def training_data_dir(config, workdir: str) -> str:
+  """`config.data.train_dir`, or the built-in synthetic dataset (generated if missing)."""
+  return config.data.train_dir or synthetic.for_config(config, workdir)["train"]
+
+
+def text_to_bucket(batch: dict[str, np.ndarray], buckets) -> dict[str, np.ndarray]:
+  """Cuts caption ids `[b, 77]` and description ids `[b, k, 77]` each to the shortest bucket that
+  keeps their EOT tokens; every process agrees on the lengths.
+
+  Descriptions are short, so they usually run at a fraction of the captions' length.
+  """
+  size, slots, context = batch["desc_ids"].shape
+  lengths = np.array([truncate_to_bucket(batch["caption_ids"], buckets).shape[1],
+                      truncate_to_bucket(batch["desc_ids"].reshape(size * slots, context), buckets).shape[1]])
+  if jax.process_count() > 1:
+    lengths = np.max(multihost_utils.process_allgather(lengths), axis=0)
+  return dict(batch, caption_ids=batch["caption_ids"][:, :lengths[0]], desc_ids=batch["desc_ids"][:, :, :lengths[1]])
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> arrays sharded over the mesh's batch axes (`[B_global, ...]`)."""
+  batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
+  return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in batch.items()}
+
+
+def init_state(model: nnx.Module, tx) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                    opt_state=jax.jit(tx.init)(params), skipped_steps=jax.numpy.zeros((), jax.numpy.int32))
+
+
+class Training(NamedTuple):
+  """A model ready to train on a mesh.
+
+  graphdef, rest: the model's structure and non-parameter state (`nnx.merge(graphdef, state.params,
+    rest)` rebuilds it).
+  state: the initial TrainState, sharded by the logical-axis rules.
+  step_fn: the jitted `(state, global batch) -> (state, metrics)`; call it under
+    `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
+  """
+  graphdef: nnx.GraphDef
+  rest: nnx.State
+  state: TrainState
+  step_fn: Callable
+
+
+def build_training(config, mesh: jax.sharding.Mesh) -> Training:
+  """Creates the model and optimizer state directly sharded over `mesh`, and the jitted step."""
+  model = sharding.create_sharded(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
+  model.train()
+  num_steps = config.train.num_steps
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.make_optimizer(params, config.optim, num_steps)
+  state = init_state(model, tx)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = jax.jit(
+      make_train_step(graphdef, rest, tx, config, sharding.batch_shards(mesh, config.sharding_rules),
+                      optim.learning_rate_schedule(config.optim, num_steps)),
+      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0)
+  return Training(graphdef, rest, state, step_fn)
+
+
+def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
+  """Trains (resuming from the newest checkpoint in `workdir/checkpoints`); returns the model in
+  eval mode and the last logged metrics.
+
+  `stop_at_step` ends this run early with a checkpoint (a time-limited job; the schedule still
+  spans `config.train.num_steps`, so a later run continues exactly).
+  """
+  validate(config, num_devices=jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  # ---- Mesh -------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = config.sharding_rules
+
+  with jax.set_mesh(mesh), sharding.axis_rules(rules):
+    # ---- Input --------------------------------------------------------------------------------
+    data_iterator = iter(pipeline.train_dataset_from_config(config, training_data_dir(config, workdir)))
+
+    # ---- Model, optimizer state and update step, created sharded -----------------------------
+    graphdef, rest, state, step_fn = build_training(config, mesh)
+    num_steps = config.train.num_steps
+
+    # ---- Checkpoint ---------------------------------------------------------------------------
+    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                config.train.keep_checkpoints, config.train.async_checkpointing)
+    state = checkpointer.restore_latest(state, data_iterator) or state
+
+    # ---- Loop ---------------------------------------------------------------------------------
+    writer = MetricsWriter(workdir)
+    first_step = int(state.step)
+    last_metrics: dict[str, float] = {}
+    skipped_logged = float(state.skipped_steps)
+    profile = tuple(config.train.profile_steps)
+    bar = tqdm.tqdm(total=num_steps, initial=first_step, desc="train", unit="step",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    timer_start, timer_steps = time.perf_counter(), 0
+    last_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
+    for step in range(first_step, last_step):
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
+      state, metrics = step_fn(state, batch)
+      timer_steps += 1
+      if profile and step == profile[-1]:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+      done = step + 1
+      if done % config.train.log_every == 0 or done == last_step:
+        last_metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        elapsed = time.perf_counter() - timer_start
+        last_metrics["images_per_second"] = timer_steps * config.data.batch_size / elapsed
+        last_metrics["skipped_steps_total"] = float(state.skipped_steps)
+        writer.write(done, last_metrics, data_iterator.stats)
+        bar.set_postfix({name: f"{last_metrics[name]:.3g}" for name in
+                         ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "images_per_second")})
+        if last_metrics["skipped_steps_total"] > skipped_logged:
+          logging.warning("steps %d-%d: %d updates skipped because the loss or gradients were not finite "
+                          "(%d in all)", done - timer_steps + 1, done,
+                          last_metrics["skipped_steps_total"] - skipped_logged, last_metrics["skipped_steps_total"])
+          skipped_logged = last_metrics["skipped_steps_total"]
+        timer_start, timer_steps = time.perf_counter(), 0
+      if done % config.train.checkpoint_every == 0 or done == last_step:
+        checkpointer.save(state, data_iterator)
+      bar.update(1)
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+
+  model = nnx.merge(graphdef, state.params, rest)
+  model.eval()
+  return model, last_metrics

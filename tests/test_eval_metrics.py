@@ -1,0 +1,198 @@
+"""Eval metrics, scoring and dataset resolution, without a model.
+
+The tfds path runs on a tiny dataset that the test builds with tfds itself (array_record, no
+network); the registry's real datasets cannot be downloaded here.
+"""
+
+import io
+import json
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grain_jax.data import eval_sets
+from grain_jax.eval import datasets
+from grain_jax.eval import grounding
+from grain_jax.eval import retrieval
+from grain_jax.eval import zeroshot
+
+
+def _normalized(rng, *shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_retrieval_ranks_equal_a_full_sort():
+  rng = np.random.default_rng(0)
+  images, texts = _normalized(rng, 7, 8), _normalized(rng, 17, 8)
+  text_image = np.concatenate([np.arange(7), np.arange(7), [0, 3, 5]])
+  image_ranks, text_ranks = retrieval.ranks(images, texts, text_image, chunk=3)
+  similarity = images @ texts.T
+  for i in range(7):
+    order = list(np.argsort(-similarity[i]))
+    assert image_ranks[i] == min(order.index(t) for t in np.flatnonzero(text_image == i))
+  for t in range(17):
+    assert text_ranks[t] == list(np.argsort(-similarity[:, t])).index(text_image[t])
+  result = retrieval.recalls(image_ranks, text_ranks)
+  assert result["image_to_text"]["R@1"] == pytest.approx(100 * np.mean(image_ranks == 0))
+  assert result["text_to_image"]["R@5"] == pytest.approx(100 * np.mean(text_ranks < 5))
+  assert result["num_images"] == 7 and result["num_texts"] == 17
+
+
+def test_classification_metrics():
+  top = np.array([[0, 1], [1, 0], [2, 0], [0, 2], [0, 1]])
+  labels = np.array([0, 0, 2, 2, 1])
+  m = zeroshot.metrics(top, labels, ["a", "b", "c"], num_confusions=2)
+  assert m["top1"] == pytest.approx(40) and m["top5"] == pytest.approx(100)
+  assert m["per_class"] == {"a": 50, "b": 0, "c": 50} and m["mean_per_class"] == pytest.approx(100 / 3)
+  assert m["confusions"][0] in ({"true": "a", "predicted": "b", "count": 1},
+                                {"true": "c", "predicted": "a", "count": 1})
+  assert len(m["confusions"]) == 2 and m["num_examples"] == 5
+
+
+def test_scores_global_region_and_mixed():
+  rng = np.random.default_rng(1)
+  global_embed, region_embed = _normalized(rng, 2, 4), _normalized(rng, 2, 3, 4)
+  mask = np.array([[True, True], [True, False]])
+  text = zeroshot.ClassEmbeddings(_normalized(rng, 2, 4), _normalized(rng, 2, 2, 4), mask)
+  expected_global = global_embed @ text.class_vectors.T
+  expected_region = np.zeros((2, 2))
+  for b in range(2):
+    for c in range(2):
+      per_query = region_embed[b] @ text.descriptor_embeds[c][mask[c]].T  # [Q, D_c]
+      expected_region[b, c] = per_query.max(axis=1).mean()
+  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text), expected_global, atol=1e-6)
+  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "region"), expected_region,
+                             atol=1e-6)
+  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "mixed", 0.25),
+                             0.25 * expected_global + 0.75 * expected_region, atol=1e-6)
+  with pytest.raises(ValueError, match="needs region embeddings"):
+    zeroshot.scores(global_embed, None, text, "region")
+  with pytest.raises(ValueError, match="must be one of"):
+    zeroshot.scores(global_embed, region_embed, text, "local")
+
+
+def test_readable_tfds_labels():
+  assert datasets.readable("/a/airport_terminal") == "airport terminal"
+  assert datasets.readable("/c/church/indoor") == "church indoor"
+  assert datasets.readable("apple_pie") == "apple pie"
+  assert datasets.readable("AM General Hummer SUV 2000") == "AM General Hummer SUV 2000"
+
+
+def test_descriptors_align_by_name_then_by_position():
+  raw = {"Black-footed Albatross": ["a white belly"], "apple PIE": ["a crust"]}
+  names, descriptors, how = datasets.align_descriptors(raw, ["apple pie", "black footed albatross"])
+  assert how == "name" and names == ["apple pie", "black footed albatross"]
+  assert descriptors == {"apple pie": ["a crust"], "black footed albatross": ["a white belly"]}
+  names, descriptors, how = datasets.align_descriptors(raw, ["0", "1"])
+  assert how == "position" and names == ["Black-footed Albatross", "apple PIE"]
+  names, descriptors, how = datasets.align_descriptors(raw, ["apple pie", "x", "y"])
+  assert how == "partial" and descriptors == {"apple pie": ["a crust"]}
+
+
+def test_shipped_class_lists_are_in_label_order():
+  cifar10, cifar100 = datasets.class_list("cifar10.txt"), datasets.class_list("cifar100.txt")
+  assert cifar10[:3] == ["airplane", "automobile", "bird"] and len(cifar10) == 10
+  # CIFAR-100's fine labels are numbered alphabetically by their underscored names.
+  assert len(set(cifar100)) == 100 and cifar100 == sorted(cifar100, key=lambda n: n.replace(" ", "_"))
+  source = _fake_tfds_source([str(i) for i in range(10)])  # unprepared tfds: ids only
+  assert datasets.tfds_classification("cifar10", source=source).data.class_names == cifar10
+  with pytest.raises(ValueError, match="cifar100.txt has 100 classes"):
+    datasets.tfds_classification("cifar100", source=source)
+
+
+def test_registry_has_the_papers_eleven_and_imagenet():
+  assert set(datasets.PAPER_AVERAGE) == {"cifar10", "cifar100", "sun397", "cars", "dtd", "pets", "caltech101",
+                                         "flowers102", "cub", "places365", "food101"}
+  assert datasets.TFDS_DATASETS["imagenet"].tfds_name == "imagenet2012"
+  assert datasets.TFDS_DATASETS["imagenet"].split == "validation"
+
+
+def _fake_tfds_source(names):
+  info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=names)})
+
+  class FakeSource(list):
+    dataset_info = info
+
+  pixels = np.zeros((6, 5, 3), np.uint8)
+  return FakeSource({"image": pixels, "label": np.int64(i % len(names))} for i in range(4))
+
+
+def test_tfds_classification_names_and_descriptors(tmp_path):
+  source = _fake_tfds_source(["apple_pie", "baby_back_ribs"])
+  plain = datasets.tfds_classification("food101", source=source)
+  assert plain.data.class_names == ["apple pie", "baby back ribs"] and plain.alignment == "none"
+  assert plain.data.source[1]["label"] == 1 and plain.in_average
+  (tmp_path / "descriptors_food101.json").write_text(json.dumps(
+      {"baby back ribs": ["a glaze"], "apple pie": ["a crust"]}))
+  described = datasets.tfds_classification("food101", descriptors_dir=str(tmp_path), source=source)
+  assert described.alignment == "name" and described.data.descriptors["apple pie"] == ["a crust"]
+  ids = _fake_tfds_source(["0", "1"])  # CUB's tfds labels are numbers
+  with pytest.raises(FileNotFoundError, match="descriptors_cub.json"):
+    datasets.tfds_classification("cub", source=ids)
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps({"Laysan Albatross": ["a"], "Sooty Albatross": ["b"]}))
+  cub = datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=ids)
+  assert cub.alignment == "position" and cub.data.class_names == ["Laysan Albatross", "Sooty Albatross"]
+
+
+def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatch):
+  import tensorflow_datasets as tfds
+
+  class GrainEvalTinySet(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": tfds.features.ClassLabel(names=["/t/tabby_cat", "golden_retriever"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(3):
+        png = io.BytesIO()  # encoded: tfds needs tensorflow to encode arrays
+        Image.new("RGB", (10, 8), (100 * i, 0, 0)).save(png, format="PNG")
+        png.seek(0)
+        yield i, {"image": png, "label": i % 2}
+
+  GrainEvalTinySet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  monkeypatch.setitem(datasets.TFDS_DATASETS, "tiny",
+                      datasets.TfdsDataset("grain_eval_tiny_set", "test", "descriptors_tiny.json"))
+  (tmp_path / "descriptors_tiny.json").write_text(json.dumps({"tabby cat": ["stripes"],
+                                                              "golden retriever": ["golden fur"]}))
+  tiny = datasets.tfds_classification("tiny", str(tmp_path), str(tmp_path))
+  assert tiny.data.class_names == ["tabby cat", "golden retriever"] and tiny.alignment == "name"
+  batch = next(iter(eval_sets.image_batches(tiny.data.source, 16, 4, 0, 1)))
+  assert batch["image"].shape == (4, 16, 16, 3) and batch["valid"].tolist() == [True] * 3 + [False]
+  red = (batch["image"][:3, 0, 0, 0] * 0.229 + 0.485) * 255  # example i is red 100 * i, label i % 2
+  assert sorted(np.round(red / 100).astype(int).tolist()) == [0, 1, 2]
+  assert batch["label"][:3].tolist() == [int(i) % 2 for i in np.round(red / 100)]
+
+
+def test_unknown_entries_fail_clearly():
+  config = types.SimpleNamespace(data=types.SimpleNamespace(synthetic_dir=""))
+  with pytest.raises(ValueError, match="'imagenet3' is not a dataset"):
+    datasets.classification("imagenet3", config, "/tmp")
+  with pytest.raises(ValueError, match="karpathy:JSON:IMAGE_ROOT"):
+    datasets.retrieval("flickr", config, "/tmp")
+  with pytest.raises(ValueError, match="json:PATH"):
+    datasets.grounding("refcoco", config, "/tmp")
+
+
+def test_grounding_assignment_iou_and_picture(tmp_path):
+  phrases = np.eye(3, 4, dtype=np.float32)
+  regions = np.eye(4, dtype=np.float32)[[2, 0, 1, 3]]  # query 1 holds phrase 0's direction
+  query, similarity = grounding.assign(phrases, regions)
+  assert query.tolist() == [1, 2, 0] and np.allclose(similarity, phrases @ regions.T)
+  per_phrase, _ = grounding.assign(phrases, np.stack([regions, regions[::-1], regions]))
+  assert per_phrase.tolist() == [1, 1, 0]  # phrase 1 against the reversed queries
+  boxes = np.array([[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]], np.float32)
+  np.testing.assert_allclose(grounding.box_iou(boxes, boxes[[0, 0]]), [1.0, 0.0], atol=1e-6)
+  image = np.full((20, 30, 3), 90, np.uint8)
+  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g.png"),
+                        true_boxes=boxes[:1], size=64)
+  picture = np.asarray(Image.open(path))
+  assert picture.shape == (64, 64, 3) and (picture != 90).any()

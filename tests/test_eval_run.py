@@ -1,0 +1,95 @@
+"""run_evaluation on the synthetic splits: results JSON, table, and one device == a sharded mesh."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from grain_jax import sharding
+from grain_jax.config import load_config, validate
+from grain_jax.data import synthetic
+from grain_jax.eval import run
+from grain_jax.models.grain import build_model
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+  config = load_config("configs/base.py:tiny")
+  config.data.synthetic.update(num_train=1, image_size=32, num_attribute_classes=3, num_novel_classes=4,
+                               images_per_class=3, num_retrieval=7, num_grounding=5)
+  config.eval.update(
+      classification=("synthetic/novel",), retrieval=("synthetic",), grounding=("synthetic",),
+      templates="photo",
+      scores=("global", "region", "mixed"), batch_size=5, text_batch_size=8, num_pictures=2)
+  config.model.text.context_buckets = (16,)
+  config.data.synthetic_dir = str(tmp_path_factory.mktemp("synthetic"))
+  synthetic.generate(config.data.synthetic_dir, **config.data.synthetic)
+  return validate(config)
+
+
+@pytest.fixture(scope="module")
+def single_device(config, tmp_path_factory):
+  model = build_model(config.model, seed=0)  # in training mode, as the trainer would pass it
+  workdir = str(tmp_path_factory.mktemp("single"))
+  results = run.run_evaluation(config, model, workdir)
+  dropouts = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Dropout)]
+  assert dropouts and not any(d.deterministic for d in dropouts)  # still training mode
+  return workdir, results
+
+
+def test_results_json_table_and_pictures(single_device):
+  workdir, results = single_device
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    assert json.load(f) == json.loads(json.dumps(results))
+  novel = results["classification"]["synthetic/novel"]
+  assert novel["alignment"] == "name" and novel["num_classes"] == 4
+  assert set(novel["heads"]) == {"names/global", "descriptions/global", "descriptions/region",
+                                 "descriptions/mixed"}
+  head = novel["heads"]["descriptions/mixed"]
+  assert head["num_examples"] == 12 and 0 <= head["top1"] <= head["top5"] == 100  # 4 classes: top-5 is all
+  assert sum(head["per_class"].values()) / 4 == pytest.approx(head["mean_per_class"])
+  retrieval = results["retrieval"]["synthetic"]
+  assert retrieval["num_images"] == 7 and retrieval["num_texts"] == 14
+  for direction in ("image_to_text", "text_to_image"):
+    assert 0 <= retrieval[direction]["R@1"] <= retrieval[direction]["R@5"] <= retrieval[direction]["R@10"] <= 100
+  grounding = results["grounding"]["synthetic"]
+  assert 0 <= grounding["recall"] <= grounding["any_query_recall"] <= 100 and grounding["num_phrases"] > 5
+  assert len(grounding["pictures"]) == 2 and all(os.path.exists(p) for p in grounding["pictures"])
+  assert results["classification_average"]["datasets"] == []
+  table = run.format_table(results)
+  assert "top1 descriptions/mixed" in table and "i->t R@1/5/10" in table and "box recall@0.5" in table
+
+
+def test_a_sharded_mesh_gives_the_numbers_of_one_device(config, single_device, tmp_path):
+  _, expected = single_device
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  # The same parameters, laid out by the rules (create_sharded's equality is tested with the models).
+  graphdef, state = nnx.split(build_model(config.model, seed=0))
+  model = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh, config.sharding_rules)))
+  results = run.run_evaluation(config, model, str(tmp_path), mesh=mesh)  # batches of 8, not 5
+  for name, result in expected["classification"].items():
+    for head, metrics in result["heads"].items():
+      got = results["classification"][name]["heads"][head]
+      assert got["num_examples"] == metrics["num_examples"]  # padding is not counted
+      assert (got["top1"], got["top5"], got["per_class"]) == (metrics["top1"], metrics["top5"],
+                                                              metrics["per_class"]), head
+  assert results["retrieval"] == expected["retrieval"]
+  got, want = results["grounding"]["synthetic"], expected["grounding"]["synthetic"]
+  assert (got["recall"], got["any_query_recall"], got["num_phrases"]) == (
+      want["recall"], want["any_query_recall"], want["num_phrases"])
+  assert got["mean_iou"] == pytest.approx(want["mean_iou"], abs=1e-5)
+
+
+def test_clip_baseline_gets_global_heads_and_no_grounding(config, tmp_path):
+  clip_config = config.copy_and_resolve_references()
+  clip_config.model.kind = "clip"
+  clip_config.eval.update(retrieval=(), max_examples=6)
+  results = run.run_evaluation(clip_config, build_model(clip_config.model, seed=0), str(tmp_path))
+  heads = results["classification"]["synthetic/novel"]["heads"]
+  assert set(heads) == {"names/global", "descriptions/global"}
+  assert heads["names/global"]["num_examples"] == 6
+  assert "skipped" in results["grounding"]["synthetic"]
+  assert np.isfinite(heads["descriptions/global"]["top1"])

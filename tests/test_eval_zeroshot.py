@@ -1,0 +1,127 @@
+"""The Python API on a tiny model: class embeddings, their cache, classify() and ground()."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from grain_jax.config import load_config
+from grain_jax.data import examples
+from grain_jax.data import prompts
+from grain_jax.eval import grounding
+from grain_jax.eval import zeroshot
+from grain_jax.eval.runner import Runner, normalize
+from grain_jax.models.grain import build_model
+
+CLASSES = ["red circle", "blue square", "striped triangle"]
+DESCRIPTORS = {"red circle": ["red color", "a round shape"], "blue square": ["has four corners"],
+               "striped triangle": ["stripes", "three corners", "a pointed top"]}
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
+
+
+@pytest.fixture(scope="module")
+def model():
+  config = load_config("configs/base.py:tiny")
+  model = build_model(config.model, seed=0)
+  model.eval()
+  return model
+
+
+@pytest.fixture(scope="module")
+def runner():
+  return Runner(batch_size=4, text_batch_size=8, context_buckets=(16,))
+
+
+@pytest.fixture(scope="module")
+def images():
+  rng = np.random.default_rng(0)
+  return [rng.integers(0, 255, (24, 40, 3), dtype=np.uint8) for _ in range(5)]
+
+
+@nnx.jit
+def _encode_text(model, ids):
+  return normalize(model.encode_text(ids))
+
+
+@pytest.fixture(scope="module")
+def image_outputs(model, images):
+  """The model's own outputs on `images`, computed directly (normalized embeddings)."""
+  outputs = nnx.jit(lambda m, x: m.encode_image(x))(model, np.stack([examples.load_image(i, 32) for i in images]))
+  return normalize(outputs.global_embed), normalize(outputs.region_embed), outputs.boxes[-1]
+
+
+def _text(model, texts):
+  """Reference text embeddings, one compile: always 16 rows of 16 tokens."""
+  ids = np.zeros((16, 16), np.int32)
+  ids[:len(texts)] = examples.tokenize(texts)[:, :16]
+  return np.asarray(_encode_text(model, ids))[:len(texts)]
+
+
+def test_class_vectors_are_normalized_means_of_prompt_embeddings(model, runner):
+  text = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES)
+  raw = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES, renormalize=False)
+  for label, name in enumerate(CLASSES):
+    mean = _text(model, prompts.class_texts(name, TEMPLATES, DESCRIPTORS[name])).mean(axis=0)
+    np.testing.assert_allclose(raw.class_vectors[label], mean, atol=1e-5)
+    np.testing.assert_allclose(text.class_vectors[label], mean / np.linalg.norm(mean), atol=1e-5)
+    described = len(DESCRIPTORS[name])
+    np.testing.assert_allclose(text.descriptor_embeds[label, :described], _text(model, DESCRIPTORS[name]),
+                               atol=1e-5)
+    assert text.descriptor_mask[label].tolist() == [i < described for i in range(3)]
+  assert (np.linalg.norm(raw.class_vectors, axis=1) < 1 - 1e-3).all()
+  names_only = zeroshot.class_embeddings(model, runner, CLASSES, None, TEMPLATES)
+  assert names_only.descriptor_embeds is None
+  np.testing.assert_allclose(names_only.class_vectors[0], normalize(
+      _text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)), atol=1e-5)
+
+
+def test_text_cache_skips_the_text_tower_per_checkpoint(model, runner, tmp_path, monkeypatch):
+  cache = zeroshot.TextCache("step_100", str(tmp_path))
+  first = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
+  assert len(list(tmp_path.glob("*.npz"))) == 1
+
+  def fail(*args, **kwargs):
+    raise AssertionError("the text tower ran although the embeddings were cached")
+
+  monkeypatch.setattr(runner, "encode_texts", fail)
+  again = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES,
+                                    cache=zeroshot.TextCache("step_100", str(tmp_path)))  # from disk
+  np.testing.assert_array_equal(again.class_vectors, first.class_vectors)
+  np.testing.assert_array_equal(again.descriptor_mask, first.descriptor_mask)
+  with pytest.raises(AssertionError, match="text tower ran"):
+    zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES,
+                              cache=zeroshot.TextCache("step_200", str(tmp_path)))
+  with pytest.raises(AssertionError, match="text tower ran"):
+    zeroshot.class_embeddings(model, runner, CLASSES[:2], DESCRIPTORS, TEMPLATES, cache=cache)
+
+
+def test_classify_equals_scoring_by_hand(model, runner, images, image_outputs):
+  global_embed, region_embed, _ = image_outputs
+  scores = zeroshot.classify(model, images, CLASSES, DESCRIPTORS, template_set="photo", score="mixed",
+                             alpha=0.3, runner=runner)
+  text = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, prompts.templates("photo"))
+  assert scores.shape == (5, 3)
+  np.testing.assert_allclose(scores, zeroshot.scores(global_embed, region_embed, text, "mixed", 0.3), atol=1e-5)
+  batch = np.stack([examples.load_image(image, 32) for image in images])
+  names_only = zeroshot.classify(model, batch, CLASSES, template_set="photo", runner=runner)
+  names = zeroshot.class_embeddings(model, runner, CLASSES, None, prompts.templates("photo"))
+  np.testing.assert_allclose(names_only, zeroshot.scores(global_embed, None, names), atol=1e-5)
+
+
+def test_ground_picks_the_most_similar_query(model, runner, images, image_outputs, tmp_path):
+  phrases = ["a red circle", "a blue square on the left"]
+  placed = grounding.ground(model, images[0], phrases, runner=runner, picture=str(tmp_path / "ground.png"))
+  assert (tmp_path / "ground.png").exists()
+  _, region_embed, boxes = image_outputs
+  similarity = _text(model, phrases) @ np.asarray(region_embed[0]).T
+  for result, phrase, row in zip(placed, phrases, similarity):
+    assert result["phrase"] == phrase and result["query"] == int(row.argmax())
+    assert result["score"] == pytest.approx(float(row.max()), abs=1e-5)
+    np.testing.assert_allclose(result["box"], np.asarray(boxes[0, result["query"]]), atol=1e-5)
+
+
+def test_ground_refuses_the_clip_baseline(images):
+  config = load_config("configs/base.py:tiny")
+  config.model.kind = "clip"
+  clip = nnx.eval_shape(lambda: build_model(config.model, seed=0))
+  with pytest.raises(ValueError, match="plain-CLIP baseline"):
+    grounding.ground(clip, images[0], ["a red circle"])

@@ -1,0 +1,151 @@
+"""Training: exact resume, checkpoint fallback, non-finite skipping, weight-decay mask, accumulation."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from grain_jax.config import load_config
+from grain_jax.models.grain import build_model
+from grain_jax.train import optim, trainer
+from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.step import TrainState, make_train_step, split_micro_batches
+
+NUM_STEPS = 6
+
+
+def train_config(**train_overrides):
+  config = load_config("configs/base.py:tiny")
+  config.mesh.update(data=8)
+  config.data.batch_size = 8
+  config.data.synthetic.update(num_train=64, images_per_class=2, num_retrieval=4, num_grounding=4)
+  config.train.update(num_steps=NUM_STEPS, log_every=1, checkpoint_every=3, async_checkpointing=False)
+  config.train.update(train_overrides)
+  config.optim.warmup_steps = 2
+  return config
+
+
+def params_of(workdir):
+  """The parameters of the newest checkpoint in `workdir`, as numpy leaves."""
+  return [np.asarray(x) for x in jax.tree.leaves(read_checkpoint(workdir).params)]
+
+
+def read_checkpoint(workdir) -> TrainState:
+  config = train_config()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def init():
+    model = build_model(config.model, config.seed)
+    return trainer.init_state(model, optim.make_optimizer(nnx.state(model, nnx.Param), config.optim, NUM_STEPS))
+
+  like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(init))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, async_save=False)
+  iterator = iter(trainer.pipeline.train_dataset_from_config(config, trainer.training_data_dir(config, workdir)))
+  state = checkpointer.restore_latest(like, iterator)
+  checkpointer.close()
+  return state
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """Two runs of the same recipe: straight through, and stopped at step 3 then resumed."""
+  root = tmp_path_factory.mktemp("runs")
+  straight, resumed = str(root / "straight"), str(root / "resumed")
+  _, straight_metrics = trainer.train(train_config(), straight)
+  shutil.copytree(os.path.join(straight, "synthetic"), os.path.join(resumed, "synthetic"))
+  trainer.train(train_config(), resumed, stop_at_step=3)
+  _, resumed_metrics = trainer.train(train_config(), resumed)
+  return straight, resumed, straight_metrics, resumed_metrics
+
+
+def test_training_writes_logs_config_and_checkpoints(runs):
+  straight = runs[0]
+  lines = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
+  assert [line["step"] for line in lines] == list(range(1, NUM_STEPS + 1))
+  assert all(np.isfinite(line["loss"]) and line["skipped"] == 0 for line in lines)
+  assert os.listdir(os.path.join(straight, "tensorboard"))
+  assert json.load(open(os.path.join(straight, "config.json")))["train"]["num_steps"] == NUM_STEPS
+  assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["3", "6"]
+
+
+def test_stop_and_resume_equals_training_straight_through(runs):
+  straight, resumed, straight_metrics, resumed_metrics = runs
+  assert straight_metrics["loss"] == resumed_metrics["loss"]
+  for a, b in zip(params_of(straight), params_of(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(runs, tmp_path, caplog):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs[0], workdir)
+  latest = os.path.join(workdir, "checkpoints", "6", "state")
+  for name in os.listdir(latest):
+    path = os.path.join(latest, name)
+    if os.path.isfile(path):
+      open(path, "wb").close()
+  state = read_checkpoint(workdir)
+  assert int(state.step) == 3
+  assert "step 6" in caplog.text and "unreadable" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+  config = train_config(grad_accum_steps=2)
+  model = build_model(config.model, config.seed)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.make_optimizer(params, config.optim, NUM_STEPS)
+  step_fn = jax.jit(make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, 6)))
+  rng = np.random.default_rng(0)
+  ids = np.zeros((8, 16), np.int32)
+  ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 4000, (8, 3)), 49407
+  batch = dict(image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32), caption_ids=ids,
+               boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
+               box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
+               desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
+  return trainer.init_state(model, tx), step_fn, batch
+
+
+def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(step_setup):
+  state, step_fn, batch = step_setup
+  bad = dict(batch, image=np.where(np.arange(32)[:, None, None] == 3, np.nan, batch["image"]).astype(np.float32))
+  new_state, metrics = step_fn(state, bad)
+  assert float(metrics["skipped"]) == 1 and int(new_state.skipped_steps) == 1 and int(new_state.step) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  good_state, metrics = step_fn(new_state, batch)
+  assert float(metrics["skipped"]) == 0 and int(good_state.skipped_steps) == 1
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_rd"]) > 0
+
+
+def test_micro_batches_interleave_the_shards():
+  batch = dict(x=jnp.arange(8))
+  np.testing.assert_array_equal(split_micro_batches(batch, 2, 2)["x"], [[0, 1, 4, 5], [2, 3, 6, 7]])
+  np.testing.assert_array_equal(split_micro_batches(batch, 1, 4)["x"], [np.arange(8)])
+
+
+def test_weight_decay_skips_biases_norms_and_logit_scale():
+  config = load_config("configs/base.py:tiny")
+  model = nnx.eval_shape(lambda: build_model(config.model, 0))
+  decayed = {"/".join(map(str, path)) for path, flag in nnx.to_flat_state(
+      optim.weight_decay_mask(nnx.state(model, nnx.Param))) if flag}
+  assert "visual/blocks/blocks/attn/qkv_kernel" in decayed and "text/token_embedding" in decayed
+  assert "decoder/query_embed" in decayed and "decoder/proj/kernel" in decayed
+  for name in ("logit_scale", "visual/blocks/blocks/attn/qkv_bias", "visual/blocks/blocks/norm1/scale",
+               "decoder/layers/blocks/mlp/fc1/bias", "text/ln_final/scale", "visual/patch_bias"):
+    assert name not in decayed
+
+
+def test_schedule_warms_up_then_decays_to_the_end_value():
+  optim_config = load_config("configs/base.py:tiny").optim
+  optim_config.update(warmup_steps=10, learning_rate=1e-3, warmup_init=1e-6, end_learning_rate=1e-5)
+  schedule = optim.learning_rate_schedule(optim_config, 100)
+  assert float(schedule(0)) == pytest.approx(1e-6, rel=1e-4)
+  assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-4)
+  assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-4)
+  assert float(schedule(5)) < float(schedule(10)) and float(schedule(50)) < float(schedule(10))
