@@ -93,14 +93,17 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(runs, tmp_pa
   assert "step 6" in caplog.text and "unreadable" in caplog.text
 
 
-@pytest.fixture(scope="module")
-def step_setup():
-  config = train_config(grad_accum_steps=2)
+def make_step(config):
+  """(initial state, jitted step) for `config` on the default device."""
   model = build_model(config.model, config.seed)
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(params, config.optim, NUM_STEPS)
   step_fn = jax.jit(make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, 6)))
+  return trainer.init_state(model, tx), step_fn
+
+
+def make_batch():
   rng = np.random.default_rng(0)
   ids = np.zeros((8, 16), np.int32)
   ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 4000, (8, 3)), 49407
@@ -108,7 +111,12 @@ def step_setup():
                boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
                box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
                desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
-  return trainer.init_state(model, tx), step_fn, batch
+  return batch
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+  return (*make_step(train_config(grad_accum_steps=2)), make_batch())
 
 
 def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(step_setup):
@@ -121,6 +129,17 @@ def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(step_setup)
   good_state, metrics = step_fn(new_state, batch)
   assert float(metrics["skipped"]) == 0 and int(good_state.skipped_steps) == 1
   assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_rd"]) > 0
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  config = train_config()
+  config.model.dtype = "bfloat16"
+  state, step_fn = make_step(config)
+  new_state, metrics = step_fn(state, make_batch())
+  assert np.isfinite(float(metrics["loss"])) and float(metrics["skipped"]) == 0
+  assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {jnp.dtype(jnp.float32)}
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new_state.params))]
+  assert sum(changed) > len(changed) // 2
 
 
 def test_micro_batches_interleave_the_shards():
