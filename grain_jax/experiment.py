@@ -12,6 +12,8 @@ import os
 import jax
 import numpy as np
 
+from grain_jax import sharding
+from grain_jax.config import validate
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 
@@ -21,7 +23,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
-  return {"train": metrics, "eval": run_evaluation(config, model, workdir, checkpoint_id=f"step{config.train.num_steps}")}
+  evaluation = run_evaluation(config, model, workdir, sharding.make_mesh(config.mesh),
+                              checkpoint_id=f"step{config.train.num_steps}")
+  return {"train": metrics, "eval": evaluation}
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`)."""
+  validate(config, num_devices=jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
+    model, step = trainer.restore_model(config, workdir, mesh)
+  return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}")
 
 
 def headline_metrics(evaluation: dict) -> dict[str, float]:

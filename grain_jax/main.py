@@ -15,7 +15,8 @@ from grain_jax.config import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                          "train (then evaluate, per config.experiment), or eval: the newest checkpoint in workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,7 +48,10 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   initialize_distributed(config.train)
   try:
-    experiment.run(config, _WORKDIR.value)
+    if _MODE.value == "eval":
+      experiment.evaluate_checkpoint(config, _WORKDIR.value)
+    else:
+      experiment.run(config, _WORKDIR.value)
   except ConfigError as error:
     raise app.UsageError(str(error)) from None
 

@@ -25,3 +25,9 @@ def test_kinds_are_trained_evaluated_and_compared(tmp_path):
   table = open(tmp_path / "comparison.md").read()
   assert table.startswith("| metric | grain | clip |") and "| n/a |" in table
   assert results["table"] + "\n" == table
+
+  grain_config = config.copy_and_resolve_references()
+  grain_config.experiment.kinds = ()
+  grain_config.data.synthetic_dir = str(tmp_path / "synthetic")
+  evaluation = experiment.evaluate_checkpoint(grain_config, str(tmp_path / "grain_seed0"))
+  assert experiment.headline_metrics(evaluation) == rows["grain_seed0"]

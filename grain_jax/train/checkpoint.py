@@ -27,22 +27,23 @@ class Checkpointer:
         state=ocp.args.StandardSave(state._asdict()),
         data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
-  def restore_latest(self, like: TrainState, data_iterator) -> TrainState | None:
+  def restore_latest(self, like: TrainState, data_iterator=None) -> TrainState | None:
     """The newest readable checkpoint restored into `like`'s shapes and shardings, or None.
 
-    `data_iterator` is moved to the restored position in place.
+    `data_iterator`, when given, is moved to the restored position in place (evaluation passes
+    none and reads only the train state).
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
+    items = dict(state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())))
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as error:  # noqa: BLE001 - any failure to read means: fall back to an older one
         logging.warning("checkpoint at step %d in %s is unreadable (%s: %s); trying the previous one",
                         step, self.manager.directory, type(error).__name__, error)
         continue
-      logging.info("resumed from the checkpoint at step %d in %s", step, self.manager.directory)
+      logging.info("restored the checkpoint at step %d from %s", step, self.manager.directory)
       return TrainState(**restored.state)
     return None
 

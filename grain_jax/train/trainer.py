@@ -89,6 +89,28 @@ def build_training(config, mesh: jax.sharding.Mesh) -> Training:
   return Training(graphdef, rest, state, step_fn)
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
+  """The model of the newest readable checkpoint in `workdir`, sharded over `mesh`, in eval mode,
+  and its step. Call under `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
+
+  Raises:
+    FileNotFoundError naming the directory when it holds no readable checkpoint.
+  """
+  training = build_training(config, mesh)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  state = checkpointer.restore_latest(training.state)
+  checkpointer.close()
+  if state is None:
+    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+  model = nnx.merge(training.graphdef, state.params, training.rest)
+  model.eval()
+  return model, int(state.step)
+
+
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
   """Trains (resuming from the newest checkpoint in `workdir/checkpoints`); returns the model in
   eval mode and the last logged metrics.
@@ -115,8 +137,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     num_steps = config.train.num_steps
 
     # ---- Checkpoint ---------------------------------------------------------------------------
-    checkpointer = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                config.train.keep_checkpoints, config.train.async_checkpointing)
+    checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints,
+                                config.train.async_checkpointing)
     state = checkpointer.restore_latest(state, data_iterator) or state
 
     # ---- Loop ---------------------------------------------------------------------------------
