@@ -1,6 +1,45 @@
 """Test session setup: 8 simulated CPU devices so sharded runs can be compared with one device."""
 
+import io
 import os
+
+import pytest
+from PIL import Image
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+
+
+@pytest.fixture
+def tiny_tfds(tmp_path):
+  """Builds a tiny tfds dataset in array_record format under `tmp_path/tfds` (no tensorflow needed).
+
+  `build(label_names, reds)` writes one 10x8 image per entry of `reds` (red channel = that value,
+  label = index % 2) into split "test" and returns `(dataset name, tfds data_dir)`.
+  """
+  tfds = pytest.importorskip("tensorflow_datasets")
+  data_dir = str(tmp_path / "tfds")
+
+  def build(label_names, reds):
+    class GrainJaxTinyTfds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+      VERSION = tfds.core.Version("1.0.0")
+
+      def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(names=list(label_names))}))
+
+      def _split_generators(self, dl_manager):
+        return {"test": self._generate_examples()}
+
+      def _generate_examples(self):
+        for i, red in enumerate(reds):
+          png = io.BytesIO()  # encoded: tfds needs tensorflow to encode arrays
+          Image.new("RGB", (10, 8), (red, 0, 0)).save(png, format="PNG")
+          png.seek(0)
+          yield i, {"image": png, "label": i % 2}
+
+    GrainJaxTinyTfds(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    return "grain_jax_tiny_tfds", data_dir
+
+  return build

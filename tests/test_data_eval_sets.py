@@ -57,36 +57,10 @@ def test_image_batches_pad_and_shard_over_hosts(tmp_path):
   np.testing.assert_allclose(first["image"][0], examples.load_image(source[0]["image"], 16))
 
 
-def _prepare_tfds(data_dir, image_dir):
-  """Builds a 5-image tfds dataset in array_record format (images given as files: no TF needed)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-
-  class GrainJaxTestShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "label": tfds.features.ClassLabel(names=["red_square", "blue_circle"])}))
-
-    def _split_generators(self, dl_manager):
-      return {"test": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(5):
-        path = os.path.join(image_dir, f"{i}.png")
-        Image.new("RGB", (10, 8), (i * 40, 0, 0)).save(path)
-        yield i, {"image": path, "label": i % 2}
-
-  GrainJaxTestShapes(data_dir=data_dir, file_format="array_record").download_and_prepare()
-  return "grain_jax_test_shapes"
-
-
-def test_tfds_classification(tmp_path):
-  name = _prepare_tfds(str(tmp_path / "tfds"), str(tmp_path))
+def test_tfds_classification(tmp_path, tiny_tfds):
+  name, tfds_dir = tiny_tfds(["red_square", "blue_circle"], [40 * i for i in range(5)])
   (tmp_path / "d.json").write_text(json.dumps({"red square": ["red"], "blue circle": ["round"]}))
-  dataset = eval_sets.tfds_classification(name, "test", str(tmp_path / "tfds"),
-                                          str(tmp_path / "d.json"))
+  dataset = eval_sets.tfds_classification(name, "test", tfds_dir, str(tmp_path / "d.json"))
   assert dataset.class_names == ["red square", "blue circle"]
   assert dataset.descriptors == {"red square": ["red"], "blue circle": ["round"]}
   batch = next(iter(eval_sets.image_batches(dataset.source, 8, 8, 0, 1)))

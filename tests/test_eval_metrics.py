@@ -4,7 +4,6 @@ The tfds path runs on a tiny dataset that the test builds with tfds itself (arra
 network); the registry's real datasets cannot be downloaded here.
 """
 
-import io
 import json
 import types
 
@@ -137,33 +136,12 @@ def test_tfds_classification_names_and_descriptors(tmp_path):
   assert cub.alignment == "position" and cub.data.class_names == ["Laysan Albatross", "Sooty Albatross"]
 
 
-def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds
-
-  class GrainEvalTinySet(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "label": tfds.features.ClassLabel(names=["/t/tabby_cat", "golden_retriever"])}))
-
-    def _split_generators(self, dl_manager):
-      return {"test": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(3):
-        png = io.BytesIO()  # encoded: tfds needs tensorflow to encode arrays
-        Image.new("RGB", (10, 8), (100 * i, 0, 0)).save(png, format="PNG")
-        png.seek(0)
-        yield i, {"image": png, "label": i % 2}
-
-  GrainEvalTinySet(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  monkeypatch.setitem(datasets.TFDS_DATASETS, "tiny",
-                      datasets.TfdsDataset("grain_eval_tiny_set", "test", "descriptors_tiny.json"))
+def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatch, tiny_tfds):
+  name, tfds_dir = tiny_tfds(["/t/tabby_cat", "golden_retriever"], [0, 100, 200])
+  monkeypatch.setitem(datasets.TFDS_DATASETS, "tiny", datasets.TfdsDataset(name, "test", "descriptors_tiny.json"))
   (tmp_path / "descriptors_tiny.json").write_text(json.dumps({"tabby cat": ["stripes"],
                                                               "golden retriever": ["golden fur"]}))
-  tiny = datasets.tfds_classification("tiny", str(tmp_path), str(tmp_path))
+  tiny = datasets.tfds_classification("tiny", tfds_dir, str(tmp_path))
   assert tiny.data.class_names == ["tabby cat", "golden retriever"] and tiny.alignment == "name"
   batch = next(iter(eval_sets.image_batches(tiny.data.source, 16, 4, 0, 1)))
   assert batch["image"].shape == (4, 16, 16, 3) and batch["valid"].tolist() == [True] * 3 + [False]
