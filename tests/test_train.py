@@ -99,7 +99,7 @@ def make_step(config):
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(params, config.optim, NUM_STEPS)
-  step_fn = jax.jit(make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, 6)))
+  step_fn = jax.jit(make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, NUM_STEPS)))
   return trainer.init_state(model, tx), step_fn
 
 
@@ -128,6 +128,10 @@ def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(step_setup)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   good_state, metrics = step_fn(new_state, batch)
   assert float(metrics["skipped"]) == 0 and int(good_state.skipped_steps) == 1
+  # The skipped step did not advance the optimizer's schedule: the second step still runs at step 0's rate.
+  schedule = optim.learning_rate_schedule(train_config().optim, NUM_STEPS)
+  assert float(schedule(0)) != pytest.approx(float(schedule(1)))
+  assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(0)))
   assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_rd"]) > 0
 
 

@@ -35,19 +35,16 @@ def batch_loss(model, batch: dict[str, jax.Array], config, batch_shards: int):
   Captions `[B, Lc]` and descriptions `[B, K, Ld]` may have different (bucketed) lengths.
   """
   outputs = model.encode_image(batch["image"])
-  caption_embed = model.encode_text(batch["caption_ids"])
-  if outputs.region_embed is None:
-    return losses.grain_loss(image_embed=outputs.global_embed, caption_embed=caption_embed,
-                             logit_scale=model.logit_scale[...], matching_config=config.matching,
-                             loss_config=config.loss)
-  size, slots, length = batch["desc_ids"].shape
-  desc_embed = model.encode_text(batch["desc_ids"].reshape(size * slots, length)).reshape(size, slots, -1)
-  return losses.grain_loss(
-      image_embed=outputs.global_embed, caption_embed=caption_embed, logit_scale=model.logit_scale[...],
-      matching_config=config.matching, loss_config=config.loss, region_embed=outputs.region_embed,
-      layer_boxes=outputs.boxes, desc_embed=desc_embed,
-      target_boxes=batch["boxes"], box_valid=batch["box_valid"], desc_text_id=batch["desc_text_id"],
-      batch_shards=batch_shards)
+  regions = {}
+  if outputs.region_embed is not None:
+    size, slots, length = batch["desc_ids"].shape
+    desc_embed = model.encode_text(batch["desc_ids"].reshape(size * slots, length)).reshape(size, slots, -1)
+    regions = dict(region_embed=outputs.region_embed, layer_boxes=outputs.boxes, desc_embed=desc_embed,
+                   target_boxes=batch["boxes"], box_valid=batch["box_valid"],
+                   desc_text_id=batch["desc_text_id"], batch_shards=batch_shards)
+  return losses.grain_loss(image_embed=outputs.global_embed, caption_embed=model.encode_text(batch["caption_ids"]),
+                           logit_scale=model.logit_scale[...], matching_config=config.matching,
+                           loss_config=config.loss, **regions)
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int, batch_shards: int) -> dict[str, jax.Array]:
@@ -107,7 +104,8 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
                            opt_state=keep_if_finite(opt_state, state.opt_state),
                            skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
-    metrics.update(grad_norm=grad_norm, learning_rate=learning_rate(state.step),
+    # optax counts applied updates only, so skipped steps do not advance the schedule.
+    metrics.update(grad_norm=grad_norm, learning_rate=learning_rate(state.step - state.skipped_steps),
                    temperature=jnp.exp(new_state.params["logit_scale"][...]),
                    skipped=(~finite).astype(jnp.float32))
     return new_state, metrics

@@ -10,6 +10,7 @@ import time
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
@@ -54,8 +55,8 @@ def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
 
 def init_state(model: nnx.Module, tx) -> TrainState:
   params = nnx.state(model, nnx.Param)
-  return TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                    opt_state=jax.jit(tx.init)(params), skipped_steps=jax.numpy.zeros((), jax.numpy.int32))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+                    skipped_steps=jnp.zeros((), jnp.int32))
 
 
 class Training(NamedTuple):
