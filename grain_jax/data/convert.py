@@ -62,7 +62,7 @@ def _read_json(path: str | None) -> dict[str, Any]:
     return json.load(f)
 
 
-def _encode_image(path: str, max_side: int) -> bytes:
+def encode_image(path: str, max_side: int) -> bytes:
   """The image file's bytes, re-encoded as JPEG when its longer side exceeds `max_side`."""
   try:
     with open(path, "rb") as f:
@@ -112,7 +112,7 @@ def convert_one(item: tuple[tuple[str, str | None, str], Any, Any], image_root: 
     if not caption and not mllm:
       raise quality.BadRecordError(quality.EMPTY_CAPTION, key)
     regions, reasons = _regions(boxes, box_frame)
-    image = _encode_image(os.path.join(image_root, key), max_side)
+    image = encode_image(os.path.join(image_root, key), max_side)
   except quality.BadRecordError as e:
     return None, [e.reason]
   record = records.Record(key, image, caption, mllm, tuple(regions))
@@ -143,7 +143,7 @@ def _blame(args: argparse.Namespace, reason: str) -> str:
   return args.image_root if reason in _IMAGE_REASONS else args.captions
 
 
-def _count(results, stats: Sequence[quality.DataStats], blame, bar):
+def count_results(results, stats: Sequence[quality.DataStats], blame, bar):
   """Yields the serialized records of `results`, counting every row in each of `stats`.
 
   `stats[0]` covers the whole run and stops it when too many rows are bad.
@@ -189,7 +189,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
       results = pool.imap(work, items, chunksize=8) if pool else map(work, items)
       name = records.shard_name(shard)
       count = records.write_shard(os.path.join(args.out, name),
-                                  _count(results, (stats, shard_stats), blame, bar))
+                                  count_results(results, (stats, shard_stats), blame, bar))
       progress["shards"][str(shard)] = {"file": name, "count": count,
                                         "stats": shard_stats.get_state()}
       _save_progress(args.out, progress)
@@ -206,9 +206,9 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
   return manifest
 
 
-def summary(stats: quality.DataStats) -> str:
-  """Human-readable counts: rows read, written, skipped per reason, fixed per reason."""
-  lines = [f"{stats.seen} rows read, {stats.seen - stats.num_skipped} records written, "
+def summary(stats: quality.DataStats, unit: str = "rows") -> str:
+  """Human-readable counts: `unit` read, records written, skipped per reason, fixed per reason."""
+  lines = [f"{stats.seen} {unit} read, {stats.seen - stats.num_skipped} records written, "
            f"{stats.num_skipped} skipped"]
   lines += [f"  skipped {reason}: {n}" for reason, n in sorted(stats.skipped.items())]
   lines += [f"  fixed / dropped regions, {reason}: {n}"
