@@ -7,8 +7,6 @@ tokenizers are made from small word vocabularies, and loaded back by the CLI lik
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -184,3 +182,41 @@ def test_folder_to_records_the_training_pipeline_reads(annotated, tiny_models, i
       str(annotated), global_batch_size=2, image_size=32, num_regions=5, seed=0, num_epochs=1,
       process_index=0, process_count=1)))
   assert batch["image"].shape == (2, 32, 32, 3) and batch["boxes"].shape == (2, 5, 4)
+
+
+def test_chunks_resume_and_changed_settings(tmp_path, annotated, tiny_models, images, monkeypatch):
+  out = tmp_path / "chunked"
+  chunk = lambda i: _argv(images, tiny_models, out, "--num-chunks", "2", "--chunk-index", str(i))
+  assert run.annotate(cli.parse_args(chunk(1))) is None  # shard 1 of 0-2: not complete yet
+  assert not (out / records.MANIFEST).exists()
+  assert cli.main(chunk(0)) == 0
+  expected = list(records.read_records(str(annotated)))
+  assert list(records.read_records(str(out))) == expected
+  # As if the run had died while writing shard 1 (corrupt.png, d.png).
+  os.remove(out / run.PROGRESS_DIR / "shard-00001.json")
+  os.remove(out / records.shard_name(1))
+  seen = []
+  annotate_batch = run.annotate_batch
+  monkeypatch.setattr(run, "annotate_batch", lambda batch, *args: (
+      seen.append([item.key for item in batch]), annotate_batch(batch, *args))[1])
+  assert cli.main(_argv(images, tiny_models, out)) == 0
+  assert seen == [["d.png"]]  # finished shards are not annotated again
+  assert list(records.read_records(str(out))) == expected
+  assert json.loads((out / records.MANIFEST).read_text()) == json.loads(
+      (annotated / records.MANIFEST).read_text())
+  with pytest.raises(ValueError, match=r"other settings \(threshold differ"):
+    cli.main(_argv(images, tiny_models, out, "--threshold", "0.5"))
+
+
+def test_a_record_dataset_is_annotated_again_keeping_images_and_alt_texts(tmp_path, annotated,
+                                                                           tiny_models):
+  out = tmp_path / "again"
+  argv = ["--images", str(annotated), "--out", str(out), "--mllm", tiny_models[0],
+          "--detector", tiny_models[1], "--max-new-tokens", str(_NEW_TOKENS)]
+  assert cli.main(argv) == 0
+  before, after = records.read_records(str(annotated)), records.read_records(str(out))
+  assert [(r.key, r.image, r.caption) for r in after] == [(r.key, r.image, r.caption)
+                                                          for r in before]
+  with pytest.raises(ValueError, match="--captions is for image folders"):
+    cli.main(argv + ["--captions", "captions.csv"])
+
