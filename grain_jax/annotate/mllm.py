@@ -28,7 +28,7 @@ class Describer:
   """Runs the MLLM on batches of images; `describe` returns its raw answers."""
 
   def __init__(self, model_id: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-               prompt: str = PROMPT, max_new_tokens: int = 256):
+               max_new_tokens: int = 256):
     self.torch, _ = hf.import_torch_and_transformers()
     self.device, self.dtype = hf.device_and_dtype(device, dtype)
     self.processor, self.model = hf.load("AutoModelForImageTextToText", model_id, self.device,
@@ -38,7 +38,7 @@ class Describer:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
       tokenizer.pad_token = tokenizer.eos_token
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     self.prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
     self.max_new_tokens = max_new_tokens
 

@@ -115,16 +115,10 @@ def _shard_results(loaded: Iterable[tuple[sources.Loaded | None, list[str]]], mo
       yield next(annotated) if item is not None else (None, reasons)
 
 
-def _write_json(path: str, value: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
-
-
 def _check_settings(progress_dir: str, settings: dict[str, Any]) -> None:
   path = os.path.join(progress_dir, SETTINGS)
   if not os.path.exists(path):
-    _write_json(path, settings)
+    records.write_json(path, settings)
     return
   with open(path) as f:
     previous = json.load(f)
@@ -200,7 +194,7 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
         count = records.write_shard(os.path.join(args.out, name), convert.count_results(
             results, (stats, shard_stats), lambda _reason: args.images, bar))
         shard_counts.seconds = time.perf_counter() - start
-        _write_json(_marker(progress_dir, shard),
+        records.write_json(_marker(progress_dir, shard),
                     {"file": name, "count": count, "stats": shard_stats.get_state(),
                      "counts": dataclasses.asdict(shard_counts)})
         counts.add(shard_counts)

@@ -55,6 +55,8 @@ class ImageFolder:
         os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
         for folder, _, names in os.walk(root) for name in names
         if name.lower().endswith(IMAGE_SUFFIXES))
+    if not self.keys:
+      raise FileNotFoundError(f"--images {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     self.captions = {path: text for path, text, reason in
                      (convert.read_captions(captions) if captions else ()) if not reason}
 

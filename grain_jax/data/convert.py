@@ -131,13 +131,6 @@ def _load_progress(out_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
   return progress
 
 
-def _save_progress(out_dir: str, progress: dict[str, Any]) -> None:
-  tmp = os.path.join(out_dir, PROGRESS + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(progress, f)
-  os.replace(tmp, os.path.join(out_dir, PROGRESS))
-
-
 def _blame(args: argparse.Namespace, reason: str) -> str:
   """The input a skip reason points at, for the too-many-bad-rows error."""
   return args.image_root if reason in _IMAGE_REASONS else args.captions
@@ -192,7 +185,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
                                   count_results(results, (stats, shard_stats), blame, bar))
       progress["shards"][str(shard)] = {"file": name, "count": count,
                                         "stats": shard_stats.get_state()}
-      _save_progress(args.out, progress)
+      records.write_json(os.path.join(args.out, PROGRESS), progress)
   finally:
     bar.close()
     if pool:

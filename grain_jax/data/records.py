@@ -13,6 +13,7 @@ Records are msgpack maps so that any tool can read them without this package.
 import dataclasses
 import json
 import os
+import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -109,11 +110,16 @@ def write_manifest(out_dir: str, shards: Sequence[dict[str, Any]], source: str,
       "shards": list(shards),
       "skipped": dict(skipped or {}),
   }
-  tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+  write_json(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes `value` as JSON to `path` atomically, also when several hosts write it at once."""
+  tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
 
 
 def write_dataset(out_dir: str, records: Iterable[Record], source: str,
