@@ -168,9 +168,8 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
   _check_settings(progress_dir, settings)
 
   num_shards = max(1, -(-len(source) // args.shard_size))
-  mine = range(args.chunk_index, num_shards, args.num_chunks)
   spans = {shard: range(shard * args.shard_size, min(len(source), (shard + 1) * args.shard_size))
-           for shard in mine}
+           for shard in range(args.chunk_index, num_shards, args.num_chunks)}
   total = sum(len(span) for span in spans.values())
   stats = quality.DataStats(args.max_bad_fraction, min_records=min(total, 200),
                             source=args.images)
@@ -195,8 +194,8 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
             results, (stats, shard_stats), lambda _reason: args.images, bar))
         shard_counts.seconds = time.perf_counter() - start
         records.write_json(_marker(progress_dir, shard),
-                    {"file": name, "count": count, "stats": shard_stats.get_state(),
-                     "counts": dataclasses.asdict(shard_counts)})
+                           {"file": name, "count": count, "stats": shard_stats.get_state(),
+                            "counts": dataclasses.asdict(shard_counts)})
         counts.add(shard_counts)
         new.add(shard_counts)
     finally:
