@@ -19,6 +19,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="comes with transformers")
 
 # pylint: disable=wrong-import-position
 from grain_jax.annotate import __main__ as cli
+from grain_jax.annotate import hf
 from grain_jax.annotate import mllm
 from grain_jax.annotate import parse
 from grain_jax.annotate import run
@@ -220,3 +221,14 @@ def test_a_record_dataset_is_annotated_again_keeping_images_and_alt_texts(tmp_pa
   with pytest.raises(ValueError, match="--captions is for image folders"):
     cli.main(argv + ["--captions", "captions.csv"])
 
+
+
+def test_bad_model_device_and_dtype_errors_name_the_flag(tmp_path):
+  (tmp_path / "empty").mkdir()  # a directory without a model (a missing one would be a hub id)
+  with pytest.raises(ValueError, match=r"cannot load '.*empty' as AutoModelForImageTextToText"):
+    mllm.Describer(str(tmp_path / "empty"), device="cpu")
+  with pytest.raises(ValueError, match="--dtype='float8'"):
+    hf.device_and_dtype("cpu", "float8")
+  if not torch.cuda.is_available():
+    with pytest.raises(ValueError, match="--device=cuda but torch sees no GPU"):
+      hf.device_and_dtype("cuda")
