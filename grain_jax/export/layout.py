@@ -194,9 +194,25 @@ def to_reference(params: Mapping[Path, object], model_config,
   return state_dicts
 
 
-def _shape_in_torch(entry: Entry, our_shape: tuple[int, ...]) -> tuple[int, ...]:
+class Slot(NamedTuple):
+  """Where one layer of an entry goes: its PyTorch key, our shape for it (without the `layers` axis)
+  and its PyTorch shape."""
+  key: str
+  our_shape: tuple[int, ...]
+  torch_shape: tuple[int, ...]
+
+
+def _slots(entry: Entry, our_shape: tuple[int, ...]) -> list[Slot]:
+  layer_shape = our_shape[1:] if entry.layered else our_shape
   # np.empty commits no memory for untouched pages, so even the token embedding costs nothing.
-  return entry.transform.to_torch(np.empty(our_shape, np.float32)).shape
+  torch_shape = entry.transform.to_torch(np.empty(layer_shape, np.float32)).shape
+  return [Slot(key, layer_shape, torch_shape) for key in _keys(entry, our_shape[0] if entry.layered else 1)]
+
+
+def torch_shapes(shapes: Mapping[Path, tuple[int, ...]], model_config) -> dict[tuple[str, str], tuple[int, ...]]:
+  """(state dict, key) -> PyTorch shape of every trained parameter, given our shapes by path."""
+  return {(entry.state_dict, slot.key): slot.torch_shape for entry in reference_layout(model_config)
+          for slot in _slots(entry, tuple(shapes[entry.path]))}
 
 
 def _listing(title: str, items: list[str], limit: int = 20) -> str:
@@ -222,21 +238,19 @@ def from_reference(state_dicts: Mapping[str, Mapping[str, np.ndarray]], shapes: 
   entries = [entry for entry in reference_layout(model_config) if towers is None or entry.tower in towers]
   missing, mismatched, params, known = [], [], {}, set(untrained_shapes(model_config))
   for entry in entries:
-    our_shape = tuple(shapes[entry.path])
-    depth = our_shape[0] if entry.layered else 1
-    layer_shape = our_shape[1:] if entry.layered else our_shape
-    expected = _shape_in_torch(entry, layer_shape)
     parts = []
-    for key in _keys(entry, depth):
-      known.add((entry.state_dict, key))
-      value = state_dicts.get(entry.state_dict, {}).get(key)
+    slots = _slots(entry, tuple(shapes[entry.path]))
+    for slot in slots:
+      known.add((entry.state_dict, slot.key))
+      value = state_dicts.get(entry.state_dict, {}).get(slot.key)
       if value is None:
-        missing.append(f"{entry.state_dict}: {key} {list(expected)}")
-      elif tuple(value.shape) != expected:
-        mismatched.append(f"{entry.state_dict}: {key} is {list(value.shape)}, the model needs {list(expected)}")
+        missing.append(f"{entry.state_dict}: {slot.key} {list(slot.torch_shape)}")
+      elif tuple(value.shape) != slot.torch_shape:
+        mismatched.append(f"{entry.state_dict}: {slot.key} is {list(value.shape)}, "
+                          f"the model needs {list(slot.torch_shape)}")
       else:
-        parts.append(entry.transform.from_torch(np.asarray(value, np.float32), layer_shape))
-    if len(parts) == depth:
+        parts.append(entry.transform.from_torch(np.asarray(value, np.float32), slot.our_shape))
+    if len(parts) == len(slots):
       params[entry.path] = np.stack(parts) if entry.layered else parts[0]
   unexpected = [] if towers is not None else [
       f"{name}: {key}" for name, state_dict in state_dicts.items() for key in state_dict
