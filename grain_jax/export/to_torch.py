@@ -55,8 +55,11 @@ def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
 
 
 def export_metadata(config, step: int) -> dict:
-  """The `config` entry of the export: the model section (what the twins are built from) and the step."""
-  return {"model": config.model.to_dict(), "step": step, "layout": "grain-clip reference"}
+  """The `config` entry of the export: the model section (what the twins are built from) and the step.
+
+  Plain JSON values (lists, not tuples), so the .pth and the .safetensors header hold the same.
+  """
+  return json.loads(json.dumps({"model": config.model.to_dict(), "step": step, "layout": "grain-clip reference"}))
 
 
 def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str,
