@@ -154,3 +154,20 @@ def test_pickled_objects_are_not_loaded(tmp_path):
   torch.save({"backbone_state_dict": {}, "hook": Checkpointer}, path)
   with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
     from_torch.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("preset,kind", [("tiny", "clip"), ("small", "grain"), ("b16", "grain"), ("l14", "grain")])
+def test_twins_declare_exactly_the_exported_keys_and_shapes(preset, kind):
+  """For every preset, the export's keys and shapes are the twins' (built without memory on `meta`)."""
+  cfg = load_config(f"configs/base.py:{preset}").model
+  cfg.kind = kind
+  params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+  exported_shapes = {**layout.torch_shapes({path: leaf.shape for path, leaf in param_tree.flatten(params).items()}, cfg),
+                     **layout.untrained_shapes(cfg)}
+  with torch.device("meta"):
+    twins = {layout.BACKBONE: torch_modules.GrainClipBackbone(cfg.to_dict())}
+    if kind == "grain":
+      twins[layout.DECODER] = torch_modules.RegionQueryDecoder(cfg.to_dict())
+  twin_shapes = {(group, key): tuple(value.shape) for group, module in twins.items()
+                 for key, value in module.state_dict().items()}
+  assert twin_shapes == exported_shapes
