@@ -7,7 +7,7 @@ stacked on a leading `layers` axis map to one PyTorch key per block (`...resbloc
 PyTorch keys live in two state dicts, as in the reference checkpoint: `backbone` (the CLIP model:
 timm `VisionTransformer(qk_norm=True)` names under `visual.`, OpenAI-CLIP text names) and
 `decoder` (the DETR-style region-query decoder). Parameters the reference declares but never
-trains (`UNTRAINED`) are written as zeros with their reference shapes and ignored on import.
+trains (`untrained_shapes`) are written as zeros with their reference shapes and ignored on import.
 """
 
 from typing import Callable, Iterable, Mapping, NamedTuple
@@ -46,7 +46,8 @@ PATCH = Transform(lambda k: k.transpose(3, 2, 0, 1), lambda w, shape: w.transpos
 class Entry(NamedTuple):
   """One PyTorch key (with `{layer}` when `layered`) <-> one of our parameters.
 
-  tower: "text", "image", "decoder" or "shared" (what an initialization from CLIP may select).
+  tower: "text", "image", "decoder" or "shared" (logit_scale, image_projection): an initialization
+    from a CLIP state dict reads only the towers it names.
   """
   state_dict: str
   key: str

@@ -38,7 +38,9 @@ def replace(state, values: Mapping[Path, np.ndarray]):
     value = values.get(_path_of(key_path))
     if value is None:
       return leaf
-    return jax.device_put(np.asarray(value, leaf.dtype), leaf.sharding)
+    value = np.asarray(value, leaf.dtype)
+    # Each device receives only its own slice, on one host or many.
+    return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
 
   return jax.tree_util.tree_map_with_path(put, state)
 
