@@ -13,6 +13,7 @@ from ml_collections import config_flags
 from grain_jax import experiment
 from grain_jax.config import ConfigError
 from grain_jax.export import to_torch
+from grain_jax.export.layout import LayoutMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> None:
       to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
     else:
       experiment.run(config, _WORKDIR.value)
-  except ConfigError as error:
+  except (ConfigError, LayoutMismatchError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from None
 
 
