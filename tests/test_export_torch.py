@@ -104,7 +104,7 @@ def test_jax_to_pytorch_to_jax_is_exact(exported, kind):
 def test_module_prefix_for_ddp_loaders_round_trips(exported, tmp_path):
   model, moved, _, paths = exported
   checkpoint = torch.load(paths["pth"], weights_only=True)
-  state_dicts = {name: {key: value.numpy() for key, value in checkpoint[to_torch.GROUP_NAMES[name]].items()}
+  state_dicts = {name: {key: value.numpy() for key, value in checkpoint[layout.GROUP_NAMES[name]].items()}
                  for name in (layout.BACKBONE, layout.DECODER)}
   prefixed = to_torch.write_export(state_dicts, checkpoint["config"], str(tmp_path), module_prefix=True)
   reloaded = torch.load(prefixed["pth"], weights_only=True)
@@ -152,7 +152,7 @@ def test_openai_vision_tower_and_clip_files_as_references_are_refused(exported, 
 def test_pickled_objects_are_not_loaded(tmp_path):
   path = str(tmp_path / "evil.pth")
   torch.save({"backbone_state_dict": {}, "hook": Checkpointer}, path)
-  with pytest.raises(ValueError, match="not a weights-only PyTorch checkpoint"):
+  with pytest.raises(layout.LayoutMismatchError, match="not a weights-only PyTorch checkpoint"):
     from_torch.read_checkpoint(path)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from grain_jax.export import layout, param_tree
 
-GROUP_NAMES = {"backbone_state_dict": layout.BACKBONE, "state_dict": layout.DECODER}
+GROUPS = {group: name for name, group in layout.GROUP_NAMES.items()}  # "backbone_state_dict" -> "backbone"
 OPEN_CLIP_TIMM_TRUNK = "visual.trunk."
 OPENAI_VISION_KEY = "visual.conv1.weight"
 
@@ -53,7 +53,7 @@ def _read_safetensors(path: str) -> dict:
   grouped: dict[str, dict] = {}
   for key, value in flat.items():
     group, _, name = key.partition(".")
-    if group not in GROUP_NAMES:
+    if group not in GROUPS:
       return flat
     grouped.setdefault(group, {})[name] = value
   return grouped
@@ -68,7 +68,7 @@ def _read_torch(path: str) -> dict:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # noqa: BLE001 - pickle/zip errors of every kind mean the same to a user
-    raise ValueError(f"{path} is not a weights-only PyTorch checkpoint ({type(error).__name__}: "
+    raise layout.LayoutMismatchError(f"{path} is not a weights-only PyTorch checkpoint ({type(error).__name__}: "
                      f"{str(error).splitlines()[0]}); a TorchScript archive must first be saved as "
                      "torch.save(torch.jit.load(path).state_dict(), new_path)") from None
 
@@ -79,9 +79,9 @@ def read_checkpoint(path: str) -> TorchCheckpoint:
     raise FileNotFoundError(f"checkpoint {path!r} does not exist")
   top = _read_safetensors(path) if path.endswith(".safetensors") else _read_torch(path)
   if not isinstance(top, dict):
-    raise ValueError(f"{path} holds a {type(top).__name__}, not a state dict")
+    raise layout.LayoutMismatchError(f"{path} holds a {type(top).__name__}, not a state dict")
   if "backbone_state_dict" in top:
-    return TorchCheckpoint({GROUP_NAMES[group]: _as_state_dict(top[group]) for group in GROUP_NAMES if group in top},
+    return TorchCheckpoint({GROUPS[group]: _as_state_dict(top[group]) for group in GROUPS if group in top},
                            reference=True)
   clip = top["state_dict"] if isinstance(top.get("state_dict"), dict) else top
   return TorchCheckpoint({layout.BACKBONE: _as_state_dict(clip)}, reference=False)

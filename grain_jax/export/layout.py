@@ -18,6 +18,8 @@ Path = tuple[str | int, ...]
 StateDict = dict[str, np.ndarray]
 
 BACKBONE, DECODER = "backbone", "decoder"
+# The reference checkpoint's names for the two state dicts.
+GROUP_NAMES = {BACKBONE: "backbone_state_dict", DECODER: "state_dict"}
 MODULE_PREFIX = "module."  # what the reference's DDP-wrapped loaders expect on every key
 # The reference decoder's class head (22047 classes + "no object"), its 512-patch positional
 # table and 4-frame temporal table: declared by the reference, unused by its forward pass.
@@ -58,7 +60,8 @@ class Entry(NamedTuple):
 
 
 class LayoutMismatchError(ValueError):
-  """A PyTorch state dict does not fit the model: lists every missing, unexpected or misshapen key."""
+  """A PyTorch file is no state dict, or does not fit the model (every missing, unexpected or
+  misshapen key is listed)."""
 
 
 def _norm(state_dict, key, path, tower, layered=False) -> list[Entry]:

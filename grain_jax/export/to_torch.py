@@ -25,8 +25,6 @@ from grain_jax.train.checkpoint import Checkpointer
 from grain_jax.train.trainer import checkpoint_dir
 
 EXPORT_NAME = "grain_clip"
-# The reference checkpoint's names for the two state dicts.
-GROUP_NAMES = {layout.BACKBONE: "backbone_state_dict", layout.DECODER: "state_dict"}
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
 
 
@@ -75,7 +73,7 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
   from safetensors.numpy import save_file
 
   prefix = layout.MODULE_PREFIX if module_prefix else ""
-  groups = {GROUP_NAMES[name]: {prefix + key: value for key, value in state_dict.items()}
+  groups = {layout.GROUP_NAMES[name]: {prefix + key: value for key, value in state_dict.items()}
             for name, state_dict in state_dicts.items() if state_dict}
   os.makedirs(directory, exist_ok=True)
   paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
