@@ -21,8 +21,10 @@ from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer
 
-torch = pytest.importorskip("torch", reason="the PyTorch export tests need torch (pip install -r requirements-export.txt)")
-torch_modules = pytest.importorskip("grain_jax.export.torch_modules")
+INSTALL = "pip install -r requirements-export.txt"
+torch = pytest.importorskip("torch", reason=f"the PyTorch export tests need torch ({INSTALL})")
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=f"the PyTorch export tests need safetensors ({INSTALL})")
+torch_modules = pytest.importorskip("grain_jax.export.torch_modules")  # imports torch at its top
 
 TOLERANCE = 1e-4
 
@@ -35,7 +37,7 @@ def tiny_config():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  """A checkpointed tiny model, its parameters and its export: `(model, params, workdir, paths)`."""
+  """A checkpointed tiny model, its parameters by path, its workdir and its export's files."""
   config = tiny_config()
   single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   model = sharding.create_sharded(lambda: build_model(config.model, 0), single, config.sharding_rules)
@@ -63,8 +65,7 @@ def test_export_writes_both_files_with_the_same_tensors(exported):
   assert set(checkpoint) == {"backbone_state_dict", "state_dict", "config"}
   assert checkpoint["config"]["step"] == 7 and checkpoint["config"]["model"]["preset"] == "tiny"
   assert from_torch.exported_config(paths["safetensors"]) == checkpoint["config"]
-  from safetensors.numpy import load_file
-  flat = load_file(paths["safetensors"])
+  flat = safetensors_numpy.load_file(paths["safetensors"])
   pth = {f"{group}.{key}": value.numpy() for group in ("backbone_state_dict", "state_dict")
          for key, value in checkpoint[group].items()}
   assert flat.keys() == pth.keys()
