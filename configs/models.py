@@ -69,6 +69,14 @@ def default_model_config() -> ml_collections.ConfigDict:
       remat=False,
       # Run the blocks of each tower with nnx.scan over stacked parameters (faster compiles).
       scan_layers=False,
+      # A PyTorch file (.pth/.pt/.bin via weights-only torch.load, or .safetensors) to start from when
+      # the workdir has no checkpoint yet (grain_jax/export/from_torch.py): a reference GRAIN checkpoint
+      # or our export (every parameter), or a CLIP state dict with OpenAI / open_clip names (the towers
+      # in init_towers). "" = random initialization.
+      init_from="",
+      # Towers read from a CLIP state dict: "text" (OpenAI / open_clip text transformer and
+      # text_projection) and "image" (only a timm qk-norm ViT: open_clip's `visual.trunk.*`).
+      init_towers=("text",),
       image=dict(
           image_size=224,     # input height = width (images are squashed, not cropped)
           patch_size=16,

@@ -13,6 +13,10 @@ from configs import base
 from grain_jax.sharding import mesh_shape
 
 
+INIT_TOWERS = ("text", "image")
+INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
 class ConfigError(ValueError):
   """A config field is unknown, has the wrong type, or holds an impossible value."""
 
@@ -82,6 +86,11 @@ def _check_model(model) -> None:
   _require(model.decoder.num_region_queries > 0,
            f"config.model.decoder.num_region_queries={model.decoder.num_region_queries} must be positive")
   _require(0.0 <= model.decoder.dropout < 1.0, f"config.model.decoder.dropout={model.decoder.dropout} must be in [0, 1)")
+  towers = tuple(model.init_towers)
+  _require(bool(towers) and set(towers) <= set(INIT_TOWERS),
+           f"config.model.init_towers={towers} must be a non-empty subset of {INIT_TOWERS}")
+  _require(not model.init_from or model.init_from.endswith(INIT_SUFFIXES),
+           f"config.model.init_from={model.init_from!r} must be a {' / '.join(INIT_SUFFIXES)} file")
 
 
 def _check_choices(config) -> None:

@@ -1,4 +1,4 @@
-"""Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train]`.
+"""Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train|eval|export]`.
 
 Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
 workdir resumes from its newest checkpoint.
@@ -12,11 +12,16 @@ from ml_collections import config_flags
 
 from grain_jax import experiment
 from grain_jax.config import ConfigError
+from grain_jax.export import to_torch
+from grain_jax.export.layout import LayoutMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"],
-                          "train (then evaluate, per config.experiment), or eval: the newest checkpoint in workdir.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
+                          "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
+                          "export: the newest checkpoint to PyTorch files in workdir/export.")
+_EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
+    "export_module_prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,9 +55,11 @@ def main(argv: list[str]) -> None:
   try:
     if _MODE.value == "eval":
       experiment.evaluate_checkpoint(config, _WORKDIR.value)
+    elif _MODE.value == "export":
+      to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
     else:
       experiment.run(config, _WORKDIR.value)
-  except ConfigError as error:
+  except (ConfigError, LayoutMismatchError, FileNotFoundError) as error:
     raise app.UsageError(str(error)) from None
 
 

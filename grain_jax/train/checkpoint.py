@@ -36,6 +36,21 @@ class Checkpointer:
     items = dict(state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())))
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._restore_newest(items)
+    return None if restored is None else TrainState(**restored[1].state)
+
+  def restore_latest_params(self, like_params) -> tuple[int, object] | None:
+    """`(step, params)` of the newest readable checkpoint, or None; only the parameters are read
+    (not the optimizer state), into `like_params`' shapes and shardings (arrays or
+    ShapeDtypeStructs with shardings)."""
+    target = dict(params=jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params))
+    items = dict(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    restored = self._restore_newest(items)
+    return None if restored is None else (restored[0], restored[1].state["params"])
+
+  def _restore_newest(self, items: dict) -> tuple[int, ocp.args.Composite] | None:
+    """Restores `items` from the newest step that reads without error; `(step, restored)` or None."""
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -44,7 +59,7 @@ class Checkpointer:
                         step, self.manager.directory, type(error).__name__, error)
         continue
       logging.info("restored the checkpoint at step %d from %s", step, self.manager.directory)
-      return TrainState(**restored.state)
+      return step, restored
     return None
 
   def wait(self) -> None:

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding
 from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.data import pipeline, synthetic
+from grain_jax.export import from_torch
 from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.train import optim
@@ -140,7 +141,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     # ---- Checkpoint ---------------------------------------------------------------------------
     checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints,
                                 config.train.async_checkpointing)
-    state = checkpointer.restore_latest(state, data_iterator) or state
+    restored = checkpointer.restore_latest(state, data_iterator)
+    state = restored or state._replace(params=from_torch.initial_params(state.params, config.model))
 
     # ---- Loop ---------------------------------------------------------------------------------
     writer = MetricsWriter(workdir)

@@ -1,0 +1,101 @@
+"""Export: the newest Orbax checkpoint of a run -> the reference's PyTorch checkpoint layout.
+
+`python -m grain_jax.main --config C --workdir DIR --mode export [--export_module_prefix]` writes
+into `DIR/export/`:
+  grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config'}` (no `state_dict` for the
+                          plain-CLIP baseline), loadable with `strict=True` by the reference's model
+                          classes and by `grain_jax.export.torch_modules`;
+  grain_clip.safetensors  the same tensors, keys prefixed `backbone_state_dict.` / `state_dict.`,
+                          the config as JSON under the header metadata key `config`.
+Only the parameters are read from the checkpoint (not the optimizer state), into the config's
+mesh and sharding; each parameter is then gathered to the host on its own.
+"""
+
+import json
+import os
+
+import jax
+from flax import nnx
+
+from grain_jax import sharding
+from grain_jax.config import validate
+from grain_jax.export import layout, param_tree
+from grain_jax.models.grain import build_model
+from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.trainer import checkpoint_dir
+
+EXPORT_NAME = "grain_clip"
+TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
+
+
+def abstract_params(model_config, mesh: jax.sharding.Mesh, rules) -> nnx.State:
+  """The model's Params as ShapeDtypeStructs carrying their shardings over `mesh` (nothing allocated)."""
+  params = nnx.state(nnx.eval_shape(lambda: build_model(model_config, 0)), nnx.Param)
+  shardings = sharding.state_shardings(params, mesh, rules)
+  return jax.tree.map(lambda variable, where: variable.replace(
+      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where)),
+      params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
+  """`(step, params)` of the newest readable checkpoint in `workdir`, sharded by the config.
+
+  Raises:
+    FileNotFoundError naming the directory when it holds no readable checkpoint.
+  """
+  mesh = sharding.make_mesh(config.mesh)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  restored = checkpointer.restore_latest_params(abstract_params(config.model, mesh, config.sharding_rules))
+  checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+  return restored
+
+
+def export_metadata(config, step: int) -> dict:
+  """The `config` entry of the export: the model section (what the twins are built from) and the step.
+
+  Plain JSON values (lists, not tuples), so the .pth and the .safetensors header hold the same.
+  """
+  return json.loads(json.dumps({"model": config.model.to_dict(), "step": step, "layout": "grain-clip reference"}))
+
+
+def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str,
+                 module_prefix: bool = False) -> dict[str, str]:
+  """Writes `grain_clip.pth` and `grain_clip.safetensors` into `directory`; returns their paths.
+
+  `module_prefix` prepends `module.` to every key, as the reference's DDP-wrapped loaders expect.
+  """
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(TORCH_MISSING) from None
+  from safetensors.numpy import save_file
+
+  prefix = layout.MODULE_PREFIX if module_prefix else ""
+  groups = {layout.GROUP_NAMES[name]: {prefix + key: value for key, value in state_dict.items()}
+            for name, state_dict in state_dicts.items() if state_dict}
+  os.makedirs(directory, exist_ok=True)
+  paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
+           "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
+  checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
+                for group, tensors in groups.items()}
+  torch.save(dict(checkpoint, config=metadata), paths["pth"])
+  save_file({f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
+            paths["safetensors"], metadata={"config": json.dumps(metadata)})
+  return paths
+
+
+def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict[str, str]:
+  """`--mode export`: the newest checkpoint in `workdir` -> `workdir/export/` (see the module doc)."""
+  validate(config, num_devices=jax.device_count())
+  step, params = restore_params(config, workdir)
+  state_dicts = layout.to_reference(param_tree.flatten(params), config.model, fetch=param_tree.to_host)
+  directory = os.path.join(workdir, "export")
+  paths = {}
+  if jax.process_index() == 0:
+    paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
+    sizes = {kind: f"{os.path.getsize(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
+    print(f"exported step {step} of {checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
+  return paths
+

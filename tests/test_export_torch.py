@@ -1,0 +1,174 @@
+"""Export to PyTorch and back: the twins reproduce the JAX model; JAX -> PyTorch -> JAX is exact.
+
+A tiny GRAIN model with every parameter moved off its initial value (so a transposed or misplaced
+tensor shows) is saved as a real training checkpoint, exported through `--mode export`'s function
+onto a 2x2x2 (data, fsdp, tensor) mesh, and loaded by the twins with `strict=True`.
+"""
+
+import os
+
+import grain
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from grain_jax import sharding
+from grain_jax.config import load_config
+from grain_jax.data.tokenizer import tokenize
+from grain_jax.export import from_torch, layout, param_tree, to_torch
+from grain_jax.models.grain import build_model
+from grain_jax.train import optim, trainer
+from grain_jax.train.checkpoint import Checkpointer
+
+INSTALL = "pip install -r requirements-export.txt"
+torch = pytest.importorskip("torch", reason=f"the PyTorch export tests need torch ({INSTALL})")
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=f"the PyTorch export tests need safetensors ({INSTALL})")
+torch_modules = pytest.importorskip("grain_jax.export.torch_modules")  # imports torch at its top
+
+TOLERANCE = 1e-4
+
+
+def tiny_config():
+  config = load_config("configs/base.py:tiny")
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  return config
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A checkpointed tiny model, its parameters by path, its workdir and its export's files."""
+  config = tiny_config()
+  single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  model = sharding.create_sharded(lambda: build_model(config.model, 0), single, config.sharding_rules)
+  rng = np.random.default_rng(0)
+  moved = {path: np.asarray(leaf) + rng.normal(0, 0.05, leaf.shape).astype(np.float32)
+           for path, leaf in param_tree.flatten(nnx.state(model, nnx.Param)).items()}
+  nnx.update(model, param_tree.replace(nnx.state(model, nnx.Param), moved))
+  model.eval()
+
+  workdir = str(tmp_path_factory.mktemp("run"))
+  params = nnx.state(model, nnx.Param)
+  state = trainer.init_state(model, optim.make_optimizer(params, config.optim, 10))
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
+  checkpointer.save(state._replace(step=np.int32(7)), iter(grain.MapDataset.range(4).to_iter_dataset()))
+  checkpointer.close()
+  paths = to_torch.export_checkpoint(config, workdir)
+  return model, moved, workdir, paths
+
+
+def test_export_writes_both_files_with_the_same_tensors(exported):
+  _, _, workdir, paths = exported
+  assert paths == {"pth": os.path.join(workdir, "export", "grain_clip.pth"),
+                   "safetensors": os.path.join(workdir, "export", "grain_clip.safetensors")}
+  checkpoint = torch.load(paths["pth"], weights_only=True)
+  assert set(checkpoint) == {"backbone_state_dict", "state_dict", "config"}
+  assert checkpoint["config"]["step"] == 7 and checkpoint["config"]["model"]["preset"] == "tiny"
+  assert from_torch.exported_config(paths["safetensors"]) == checkpoint["config"]
+  flat = safetensors_numpy.load_file(paths["safetensors"])
+  pth = {f"{group}.{key}": value.numpy() for group in ("backbone_state_dict", "state_dict")
+         for key, value in checkpoint[group].items()}
+  assert flat.keys() == pth.keys()
+  for key, value in pth.items():
+    np.testing.assert_array_equal(flat[key], value, err_msg=key)
+
+
+def test_twins_reproduce_the_jax_model(exported):
+  model, _, _, paths = exported
+  backbone, decoder = torch_modules.load_exported(paths["pth"])
+  images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  ids = tokenize(["a small orange bird with a black back", "a photo of a striped red triangle", "a"])
+  encode_image = nnx.jit(lambda m, x: m.encode_image(x))
+  encode_text = nnx.jit(lambda m, t: m.encode_text(t))
+  ours = encode_image(model, images)
+  ours_text = encode_text(model, ids)
+  with torch.no_grad():
+    tokens = backbone.visual(torch.from_numpy(images).permute(0, 3, 1, 2))
+    global_embed, region_embed, boxes = decoder(tokens)
+    text_embed = backbone.encode_text(torch.from_numpy(np.asarray(ids, np.int64)))
+  for name, theirs, mine in (("global", global_embed, ours.global_embed), ("regions", region_embed, ours.region_embed),
+                             ("boxes", boxes, ours.boxes), ("text", text_embed, ours_text)):
+    assert theirs.shape == mine.shape, name
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(mine), rtol=0, atol=TOLERANCE, err_msg=name)
+
+
+@pytest.mark.parametrize("kind", ["pth", "safetensors"])
+def test_jax_to_pytorch_to_jax_is_exact(exported, kind):
+  model, moved, _, paths = exported
+  zeros = jax.tree.map(jax.numpy.zeros_like, nnx.state(model, nnx.Param))
+  restored = param_tree.flatten(from_torch.import_params(paths[kind], zeros, tiny_config().model))
+  assert restored.keys() == moved.keys()
+  for path, value in moved.items():
+    np.testing.assert_array_equal(np.asarray(restored[path]), value, err_msg=str(path))
+
+
+def test_module_prefix_for_ddp_loaders_round_trips(exported, tmp_path):
+  model, moved, _, paths = exported
+  checkpoint = torch.load(paths["pth"], weights_only=True)
+  state_dicts = {name: {key: value.numpy() for key, value in checkpoint[layout.GROUP_NAMES[name]].items()}
+                 for name in (layout.BACKBONE, layout.DECODER)}
+  prefixed = to_torch.write_export(state_dicts, checkpoint["config"], str(tmp_path), module_prefix=True)
+  reloaded = torch.load(prefixed["pth"], weights_only=True)
+  assert all(key.startswith("module.") for group in ("backbone_state_dict", "state_dict") for key in reloaded[group])
+  zeros = jax.tree.map(jax.numpy.zeros_like, nnx.state(model, nnx.Param))
+  restored = param_tree.flatten(from_torch.import_params(prefixed["pth"], zeros, tiny_config().model))
+  for path, value in moved.items():
+    np.testing.assert_array_equal(np.asarray(restored[path]), value, err_msg=str(path))
+
+
+def test_clip_towers_initialize_text_and_image_only(exported, tmp_path):
+  """An open_clip-style training checkpoint: `{'state_dict': {'module.' + key}}`, timm trunk names."""
+  model, moved, _, paths = exported
+  backbone = torch.load(paths["pth"], weights_only=True)["backbone_state_dict"]
+  renamed = {("visual.trunk." + key[len("visual."):] if key.startswith("visual.") else key): value
+             for key, value in backbone.items() if key not in ("image_projection", "logit_scale")}
+  renamed["visual.head.proj.weight"] = torch.zeros(64, 64)
+  renamed["attn_mask"] = torch.zeros(77, 77)
+  clip_file = str(tmp_path / "open_clip.pt")
+  torch.save({"epoch": 3, "state_dict": {"module." + key: value for key, value in renamed.items()}}, clip_file)
+
+  config = tiny_config()
+  config.model.update(init_from=clip_file, init_towers=("text", "image"))
+  zeros = jax.tree.map(jax.numpy.zeros_like, nnx.state(model, nnx.Param))
+  initialized = param_tree.flatten(from_torch.initial_params(zeros, config.model))
+  for path, value in moved.items():
+    if path[0] in ("text", "visual"):
+      np.testing.assert_array_equal(np.asarray(initialized[path]), value, err_msg=str(path))
+    else:
+      assert not np.asarray(initialized[path]).any(), path
+
+
+def test_openai_vision_tower_and_clip_files_as_references_are_refused(exported, tmp_path):
+  model, _, _, paths = exported
+  backbone = torch.load(paths["pth"], weights_only=True)["backbone_state_dict"]
+  openai_file = str(tmp_path / "openai.pt")
+  torch.save(dict(backbone, **{"visual.conv1.weight": torch.zeros(64, 3, 8, 8)}), openai_file)
+  zeros = jax.tree.map(jax.numpy.zeros_like, nnx.state(model, nnx.Param))
+  with pytest.raises(layout.LayoutMismatchError, match="OpenAI CLIP's vision tower"):
+    from_torch.import_params(openai_file, zeros, tiny_config().model, towers=("text", "image"))
+  with pytest.raises(layout.LayoutMismatchError, match="not a reference GRAIN checkpoint"):
+    from_torch.import_params(openai_file, zeros, tiny_config().model)
+
+
+def test_pickled_objects_are_not_loaded(tmp_path):
+  path = str(tmp_path / "evil.pth")
+  torch.save({"backbone_state_dict": {}, "hook": Checkpointer}, path)
+  with pytest.raises(layout.LayoutMismatchError, match="not a weights-only PyTorch checkpoint"):
+    from_torch.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("preset,kind", [("tiny", "clip"), ("small", "grain"), ("b16", "grain"), ("l14", "grain")])
+def test_twins_declare_exactly_the_exported_keys_and_shapes(preset, kind):
+  """For every preset, the export's keys and shapes are the twins' (built without memory on `meta`)."""
+  cfg = load_config(f"configs/base.py:{preset}").model
+  cfg.kind = kind
+  params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
+  exported_shapes = {**layout.torch_shapes({path: leaf.shape for path, leaf in param_tree.flatten(params).items()}, cfg),
+                     **layout.untrained_shapes(cfg)}
+  with torch.device("meta"):
+    twins = {layout.BACKBONE: torch_modules.GrainClipBackbone(cfg.to_dict())}
+    if kind == "grain":
+      twins[layout.DECODER] = torch_modules.RegionQueryDecoder(cfg.to_dict())
+  twin_shapes = {(group, key): tuple(value.shape) for group, module in twins.items()
+                 for key, value in module.state_dict().items()}
+  assert twin_shapes == exported_shapes
