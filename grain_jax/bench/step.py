@@ -1,4 +1,5 @@
-"""Train-step benchmark: `python -m grain_jax.bench step [--config configs/base.py:small] [--batch 16]`.
+"""Train-step benchmark: `python -m grain_jax.bench step [--config configs/base.py:small] [--batch 16]
+[--scan_layers true|false]`.
 
 Times the full jitted step (image tower, decoder, text tower on captions and 5 descriptions per
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
@@ -65,10 +66,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--config", default="configs/base.py:small")
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+  parser.add_argument("--scan_layers", choices=("true", "false"),
+                      help="scan or unroll the layer stacks (default: as the config says)")
   args = parser.parse_args(argv)
 
   config = load_config(args.config)
   config.data.batch_size = args.batch
+  if args.scan_layers:
+    config.model.scan_layers = args.scan_layers == "true"
   validate(config)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   batch = trainer.text_to_bucket(synthetic_batch(config, args.batch), config.model.text.context_buckets)
