@@ -20,7 +20,7 @@ EPOCHS = 35
 # scale" has the memory table that backs these choices: python -m grain_jax.bench memory).
 FITS = {
     "gpu_2x8_h100": dict(remat=False, grad_accum_steps=1),
-    "tpu_v4_32": dict(remat=False, grad_accum_steps=1),
+    "tpu_v4_32": dict(remat=True, grad_accum_steps=1),
     "tpu_v5e_64": dict(remat=False, grad_accum_steps=1),
     "tpu_v5p_128": dict(remat=False, grad_accum_steps=1),
 }

@@ -40,10 +40,15 @@ if [[ -z "$port" ]]; then
 fi
 
 pids=()
+# SIGTERM first, SIGKILL after 10 s: a process in jax.distributed keeps running on SIGTERM (JAX
+# turns it into a preemption notice), and one left waiting in a collective never ends.
 stop_all() {
-  for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+  kill "${pids[@]}" 2>/dev/null || true
+  for _ in {1..10}; do
+    kill -0 "${pids[@]}" 2>/dev/null || return 0
+    sleep 1
   done
+  kill -KILL "${pids[@]}" 2>/dev/null || true
 }
 trap stop_all INT TERM
 

@@ -169,7 +169,9 @@ start_training() {
 }
 
 stop_training() {
-  on_workers all "kill \$(cat ~/$pid_file 2>/dev/null) 2>/dev/null || true"
+  # JAX turns SIGTERM into a preemption notice and may keep running: SIGKILL after 30 s.
+  on_workers all "pid=\$(cat ~/$pid_file 2>/dev/null); [ -z \"\$pid\" ] || { kill \$pid; \
+for _ in \$(seq 30); do kill -0 \$pid || break; sleep 1; done; kill -9 \$pid; } 2>/dev/null; true"
 }
 
 case "$command_name" in

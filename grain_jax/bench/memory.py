@@ -46,9 +46,10 @@ def abstract_batch(config, mesh):
 
 
 def analyze(config_spec: str, overrides: dict) -> dict:
-  """Compiles the train step of `config_spec` on this process's devices; per-device bytes."""
+  """Compiles the train step of `config_spec` (with `overrides`, dotted field names -> values) on
+  this process's devices; per-device bytes."""
   config = load_config(config_spec)
-  config.train.update(overrides)
+  config.update_from_flattened_dict(overrides)
   validate(config, num_devices=jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps(analyze(args.config[0], json.loads(args.overrides))))
     return 0
 
-  overrides = {} if args.grad_accum_steps is None else dict(grad_accum_steps=args.grad_accum_steps)
+  overrides = {} if args.grad_accum_steps is None else {"train.grad_accum_steps": args.grad_accum_steps}
   rows = []
   for spec in args.config:
     hardware = hardware_for(spec) or {}
