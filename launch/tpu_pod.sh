@@ -4,8 +4,8 @@
 #   launch/tpu_pod.sh COMMAND --name NAME --zone ZONE [options] [-- --config.FIELD=VALUE ...]
 #
 # Commands:
-#   up      create the slice (or reuse it when READY; recreate it when preempted), setup, stop
-#           what still runs there, run
+#   up      create the slice (or reuse it when READY; recreate it when preempted), stop what
+#           still runs there, setup, run
 #   create  create the slice (a TPU VM, or a queued resource with --queued)
 #   setup   copy the project (or clone --repo at --git-ref) to every worker, install the pinned
 #           requirements with jax[tpu] (launch/install.sh), mount --bucket at /gcs/BUCKET
@@ -175,7 +175,7 @@ for _ in \$(seq 30); do kill -0 \$pid || break; sleep 1; done; kill -9 \$pid; } 
 }
 
 case "$command_name" in
-  up) create_or_reuse; setup; stop_training; start_training ;;
+  up) create_or_reuse; stop_training; setup; start_training ;;
   create) create ;;
   setup) setup ;;
   run) start_training ;;

@@ -43,7 +43,7 @@ def test_tpu_pod_up_creates_copies_installs_and_runs_on_every_worker():
   assert "--spot" in create and option(create, "--zone") == "us-east5-a"
   [copy] = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "scp")
   assert "--worker=all" in copy
-  setup, stop, start = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "grain")
+  stop, setup, start = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "grain")
   assert all("--worker=all" in command for command in (setup, stop, start))
   assert "bash launch/install.sh tpu" in option(setup, "--command")
   assert "bash launch/mount_bucket.sh my-bucket" in option(setup, "--command")
@@ -61,7 +61,7 @@ def test_tpu_pod_queued_resources_and_git_install():
   assert option(create, "--node-id") == "q" and option(create, "--runtime-version") == "v2-alpha-tpuv5-lite"
   assert "--spot" in create
   assert not find(commands, "gcloud", "compute", "tpus", "tpu-vm", "scp")
-  setup = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "q")[0]
+  setup = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "q")[1]
   assert "git clone --quiet https://example.com/grain-jax.git grain-jax" in option(setup, "--command")
   assert "checkout --quiet v1" in option(setup, "--command")
   start = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "q")[-1]
@@ -104,3 +104,10 @@ def test_local_launcher_gives_each_process_its_id():
     assert command[:3] == ["env", "JAX_PLATFORMS=cpu", "JAX_NUM_CPU_DEVICES=1"]
     assert command[-4:] == ["--config.train.multiprocess=True", "--config.train.coordinator_address=127.0.0.1:1234",
                             "--config.train.num_processes=3", f"--config.train.process_id={index}"]
+
+
+def test_local_launcher_returns_the_status_of_a_failing_process():
+  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "--port", "1234", "--", "--workdir", "x"],
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": "false"}, capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 1 and "a process failed (status 1)" in result.stderr

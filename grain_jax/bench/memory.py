@@ -33,7 +33,7 @@ GIB = 2 ** 30
 def hardware_for(config_spec: str) -> dict | None:
   """The HARDWARE entry of the mesh preset named in `config_spec`'s argument, or None."""
   names = config_spec.partition(":")[2].split(",")
-  return next((dict(meshes.HARDWARE[name], preset=name) for name in names if name in meshes.HARDWARE), None)
+  return next((meshes.HARDWARE[name] for name in names if name in meshes.HARDWARE), None)
 
 
 def abstract_batch(config, mesh):
