@@ -68,13 +68,18 @@ for ((index = 0; index < processes; index++)); do
 done
 
 status=0
-for ((done_count = 0; done_count < ${#pids[@]}; done_count++)); do
-  wait -n "${pids[@]}" || {
+running=("${pids[@]}")
+while [[ ${#running[@]} -gt 0 ]]; do
+  finished=""
+  wait -n -p finished "${running[@]}" || {
     status=$?
     echo "a process failed (status $status); stopping the others" >&2
     stop_all
     break
   }
+  for index in "${!running[@]}"; do
+    [[ "${running[$index]}" != "$finished" ]] || unset "running[$index]"
+  done
 done
 wait
 exit "$status"

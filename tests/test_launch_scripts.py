@@ -106,8 +106,10 @@ def test_local_launcher_gives_each_process_its_id():
                             "--config.train.num_processes=3", f"--config.train.process_id={index}"]
 
 
-def test_local_launcher_returns_the_status_of_a_failing_process():
-  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "--port", "1234", "--", "--workdir", "x"],
-                          env={"PATH": "/usr/bin:/bin", "PYTHON": "false"}, capture_output=True, text=True,
-                          timeout=60)
-  assert result.returncode == 1 and "a process failed (status 1)" in result.stderr
+@pytest.mark.parametrize("program, status", [("true", 0), ("false", 1)])
+def test_local_launcher_returns_the_status_of_a_failing_process(program, status):
+  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "--processes", "3", "--port", "1234", "--",
+                           "--workdir", "x"], env={"PATH": "/usr/bin:/bin", "PYTHON": program},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == status, result.stderr
+  assert ("a process failed (status 1)" in result.stderr) == bool(status)
