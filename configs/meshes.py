@@ -12,10 +12,22 @@ MESHES = {
     "gpu_node": dict(data=1, fsdp=-1, tensor=1, multiprocess=False),
     # Several GPU nodes under SLURM (one process per node or per GPU): FSDP inside, data across.
     "gpu_multinode": dict(data=-1, fsdp=8, tensor=1, multiprocess=True),
+    # The paper's machine, 2 nodes x 8 H100: FSDP inside a node (NVLink), data across (InfiniBand).
+    "gpu_2x8_h100": dict(data=2, fsdp=8, tensor=1, multiprocess=True),
     # Cloud TPU slices, one process per host: FSDP over the whole slice.
     "tpu_v4_32": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
     "tpu_v5e_64": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
     "tpu_v5p_128": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
+}
+
+# The machines behind the fixed-size presets: JAX devices, hosts, and memory per device (GiB).
+# TPU v4 and v5p names count TensorCores (2 per chip, one JAX device per chip), v5e names count
+# chips. H100: 80 GB, of which nvidia-smi reports 81,559 MiB.
+HARDWARE = {
+    "gpu_2x8_h100": dict(devices=16, hosts=2, memory_gib=79.6, device="H100 SXM 80GB"),
+    "tpu_v4_32": dict(devices=16, hosts=4, memory_gib=32.0, device="TPU v4"),
+    "tpu_v5e_64": dict(devices=64, hosts=16, memory_gib=16.0, device="TPU v5e"),
+    "tpu_v5p_128": dict(devices=64, hosts=16, memory_gib=95.0, device="TPU v5p"),
 }
 
 

@@ -116,3 +116,19 @@ def create_sharded(build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rul
   with jax.set_mesh(mesh), axis_rules(rules):
     state = jax.jit(init_state, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
+
+
+def create_abstract(build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, rules: Rules) -> nnx.Module:
+  """Like `create_sharded`, but every parameter is a `jax.ShapeDtypeStruct` carrying its sharding.
+
+  Only the small non-parameter state (RNG keys and counters) is materialized: a jitted step
+  closes over it. The parameters' initializers are dead code in that jit and never run.
+  """
+  graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  shardings = state_shardings(params, mesh, rules)
+  params = jax.tree.map(lambda variable, sharding: variable.replace(
+      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)),
+                        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  with jax.set_mesh(mesh), axis_rules(rules):
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+  return nnx.merge(graphdef, params, rest)

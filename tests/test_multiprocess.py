@@ -1,12 +1,14 @@
-"""Two processes on localhost (gloo collectives) through the real entry point equal one process."""
+"""launch/local_multiprocess.sh: two processes on localhost (gloo collectives) through the real entry
+point train like one process, and a second invocation resumes from the checkpoint."""
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", "--config.train.num_steps=3",
         "--config.train.log_every=1", "--config.experiment.evaluate=False", "--config.optim.warmup_steps=1",
@@ -15,35 +17,50 @@ ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", "--con
 TIMEOUT_S = 600
 
 
-def launch(workdir: str, devices: int, extra: list[str]) -> subprocess.Popen:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices))
-  return subprocess.Popen([sys.executable, "-m", "grain_jax.main", *ARGS, "--workdir", workdir, *extra],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(process: subprocess.Popen) -> None:
-  output, _ = process.communicate(timeout=TIMEOUT_S)
+def run(command: list[str], env: dict[str, str]) -> None:
+  """Runs `command` in its own process group; on timeout the whole group (the launcher's
+  training processes too) is killed."""
+  process = subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+  try:
+    output, _ = process.communicate(timeout=TIMEOUT_S)
+  except subprocess.TimeoutExpired:
+    os.killpg(process.pid, signal.SIGKILL)
+    raise
   assert process.returncode == 0, output[-3000:]
 
 
-def losses(workdir: str) -> list[float]:
-  return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+def launch_two(workdir: str, *extra: str) -> None:
+  """Two processes of two CPU devices each, through the launcher."""
+  run(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2", "--",
+       *ARGS, "--workdir", workdir, *extra], dict(PYTHON=sys.executable))
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+def metrics(workdir: str) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_two_processes_train_like_one(tmp_path):
-  single, double = str(tmp_path / "single"), str(tmp_path / "double")
-  coordinator = f"--config.train.coordinator_address=127.0.0.1:{free_port()}"
-  processes = [launch(double, 2, ["--config.train.multiprocess=True", coordinator,
-                                  "--config.train.num_processes=2", f"--config.train.process_id={index}"])
-               for index in range(2)]
-  for process in processes:
-    finish(process)
-  finish(launch(single, 4, []))
-  assert len(losses(single)) == 3
-  np.testing.assert_allclose(losses(double), losses(single), rtol=1e-4)
+@pytest.fixture(scope="module")
+def double(tmp_path_factory) -> str:
+  workdir = str(tmp_path_factory.mktemp("double"))
+  launch_two(workdir)
+  return workdir
+
+
+def test_two_processes_train_like_one(double, tmp_path):
+  single = str(tmp_path / "single")
+  run([sys.executable, "-m", "grain_jax.main", *ARGS, "--workdir", single],
+      dict(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4"))
+  single_losses = [line["loss"] for line in metrics(single)]
+  assert len(single_losses) == 3
+  np.testing.assert_allclose([line["loss"] for line in metrics(double)], single_losses, rtol=1e-4)
+
+
+def test_a_second_launch_resumes_from_the_checkpoint(double):
+  before = metrics(double)
+  launch_two(double, "--config.train.num_steps=4")
+  after = metrics(double)
+  assert after[:3] == before
+  assert [line["step"] for line in after] == [1, 2, 3, 4]
+  assert np.isfinite(after[-1]["loss"])
+  assert "4" in os.listdir(os.path.join(double, "checkpoints"))

@@ -12,10 +12,11 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from grain_jax import sharding
 from grain_jax.config import validate
@@ -54,10 +55,33 @@ def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[
   return {key: jax.make_array_from_process_local_data(batch_sharding, value) for key, value in batch.items()}
 
 
-def init_state(model: nnx.Module, tx) -> TrainState:
+def optimizer_shardings(tx, params: nnx.State, mesh: jax.sharding.Mesh):
+  """Shardings of `tx.init(params)` for `params` that carry shardings: the parameter-shaped parts
+  (Adam's moments) laid out like the parameters, the rest (step counts) replicated.
+
+  Left to `jax.jit`, the moments would be replicated on every device: they are `zeros_like` the
+  parameters, so nothing propagates the parameters' layout to them.
+  """
+  return optax.tree_map_params(tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, params),
+                               jax.tree.map(lambda x: x.sharding, params),
+                               transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+
+def init_state(model: nnx.Module, tx, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """The step-0 TrainState; with `mesh`, the optimizer state is sharded like the parameters."""
   params = nnx.state(model, nnx.Param)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+  init = jax.jit(tx.init) if mesh is None else jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init(params),
                     skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def abstract_state(model: nnx.Module, tx, mesh: jax.sharding.Mesh) -> TrainState:
+  """The step-0 TrainState as `jax.ShapeDtypeStruct`s with the shardings `init_state` gives."""
+  params = nnx.state(model, nnx.Param)
+  opt_state = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+                           jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
+  counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+  return TrainState(step=counter, params=params, opt_state=opt_state, skipped_steps=counter)
 
 
 class Training(NamedTuple):
@@ -75,14 +99,21 @@ class Training(NamedTuple):
   step_fn: Callable
 
 
-def build_training(config, mesh: jax.sharding.Mesh) -> Training:
-  """Creates the model and optimizer state directly sharded over `mesh`, and the jitted step."""
-  model = sharding.create_sharded(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
+def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> Training:
+  """Creates the model and optimizer state directly sharded over `mesh`, and the jitted step.
+
+  With `abstract`, `state` holds only shapes and shardings (`jax.ShapeDtypeStruct`s) and no
+  parameter is allocated: `step_fn.lower(state, batch).compile()` then builds the very program a
+  real run executes (memory analysis of pod-sized configs on a small machine).
+  """
+  build = lambda: build_model(config.model, config.seed)
+  create = sharding.create_abstract if abstract else sharding.create_sharded
+  model = create(build, mesh, config.sharding_rules)
   model.train()
   num_steps = config.train.num_steps
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(params, config.optim, num_steps)
-  state = init_state(model, tx)
+  state = (abstract_state if abstract else init_state)(model, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = jax.jit(
       make_train_step(graphdef, rest, tx, config, sharding.batch_shards(mesh, config.sharding_rules),

@@ -1,0 +1,52 @@
+"""The paper's training recipe (SPEC "Training"), shared by configs/cc3m_b16.py and configs/cc12m_b16.py.
+
+B/16 backbone, 5 region queries, global batch 2048, AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-8,
+weight decay 0.1), one warmup epoch from 1e-6, cosine to 1e-5, 35 epochs, bfloat16 compute
+(the reference trains in fp16 mixed precision; parameters stay float32 here as there).
+The argument is `<kind>[,<mesh>]`: kind `grain` or `clip` (the plain-CLIP baseline, trained the
+same way), mesh one of FITS (default: gpu_2x8_h100, the paper's machine).
+"""
+
+import math
+
+from configs import base
+from grain_jax.eval.datasets import PAPER_AVERAGE
+
+KINDS = ("grain", "clip")
+GLOBAL_BATCH = 2048
+EPOCHS = 35
+
+# Per mesh preset: what fits B/16 at the global batch in device memory (README "Training at
+# scale" has the memory table that backs these choices: python -m grain_jax.bench memory).
+FITS = {
+    "gpu_2x8_h100": dict(remat=False, grad_accum_steps=1),
+    "tpu_v4_32": dict(remat=True, grad_accum_steps=1),
+    "tpu_v5e_64": dict(remat=False, grad_accum_steps=1),
+    "tpu_v5p_128": dict(remat=False, grad_accum_steps=1),
+}
+
+
+def get_recipe_config(num_train_images: int, arg: str | None):
+  """The full config for a dataset of `num_train_images` pairs and the `<kind>[,<mesh>]` argument."""
+  kind, _, mesh = (arg or "grain").partition(",")
+  mesh = mesh or "gpu_2x8_h100"
+  if kind not in KINDS:
+    raise ValueError(f"recipe kind {kind!r} is unknown; choose one of {KINDS}")
+  if mesh not in FITS:
+    raise ValueError(f"recipe mesh {mesh!r} is unknown; choose one of {sorted(FITS)}")
+  config = base.get_config(f"b16,{mesh}")
+  fit = FITS[mesh]
+  config.model.update(kind=kind, dtype="bfloat16", scan_layers=True, remat=fit["remat"])
+
+  steps_per_epoch = math.ceil(num_train_images / GLOBAL_BATCH)
+  config.data.update(batch_size=GLOBAL_BATCH, mllm_caption_prob=0.5, num_workers=16, read_threads=8)
+  config.optim.update(learning_rate=1e-3, warmup_init=1e-6, end_learning_rate=1e-5, warmup_steps=steps_per_epoch,
+                      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)
+  config.train.update(num_steps=EPOCHS * steps_per_epoch, grad_accum_steps=fit["grad_accum_steps"],
+                      log_every=100, checkpoint_every=500, keep_checkpoints=3)
+
+  # The paper's 11 zero-shot sets (tfds; prepare them first, see grain_jax/eval/README.md) and
+  # ImageNet; retrieval needs the Karpathy files: --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
+  config.eval.update(classification=(*PAPER_AVERAGE, "imagenet"), retrieval=(), grounding=(), templates="clip")
+  return config
+

@@ -1,0 +1,115 @@
+"""The launch scripts: shellcheck-clean, and --dry-run prints the commands they would run."""
+
+import glob
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch"))
+
+
+def dry_run(script: str, *args: str) -> list[list[str]]:
+  """The commands `script ARGS --dry-run [-- MAIN_ARGS]` prints (stdout and stderr), each split into words."""
+  args = list(args)
+  end = args.index("--") if "--" in args else len(args)
+  result = subprocess.run(["bash", script, *args[:end], "--dry-run", *args[end:]], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 0, result.stderr
+  return [shlex.split(line) for line in (result.stdout + result.stderr).splitlines()]
+
+
+def find(commands: list[list[str]], *prefix: str) -> list[list[str]]:
+  return [command for command in commands if command[:len(prefix)] == list(prefix)]
+
+
+def option(command: list[str], name: str) -> str:
+  return command[command.index(name) + 1]
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck is not installed (apt-get install shellcheck)")
+def test_scripts_pass_shellcheck():
+  result = subprocess.run(["shellcheck", "--external-sources", *SCRIPTS], capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout
+
+
+def test_tpu_pod_up_creates_copies_installs_and_runs_on_every_worker():
+  commands = dry_run("launch/tpu_pod.sh", "up", "--name", "grain", "--zone", "us-east5-a", "--spot",
+                     "--bucket", "gs://my-bucket", "--", "--config.train.num_steps=10")
+  [create] = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "create", "grain")
+  assert option(create, "--accelerator-type") == "v5p-128" and option(create, "--version") == "v2-alpha-tpuv5"
+  assert "--spot" in create and option(create, "--zone") == "us-east5-a"
+  [copy] = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "scp")
+  assert "--worker=all" in copy
+  stop, setup, start = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "grain")
+  assert all("--worker=all" in command for command in (setup, stop, start))
+  assert "bash launch/install.sh tpu" in option(setup, "--command")
+  assert "bash launch/mount_bucket.sh my-bucket" in option(setup, "--command")
+  assert "kill" in option(stop, "--command")
+  main = shlex.split(option(start, "--command").split("nohup ")[1].split(" > ")[0])
+  assert main == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
+                  "--workdir", "/gcs/my-bucket/runs/grain", "--config.train.num_steps=10"]
+
+
+def test_tpu_pod_queued_resources_and_git_install():
+  commands = dry_run("launch/tpu_pod.sh", "up", "--name", "q", "--zone", "z", "--queued", "--spot",
+                     "--accelerator", "v5litepod-64", "--repo", "https://example.com/grain-jax.git",
+                     "--git-ref", "v1", "--workdir", "/gcs/b/run")
+  [create] = find(commands, "gcloud", "compute", "tpus", "queued-resources", "create", "q")
+  assert option(create, "--node-id") == "q" and option(create, "--runtime-version") == "v2-alpha-tpuv5-lite"
+  assert "--spot" in create
+  assert not find(commands, "gcloud", "compute", "tpus", "tpu-vm", "scp")
+  setup = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "q")[1]
+  assert "git clone --quiet https://example.com/grain-jax.git grain-jax" in option(setup, "--command")
+  assert "checkout --quiet v1" in option(setup, "--command")
+  start = find(commands, "gcloud", "compute", "tpus", "tpu-vm", "ssh", "q")[-1]
+  assert "configs/cc12m_b16.py:grain,tpu_v5e_64" in option(start, "--command")
+
+
+@pytest.mark.parametrize("queued, expected", [(False, ["tpu-vm", "delete", "p", "--zone", "z", "--quiet"]),
+                                              (True, ["queued-resources", "delete", "p", "--zone", "z", "--force",
+                                                      "--quiet"])])
+def test_tpu_pod_delete(queued, expected):
+  commands = dry_run("launch/tpu_pod.sh", "delete", "--name", "p", "--zone", "z", *(["--queued"] if queued else []))
+  assert commands == [["gcloud", "compute", "tpus", *expected]]
+
+
+def test_tpu_pod_logs_follow_one_worker():
+  [logs] = dry_run("launch/tpu_pod.sh", "logs", "--name", "p", "--zone", "z", "--worker", "3")
+  assert "--worker=3" in logs and option(logs, "--command").startswith("tail")
+
+
+def test_tpu_pod_rejects_bad_input():
+  result = subprocess.run(["bash", "launch/tpu_pod.sh", "up", "--zone", "z", "--dry-run"], capture_output=True,
+                          text=True)
+  assert result.returncode == 2 and "--name is required" in result.stderr
+
+
+@pytest.mark.parametrize("process_per, tasks", [("gpu", "8"), ("node", "1")])
+def test_slurm_submits_the_sbatch_script(process_per, tasks):
+  [submit] = dry_run("launch/slurm_gpu.sh", "--nodes", "2", "--process-per", process_per, "--partition", "h100",
+                     "--", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100", "--workdir", "/shared/run")
+  assert submit == ["sbatch", "--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", "--partition=h100",
+                    "launch/slurm_gpu.sbatch", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100",
+                    "--workdir", "/shared/run"]
+
+
+def test_local_launcher_gives_each_process_its_id():
+  commands = dry_run("launch/local_multiprocess.sh", "--processes", "3", "--port", "1234", "--",
+                     "--config", "configs/base.py:tiny", "--workdir", "runs/x")
+  assert len(commands) == 3
+  for index, command in enumerate(commands):
+    assert command[:3] == ["env", "JAX_PLATFORMS=cpu", "JAX_NUM_CPU_DEVICES=1"]
+    assert command[-4:] == ["--config.train.multiprocess=True", "--config.train.coordinator_address=127.0.0.1:1234",
+                            "--config.train.num_processes=3", f"--config.train.process_id={index}"]
+
+
+@pytest.mark.parametrize("program, status", [("true", 0), ("false", 1)])
+def test_local_launcher_returns_the_status_of_a_failing_process(program, status):
+  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "--processes", "3", "--port", "1234", "--",
+                           "--workdir", "x"], env={"PATH": "/usr/bin:/bin", "PYTHON": program},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == status, result.stderr
+  assert ("a process failed (status 1)" in result.stderr) == bool(status)
