@@ -1,13 +1,26 @@
-"""Test session setup: 8 simulated CPU devices so sharded runs can be compared with one device."""
+"""Test session setup: 8 simulated CPU devices so sharded runs can be compared with one device, and
+one compilation cache for the session.
 
+Many tests build the same tiny step anew (a resumed run, the processes of a multi-process launch):
+the persistent cache, inherited by subprocesses through the environment, compiles each program once.
+"""
+
+import atexit
 import io
 import os
+import shutil
+import tempfile
 
 import pytest
 from PIL import Image
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="grain_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
 @pytest.fixture
