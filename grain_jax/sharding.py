@@ -125,10 +125,13 @@ def create_abstract(build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, ru
   closes over it. The parameters' initializers are dead code in that jit and never run.
   """
   graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-  shardings = state_shardings(params, mesh, rules)
-  params = jax.tree.map(lambda variable, sharding: variable.replace(
-      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)),
-                        params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   with jax.set_mesh(mesh), axis_rules(rules):
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
-  return nnx.merge(graphdef, params, rest)
+  return nnx.merge(graphdef, abstract_params(params, mesh, rules), rest)
+
+
+def abstract_params(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+  """`params` (arrays or shapes) as `jax.ShapeDtypeStruct`s carrying the shardings `rules` give them."""
+  return jax.tree.map(lambda variable, sharding: variable.replace(
+      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)),
+                      params, state_shardings(params, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))

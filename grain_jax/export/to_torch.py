@@ -28,15 +28,6 @@ EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
 
 
-def abstract_params(model_config, mesh: jax.sharding.Mesh, rules) -> nnx.State:
-  """The model's Params as ShapeDtypeStructs carrying their shardings over `mesh` (nothing allocated)."""
-  params = nnx.state(nnx.eval_shape(lambda: build_model(model_config, 0)), nnx.Param)
-  shardings = sharding.state_shardings(params, mesh, rules)
-  return jax.tree.map(lambda variable, where: variable.replace(
-      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where)),
-      params, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
   """`(step, params)` of the newest readable checkpoint in `workdir`, sharded by the config.
 
@@ -45,7 +36,8 @@ def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
   """
   mesh = sharding.make_mesh(config.mesh)
   checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
-  restored = checkpointer.restore_latest_params(abstract_params(config.model, mesh, config.sharding_rules))
+  restored = checkpointer.restore_latest_params(sharding.abstract_params(
+      nnx.state(nnx.eval_shape(lambda: build_model(config.model, 0)), nnx.Param), mesh, config.sharding_rules))
   checkpointer.close()
   if restored is None:
     raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
