@@ -1,10 +1,14 @@
 """Train-step benchmark: `python -m grain_jax.bench step [--config configs/base.py:small] [--batch 16]
-[--scan_layers true|false]`.
+[--scan_layers true|false] [--reference true]`.
 
 Times the full jitted step (image tower, decoder, text tower on captions and 5 descriptions per
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
 compares its model FLOP/s (the step's matmuls, counted from its jaxpr, so scanned and unrolled
 layer stacks count alike) with the machine's measured float32 matmul rate.
+
+`--reference true` also times the reference implementation's step, rebuilt in PyTorch from the same
+parameters on the same batch (see `_reference_step.py`; needs requirements-export.txt), and prints
+how many times faster ours is on this machine.
 """
 
 import argparse
@@ -21,6 +25,7 @@ from grain_jax import sharding
 from grain_jax.bench._flops import matmul_flops
 from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
+from grain_jax.export import layout, param_tree
 from grain_jax.train import trainer
 
 
@@ -68,7 +73,15 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
   parser.add_argument("--scan_layers", choices=("true", "false"),
                       help="scan or unroll the layer stacks (default: as the config says)")
+  parser.add_argument("--reference", choices=("true", "false"), default="false",
+                      help="also time the reference's step rebuilt in PyTorch (needs torch)")
   args = parser.parse_args(argv)
+  reference_step = None
+  if args.reference == "true":
+    try:
+      from grain_jax.bench import _reference_step as reference_step
+    except ImportError as error:
+      parser.error(f"--reference true needs torch and scipy: pip install -r requirements-export.txt ({error})")
 
   config = load_config(args.config)
   config.data.batch_size = args.batch
@@ -76,9 +89,12 @@ def main(argv: list[str]) -> int:
     config.model.scan_layers = args.scan_layers == "true"
   validate(config)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  batch = trainer.text_to_bucket(synthetic_batch(config, args.batch), config.model.text.context_buckets)
+  full_batch = synthetic_batch(config, args.batch)
+  batch = trainer.text_to_bucket(full_batch, config.model.text.context_buckets)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     training = trainer.build_training(config, mesh)
+    initial = reference_step and layout.to_reference(param_tree.flatten(training.state.params), config.model,
+                                                     fetch=param_tree.to_host)
     batch = trainer.global_batch(batch, mesh)
     start = time.perf_counter()
     compiled = training.step_fn.lower(training.state, batch).compile()
@@ -107,4 +123,17 @@ def main(argv: list[str]) -> int:
   print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G; achieved {flops / step_s / 1e9:.1f} GFLOP/s")
   print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; utilization {flops / step_s / peak:.1%}")
   print(f"loss {float(metrics['loss']):.3f} (finite: {bool(np.isfinite(float(metrics['loss'])))})")
+  if reference_step:
+    reference = reference_step.ReferenceStep(config, initial)
+    reference(full_batch)
+    reference_times = []
+    for _ in range(args.steps):
+      start = time.perf_counter()
+      loss = reference(full_batch)
+      reference_times.append(time.perf_counter() - start)
+    reference_s = statistics.median(reference_times)
+    print(f"reference step (PyTorch {reference_step.torch.__version__}, eager, 77-token texts, matching on the host): "
+          f"median {reference_s:.3f} s of {args.steps} (min {min(reference_times):.3f}, max {max(reference_times):.3f}); "
+          f"loss {loss:.3f}")
+    print(f"speedup over the reference: {reference_s / step_s:.2f}x")
   return 0
