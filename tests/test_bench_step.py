@@ -1,10 +1,20 @@
-"""The train-step benchmark runs and reports its figures."""
+"""The train-step benchmark runs and reports its figures, and the reference's step beside ours when
+torch is installed."""
+
+import importlib.util
 
 from grain_jax.bench import step
 
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
 
 def test_step_benchmark_prints_its_figures(capsys):
-  assert step.main(["--config", "configs/base.py:tiny", "--batch", "8", "--steps", "1", "--scan_layers", "true"]) == 0
+  reference = "true" if HAVE_TORCH else "false"
+  assert step.main(["--config", "configs/base.py:tiny", "--batch", "8", "--steps", "2", "--scan_layers", "true",
+                    "--reference", reference]) == 0
   out = capsys.readouterr().out
-  for figure in ("layers scanned", "step: median", "images/s", "GFLOP/s", "utilization", "finite: True"):
+  figures = ["layers scanned", "step: median", "images/s", "GFLOP/s", "utilization", "finite: True"]
+  if HAVE_TORCH:
+    figures += ["reference step (PyTorch", "alternating with ours", "speedup over the reference:", "per pair of steps"]
+  for figure in figures:
     assert figure in out

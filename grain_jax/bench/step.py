@@ -66,6 +66,10 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / statistics.median(times)
 
 
+def _spread(times: list[float]) -> str:
+  return f"median {statistics.median(times):.3f} s of {len(times)} (min {min(times):.3f}, max {max(times):.3f})"
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m grain_jax.bench step")
   parser.add_argument("--config", default="configs/base.py:small")
@@ -100,15 +104,23 @@ def main(argv: list[str]) -> int:
     compiled = training.step_fn.lower(training.state, batch).compile()
     compile_s = time.perf_counter() - start
     flops = matmul_flops(training.step_fn, training.state, batch)
-    state = training.state
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(training.state, batch)
     jax.block_until_ready(metrics)
-    times = []
+    reference = reference_step and reference_step.ReferenceStep(config, initial)
+    if reference:
+      reference(full_batch)
+    times, reference_times = [], []
+    # With --reference the two steps alternate, so a machine that slows down mid-run (shared
+    # hosts do) weighs on both alike.
     for _ in range(args.steps):
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+      if reference:
+        start = time.perf_counter()
+        reference_loss = reference(full_batch)
+        reference_times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
   peak = matmul_flops_per_second()
   device = jax.devices()[0]
@@ -118,22 +130,15 @@ def main(argv: list[str]) -> int:
         f"{config.model.decoder.depth} decoder layers, matching {config.matching.method}, "
         f"layers {'scanned' if config.model.scan_layers else 'unrolled'}")
   print(f"compile: {compile_s:.1f} s")
-  print(f"step: median {step_s:.3f} s of {args.steps} (min {min(times):.3f}, max {max(times):.3f})")
+  print(f"step: {_spread(times)}")
   print(f"throughput: {args.batch / step_s:.1f} images/s")
   print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G; achieved {flops / step_s / 1e9:.1f} GFLOP/s")
   print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; utilization {flops / step_s / peak:.1%}")
   print(f"loss {float(metrics['loss']):.3f} (finite: {bool(np.isfinite(float(metrics['loss'])))})")
-  if reference_step:
-    reference = reference_step.ReferenceStep(config, initial)
-    reference(full_batch)
-    reference_times = []
-    for _ in range(args.steps):
-      start = time.perf_counter()
-      loss = reference(full_batch)
-      reference_times.append(time.perf_counter() - start)
-    reference_s = statistics.median(reference_times)
-    print(f"reference step (PyTorch {reference_step.torch.__version__}, eager, 77-token texts, matching on the host): "
-          f"median {reference_s:.3f} s of {args.steps} (min {min(reference_times):.3f}, max {max(reference_times):.3f}); "
-          f"loss {loss:.3f}")
-    print(f"speedup over the reference: {reference_s / step_s:.2f}x")
+  if reference:
+    ratios = [theirs / ours for theirs, ours in zip(reference_times, times)]
+    print(f"reference step (PyTorch {reference_step.torch.__version__}, eager, 77-token texts, matching on the host, "
+          f"alternating with ours): {_spread(reference_times)}; loss {reference_loss:.3f}")
+    print(f"speedup over the reference: {statistics.median(reference_times) / step_s:.2f}x "
+          f"(per pair of steps: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
   return 0

@@ -19,7 +19,8 @@ from grain_jax.export.layout import REFERENCE_CLASSES, REFERENCE_FRAMES, REFEREN
 
 
 class TimmAttention(nn.Module):
-  """timm's Attention with qk-norm: packed `qkv` Linear, LayerNorm over each head's q and k."""
+  """timm's Attention with qk-norm: packed `qkv` Linear, LayerNorm over each head's q and k, and
+  `scaled_dot_product_attention` (timm's default fused path)."""
 
   def __init__(self, width: int, heads: int, eps: float, qk_norm: bool):
     super().__init__()
@@ -32,8 +33,8 @@ class TimmAttention(nn.Module):
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     batch, length, width = x.shape
     q, k, v = self.qkv(x).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    weights = (self.q_norm(q) @ self.k_norm(k).transpose(-2, -1) * self.head_dim ** -0.5).softmax(dim=-1)
-    return self.proj((weights @ v).transpose(1, 2).reshape(batch, length, width))
+    attended = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+    return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
 
 
 class TimmMlp(nn.Module):
