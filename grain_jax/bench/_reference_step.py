@@ -17,21 +17,21 @@ are distinct texts (the reference counts duplicates as negatives, ours masks the
 check, so the two steps compute the same thing.
 """
 
+import functools
 import math
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch.nn.functional import cross_entropy
 
 from grain_jax.export import layout
 from grain_jax.export.torch_modules import GrainClipBackbone, RegionQueryDecoder
 
 MATCHINGS_PER_LAYER = 2
-IMAGENET_LAYOUT = (0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-  return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+CHANNELS_FIRST = (0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]
+# Unit vectors along the last axis; norms below 1e-6 are clamped, as in our losses.
+normalize = functools.partial(torch.nn.functional.normalize, dim=-1, eps=1e-6)
 
 
 def _xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,7 @@ class ReferenceStep:
   def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, float]]:
     """The objective of one batch (captions `[B, 77]`, descriptions `[B, K, 77]`) and its parts,
     named as our `losses.grain_loss` metrics."""
-    images = torch.from_numpy(batch["image"]).permute(*IMAGENET_LAYOUT)
+    images = torch.from_numpy(batch["image"]).permute(*CHANNELS_FIRST)
     global_embed, region_embed, layer_boxes = self.decoder(self.backbone.visual(images))
     caption_embed = self.backbone.encode_text(torch.from_numpy(batch["caption_ids"].astype(np.int64)))
     size, slots, length = batch["desc_ids"].shape
@@ -105,10 +105,9 @@ class ReferenceStep:
     assignment = assignments[-1]
 
     scale = self.backbone.logit_scale.exp()
-    logits = scale * _normalize(global_embed) @ _normalize(caption_embed).T
+    logits = scale * normalize(global_embed) @ normalize(caption_embed).T
     labels = torch.arange(size)
-    image_caption = (torch.nn.functional.cross_entropy(logits, labels)
-                     + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+    image_caption = (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) / 2
 
     images_index = torch.from_numpy(np.concatenate([np.full(len(q), i) for i, (q, _) in enumerate(assignment)]))
     queries = torch.from_numpy(np.concatenate([q for q, _ in assignment]))
@@ -119,10 +118,10 @@ class ReferenceStep:
     giou = (1 - torch.diagonal(_pairwise_giou(_xyxy(predicted), _xyxy(target)))).sum() / num_boxes
 
     flat_valid = torch.from_numpy(valid.reshape(-1))
-    descriptions = _normalize(desc_embed.reshape(size * slots, -1)[flat_valid])
+    descriptions = normalize(desc_embed.reshape(size * slots, -1)[flat_valid])
     own = torch.cumsum(flat_valid.long(), 0)[images_index * slots + matched_targets] - 1
-    region_logits = scale * _normalize(region_embed[images_index, queries]) @ descriptions.T
-    region = torch.nn.functional.cross_entropy(region_logits, own) if len(own) else region_logits.sum()
+    region_logits = scale * normalize(region_embed[images_index, queries]) @ descriptions.T
+    region = cross_entropy(region_logits, own) if len(own) else region_logits.sum()
 
     total = (image_caption + self.weights.box_l1 * l1 + self.weights.box_giou * giou + self.weights.region * region)
     parts = dict(loss_ic=image_caption.item(), loss_l1=l1.item(), loss_giou=giou.item(), loss_rd=region.item())
