@@ -26,6 +26,7 @@ from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.train import optim
 from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.metrics_writer import MetricsWriter
 from grain_jax.train.step import TrainState, make_train_step
 
@@ -167,6 +168,9 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
 
     # ---- Model, optimizer state and update step, created sharded -----------------------------
     graphdef, rest, state, step_fn = build_training(config, mesh)
+    step_fn = CompiledStep(step_fn)
+    # Creating the state compiled programs too; see compiled_step for why the processes wait.
+    wait_for_other_processes("grain_jax_built_train_state")
     num_steps = config.train.num_steps
 
     # ---- Checkpoint ---------------------------------------------------------------------------
