@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       sinkhorn_iterations=50,    # fixed number of Sinkhorn iterations
   ))
 
-  # Loss weights and variants: L = L_ic + box_l1 * L1 + box_giou * (1 - GIoU) + region * L_rd.
+  # Loss weights and variants:
+  # L = L_ic + box_l1 * L1 + box_giou * (1 - GIoU) + region * L_rd + description_to_query * L_dq.
   config.loss = ml_collections.ConfigDict(dict(
       box_l1=1.5,                # the reference's effective weight (a hidden 1.5 factor in its code)
       box_giou=1.5,
@@ -63,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour;
                                   # the batch is split into the train step's batch shards)
       mask_duplicate_descriptions=True,  # identical description texts are not negatives
+      # Weight of L_dq, the description -> query direction among an image's own queries (each matched
+      # description picks its region query; grounding makes that choice at evaluation). 0 = off, as
+      # the reference.
+      description_to_query=0.0,
   ))
 
   # AdamW with linear warmup then cosine decay (the reference's recipe).
@@ -96,7 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # What `python -m grain_jax.main` runs (see grain_jax/experiment.py).
   config.experiment = ml_collections.ConfigDict(dict(
       evaluate=True,             # evaluate (config.eval) after training
-      kinds=(),                  # e.g. ("grain", "clip"): train and compare each kind; () = just config.model.kind
+      # Runs to compare, each "name" or "name: field=value; field=value" (overrides of this config,
+      # e.g. "clip: model.kind=clip"), trained with every seed in <workdir>/<name>_seed<seed> on the
+      # same data and compared in one table; () = just this config.
+      arms=(),
       seeds=(),                  # seeds of the comparison; () = (config.seed,)
   ))
 
@@ -142,7 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
       whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
       renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)
-      scores=("global", "mixed"),  # with descriptions: "global", "region", "mixed" (region ones: GRAIN only)
+      scores=("global", "mixed"),  # with descriptions: "global", "region", "mixed", "best_region", "best_mixed"
+                                 # (all but "global": GRAIN only; see grain_jax/eval/zeroshot.py)
       alpha=0.5,                 # weight of the global score in "mixed"
       batch_size=256,            # images per global batch (rounded up to the batch shards)
       text_batch_size=1024,      # prompts per global batch
@@ -151,6 +160,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_confusions=10,         # most frequent (true, predicted) class pairs listed per head
       iou_threshold=0.5,         # grounding: a box counts when IoU >= this
       num_pictures=4,            # grounding pictures written to <workdir>/eval/grounding/<set>/
+      fixed_box_records=5000,    # grounding: training records the image-blind fixed-box baseline is
+                                 # fitted on (the first ones; needs data.train_dir unless the set is
+                                 # the synthetic one); 0 = no baseline
   ))
 
+  return config
+
+
+def use_grounding_options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the decoder options and losses that make the region queries localize (README "Grounding"):
+  a learned position code on the image tokens the decoder reads, in its keys and values; no decoder
+  dropout; every decoder layer's boxes supervised; each description trained to pick its own query.
+  The reference decoder has none of them. Returns `config`, changed in place."""
+  config.model.decoder.update(memory_position="learned", position_in_values=True, dropout=0.0)
+  config.loss.update(aux_layers=True, description_to_query=1.0)
   return config

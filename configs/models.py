@@ -111,5 +111,17 @@ def default_model_config() -> ml_collections.ConfigDict:
           mlp_dim=2048,
           dropout=0.1,
           layer_norm_eps=1e-5,
+          # Position code added to the cross-attention keys: "none" (the authors' code), "learned"
+          # (a table per image token), "sine" (2-D sine of each patch's centre; width divisible by
+          # 4) or "vit" (the ViT's position embedding through the decoder's input projection).
+          memory_position="none",
+          # Also add the position code to the cross-attention values: what a query reads then says
+          # where it was read.
+          position_in_values=False,
+          # Learned anchor box per region query, refined by every layer (DAB-DETR style).
+          box_refinement=False,
+          # With box_refinement: positional queries from the current boxes' sine code (width
+          # divisible by 4).
+          anchor_queries=False,
       ),
   ))

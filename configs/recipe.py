@@ -3,8 +3,9 @@
 B/16 backbone, 5 region queries, global batch 2048, AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-8,
 weight decay 0.1), one warmup epoch from 1e-6, cosine to 1e-5, 35 epochs, bfloat16 compute
 (the reference trains in fp16 mixed precision; parameters stay float32 here as there).
-The argument is `<kind>[,<mesh>]`: kind `grain` or `clip` (the plain-CLIP baseline, trained the
-same way), mesh one of FITS (default: gpu_2x8_h100, the paper's machine).
+The argument is `<kind>[,<mesh>]`: kind `grain` (the authors' decoder), `grain_grounded` (with the
+grounding options, `base.use_grounding_options`) or `clip` (the plain-CLIP baseline, trained the same
+way), mesh one of FITS (default: gpu_2x8_h100, the paper's machine).
 """
 
 import math
@@ -12,7 +13,7 @@ import math
 from configs import base
 from grain_jax.eval.datasets import PAPER_AVERAGE
 
-KINDS = ("grain", "clip")
+KINDS = ("grain", "grain_grounded", "clip")
 GLOBAL_BATCH = 2048
 EPOCHS = 35
 
@@ -36,7 +37,10 @@ def get_recipe_config(num_train_images: int, arg: str | None):
     raise ValueError(f"recipe mesh {mesh!r} is unknown; choose one of {sorted(FITS)}")
   config = base.get_config(f"b16,{mesh}")
   fit = FITS[mesh]
-  config.model.update(kind=kind, dtype="bfloat16", scan_layers=True, remat=fit["remat"])
+  config.model.update(kind="grain" if kind == "grain_grounded" else kind, dtype="bfloat16", scan_layers=True,
+                      remat=fit["remat"])
+  if kind == "grain_grounded":
+    base.use_grounding_options(config)
 
   steps_per_epoch = math.ceil(num_train_images / GLOBAL_BATCH)
   config.data.update(batch_size=GLOBAL_BATCH, mllm_caption_prob=0.5, num_workers=16, read_threads=8)

@@ -4,12 +4,16 @@ Every error names the offending field (`config.model.image.heads`, ...), so a ty
 impossible size fails in a second with a clear message instead of deep inside a compile.
 """
 
+import ast
 import importlib.util
 import pathlib
+import re
+from typing import Any
 
 import ml_collections
 
 from configs import base
+from grain_jax.models.decoder import check_options as check_decoder_options
 from grain_jax.sharding import mesh_shape
 
 
@@ -85,7 +89,12 @@ def _check_model(model) -> None:
            f"[1, config.model.text.context_length={text.context_length}]")
   _require(model.decoder.num_region_queries > 0,
            f"config.model.decoder.num_region_queries={model.decoder.num_region_queries} must be positive")
-  _require(0.0 <= model.decoder.dropout < 1.0, f"config.model.decoder.dropout={model.decoder.dropout} must be in [0, 1)")
+  dropout = model.decoder.dropout
+  _require(0.0 <= dropout < 1.0, f"config.model.decoder.dropout={dropout} must be in [0, 1)")
+  try:
+    check_decoder_options(model.decoder)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   towers = tuple(model.init_towers)
   _require(bool(towers) and set(towers) <= set(INIT_TOWERS),
            f"config.model.init_towers={towers} must be a non-empty subset of {INIT_TOWERS}")
@@ -105,6 +114,54 @@ def _check_choices(config) -> None:
       _require(value in allowed, f"config.{section}.{field}={value!r} must be one of {allowed}")
 
 
+def _literal(text: str) -> Any:
+  """A Python literal (`1e-3`, `True`, `(16, 32)`, `'a'`), else the text itself (`learned`)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_arm(entry: str) -> tuple[str, dict[str, Any]]:
+  """`"name"` or `"name: field=value; field=value"` (fields relative to the config's root, values
+  Python literals or bare strings) -> (name, {field: value}).
+
+  Raises:
+    ConfigError naming the entry when its name is not a plain word or an item is not field=value.
+  """
+  name, _, rest = entry.partition(":")
+  name = name.strip()
+  where = f"config.experiment.arms entry {entry!r}"
+  _require(bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", name)),
+           f"{where}: the name {name!r} must be a word of letters, digits and _.+- (it names the run's folder)")
+  overrides = {}
+  for item in filter(None, (part.strip() for part in rest.split(";"))):
+    field, equals, value = item.partition("=")
+    _require(bool(equals) and bool(field.strip()), f"{where}: {item!r} is not field=value")
+    overrides[field.strip()] = _literal(value.strip())
+  return name, overrides
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
+                    where: str = "override") -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted `field: value` overrides set; errors name `where` and the field."""
+  config = config.copy_and_resolve_references()
+  for field, value in overrides.items():
+    *sections, leaf = field.split(".")
+    section = config
+    for part in sections:
+      _require(isinstance(section, ml_collections.ConfigDict) and part in section,
+               f"{where}: config.{field} is not a known field")
+      section = section[part]
+    _require(isinstance(section, ml_collections.ConfigDict) and leaf in section,
+             f"{where}: config.{field} is not a known field")
+    try:
+      section[leaf] = value
+    except TypeError as error:
+      raise ConfigError(f"{where}: config.{field}={value!r}: {error}") from None
+  return config
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks `config` against the documented schema (configs/base.py); returns it unchanged.
 
@@ -118,6 +175,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check_fields(config, base.get_config(), "config")
   _check_model(config.model)
   _check_choices(config)
+  names = [parse_arm(entry)[0] for entry in config.experiment.arms]
+  _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
   if num_devices is not None:
     try:
       mesh_shape(config.mesh, num_devices)

@@ -1,9 +1,10 @@
-"""What `main` runs: one training run (+ evaluation), or one recipe for several model kinds and seeds.
+"""What `main` runs: one training run (+ evaluation), or several arms (model kinds, variants) x seeds.
 
-With `config.experiment.kinds` set (e.g. GRAIN and the plain-CLIP baseline) every kind is trained
-with every seed of `config.experiment.seeds` on the same data for the same steps, each run in
-`workdir/<kind>_seed<seed>`, and the evaluations are compared in one table (mean +- std over seeds),
-printed and written to `workdir/comparison.json` and `workdir/comparison.md`.
+With `config.experiment.arms` set (e.g. GRAIN and the plain-CLIP baseline, or decoder variants) every
+arm (the config with the arm's overrides) is trained with every seed of `config.experiment.seeds` on
+the same data, each run in `workdir/<arm>_seed<seed>`, and the evaluations are compared in one table
+(mean +- std over seeds), printed and written to `workdir/comparison.json` and
+`workdir/comparison.md`.
 """
 
 import json
@@ -13,7 +14,7 @@ import jax
 import numpy as np
 
 from grain_jax import sharding
-from grain_jax.config import validate
+from grain_jax.config import apply_overrides, parse_arm, validate
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 
@@ -38,7 +39,9 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
 
 
 def headline_metrics(evaluation: dict) -> dict[str, float]:
-  """The comparison's rows: top-1 per set and head, retrieval R@1 both ways, grounding recall (%)."""
+  """The comparison's rows (%): top-1 per set and head, retrieval R@1 both ways, grounding recall of
+  the chosen and the best query, the boxes' spread across images (`conditioning_ratio`) and the
+  fixed-box baseline."""
   rows = {}
   for name, result in evaluation["classification"].items():
     for head, metrics in result["heads"].items():
@@ -48,19 +51,26 @@ def headline_metrics(evaluation: dict) -> dict[str, float]:
     rows[f"{name} text->image R@1"] = next(iter(result["text_to_image"].values()))
   for name, result in evaluation["grounding"].items():
     if "recall" in result:
-      rows[f"{name} grounding recall@{result['iou_threshold']:g}"] = result["recall"]
+      at = f"@{result['iou_threshold']:g}"
+      rows[f"{name} grounding recall{at} (chosen query)"] = result["recall"]
+      rows[f"{name} grounding recall{at} (best query)"] = result["any_query_recall"]
+      rows[f"{name} grounding box spread (% of the true boxes')"] = 100 * result["conditioning_ratio"]
+      fixed = result.get("fixed_box_baseline")
+      if fixed:
+        rows[f"{name} fixed-box baseline recall{at} (one box)"] = fixed["single_box_recall"]
+        rows[f"{name} fixed-box baseline recall{at} (best of {len(fixed['boxes'])})"] = fixed["best_of_k_recall"]
   return rows
 
 
-def comparison_table(per_run: dict[tuple[str, int], dict[str, float]], kinds, seeds) -> str:
-  """Markdown table: one row per metric, one column per kind, `mean +- std` over seeds."""
+def comparison_table(per_run: dict[tuple[str, int], dict[str, float]], arms, seeds) -> str:
+  """Markdown table: one row per metric, one column per arm, `mean +- std` over seeds."""
   metrics = list(dict.fromkeys(name for rows in per_run.values() for name in rows))
-  header = f"| metric | {' | '.join(kinds)} |\n|---|{'---|' * len(kinds)}"
+  header = f"| metric | {' | '.join(arms)} |\n|---|{'---|' * len(arms)}"
   lines = [header]
   for metric in metrics:
     cells = []
-    for kind in kinds:
-      values = [per_run[(kind, seed)][metric] for seed in seeds if metric in per_run[(kind, seed)]]
+    for arm in arms:
+      values = [per_run[(arm, seed)][metric] for seed in seeds if metric in per_run[(arm, seed)]]
       cells.append("n/a" if not values else
                     f"{np.mean(values):.1f}" + (f" +- {np.std(values):.1f}" if len(values) > 1 else ""))
     lines.append(f"| {metric} | {' | '.join(cells)} |")
@@ -69,30 +79,31 @@ def comparison_table(per_run: dict[tuple[str, int], dict[str, float]], kinds, se
 
 def run(config, workdir: str) -> dict:
   """Runs what `config.experiment` asks for; returns the results."""
-  kinds, seeds = tuple(config.experiment.kinds), tuple(config.experiment.seeds)
-  if not kinds:
+  if not config.experiment.arms:
     return train_and_evaluate(config, workdir)
   if not config.experiment.evaluate:
-    raise ValueError("config.experiment.kinds compares evaluations: set config.experiment.evaluate=True")
-  seeds = seeds or (config.seed,)
+    raise ValueError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
+  arms = [parse_arm(entry) for entry in config.experiment.arms]
+  names = [name for name, _ in arms]
+  seeds = tuple(config.experiment.seeds) or (config.seed,)
   shared_data = os.path.join(os.path.abspath(workdir), "synthetic")
   per_run = {}
   for seed in seeds:
-    for kind in kinds:
-      run_config = config.copy_and_resolve_references()
+    for name, overrides in arms:
+      run_config = apply_overrides(config, overrides, f"config.experiment.arms entry {name!r}")
       with run_config.unlocked():
-        run_config.model.kind = kind
         run_config.seed = seed
-        run_config.experiment.kinds = ()
+        run_config.experiment.arms = ()
         run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
-      print(f"\n=== {kind}, seed {seed} ===", flush=True)
-      results = train_and_evaluate(run_config, os.path.join(workdir, f"{kind}_seed{seed}"))
-      per_run[(kind, seed)] = headline_metrics(results["eval"])
-  table = comparison_table(per_run, kinds, seeds)
+      validate(run_config)
+      print(f"\n=== {name}, seed {seed} ===", flush=True)
+      results = train_and_evaluate(run_config, os.path.join(workdir, f"{name}_seed{seed}"))
+      per_run[(name, seed)] = headline_metrics(results["eval"])
+  table = comparison_table(per_run, names, seeds)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "comparison.json"), "w") as f:
-      json.dump({f"{kind}_seed{seed}": rows for (kind, seed), rows in per_run.items()}, f, indent=1)
+      json.dump({f"{name}_seed{seed}": rows for (name, seed), rows in per_run.items()}, f, indent=1)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
       f.write(table + "\n")
-    print(f"\n{', '.join(kinds)} over seeds {seeds} (%):\n{table}", flush=True)
+    print(f"\n{', '.join(names)} over seeds {seeds} (%):\n{table}", flush=True)
   return {"runs": per_run, "table": table}

@@ -1,4 +1,5 @@
-"""The GRAIN objective: L = L_ic + box_l1 * L1 + box_giou * (1 - GIoU) + region * L_rd.
+"""The GRAIN objective: L = L_ic + box_l1 * L1 + box_giou * (1 - GIoU) + region * L_rd
+(+ description_to_query * L_dq, an option the reference lacks).
 
 All functions take arrays of the global batch: under jit with sharded inputs GSPMD inserts whatever
 gathering the contrastive logits need, so there are no hand-written collectives. Everything is
@@ -11,11 +12,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from grain_jax.ops import boxes as box_ops
+from grain_jax.ops import localization
 from grain_jax.ops import matching
 
 # Logit of an excluded negative: far below any real logit (|logit| <= 100), yet finite so that a
 # row with nothing to compare against still has finite gradients.
 _EXCLUDED = -1e9
+# Metrics only a model with region queries has (0 for the plain-CLIP baseline).
+REGION_METRICS = ("loss_l1", "loss_giou", "loss_rd", "loss_dq", "match_cost", "rd_accuracy", "dq_accuracy",
+                  "box_spread_ratio")
 
 
 def _normalize(x: jnp.ndarray) -> jnp.ndarray:
@@ -132,6 +137,33 @@ def region_description_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
           jnp.where(matched, correct, False).sum() / num_matched)
 
 
+def description_query_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, target_valid: jnp.ndarray,
+                           query_of_target: jnp.ndarray,
+                           logit_scale: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """Description -> query cross-entropy: each matched description picks its own region query among
+  the Q queries of its image (the choice grounding makes at evaluation).
+
+  Args:
+    region_embed: `[B, Q, E]` region-query embeddings (normalized here).
+    desc_embed: `[B, T, E]` description embeddings, one per target box.
+    target_valid: `[B, T]` bool.
+    query_of_target: `[B, T]` int, from `matching.match` (-1 = unmatched).
+    logit_scale: scalar, log of the inverse temperature.
+
+  Returns:
+    `(loss, accuracy)` scalars over matched descriptions (0 when nothing is matched).
+  """
+  matched = _matched(target_valid, query_of_target)
+  descriptions = _normalize(jnp.where(target_valid[..., None], desc_embed, 0.0))
+  logits = jnp.exp(logit_scale) * jnp.einsum("bte,bqe->btq", descriptions, _normalize(region_embed))
+  own_logit = jnp.take_along_axis(logits, jnp.maximum(query_of_target, 0)[..., None], axis=-1)[..., 0]
+  cross_entropy = jax.nn.logsumexp(logits - own_logit[..., None], axis=-1)
+  correct = logits.max(-1) <= own_logit
+  num_matched = jnp.maximum(matched.sum(), 1)
+  return (jnp.where(matched, cross_entropy, 0.0).sum() / num_matched,
+          jnp.where(matched, correct, False).sum() / num_matched)
+
+
 def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
                logit_scale: jnp.ndarray, matching_config: ml_collections.ConfigDict,
                loss_config: ml_collections.ConfigDict, region_embed: jnp.ndarray | None = None,
@@ -150,7 +182,7 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
     logit_scale: scalar, log of the inverse temperature.
     matching_config: `config.matching` (method, cost weights, Sinkhorn settings).
     loss_config: `config.loss` (weights, aux_layers, region_negatives,
-      mask_duplicate_descriptions).
+      mask_duplicate_descriptions, description_to_query).
     region_embed: `[B, Q, E]` region-query embeddings of the last decoder layer.
     layer_boxes: `[L, B, Q, 4]` predicted (cx, cy, w, h) of every decoder layer, last one last.
     desc_embed: `[B, T, E]` embeddings of each target box's description.
@@ -162,15 +194,17 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
 
   Returns:
     `(total, metrics)`: the scalar loss and a dict of scalars `loss_ic`, `loss_l1`, `loss_giou`
-    (summed over the supervised decoder layers), `loss_rd`, `match_cost` (mean cost of a matched
-    pair, last layer) and `rd_accuracy`, such that
-    total = loss_ic + box_l1 * loss_l1 + box_giou * loss_giou + region * loss_rd.
+    (summed over the supervised decoder layers), `loss_rd`, `loss_dq`, `match_cost` (mean cost of
+    a matched pair, last layer), `rd_accuracy`, `dq_accuracy` and `box_spread_ratio` (the last
+    layer's `localization.conditioning_ratio` over the batch), such that
+    total = loss_ic + box_l1 * loss_l1 + box_giou * loss_giou + region * loss_rd
+            + description_to_query * loss_dq.
   """
   loss_ic = image_caption_loss(image_embed, caption_embed, logit_scale)
   metrics = dict(loss_ic=loss_ic)
   zero = jnp.zeros((), jnp.float32)
   if region_embed is None:
-    metrics.update(loss_l1=zero, loss_giou=zero, loss_rd=zero, match_cost=zero, rd_accuracy=zero)
+    metrics.update({name: zero for name in REGION_METRICS})
     return loss_ic, metrics
 
   if not loss_config.aux_layers:
@@ -200,8 +234,11 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
   loss_rd, rd_accuracy = region_description_loss(
       region_embed, desc_embed, box_valid, last_query_of_target, desc_text_id, logit_scale,
       mask_duplicates=loss_config.mask_duplicate_descriptions, num_groups=num_groups)
-  metrics.update(loss_l1=loss_l1.sum(), loss_giou=loss_giou.sum(), loss_rd=loss_rd,
-                 match_cost=match_cost, rd_accuracy=rd_accuracy)
-  total = (loss_ic + loss_config.box_l1 * metrics["loss_l1"]
-           + loss_config.box_giou * metrics["loss_giou"] + loss_config.region * loss_rd)
+  loss_dq, dq_accuracy = description_query_loss(region_embed, desc_embed, box_valid, last_query_of_target,
+                                                logit_scale)
+  metrics.update(loss_l1=loss_l1.sum(), loss_giou=loss_giou.sum(), loss_rd=loss_rd, loss_dq=loss_dq,
+                 match_cost=match_cost, rd_accuracy=rd_accuracy, dq_accuracy=dq_accuracy,
+                 box_spread_ratio=localization.conditioning_ratio(layer_boxes[-1], target_boxes, box_valid))
+  total = (loss_ic + loss_config.box_l1 * metrics["loss_l1"] + loss_config.box_giou * metrics["loss_giou"]
+           + loss_config.region * loss_rd + loss_config.description_to_query * loss_dq)
   return total, metrics

@@ -3,7 +3,7 @@
 import pytest
 
 from configs import meshes, models
-from grain_jax.config import ConfigError, load_config, validate
+from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
 
 
 @pytest.mark.parametrize("preset", models.PRESETS)
@@ -95,3 +95,49 @@ def test_mesh_presets_apply_and_validate(mesh):
 def test_unknown_mesh_preset_is_named():
   with pytest.raises(ValueError, match="'tpu_v9'"):
     load_config("configs/base.py:b16,tpu_v9")
+
+
+def test_experiment_arms_parse_and_apply_their_overrides():
+  name, overrides = parse_arm("memory_sine: model.decoder.memory_position=sine; loss.description_to_query=0.5; "
+                              "model.text.context_buckets=(16, 77)")
+  assert name == "memory_sine"
+  assert overrides == {"model.decoder.memory_position": "sine", "loss.description_to_query": 0.5,
+                       "model.text.context_buckets": (16, 77)}
+  config = load_config("configs/base.py:tiny")
+  changed = validate(apply_overrides(config, overrides))
+  assert changed.model.decoder.memory_position == "sine" and changed.model.text.context_buckets == (16, 77)
+  assert config.model.decoder.memory_position == "none"  # the original is left as it was
+  assert parse_arm("grain") == ("grain", {})
+
+
+@pytest.mark.parametrize("arms,message", [
+    (("a b",), "the name 'a b' must be a word"),
+    (("x: model.decoder.depth",), "'model.decoder.depth' is not field=value"),
+    (("x", "x: seed=1"), "repeats a name"),
+])
+def test_bad_experiment_arms_are_named(arms, message):
+  config = load_config("configs/base.py:tiny")
+  config.experiment.arms = arms
+  with pytest.raises(ConfigError, match=message):
+    validate(config)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.decoder.depht": 3}, "config.model.decoder.depht is not a known field"),
+    ({"loss.region": "high"}, "config.loss.region='high'"),
+])
+def test_bad_overrides_are_named(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    apply_overrides(load_config("configs/base.py:tiny"), overrides, "arm x")
+
+
+def test_every_ablation_arm_is_a_valid_config_and_the_ends_are_the_reference_and_the_demo():
+  config = validate(load_config("configs/ablation.py"))
+  arms = dict(parse_arm(entry) for entry in config.experiment.arms)
+  built = {name: validate(apply_overrides(config, overrides, name)) for name, overrides in arms.items()}
+  reference = built["reference"]
+  assert reference.model.decoder.memory_position == "none" and not reference.loss.aux_layers
+  assert reference.loss.description_to_query == 0 and reference.model.decoder.dropout == 0.1
+  demo = built["demo"]
+  assert demo.model.decoder.memory_position == "learned" and demo.model.decoder.position_in_values
+  assert demo.loss.aux_layers and demo.loss.description_to_query > 0 and demo.model.decoder.dropout == 0

@@ -16,6 +16,7 @@ from grain_jax.eval import datasets
 from grain_jax.eval import grounding
 from grain_jax.eval import retrieval
 from grain_jax.eval import zeroshot
+from grain_jax.ops import localization
 
 
 def _normalized(rng, *shape):
@@ -57,16 +58,21 @@ def test_scores_global_region_and_mixed():
   mask = np.array([[True, True], [True, False]])
   text = zeroshot.ClassEmbeddings(_normalized(rng, 2, 4), _normalized(rng, 2, 2, 4), mask)
   expected_global = global_embed @ text.class_vectors.T
-  expected_region = np.zeros((2, 2))
+  expected_region, expected_best = np.zeros((2, 2)), np.zeros((2, 2))
   for b in range(2):
     for c in range(2):
       per_query = region_embed[b] @ text.descriptor_embeds[c][mask[c]].T  # [Q, D_c]
       expected_region[b, c] = per_query.max(axis=1).mean()
+      expected_best[b, c] = per_query.mean(axis=1).max()
   np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text), expected_global, atol=1e-6)
   np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "region"), expected_region,
                              atol=1e-6)
   np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "mixed", 0.25),
                              0.25 * expected_global + 0.75 * expected_region, atol=1e-6)
+  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "best_region"), expected_best,
+                             atol=1e-6)
+  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "best_mixed", 0.25),
+                             0.25 * expected_global + 0.75 * expected_best, atol=1e-6)
   with pytest.raises(ValueError, match="needs region embeddings"):
     zeroshot.scores(global_embed, None, text, "region")
   with pytest.raises(ValueError, match="must be one of"):
@@ -170,7 +176,44 @@ def test_grounding_assignment_iou_and_picture(tmp_path):
   boxes = np.array([[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]], np.float32)
   np.testing.assert_allclose(grounding.box_iou(boxes, boxes[[0, 0]]), [1.0, 0.0], atol=1e-6)
   image = np.full((20, 30, 3), 90, np.uint8)
-  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g.png"),
-                        true_boxes=boxes[:1], size=64)
+  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g.png"), size=64)
   picture = np.asarray(Image.open(path))
   assert picture.shape == (64, 64, 3) and (picture != 90).any()
+  # With the truth: two panels (true boxes, predicted), a title strip above them.
+  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g2.png"),
+                        true_boxes=boxes[::-1], other_boxes=boxes[:1], size=64)
+  picture = np.asarray(Image.open(path))
+  assert picture.shape == (64 + 16, 2 * 64 + 8, 3)
+  truth, predicted = picture[16:, :64], picture[16:, 72:]
+  assert (truth != predicted).any()  # the boxes differ between the panels
+
+
+def test_image_blind_boxes_score_exactly_the_fixed_box_baseline():
+  """A decoder that ignores the image (the fitted fixed boxes on every image) has conditioning
+  ratio 0 and the baseline's recalls; one whose boxes follow the objects has neither."""
+  rng = np.random.default_rng(0)
+  centres = rng.uniform(0.25, 0.75, (6, 2))
+
+  def scenes(count):
+    which = rng.integers(0, 6, count)
+    sizes = rng.uniform(0.15, 0.4, (count, 2))
+    return np.concatenate([centres[which] + rng.normal(0, 0.05, (count, 2)), sizes], -1).astype(np.float32)
+
+  train, true = scenes(400), scenes(90)
+  phrase_image = np.repeat(np.arange(30), 3)  # 30 images, 3 phrases each
+  fitted = localization.fit_fixed_boxes(train, 5, 0.5)
+  baseline = grounding.fixed_box_baseline(fitted, true, 0.5)
+  fixed = np.broadcast_to(fitted, (30, 5, 4))
+  # Greedy coverage picks the best single box first: query 0 is the one-box baseline.
+  blind = grounding.box_metrics(fixed, phrase_image, np.zeros(90, int), true, 0.5, fitted)
+  assert blind["conditioning_ratio"] == pytest.approx(0.0, abs=1e-5)
+  assert blind["any_query_recall"] == pytest.approx(baseline["best_of_k_recall"])
+  assert blind["recall"] == pytest.approx(baseline["single_box_recall"])
+  assert blind["fixed_box_baseline"] == baseline
+  assert 0 < baseline["single_box_recall"] < baseline["best_of_k_recall"] < 100
+
+  following = rng.uniform(0.2, 0.8, (30, 5, 4)).astype(np.float32)
+  following[:, :3] = true.reshape(30, 3, 4)  # each phrase's object under queries 0-2
+  seeing = grounding.box_metrics(following, phrase_image, np.tile(np.arange(3), 30), true)
+  assert seeing["recall"] == seeing["any_query_recall"] == seeing["query_choice_accuracy"] == 100
+  assert seeing["mean_iou"] == pytest.approx(1.0) and seeing["conditioning_ratio"] > 0.5

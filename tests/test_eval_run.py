@@ -57,10 +57,16 @@ def test_results_json_table_and_pictures(single_device):
     assert 0 <= retrieval[direction]["R@1"] <= retrieval[direction]["R@5"] <= retrieval[direction]["R@10"] <= 100
   grounding = results["grounding"]["synthetic"]
   assert 0 <= grounding["recall"] <= grounding["any_query_recall"] <= 100 and grounding["num_phrases"] > 5
+  assert 0 <= grounding["query_choice_accuracy"] <= 100 and grounding["conditioning_ratio"] >= 0
   assert len(grounding["pictures"]) == 2 and all(os.path.exists(p) for p in grounding["pictures"])
+  fixed = grounding["fixed_box_baseline"]  # fitted on the one training image's boxes
+  assert len(fixed["boxes"]) == 5 and fixed["fitted_on_boxes"] >= 1
+  assert 0 <= fixed["single_box_recall"] <= fixed["best_of_k_recall"] <= 100
   assert results["classification_average"]["datasets"] == []
   table = run.format_table(results)
-  assert "top1 descriptions/mixed" in table and "i->t R@1/5/10" in table and "box recall@0.5" in table
+  for row in ("top1 descriptions/mixed", "i->t R@1/5/10", "box recall@0.5", "box conditioning ratio",
+              "fixed boxes recall (best of k)"):
+    assert row in table
 
 
 def test_a_sharded_mesh_gives_the_numbers_of_one_device(config, single_device, tmp_path):
@@ -81,6 +87,7 @@ def test_a_sharded_mesh_gives_the_numbers_of_one_device(config, single_device, t
   assert (got["recall"], got["any_query_recall"], got["num_phrases"]) == (
       want["recall"], want["any_query_recall"], want["num_phrases"])
   assert got["mean_iou"] == pytest.approx(want["mean_iou"], abs=1e-5)
+  assert got["conditioning_ratio"] == pytest.approx(want["conditioning_ratio"], abs=1e-5)
 
 
 def test_clip_baseline_gets_global_heads_and_no_grounding(config, tmp_path):

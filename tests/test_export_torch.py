@@ -35,10 +35,8 @@ def tiny_config():
   return config
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-  """A checkpointed tiny model, its parameters by path, its workdir and its export's files."""
-  config = tiny_config()
+def moved_model(config):
+  """A tiny model with every parameter moved off its initial value, and those values by path."""
   single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   model = sharding.create_sharded(lambda: build_model(config.model, 0), single, config.sharding_rules)
   rng = np.random.default_rng(0)
@@ -46,15 +44,42 @@ def exported(tmp_path_factory):
            for path, leaf in param_tree.flatten(nnx.state(model, nnx.Param)).items()}
   nnx.update(model, param_tree.replace(nnx.state(model, nnx.Param), moved))
   model.eval()
+  return model, moved
 
-  workdir = str(tmp_path_factory.mktemp("run"))
+
+def export_as_checkpoint(config, model, workdir: str) -> dict[str, str]:
+  """Saves `model` as a step-7 training checkpoint in `workdir` and exports it."""
   params = nnx.state(model, nnx.Param)
   state = trainer.init_state(model, optim.make_optimizer(params, config.optim, 10))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
   checkpointer.save(state._replace(step=np.int32(7)), iter(grain.MapDataset.range(4).to_iter_dataset()))
   checkpointer.close()
-  paths = to_torch.export_checkpoint(config, workdir)
-  return model, moved, workdir, paths
+  return to_torch.export_checkpoint(config, workdir)
+
+
+def twin_outputs(backbone, decoder, images: np.ndarray):
+  with torch.no_grad():
+    tokens = backbone.visual(torch.from_numpy(images).permute(0, 3, 1, 2))
+    return decoder(tokens, backbone.visual.pos_embed)
+
+
+def assert_twin_matches(model, backbone, decoder):
+  images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  ours = nnx.jit(lambda m, x: m.encode_image(x))(model, images)
+  global_embed, region_embed, boxes = twin_outputs(backbone, decoder, images)
+  for name, theirs, mine in (("global", global_embed, ours.global_embed), ("regions", region_embed, ours.region_embed),
+                             ("boxes", boxes, ours.boxes)):
+    assert theirs.shape == mine.shape, name
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(mine), rtol=0, atol=TOLERANCE, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """A checkpointed tiny model, its parameters by path, its workdir and its export's files."""
+  config = tiny_config()
+  model, moved = moved_model(config)
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return model, moved, workdir, export_as_checkpoint(config, model, workdir)
 
 
 def test_export_writes_both_files_with_the_same_tensors(exported):
@@ -76,20 +101,54 @@ def test_export_writes_both_files_with_the_same_tensors(exported):
 def test_twins_reproduce_the_jax_model(exported):
   model, _, _, paths = exported
   backbone, decoder = torch_modules.load_exported(paths["pth"])
-  images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+  assert_twin_matches(model, backbone, decoder)
   ids = tokenize(["a small orange bird with a black back", "a photo of a striped red triangle", "a"])
-  encode_image = nnx.jit(lambda m, x: m.encode_image(x))
-  encode_text = nnx.jit(lambda m, t: m.encode_text(t))
-  ours = encode_image(model, images)
-  ours_text = encode_text(model, ids)
+  ours_text = nnx.jit(lambda m, t: m.encode_text(t))(model, ids)
   with torch.no_grad():
-    tokens = backbone.visual(torch.from_numpy(images).permute(0, 3, 1, 2))
-    global_embed, region_embed, boxes = decoder(tokens)
     text_embed = backbone.encode_text(torch.from_numpy(np.asarray(ids, np.int64)))
-  for name, theirs, mine in (("global", global_embed, ours.global_embed), ("regions", region_embed, ours.region_embed),
-                             ("boxes", boxes, ours.boxes), ("text", text_embed, ours_text)):
-    assert theirs.shape == mine.shape, name
-    np.testing.assert_allclose(theirs.numpy(), np.asarray(mine), rtol=0, atol=TOLERANCE, err_msg=name)
+  np.testing.assert_allclose(text_embed.numpy(), np.asarray(ours_text), rtol=0, atol=TOLERANCE)
+
+
+EXTENDED = dict(memory_position="learned", position_in_values=True, box_refinement=True, anchor_queries=True)
+
+
+def test_extended_decoder_export_stops_reference_loaders_and_loads_in_the_twins(tmp_path, capsys):
+  config = tiny_config()
+  config.model.decoder.update(EXTENDED)
+  model, moved = moved_model(config)
+  paths = export_as_checkpoint(config, model, str(tmp_path))
+  assert "options the authors' PyTorch classes lack (memory_position='learned', position_in_values=True, " \
+         "box_refinement=True, anchor_queries=True)" in capsys.readouterr().out
+  checkpoint = torch.load(paths["pth"], weights_only=True)
+  # The reference's loaders read checkpoint['state_dict']: absent, so they stop with a KeyError.
+  assert set(checkpoint) == {"backbone_state_dict", layout.EXTENDED_DECODER_GROUP, "config"}
+  assert checkpoint["config"]["layout"].startswith("grain-jax extended decoder")
+  assert {"memory_pos_embed", "anchor_box_logits", "anchor_pos_mlp.layers.1.weight"} <= set(
+      checkpoint[layout.EXTENDED_DECODER_GROUP])
+  backbone, decoder = torch_modules.load_exported(paths["pth"])
+  assert_twin_matches(model, backbone, decoder)
+  for kind in ("pth", "safetensors"):
+    zeros = jax.tree.map(jax.numpy.zeros_like, nnx.state(model, nnx.Param))
+    restored = param_tree.flatten(from_torch.import_params(paths[kind], zeros, config.model))
+    assert restored.keys() == moved.keys()
+    for path, value in moved.items():
+      np.testing.assert_array_equal(np.asarray(restored[path]), value, err_msg=str(path))
+
+
+@pytest.mark.parametrize("memory_position", ["sine", "vit"])
+def test_twins_compute_the_parameter_free_memory_positions(memory_position):
+  """Options without parameters of their own: only the twin's computation can be wrong."""
+  config = tiny_config()
+  config.model.decoder.update(memory_position=memory_position, position_in_values=memory_position == "vit",
+                              box_refinement=True)
+  model, moved = moved_model(config)
+  state_dicts = layout.to_reference(moved, config.model)
+  backbone = torch_modules.GrainClipBackbone(config.model.to_dict())
+  decoder = torch_modules.RegionQueryDecoder(config.model.to_dict())
+  for module, name in ((backbone, layout.BACKBONE), (decoder, layout.DECODER)):
+    module.load_state_dict({key: torch.from_numpy(value) for key, value in state_dicts[name].items()}, strict=True)
+    module.eval()
+  assert_twin_matches(model, backbone, decoder)
 
 
 @pytest.mark.parametrize("kind", ["pth", "safetensors"])
@@ -157,11 +216,13 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     from_torch.read_checkpoint(path)
 
 
-@pytest.mark.parametrize("preset,kind", [("tiny", "clip"), ("small", "grain"), ("b16", "grain"), ("l14", "grain")])
-def test_twins_declare_exactly_the_exported_keys_and_shapes(preset, kind):
+@pytest.mark.parametrize("preset,kind,decoder", [("tiny", "clip", {}), ("small", "grain", {}), ("b16", "grain", {}),
+                                                 ("l14", "grain", {}), ("b16", "grain", EXTENDED)])
+def test_twins_declare_exactly_the_exported_keys_and_shapes(preset, kind, decoder):
   """For every preset, the export's keys and shapes are the twins' (built without memory on `meta`)."""
   cfg = load_config(f"configs/base.py:{preset}").model
   cfg.kind = kind
+  cfg.decoder.update(decoder)
   params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
   exported_shapes = {**layout.torch_shapes({path: leaf.shape for path, leaf in param_tree.flatten(params).items()}, cfg),
                      **layout.untrained_shapes(cfg)}

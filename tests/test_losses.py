@@ -85,6 +85,21 @@ def np_region_loss(region, desc, valid, query_of_target, text_id, logit_scale, m
   return (np.mean(losses_), np.mean(correct)) if losses_ else (0.0, 0.0)
 
 
+def np_description_query_loss(region, desc, valid, query_of_target, logit_scale):
+  """Each matched description against the Q queries of its own image."""
+  losses_, correct = [], []
+  for b, t in zip(*np.nonzero(valid & (query_of_target >= 0))):
+    logits = np.exp(logit_scale) * np_normalize(region[b]) @ np_normalize(desc[b, t])
+    losses_.append(-np_log_softmax_at(logits, query_of_target[b, t]))
+    correct.append(logits.argmax() == query_of_target[b, t])
+  return (np.mean(losses_), np.mean(correct)) if losses_ else (0.0, 0.0)
+
+
+def np_spread_ratio(pred, target, valid):
+  """Per-query std over images of the predicted boxes / std of the valid targets, per coordinate."""
+  return pred.std(axis=0).mean() / target[valid].std(axis=0).mean()
+
+
 # ----------------------------------------------------------------------------- batches, jitted fns
 
 def random_batch(seed, batch=B, num_targets=T, empty=False):
@@ -109,7 +124,7 @@ def random_batch(seed, batch=B, num_targets=T, empty=False):
       desc_text_id=rng.integers(0, 6, (batch, num_targets)).astype(np.int32))
 
 
-def expected_grain_loss(batch, aux_layers, num_groups=1, mask_duplicates=True):
+def expected_grain_loss(batch, aux_layers, num_groups=1, mask_duplicates=True, description_to_query=0.0):
   valid = batch["box_valid"]
   l1 = giou = 0.0
   for layer in range(L) if aux_layers else [L - 1]:
@@ -120,10 +135,13 @@ def expected_grain_loss(batch, aux_layers, num_groups=1, mask_duplicates=True):
   rd, accuracy = np_region_loss(batch["region_embed"], batch["desc_embed"], valid, query_of_target,
                                 batch["desc_text_id"], batch["logit_scale"], mask_duplicates,
                                 num_groups)
+  dq, dq_accuracy = np_description_query_loss(batch["region_embed"], batch["desc_embed"], valid, query_of_target,
+                                              batch["logit_scale"])
   ic = np_info_nce(batch["image_embed"], batch["caption_embed"], batch["logit_scale"])
-  metrics = dict(loss_ic=ic, loss_l1=l1, loss_giou=giou, loss_rd=rd, match_cost=match_cost,
-                 rd_accuracy=accuracy)
-  return ic + 1.5 * l1 + 1.5 * giou + rd, metrics
+  metrics = dict(loss_ic=ic, loss_l1=l1, loss_giou=giou, loss_rd=rd, loss_dq=dq, match_cost=match_cost,
+                 rd_accuracy=accuracy, dq_accuracy=dq_accuracy,
+                 box_spread_ratio=np_spread_ratio(batch["layer_boxes"][-1], batch["target_boxes"], valid))
+  return ic + 1.5 * l1 + 1.5 * giou + rd + description_to_query * dq, metrics
 
 
 def make_config(**loss_overrides):
@@ -134,10 +152,10 @@ def make_config(**loss_overrides):
 
 @functools.lru_cache(maxsize=None)
 def jitted_loss_and_grads(aux_layers=False, region_negatives="global", mask_duplicates=True,
-                          batch_shards=1):
+                          batch_shards=1, description_to_query=0.0):
   """One compiled (loss, metrics), grads function per configuration."""
   config = make_config(aux_layers=aux_layers, region_negatives=region_negatives,
-                       mask_duplicate_descriptions=mask_duplicates)
+                       mask_duplicate_descriptions=mask_duplicates, description_to_query=description_to_query)
 
   def loss(differentiable, fixed):
     return losses.grain_loss(**differentiable, **fixed, matching_config=config.matching,
@@ -212,11 +230,12 @@ def test_region_description_loss_masks_duplicates_and_groups():
     losses.region_description_loss(*args, num_groups=3)
 
 
-@pytest.mark.parametrize("aux_layers", [False, True])
-def test_grain_loss_matches_numpy(aux_layers):
+@pytest.mark.parametrize("aux_layers,description_to_query", [(False, 0.0), (True, 0.7)])
+def test_grain_loss_matches_numpy(aux_layers, description_to_query):
   batch = random_batch(2)
-  total, metrics, _ = run(batch, aux_layers=aux_layers)
-  expected_total, expected_metrics = expected_grain_loss(batch, aux_layers)
+  total, metrics, _ = run(batch, aux_layers=aux_layers, description_to_query=description_to_query)
+  assert set(metrics) == {"loss_ic", *losses.REGION_METRICS}  # the plain-CLIP baseline reports the same
+  expected_total, expected_metrics = expected_grain_loss(batch, aux_layers, description_to_query=description_to_query)
   assert_metrics_close(metrics, expected_metrics)
   np.testing.assert_allclose(total, expected_total, rtol=2e-5)
 
@@ -234,9 +253,9 @@ def test_grain_loss_per_device_negatives_duplicates_and_more_targets_than_querie
 
 def test_empty_batch_is_finite_with_finite_gradients():
   batch = random_batch(4, empty=True)
-  total, metrics, grads = run(batch, aux_layers=True)
+  total, metrics, grads = run(batch, aux_layers=True, description_to_query=0.7)
   assert np.isfinite(total)
-  for key in ("loss_l1", "loss_giou", "loss_rd", "match_cost", "rd_accuracy"):
+  for key in ("loss_l1", "loss_giou", "loss_rd", "loss_dq", "match_cost", "rd_accuracy", "dq_accuracy"):
     assert metrics[key] == 0.0, key
   np.testing.assert_allclose(total, metrics["loss_ic"], rtol=1e-6)
   for name, grad in grads.items():
@@ -253,8 +272,8 @@ def test_padding_slots_change_nothing():
   padded["desc_embed"] = np.concatenate([batch["desc_embed"], garbage(B, 3, E)], 1)
   padded["box_valid"] = np.concatenate([batch["box_valid"], np.zeros((B, 3), bool)], 1)
   padded["desc_text_id"] = np.concatenate([batch["desc_text_id"], np.zeros((B, 3), np.int32)], 1)
-  total, metrics, grads = run(batch, aux_layers=True)
-  padded_total, padded_metrics, padded_grads = run(padded, aux_layers=True)
+  total, metrics, grads = run(batch, aux_layers=True, description_to_query=0.7)
+  padded_total, padded_metrics, padded_grads = run(padded, aux_layers=True, description_to_query=0.7)
   np.testing.assert_allclose(padded_total, total, rtol=1e-6)
   assert_metrics_close(padded_metrics, metrics)
   for name in DIFFERENTIABLE:
@@ -273,8 +292,8 @@ def test_plain_clip_mode():
       loss_config=config.loss))(batch["image_embed"], batch["caption_embed"], batch["logit_scale"])
   np.testing.assert_allclose(total, np_info_nce(batch["image_embed"], batch["caption_embed"],
                                                 batch["logit_scale"]), rtol=1e-5)
-  assert set(metrics) == {"loss_ic", "loss_l1", "loss_giou", "loss_rd", "match_cost",
-                          "rd_accuracy"}
+  assert set(metrics) == {"loss_ic", *losses.REGION_METRICS}
+  assert not any(float(metrics[name]) for name in losses.REGION_METRICS)
 
 
 def test_sharded_global_batch_gives_the_same_loss():

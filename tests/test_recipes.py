@@ -11,12 +11,16 @@ RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}
 
 
 @pytest.mark.parametrize("path", RECIPES)
-@pytest.mark.parametrize("kind", ["grain", "clip"])
+@pytest.mark.parametrize("kind", recipe.KINDS)
 @pytest.mark.parametrize("mesh", sorted(recipe.FITS))
 def test_recipe_has_the_papers_hyperparameters(path, kind, mesh):
   devices = meshes.HARDWARE[mesh]["devices"]
   config = validate(load_config(f"{path}:{kind},{mesh}"), num_devices=devices)
-  assert config.model.kind == kind and config.model.preset == "b16"
+  assert config.model.kind == ("grain" if kind == "grain_grounded" else kind) and config.model.preset == "b16"
+  grounded = kind == "grain_grounded"
+  assert (config.model.decoder.memory_position == "learned") == grounded
+  assert config.loss.aux_layers == grounded and (config.loss.description_to_query > 0) == grounded
+  assert (config.model.decoder.depth, config.model.decoder.width) == (6, 512)
   assert config.model.image.width == 768 and config.model.decoder.num_region_queries == 5
   assert config.data.batch_size == 2048 and config.data.batch_size % devices == 0
   epoch = math.ceil(RECIPES[path] / 2048)

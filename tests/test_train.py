@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from grain_jax.config import load_config
+from grain_jax.data import pipeline
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer
@@ -45,7 +46,7 @@ def read_checkpoint(workdir) -> TrainState:
 
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(init))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, async_save=False)
-  iterator = iter(trainer.pipeline.train_dataset_from_config(config, trainer.training_data_dir(config, workdir)))
+  iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
   state = checkpointer.restore_latest(like, iterator)
   checkpointer.close()
   return state

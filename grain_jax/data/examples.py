@@ -82,6 +82,13 @@ def choose_caption(record: records.Record, rng: np.random.Generator,
   return caption, []
 
 
+def top_regions(record: records.Record, num_regions: int) -> tuple[list[records.Region], list[str]]:
+  """The record's `num_regions` best regions by detector score (what training supervises), after
+  quality repairs; returns (regions, repairs). Raises quality.BadRecordError to skip."""
+  regions, repairs = quality.clean_regions(record.regions)
+  return sorted(regions, key=lambda r: -r.score)[:num_regions], repairs
+
+
 def make_example(record: records.Record, rng: np.random.Generator, image_size: int,
                  num_regions: int,
                  mllm_prob: float = 0.5) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -92,8 +99,7 @@ def make_example(record: records.Record, rng: np.random.Generator, image_size: i
   with H = W = `image_size` and k = `num_regions`; regions are the top-k by detector score.
   """
   caption, repairs = choose_caption(record, rng, mllm_prob)
-  regions, region_repairs = quality.clean_regions(record.regions)
-  regions = sorted(regions, key=lambda r: -r.score)[:num_regions]
+  regions, region_repairs = top_regions(record, num_regions)
   image = load_image(record.image, image_size)
 
   tokens = tokenize([caption] + [r.description for r in regions])

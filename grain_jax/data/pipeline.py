@@ -26,6 +26,7 @@ import numpy as np
 from grain_jax.data import examples
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.data import synthetic
 
 BATCH_KEYS = ("image", "caption_ids", "boxes", "box_valid", "desc_ids", "desc_text_id")
 
@@ -198,6 +199,11 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
   return TrainDataset(dataset, data_dir, max_bad_fraction)
+
+
+def training_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`config.data.train_dir`, or the built-in synthetic dataset (generated if missing)."""
+  return config.data.train_dir or synthetic.for_config(config, workdir)["train"]
 
 
 def train_dataset_from_config(config: ml_collections.ConfigDict, data_dir: str,

@@ -3,8 +3,8 @@
   results = run_evaluation(config, model, workdir, mesh)   # writes workdir/eval/results.json
 
 Classification heads are "names/global" (classic CLIP zero-shot: templates x class names) and,
-for a set with descriptors, "descriptions/<score>" for each `config.eval.scores` mode (region and
-mixed only for a GRAIN model). Accuracies are in %.
+for a set with descriptors, "descriptions/<score>" for each `config.eval.scores` mode (every mode
+but "global" only for a GRAIN model). Accuracies are in %.
 """
 
 import json
@@ -15,12 +15,14 @@ import jax
 import numpy as np
 
 from grain_jax.data import eval_sets
+from grain_jax.data import pipeline
 from grain_jax.data import prompts
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
 from grain_jax.eval import retrieval
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
+from grain_jax.ops import localization
 
 
 def _subset_retrieval(data: eval_sets.RetrievalSet, keep: np.ndarray) -> eval_sets.RetrievalSet:
@@ -36,6 +38,31 @@ def _subset_grounding(data: eval_sets.GroundingSet, keep: np.ndarray) -> eval_se
   """The images `keep` of a grounding set."""
   return eval_sets.GroundingSet(Subset(data.source, keep), [data.phrases[i] for i in keep],
                                 [data.boxes[i] for i in keep])
+
+
+def _fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict | None:
+  """The grounding set `entry`'s image-blind baseline boxes, fitted on the training data's boxes
+  (once per data directory, kept in `fitted`): {"boxes" [K, 4], "fitted_on_boxes", "data_dir"}, or
+  None (logged) when `config.eval.fixed_box_records` is 0 or there is no training data to fit on."""
+  cfg = config.eval
+  if not cfg.fixed_box_records:
+    return None
+  if not config.data.train_dir and entry != "synthetic":
+    logging.warning("grounding %s: no fixed-box baseline without config.data.train_dir (the training data)", entry)
+    return None
+  data_dir = pipeline.training_data_dir(config, workdir)
+  if data_dir not in fitted:
+    try:
+      boxes = grounding.training_boxes(data_dir, config.model.decoder.num_region_queries, cfg.fixed_box_records)
+    except (OSError, ValueError) as error:
+      logging.warning("grounding: no fixed-box baseline, the training data in %s cannot be read: %s", data_dir, error)
+      boxes = np.zeros((0, 4), np.float32)
+    if not len(boxes):
+      logging.warning("grounding: no fixed-box baseline, %s holds no region boxes", data_dir)
+    fitted[data_dir] = None if not len(boxes) else {
+        "boxes": localization.fit_fixed_boxes(boxes, config.model.decoder.num_region_queries, cfg.iou_threshold),
+        "fitted_on_boxes": int(len(boxes)), "data_dir": data_dir}
+  return fitted[data_dir]
 
 
 def _classification(model, runner: Runner, entry: str, config, workdir: str,
@@ -89,6 +116,11 @@ def format_table(results: dict) -> str:
     else:
       rows.append((name, f"box recall@{r['iou_threshold']:g} (any query)",
                    f"{r['recall']:.1f} ({r['any_query_recall']:.1f})"))
+      rows.append((name, "box conditioning ratio", f"{r['conditioning_ratio']:.2f}"))
+      if "fixed_box_baseline" in r:
+        fixed = r["fixed_box_baseline"]
+        rows.append((name, "fixed boxes recall (best of k)",
+                     f"{fixed['single_box_recall']:.1f} ({fixed['best_of_k_recall']:.1f})"))
   widths = [max(len(row[i]) for row in rows) for i in range(3)]
   return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
@@ -133,6 +165,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     name, data = datasets.retrieval(entry, config, workdir)
     data = _subset_retrieval(data, spread(len(data.source), cfg.max_examples))
     results["retrieval"][name] = retrieval.evaluate(model, runner, data, image_size)
+  fitted = {}
   for entry in cfg.grounding:
     name, data = datasets.grounding(entry, config, workdir)
     if model.kind != "grain":
@@ -140,8 +173,12 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       continue
     data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
     picture_dir = os.path.join(out_dir, "grounding", name) if writer else ""
-    results["grounding"][name] = grounding.evaluate(model, runner, data, image_size, cfg.iou_threshold,
-                                                    picture_dir, cfg.num_pictures)
+    fixed = _fixed_boxes(config, workdir, entry, fitted)
+    result = grounding.evaluate(model, runner, data, image_size, cfg.iou_threshold, picture_dir, cfg.num_pictures,
+                                None if fixed is None else fixed["boxes"])
+    if fixed is not None:
+      result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
+    results["grounding"][name] = result
   if writer:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

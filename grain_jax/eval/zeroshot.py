@@ -4,10 +4,13 @@ A class vector is the mean of the normalized embeddings of its prompts (template
 see grain_jax/data/prompts.py), re-normalized (the reference skips that: `renormalize=False`).
 An image is scored against every class by
 
-  global: cosine(global image embedding, class vector);
-  region: for each region query the best of the class's descriptors (raw descriptor texts, no
-          template), averaged over the queries;
-  mixed:  alpha * global + (1 - alpha) * region.
+  global:      cosine(global image embedding, class vector);
+  region:      for each region query the best of the class's descriptors (raw descriptor texts, no
+               template), averaged over the queries (the reference's region score);
+  mixed:       alpha * global + (1 - alpha) * region;
+  best_region: the region query that best fits all of the class's descriptors (mean over them),
+               i.e. the one object that has every described attribute;
+  best_mixed:  alpha * global + (1 - alpha) * best_region.
 
 Without descriptors ("names" prompts) this is classic CLIP zero-shot.
 """
@@ -29,7 +32,7 @@ from jax.experimental import multihost_utils
 from grain_jax.data import prompts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
 
-SCORES = ("global", "region", "mixed")
+SCORES = ("global", "region", "mixed", "best_region", "best_mixed")
 
 
 @dataclasses.dataclass
@@ -141,9 +144,13 @@ def scores(global_embed: jax.Array, region_embed: jax.Array | None, text: ClassE
   if region_embed is None or text.descriptor_embeds is None:
     raise ValueError(f"score={score!r} needs region embeddings (a GRAIN model) and descriptors")
   similarity = jnp.einsum("bqe,cde->bqcd", region_embed, jnp.asarray(text.descriptor_embeds))
-  similarity = jnp.where(jnp.asarray(text.descriptor_mask)[None, None], similarity, -jnp.inf)
-  region_scores = similarity.max(axis=-1).mean(axis=1)
-  if score == "region":
+  mask = jnp.asarray(text.descriptor_mask)[None, None]
+  if score.startswith("best"):
+    per_query = jnp.where(mask, similarity, 0.0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
+    region_scores = per_query.max(axis=1)
+  else:
+    region_scores = jnp.where(mask, similarity, -jnp.inf).max(axis=-1).mean(axis=1)
+  if score in ("region", "best_region"):
     return region_scores
   return alpha * global_scores + (1 - alpha) * region_scores
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from grain_jax.export import layout, param_tree
 
-GROUPS = {group: name for name, group in layout.GROUP_NAMES.items()}  # "backbone_state_dict" -> "backbone"
+# Checkpoint group -> our state dict: "backbone_state_dict" -> "backbone", "state_dict" -> "decoder".
+GROUPS = {group: name for name, group in layout.GROUP_NAMES.items()} | {layout.EXTENDED_DECODER_GROUP: layout.DECODER}
 OPEN_CLIP_TIMM_TRUNK = "visual.trunk."
 OPENAI_VISION_KEY = "visual.conv1.weight"
 

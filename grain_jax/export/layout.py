@@ -20,6 +20,8 @@ StateDict = dict[str, np.ndarray]
 BACKBONE, DECODER = "backbone", "decoder"
 # The reference checkpoint's names for the two state dicts.
 GROUP_NAMES = {BACKBONE: "backbone_state_dict", DECODER: "state_dict"}
+# Our name for the decoder's state dict when it has options the reference lacks (`group_names`).
+EXTENDED_DECODER_GROUP = "grain_jax_decoder_state_dict"
 MODULE_PREFIX = "module."  # what the reference's DDP-wrapped loaders expect on every key
 # The reference decoder's class head (22047 classes + "no object"), its 512-patch positional
 # table and 4-frame temporal table: declared by the reference, unused by its forward pass.
@@ -123,7 +125,7 @@ def _image_tower(qk_norm: bool) -> list[Entry]:
   return entries
 
 
-def _decoder(num_box_layers: int) -> list[Entry]:
+def _decoder(decoder_cfg) -> list[Entry]:
   layer, ours = "transformer.decoder.layers.{layer}", ("decoder", "layers", "blocks")
   entries = [
       Entry(DECODER, "obj_proj", ("decoder", "obj_proj"), COPY, "decoder"),
@@ -139,9 +141,41 @@ def _decoder(num_box_layers: int) -> list[Entry]:
   ]
   for index in (1, 2, 3):
     entries += _norm(DECODER, f"{layer}.norm{index}", ours + (f"norm{index}",), "decoder", True)
-  for index in range(num_box_layers):
+  for index in range(3):
     entries += _linear(DECODER, f"bbox_embed.layers.{index}", ("decoder", "bbox_embed", "layers", index), "decoder")
+  # Options the reference lacks, under names of our own (see `decoder_extensions`).
+  if decoder_cfg.memory_position == "learned":
+    entries.append(Entry(DECODER, "memory_pos_embed", ("decoder", "memory_pos_embed"), COPY, "decoder"))
+  if decoder_cfg.box_refinement:
+    entries.append(Entry(DECODER, "anchor_box_logits", ("decoder", "anchors"), COPY, "decoder"))
+  if decoder_cfg.anchor_queries:
+    for index in range(2):
+      entries += _linear(DECODER, f"anchor_pos_mlp.layers.{index}",
+                         ("decoder", "anchor_positions", "layers", index), "decoder")
   return entries
+
+
+def decoder_extensions(model_config) -> list[str]:
+  """The `config.model.decoder` options of a GRAIN model that the reference's classes lack, as
+  `field=value` strings; empty for the reference decoder (and for the plain-CLIP baseline).
+
+  `model_config` is the `config.model` section, or its plain-dict form from an export's metadata.
+  """
+  if model_config["kind"] != "grain":
+    return []
+  decoder, reference = model_config["decoder"], dict(memory_position="none", position_in_values=False,
+                                                  box_refinement=False, anchor_queries=False)
+  return [f"{field}={decoder.get(field, value)!r}" for field, value in reference.items()
+          if decoder.get(field, value) != value]
+
+
+def group_names(model_config) -> dict[str, str]:
+  """Our state dicts -> their names in the checkpoint. A decoder with `decoder_extensions` is written
+  as EXTENDED_DECODER_GROUP instead of `state_dict`: the reference's loaders (which read
+  `state_dict`) then stop instead of running a different model with the same weights."""
+  if decoder_extensions(model_config):
+    return {BACKBONE: GROUP_NAMES[BACKBONE], DECODER: EXTENDED_DECODER_GROUP}
+  return dict(GROUP_NAMES)
 
 
 def reference_layout(model_config) -> list[Entry]:
@@ -151,7 +185,7 @@ def reference_layout(model_config) -> list[Entry]:
   if model_config.kind == "clip":
     entries.append(Entry(BACKBONE, "image_projection", ("image_projection",), COPY, "shared"))
   else:
-    entries += _decoder(num_box_layers=3)
+    entries += _decoder(model_config.decoder)
   return entries
 
 

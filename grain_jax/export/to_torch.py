@@ -7,6 +7,9 @@ into `DIR/export/`:
                           classes and by `grain_jax.export.torch_modules`;
   grain_clip.safetensors  the same tensors, keys prefixed `backbone_state_dict.` / `state_dict.`,
                           the config as JSON under the header metadata key `config`.
+A decoder with options the reference lacks (`layout.decoder_extensions`: a memory position code,
+box refinement, anchor queries) cannot run in the reference's classes: export says so and writes
+its state dict as `grain_jax_decoder_state_dict`, which only our twins load.
 Only the parameters are read from the checkpoint (not the optimizer state), into the config's
 mesh and sharding; each parameter is then gathered to the host on its own.
 """
@@ -45,18 +48,33 @@ def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
 
 
 def export_metadata(config, step: int) -> dict:
-  """The `config` entry of the export: the model section (what the twins are built from) and the step.
+  """The `config` entry of the export: the model section (what the twins are built from), the step
+  and the layout ("grain-clip reference", or the decoder options the reference lacks).
 
   Plain JSON values (lists, not tuples), so the .pth and the .safetensors header hold the same.
   """
-  return json.loads(json.dumps({"model": config.model.to_dict(), "step": step, "layout": "grain-clip reference"}))
+  extensions = layout.decoder_extensions(config.model)
+  kind = f"grain-jax extended decoder ({', '.join(extensions)})" if extensions else "grain-clip reference"
+  return json.loads(json.dumps({"model": config.model.to_dict(), "step": step, "layout": kind}))
+
+
+def extension_message(model_config) -> str:
+  """What export says about a decoder the reference's classes cannot run ("" when they can)."""
+  extensions = layout.decoder_extensions(model_config)
+  if not extensions:
+    return ""
+  return (f"config.model.decoder has options the authors' PyTorch classes lack ({', '.join(extensions)}): they "
+          f"cannot run this model, so its decoder is written as '{layout.EXTENDED_DECODER_GROUP}' instead of "
+          "'state_dict' (their loaders stop there rather than run a different model). Load it with "
+          "grain_jax.export.torch_modules.load_exported.")
 
 
 def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str,
                  module_prefix: bool = False) -> dict[str, str]:
   """Writes `grain_clip.pth` and `grain_clip.safetensors` into `directory`; returns their paths.
 
-  `module_prefix` prepends `module.` to every key, as the reference's DDP-wrapped loaders expect.
+  Group names come from `layout.group_names(metadata["model"])`. `module_prefix` prepends `module.`
+  to every key, as the reference's DDP-wrapped loaders expect.
   """
   try:
     import torch
@@ -65,7 +83,8 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
   from safetensors.numpy import save_file
 
   prefix = layout.MODULE_PREFIX if module_prefix else ""
-  groups = {layout.GROUP_NAMES[name]: {prefix + key: value for key, value in state_dict.items()}
+  names = layout.group_names(metadata["model"])
+  groups = {names[name]: {prefix + key: value for key, value in state_dict.items()}
             for name, state_dict in state_dicts.items() if state_dict}
   os.makedirs(directory, exist_ok=True)
   paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
@@ -86,6 +105,9 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict
   directory = os.path.join(workdir, "export")
   paths = {}
   if jax.process_index() == 0:
+    message = extension_message(config.model)
+    if message:
+      print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
     sizes = {kind: f"{os.path.getsize(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
     print(f"exported step {step} of {checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)

@@ -2,7 +2,7 @@
 
   backbone, decoder = load_exported("runs/x/export/grain_clip.pth")   # strict=True loading
   tokens = backbone.visual(images)               # images [B, 3, H, W], ImageNet-normalized
-  global_embed, region_embed, boxes = decoder(tokens)
+  global_embed, region_embed, boxes = decoder(tokens, backbone.visual.pos_embed)
   text_embed = backbone.encode_text(token_ids)   # [T, L] int64 CLIP BPE ids
 
 The vision tower has timm `VisionTransformer(qk_norm=True, num_classes=0)`'s names, the text tower
@@ -11,11 +11,14 @@ OpenAI CLIP's, the decoder the reference's DETR-style decoder (with its declared
 """
 
 import collections
+import math
 
 import torch
 from torch import nn
 
-from grain_jax.export.layout import REFERENCE_CLASSES, REFERENCE_FRAMES, REFERENCE_PATCHES, strip_module_prefix
+from grain_jax.export.layout import (REFERENCE_CLASSES, REFERENCE_FRAMES, REFERENCE_PATCHES, group_names,
+                                     strip_module_prefix)
+from grain_jax.models import positions
 
 
 class TimmAttention(nn.Module):
@@ -164,11 +167,14 @@ class DecoderLayer(nn.Module):
     self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=eps) for _ in range(3))
     self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
 
-  def forward(self, targets: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
+  def forward(self, targets: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor,
+              memory_pos: torch.Tensor | None = None, position_in_values: bool = False) -> torch.Tensor:
     normed = self.norm1(targets)
     with_pos = normed + query_pos
     targets = targets + self.dropout1(self.self_attn(with_pos, with_pos, normed, need_weights=False)[0])
-    attended = self.multihead_attn(self.norm2(targets) + query_pos, memory, memory, need_weights=False)[0]
+    keys = memory if memory_pos is None else memory + memory_pos
+    values = keys if position_in_values else memory
+    attended = self.multihead_attn(self.norm2(targets) + query_pos, keys, values, need_weights=False)[0]
     targets = targets + self.dropout2(attended)
     hidden = self.linear2(self.dropout(torch.relu(self.linear1(self.norm3(targets)))))
     return targets + self.dropout3(hidden)
@@ -189,48 +195,104 @@ class DecoderTransformer(nn.Module):
 
 
 class BoxMlp(nn.Module):
-  def __init__(self, width: int):
+  """ReLU MLP; the box head (3 layers, sigmoid applied by the caller) and the anchor MLP (2 layers)."""
+
+  def __init__(self, sizes: list[int]):
     super().__init__()
-    self.layers = nn.ModuleList([nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, 4)])
+    self.layers = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out in zip(sizes, sizes[1:]))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     for index, layer in enumerate(self.layers):
       x = layer(x) if index == len(self.layers) - 1 else torch.relu(layer(x))
-    return x.sigmoid()
+    return x
+
+
+def sine_encode(coords: torch.Tensor, features_per_coord: int) -> torch.Tensor:
+  """`[..., n]` in [0, 1] -> `[..., n * F]`: (sin, cos) pairs of 2 pi x / 10000^(2i / F) per coordinate
+  (grain_jax.models.positions, in torch)."""
+  exponents = torch.arange(features_per_coord // 2, dtype=torch.float32, device=coords.device) * 2 / features_per_coord
+  angles = coords.float()[..., None] * (2 * math.pi) / positions.TEMPERATURE ** exponents
+  return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-3)
 
 
 class RegionQueryDecoder(nn.Module):
   """ViT tokens `[B, T, image_width]` -> (global `[B, E]`, regions `[B, Q, E]`, boxes `[L, B, Q, 4]`).
 
-  Boxes are normalized (cx, cy, w, h) at every decoder layer; embeddings are not normalized.
+  Boxes are normalized (cx, cy, w, h) at every decoder layer; embeddings are not normalized. With
+  the decoder options the reference lacks (`memory_position`, `position_in_values`, `box_refinement`,
+  `anchor_queries`)
+  it computes what grain_jax.models.decoder does with them; `memory_position="vit"` needs the ViT's
+  position embedding (`backbone.visual.pos_embed`) as the second argument.
   """
 
   def __init__(self, model_config):
     super().__init__()
-    cfg, embed_dim = model_config["decoder"], model_config["embed_dim"]
+    cfg, embed_dim, image = model_config["decoder"], model_config["embed_dim"], model_config["image"]
     width = cfg["width"]
     self.num_region_queries = cfg["num_region_queries"]
+    self.memory_position = cfg.get("memory_position", "none")
+    self.position_in_values = cfg.get("position_in_values", False)
     self.transformer = DecoderTransformer(cfg)
     self.class_embed = nn.Linear(width, REFERENCE_CLASSES)
-    self.bbox_embed = BoxMlp(width)
+    self.bbox_embed = BoxMlp([width, width, width, 4])
     self.query_embed = nn.Embedding(self.num_region_queries + 1, width)
     self.pos_embed = nn.Parameter(torch.zeros(1, REFERENCE_PATCHES + 1, width))
     self.temporal_embed = nn.Parameter(torch.zeros(1, REFERENCE_FRAMES, width))
-    self.proj = nn.Linear(model_config["image"]["width"], width, bias=False)
+    self.proj = nn.Linear(image["width"], width, bias=False)
     self.obj_proj = nn.Parameter(torch.zeros(width, embed_dim))
     self.img_proj = nn.Parameter(torch.zeros(width, embed_dim))
+    grid = image["image_size"] // image["patch_size"]
+    if self.memory_position == "learned":
+      self.memory_pos_embed = nn.Parameter(torch.zeros(1 + grid * grid, width))
+    if self.memory_position == "sine":
+      self.register_buffer("sine_table", torch.from_numpy(positions.patch_grid_table(grid, width)), persistent=False)
+    self.anchor_box_logits = (nn.Parameter(torch.zeros(self.num_region_queries, 4)) if cfg.get("box_refinement")
+                              else None)
+    self.anchor_pos_mlp = BoxMlp([2 * width, width, width]) if cfg.get("anchor_queries") else None
 
-  def forward(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    memory = self.transformer.pre_norm(self.proj(image_tokens))
+  def _memory_pos(self, vit_pos_embed: torch.Tensor | None) -> torch.Tensor | None:
+    if self.memory_position == "learned":
+      return self.memory_pos_embed[None]
+    if self.memory_position == "sine":
+      return self.sine_table[None]
+    if self.memory_position == "vit":
+      if vit_pos_embed is None:
+        raise ValueError("memory_position='vit': call the decoder with backbone.visual.pos_embed as its "
+                         "second argument")
+      return self.proj(vit_pos_embed)
+    return None
+
+  def _query_pos(self, boxes: torch.Tensor | None) -> torch.Tensor:
     query_pos = self.query_embed.weight[None]
-    targets = torch.zeros(image_tokens.shape[0], *query_pos.shape[1:], dtype=memory.dtype, device=memory.device)
-    per_layer = []
+    if self.anchor_pos_mlp is None:
+      return query_pos
+    width = query_pos.shape[-1]
+    regions = query_pos[:, : self.num_region_queries] + self.anchor_pos_mlp(sine_encode(boxes, width // 2))
+    return torch.cat([regions, query_pos[:, self.num_region_queries:].expand(boxes.shape[0], -1, -1)], dim=1)
+
+  def forward(self, image_tokens: torch.Tensor, vit_pos_embed: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    memory = self.transformer.pre_norm(self.proj(image_tokens))
+    memory_pos = self._memory_pos(vit_pos_embed)
+    batch, queries = image_tokens.shape[0], self.num_region_queries
+    targets = torch.zeros(batch, queries + 1, memory.shape[-1], dtype=memory.dtype, device=memory.device)
+    # With box refinement each layer corrects the box it starts from, which is the previous layer's
+    # box detached (the learned anchors for the first layer), as in grain_jax.models.decoder.
+    start = None if self.anchor_box_logits is None else self.anchor_box_logits[None].expand(batch, -1, -1)
+    per_layer, boxes = [], []
     for layer in self.transformer.decoder.layers:
-      targets = layer(targets, memory, query_pos)
-      per_layer.append(self.transformer.decoder.norm(targets))
+      query_pos = self._query_pos(None if start is None else start.sigmoid())
+      targets = layer(targets, memory, query_pos, memory_pos, self.position_in_values)
+      hidden = self.transformer.decoder.norm(targets)
+      per_layer.append(hidden)
+      if start is not None:
+        box_logits = start + self.bbox_embed(hidden[:, :queries])
+        boxes.append(box_logits.sigmoid())
+        start = box_logits.detach()
     hidden = torch.stack(per_layer)
-    regions, image_query = hidden[-1, :, : self.num_region_queries], hidden[-1, :, self.num_region_queries]
-    return image_query @ self.img_proj, regions @ self.obj_proj, self.bbox_embed(hidden[:, :, : self.num_region_queries])
+    boxes = torch.stack(boxes) if boxes else self.bbox_embed(hidden[:, :, :queries]).sigmoid()
+    regions, image_query = hidden[-1, :, :queries], hidden[-1, :, queries]
+    return image_query @ self.img_proj, regions @ self.obj_proj, boxes
 
 
 def load_exported(path: str) -> tuple[GrainClipBackbone, RegionQueryDecoder | None]:
@@ -245,7 +307,7 @@ def load_exported(path: str) -> tuple[GrainClipBackbone, RegionQueryDecoder | No
   decoder = None
   if model_config["kind"] == "grain":
     decoder = RegionQueryDecoder(model_config)
-    decoder.load_state_dict(strip_module_prefix(checkpoint["state_dict"]), strict=True)
+    decoder.load_state_dict(strip_module_prefix(checkpoint[group_names(model_config)["decoder"]]), strict=True)
     decoder.eval()
   backbone.eval()
   return backbone, decoder

@@ -45,8 +45,7 @@ class GrainModel(nnx.Module):
     self.visual = VisionTransformer(cfg.image, rngs=rngs, dtype=dtype, **stack)
     self.text = TextTransformer(cfg.text, cfg.embed_dim, rngs=rngs, dtype=dtype, **stack)
     if cfg.kind == "grain":
-      self.decoder = RegionQueryDecoder(cfg.decoder, cfg.image.width, cfg.embed_dim, rngs=rngs, dtype=dtype,
-                                        **stack)
+      self.decoder = RegionQueryDecoder(cfg.decoder, cfg.image, cfg.embed_dim, rngs=rngs, dtype=dtype, **stack)
     else:
       self.image_projection = layers.param(rngs, layers.normal(cfg.image.width ** -0.5),
                                            (cfg.image.width, cfg.embed_dim), ("embed", "joint"))
@@ -58,7 +57,7 @@ class GrainModel(nnx.Module):
     if self.kind == "clip":
       return ImageOutputs((tokens[:, 0] @ self.image_projection.astype(tokens.dtype)).astype(jnp.float32),
                           None, None)
-    decoded = self.decoder(tokens)
+    decoded = self.decoder(tokens, self.visual.pos_embed[...])
     return ImageOutputs(decoded.global_embed, decoded.region_embed, decoded.boxes)
 
   def encode_text(self, ids: jax.Array) -> jax.Array:

@@ -137,12 +137,13 @@ class LayerStack(nnx.Module):
   One parameter layout and one set of initial values whatever the options: `scan=True` compiles
   one block and loops over it (fast compiles at depth); `scan=False` unrolls the loop (what a
   Python loop over blocks would compile to). `remat=True` recomputes each block's activations in
-  the backward pass. Blocks are called as `block(x, *extra)` and return the new `x`.
+  the backward pass. Blocks are called as `block(x, *extra)` and return the new `x`; `scan` runs
+  any per-block step that carries more than `x` (the decoder's box refinement).
   """
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *, rngs: nnx.Rngs,
                scan: bool = False, remat: bool = False):
-    self.scan, self.remat = scan, remat
+    self.scanned, self.remat = scan, remat
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -151,18 +152,23 @@ class LayerStack(nnx.Module):
 
     self.blocks = create(rngs)
 
+  def scan(self, step: Callable, carry):
+    """Runs `step(block, carry) -> (carry, output)` through the blocks in order; returns the final
+    carry and the outputs stacked on a leading `[depth]` axis (None outputs stay None)."""
+    if self.remat:
+      step = nnx.remat(step)
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=not self.scanned)
+    def run(carry, block):
+      return step(block, carry)
+
+    return run(carry, self.blocks)
+
   def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False) -> jax.Array:
     """Returns the final `x`, or with `keep_intermediates` every block's output `[depth, *x.shape]`."""
-    def apply(block, x):
-      return block(x, *extra)
-
-    if self.remat:
-      apply = nnx.remat(apply)
-
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=not self.scan)
-    def run(x, block):
-      x = apply(block, x)
+    def step(block, x):
+      x = block(x, *extra)
       return x, (x if keep_intermediates else None)
 
-    x, intermediates = run(x, self.blocks)
+    x, intermediates = self.scan(step, x)
     return intermediates if keep_intermediates else x

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grain_jax import sharding
 from grain_jax.config import validate
-from grain_jax.data import pipeline, synthetic
+from grain_jax.data import pipeline
 from grain_jax.export import from_torch
 from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
@@ -29,11 +29,6 @@ from grain_jax.train.checkpoint import Checkpointer
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.metrics_writer import MetricsWriter
 from grain_jax.train.step import TrainState, make_train_step
-
-
-def training_data_dir(config, workdir: str) -> str:
-  """`config.data.train_dir`, or the built-in synthetic dataset (generated if missing)."""
-  return config.data.train_dir or synthetic.for_config(config, workdir)["train"]
 
 
 def text_to_bucket(batch: dict[str, np.ndarray], buckets) -> dict[str, np.ndarray]:
@@ -164,7 +159,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
 
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     # ---- Input --------------------------------------------------------------------------------
-    data_iterator = iter(pipeline.train_dataset_from_config(config, training_data_dir(config, workdir)))
+    data_iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
 
     # ---- Model, optimizer state and update step, created sharded -----------------------------
     graphdef, rest, state, step_fn = build_training(config, mesh)
@@ -206,7 +201,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
         last_metrics["skipped_steps_total"] = float(state.skipped_steps)
         writer.write(done, last_metrics, data_iterator.stats)
         bar.set_postfix({name: f"{last_metrics[name]:.3g}" for name in
-                         ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "images_per_second")})
+                         ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "box_spread_ratio",
+                          "images_per_second")})
         if last_metrics["skipped_steps_total"] > skipped_logged:
           logging.warning("steps %d-%d: %d updates skipped because the loss or gradients were not finite "
                           "(%d in all)", done - timer_steps + 1, done,

@@ -1,0 +1,32 @@
+"""Which decoder options make grounding work: each added alone to the authors' decoder, then the demo's set.
+
+  python -m grain_jax.main --config configs/ablation.py:3 --workdir runs/ablation
+
+Every arm is the demo's GRAIN (same data, steps, decoder size: 6 layers, 128 wide) with the decoder
+options and losses set as its name says; `:3` runs seeds 0-2 (about 2 hours on a 2-core CPU).
+Compare "grounding recall@0.5", "box spread" and the novel-concept rows of `comparison.md`.
+"""
+
+from configs import demo
+
+# The authors' decoder and losses: no position code on the image tokens, dropout 0.1, last layer's
+# boxes only, no description -> query loss.
+REFERENCE = ("model.decoder.memory_position=none; model.decoder.position_in_values=False; "
+             "model.decoder.dropout=0.1; loss.aux_layers=False; loss.description_to_query=0.0")
+
+
+def get_config(arg: str | None = None):
+  config = demo.get_config(arg)
+  config.experiment.arms = (
+      f"reference: {REFERENCE}",
+      f"memory_learned: {REFERENCE}; model.decoder.memory_position=learned",
+      f"memory_sine: {REFERENCE}; model.decoder.memory_position=sine",
+      f"memory_vit: {REFERENCE}; model.decoder.memory_position=vit",
+      f"memory_learned_in_values: {REFERENCE}; model.decoder.memory_position=learned; "
+      "model.decoder.position_in_values=True",
+      f"anchor_refinement: {REFERENCE}; model.decoder.box_refinement=True; model.decoder.anchor_queries=True",
+      f"all_layer_boxes_no_dropout: {REFERENCE}; loss.aux_layers=True; model.decoder.dropout=0.0",
+      f"description_to_query: {REFERENCE}; loss.description_to_query=1.0",
+      "demo",
+  )
+  return config
