@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch"))
+SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch") + glob.glob("tests/fakes/*"))
 
 
 def dry_run(script: str, *args: str) -> list[list[str]]:
@@ -47,9 +47,10 @@ def test_tpu_pod_up_creates_copies_installs_and_runs_on_every_worker():
   assert all("--worker=all" in command for command in (setup, stop, start))
   assert "bash launch/install.sh tpu" in option(setup, "--command")
   assert "bash launch/mount_bucket.sh my-bucket" in option(setup, "--command")
-  assert "kill" in option(stop, "--command")
-  main = shlex.split(option(start, "--command").split("nohup ")[1].split(" > ")[0])
-  assert main == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
+  assert "bash grain-jax/launch/tpu_worker.sh stop" in option(stop, "--command")
+  worker, main = option(start, "--command").split(" -- ", 1)
+  assert shlex.split(worker)[:7] == ["cd", "grain-jax", "&&", "bash", "launch/tpu_worker.sh", "start", "--workdir"]
+  assert shlex.split(main) == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
                   "--workdir", "/gcs/my-bucket/runs/grain", "--config.train.num_steps=10"]
 
 
