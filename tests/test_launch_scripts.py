@@ -88,11 +88,12 @@ def test_tpu_pod_rejects_bad_input():
   assert result.returncode == 2 and "--name is required" in result.stderr
 
 
-@pytest.mark.parametrize("process_per, tasks", [("gpu", "8"), ("node", "1")])
-def test_slurm_submits_the_sbatch_script(process_per, tasks):
+@pytest.mark.parametrize("process_per, tasks, cpus", [("gpu", "8", "12"), ("node", "1", "96")])
+def test_slurm_submits_the_sbatch_script(process_per, tasks, cpus):
   [submit] = dry_run("launch/slurm_gpu.sh", "--nodes", "2", "--process-per", process_per, "--partition", "h100",
                      "--", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100", "--workdir", "/shared/run")
-  assert submit == ["sbatch", "--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", "--partition=h100",
+  assert submit == ["sbatch", "--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", f"--cpus-per-task={cpus}",
+                    "--partition=h100",
                     "launch/slurm_gpu.sbatch", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100",
                     "--workdir", "/shared/run"]
 
