@@ -115,3 +115,34 @@ def test_local_launcher_returns_the_status_of_a_failing_process(program, status)
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == status, result.stderr
   assert ("a process failed (status 1)" in result.stderr) == bool(status)
+
+
+def test_gke_xpk_creates_the_cluster_and_submits_the_workload():
+  location = ["--cluster", "c", "--zone", "z", "--spot", "--bucket", "gs://b"]
+  create, attach = dry_run("launch/gke_xpk.sh", "cluster", *location)
+  assert create[:3] == ["xpk", "cluster", "create"] and option(create, "--tpu-type") == "v5p-128"
+  assert "--spot" in create and "--on-demand" not in create and option(create, "--cluster") == "c"
+  assert attach[:4] == ["xpk", "storage", "attach", "b"] and option(attach, "--type") == "gcsfuse"
+  assert option(attach, "--mount-point") == "/gcs/b" and option(attach, "--auto-mount") == "true"
+  [submit] = dry_run("launch/gke_xpk.sh", "run", *location, "--", "--config.train.num_steps=10")
+  assert submit[:3] == ["xpk", "workload", "create"] and option(submit, "--workload") == "grain"
+  assert option(submit, "--max-restarts") == "10" and option(submit, "--base-docker-image") == "python:3.11"
+  install, main = option(submit, "--command").split(" && ")
+  assert install == "bash launch/install.sh tpu"
+  assert shlex.split(main) == [".venv/bin/python", "-m", "grain_jax.main", "--config",
+                               "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir", "/gcs/b/runs/grain",
+                               "--config.train.num_steps=10"]
+
+
+@pytest.mark.parametrize("command, expected", [("status", ["workload", "list"]), ("delete", ["workload", "delete"]),
+                                               ("delete-cluster", ["cluster", "delete"])])
+def test_gke_xpk_manages_the_workload(command, expected):
+  [xpk] = dry_run("launch/gke_xpk.sh", command, "--cluster", "c", "--zone", "z", "--name", "w")
+  assert xpk[:3] == ["xpk", *expected] and option(xpk, "--cluster") == "c"
+  assert command == "delete-cluster" or "w" in xpk
+
+
+def test_gke_xpk_rejects_bad_input():
+  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--zone", "z", "--dry-run"], capture_output=True,
+                          text=True)
+  assert result.returncode == 2 and "--cluster is required" in result.stderr

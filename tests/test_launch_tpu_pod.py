@@ -148,8 +148,11 @@ def test_stop_leaves_no_trainer_process(pod):
   pod.script_states("READY")
   assert pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny").returncode == 0
   pod.wait_for_status("worker 0: running", "worker 1: running")
-  pids = trainer_pids(pod, 2)
-  assert len(pids) == 4 and all(alive(pid) for pid in pids)
+  deadline = time.monotonic() + 20
+  while len(pids := trainer_pids(pod, 2)) < 4:  # the trainers write them once they run
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  assert all(alive(pid) for pid in pids)
 
   assert pod.run("stop").returncode == 0
   assert not any(alive(pid) for pid in pids)
