@@ -28,9 +28,10 @@
 #                        again while the request is queued waits for it, keeping its place)
 #   --bucket BUCKET      mounted at /gcs/BUCKET on every worker
 #   --config SPEC        default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
-#   --workdir DIR        default /gcs/BUCKET/runs/NAME; a re-run resumes from its newest checkpoint
+#   --workdir DIR        default /gcs/BUCKET/runs/NAME (a local path: gs:// URLs are refused); a re-run
+#                        resumes from its newest checkpoint
 #   --repo URL --git-ref REF   install from git instead of copying this checkout
-#   --max-archive-mb N   refuse to copy a checkout whose archive is larger (default 50)
+#   --max-archive-mb N   refuse to copy a checkout whose files add up to more (default 50)
 #   --dry-run            print every command (gcloud and local) instead of running it
 # While waiting for the slice, its state is asked every $TPU_POD_POLL_SECONDS (default 60).
 set -euo pipefail
@@ -91,6 +92,7 @@ fi
 if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi
+require_local_path --workdir "$workdir"
 
 location=(--zone "$zone")
 [[ -z "$project" ]] || location+=(--project "$project")
@@ -143,8 +145,9 @@ classify() {
   else
     case "$1" in
       READY) echo ready ;;
-      CREATING | STARTING | RESTARTING | REIMAGING | REPAIRING | DELETING) echo wait ;;
+      CREATING | STARTING | RESTARTING | REIMAGING | REPAIRING | STOPPING | DELETING) echo wait ;;
       PREEMPTED | TERMINATED) echo gone ;;
+      STOPPED) echo stopped ;;
       NOT_FOUND) echo absent ;;
       *) echo unknown ;;
     esac
@@ -198,6 +201,11 @@ create() {
         echo "deleting $name to create it again" >&2
         delete
         ;;
+      stopped)
+        echo "TPU VM $name is STOPPED (someone stopped it; launch/tpu_pod.sh never does): start it with" \
+          "$(show gcloud compute tpus tpu-vm start "$name" "${location[@]}"), or delete it" >&2
+        exit 1
+        ;;
       *)
         echo "$kind $name is $state, which launch/tpu_pod.sh does not handle; see" \
           "$(show "${describe_command[@]}")" >&2
@@ -207,22 +215,21 @@ create() {
   done
 }
 
-archive_checkout() {  # archive_checkout PATH: the files git would commit, refused above --max-archive-mb
-  local archive="$1" size
-  if $dry_run; then
-    echo "git ls-files -co --exclude-standard | tar czf $archive -T -"
-    return
-  fi
-  (cd "$(dirname "$0")/.." && git ls-files -co --exclude-standard | tar czf "$archive" -T -)
-  size="$(stat -c %s "$archive")"
-  if ((size > max_archive_mb * 1000000)); then
-    echo "the archive of this checkout is $((size / 1000000)).$((size % 1000000 / 100000)) MB, above" \
-      "--max-archive-mb $max_archive_mb; its largest files (KB):" >&2
-    (cd "$(dirname "$0")/.." && git ls-files -co --exclude-standard -z | xargs -0 du -k | sort -rn | head -n 5) >&2
-    echo "add data and run directories to .gitignore, or install with --repo URL --git-ref REF" >&2
-    rm -f "$archive"
-    exit 1
-  fi
+# The files git would commit (tracked, and untracked but not ignored), refused above --max-archive-mb
+# before tar compresses any of them.
+archive_checkout() {  # archive_checkout PATH
+  local archive="$1"
+  (
+    cd "$(dirname "$0")/.."
+    refuse_oversized "$max_archive_mb" --max-archive-mb \
+      "add data and run directories to .gitignore, or install with --repo URL --git-ref REF" \
+      git ls-files -co --exclude-standard -z
+    if $dry_run; then
+      echo "git ls-files -co --exclude-standard | tar czf $archive -T -"
+    else
+      git ls-files -co --exclude-standard | tar czf "$archive" -T -
+    fi
+  )
 }
 
 setup() {
@@ -230,7 +237,9 @@ setup() {
   if [[ -n "$repo" ]]; then
     fetch="rm -rf $remote_dir && $(show git clone --quiet "$repo" "$remote_dir") && $(show git -C "$remote_dir" checkout --quiet "$git_ref")"
   else
-    local archive="${TMPDIR:-/tmp}/grain-jax-$name.tar.gz"
+    # Global: the trap that removes it once copied (or on any failure) runs after setup returns.
+    archive="${TMPDIR:-/tmp}/grain-jax-$name.tar.gz"
+    trap 'rm -f "$archive"' EXIT
     archive_checkout "$archive"
     run gcloud compute tpus tpu-vm scp "$archive" "$name:grain-jax.tar.gz" "${location[@]}" --worker=all
     fetch="mkdir -p $remote_dir && tar xzf grain-jax.tar.gz -C $remote_dir"
@@ -255,12 +264,19 @@ stop_training() {
   on_workers all "if [ -f $remote_dir/launch/tpu_worker.sh ]; then bash $remote_dir/launch/tpu_worker.sh stop; fi"
 }
 
+worker_status() {  # the remote command: the worker's status line, also where setup never ran
+  local index_url="http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+  echo "if [ -f $remote_dir/launch/tpu_worker.sh ]; then bash $remote_dir/launch/tpu_worker.sh status;" \
+    "else echo \"worker \$(curl -sf -H Metadata-Flavor:Google $index_url): no $remote_dir/launch/tpu_worker.sh" \
+    "(setup has not run here)\"; fi"
+}
+
 status() {
   local state
   state="$(slice_state)"
   echo "$kind $name: $state"
   [[ "$(classify "$state")" == ready ]] || return 0
-  on_workers all "bash $remote_dir/launch/tpu_worker.sh status"
+  on_workers all "$(worker_status)"
 }
 
 describe_command=(gcloud compute tpus tpu-vm describe "$name" "${location[@]}")

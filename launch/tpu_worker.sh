@@ -17,6 +17,8 @@
 # status prints this worker's line: running, exited with status S, or not started.
 set -euo pipefail
 shopt -s nullglob
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 state="$HOME/grain-jax-run"
 poll_seconds="${TPU_WORKER_POLL_SECONDS:-10}"
@@ -71,7 +73,7 @@ peer_failure() {
 }
 
 supervise() {
-  local workdir="$1" run="$2" index shared trainer timer finished code status note=""
+  local workdir="$1" run="$2" index shared trainer timer status note=""
   shift 2
   index="$(worker_index)"
   shared="$workdir/logs/$run"
@@ -84,12 +86,15 @@ supervise() {
   while :; do
     sleep "$poll_seconds" &
     timer=$!
-    finished=""
-    code=0
-    wait -n -p finished "$trainer" "$timer" || code=$?
-    if [[ "$finished" == "$trainer" ]]; then
+    wait -n "$trainer" "$timer" || true
+    # Not "did wait -n return the trainer": a trainer killed by a signal while this loop was outside
+    # wait -n is reaped and reported by bash, which then drops its job, and wait -n only ever returns
+    # the timer. `wait PID` still knows the status of a dropped job. (The trainer leads its process
+    # group, so its pid is not reused while a child of it lives.)
+    if ! alive "$trainer"; then
       kill "$timer" 2>/dev/null || true
-      status=$code
+      status=0
+      wait "$trainer" || status=$?
       break
     fi
     note="$(peer_failure "$shared" "$index")"
@@ -123,6 +128,7 @@ start() {
   done
   [[ -n "$workdir" && -n "$run" && $# -gt 0 ]] ||
     { echo "usage: launch/tpu_worker.sh start --workdir DIR --run ID -- COMMAND..." >&2; exit 2; }
+  require_local_path --workdir "$workdir"
   if [[ -e "$state/supervisor.pid" ]] && alive "$(cat "$state/supervisor.pid")"; then
     echo "worker $(worker_index): a trainer is still running; stop it first" >&2
     exit 1

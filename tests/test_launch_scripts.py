@@ -4,6 +4,7 @@ import glob
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -118,19 +119,22 @@ def test_local_launcher_returns_the_status_of_a_failing_process(program, status)
 
 
 def test_gke_xpk_creates_the_cluster_and_submits_the_workload():
-  location = ["--cluster", "c", "--zone", "z", "--spot", "--bucket", "gs://b"]
+  location = ["--cluster", "c", "--zone", "z", "--spot", "--bucket", "gs://My_Data.b"]
   create, attach = dry_run("launch/gke_xpk.sh", "cluster", *location)
   assert create[:3] == ["xpk", "cluster", "create"] and option(create, "--tpu-type") == "v5p-128"
   assert "--spot" in create and "--on-demand" not in create and option(create, "--cluster") == "c"
-  assert attach[:4] == ["xpk", "storage", "attach", "b"] and option(attach, "--type") == "gcsfuse"
-  assert option(attach, "--mount-point") == "/gcs/b" and option(attach, "--auto-mount") == "true"
+  # The storage is a Kubernetes object: its name is the bucket's, made a valid one.
+  assert attach[:4] == ["xpk", "storage", "attach", "my-data-b"] and option(attach, "--type") == "gcsfuse"
+  assert option(attach, "--bucket") == "My_Data.b" and option(attach, "--mount-point") == "/gcs/My_Data.b"
+  assert option(attach, "--auto-mount") == "true"
   [submit] = dry_run("launch/gke_xpk.sh", "run", *location, "--", "--config.train.num_steps=10")
   assert submit[:3] == ["xpk", "workload", "create"] and option(submit, "--workload") == "grain"
   assert option(submit, "--max-restarts") == "10" and option(submit, "--base-docker-image") == "python:3.11"
   install, main = option(submit, "--command").split(" && ")
   assert install == "bash launch/install.sh tpu"
-  assert shlex.split(main) == [".venv/bin/python", "-m", "grain_jax.main", "--config",
-                               "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir", "/gcs/b/runs/grain",
+  # exec: the SIGTERM that ends a pod reaches Python, not a shell.
+  assert shlex.split(main) == ["exec", ".venv/bin/python", "-m", "grain_jax.main", "--config",
+                               "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir", "/gcs/My_Data.b/runs/grain",
                                "--config.train.num_steps=10"]
 
 
@@ -146,3 +150,26 @@ def test_gke_xpk_rejects_bad_input():
   result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--zone", "z", "--dry-run"], capture_output=True,
                           text=True)
   assert result.returncode == 2 and "--cluster is required" in result.stderr
+  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--workdir", "gs://b/r",
+                           "--dry-run"], capture_output=True, text=True)
+  assert result.returncode == 2 and "--workdir gs://b/r: a URL" in result.stderr
+
+
+def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
+  """What .dockerignore leaves out does not count; anything else above --max-archive-mb stops the run."""
+  root = tmp_path / "checkout"
+  (root / "shards").mkdir(parents=True)
+  subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+  (root / "launch").symlink_to(Path("launch").resolve())
+  shutil.copy(".dockerignore", root)
+  (root / "shards" / "big.array_record").write_bytes(b"x" * 2_000_000)
+  command = ["bash", str(root / "launch" / "gke_xpk.sh"), "run", "--cluster", "c", "--zone", "z", "--bucket", "b",
+             "--max-archive-mb", "1", "--dry-run"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and result.stdout.startswith("xpk workload create"), result.stderr
+  (root / "photos").mkdir()
+  (root / "photos" / "big.tar").write_bytes(b"x" * 2_000_000)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and not result.stdout
+  assert "more than --max-archive-mb 1 MB" in result.stderr and "photos/big.tar" in result.stderr
+  assert ".dockerignore" in result.stderr

@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"
 
 # The fake trainer: prints its arguments, starts a child (as data loaders do) and runs until killed, or
-# exits with the status in ~/exit_status. It records its and its child's pids in ~/pids.
+# exits with the status in ~/exit_status, or kills itself with SIGKILL once ~/crash exists. It records
+# its and its child's pids in ~/pids.
 TRAINER = f"""#!/usr/bin/env bash
 echo "trainer of worker $FAKE_WORKER_INDEX: $*"
 if [[ -e "$HOME/exit_status" ]]; then
@@ -21,8 +22,9 @@ if [[ -e "$HOME/exit_status" ]]; then
 fi
 sleep 600 &
 echo "$! $$" >>"$HOME/pids"
-exec {sys.executable} -c 'import time
-while True: time.sleep(0.05)'
+exec {sys.executable} -c 'import os, signal, time
+while not os.path.exists(os.path.expanduser("~/crash")): time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGKILL)'
 """
 
 
@@ -122,7 +124,9 @@ def pod(tmp_path):
     # Failing to ask is not "absent"; an unknown state is not deleted.
     (False, ["ERROR:PERMISSION_DENIED"], [], 1),
     (True, ["ERROR:UNAVAILABLE"], [], 1),
-    (False, ["STOPPED"], [], 1),
+    # A stopping slice is waited for; a stopped one is left to whoever stopped it.
+    (False, ["STOPPING", "STOPPED"], [], 1),
+    (False, ["SOMETHING_NEW"], [], 1),
 ])
 def test_create_follows_the_slice_state_machine(pod, queued, states, calls, status):
   pod.script_states(*states)
@@ -142,6 +146,9 @@ def test_create_says_why_it_gives_up(pod):
   pod.script_states("ERROR:PERMISSION_DENIED")
   result = pod.run("create")
   assert "cannot read the state of TPU VM p: ERROR:" in result.stderr
+  pod.script_states("STOPPED")
+  result = pod.run("create")
+  assert "TPU VM p is STOPPED" in result.stderr and "gcloud compute tpus tpu-vm start p --zone z" in result.stderr
 
 
 def test_stop_leaves_no_trainer_process(pod):
@@ -178,18 +185,79 @@ def test_a_failing_worker_stops_the_others(pod):
   assert sorted(path.name for path in run_logs.iterdir()) == ["worker-0.log", "worker-1.failed", "worker-1.log"]
 
 
-def test_status_before_any_run_and_stop_without_a_project(pod):
+def test_a_trainer_killed_by_a_signal_counts_as_failed(pod):
+  """A trainer that dies from a signal while its supervisor is outside `wait -n` (here: often, with a
+  0.01 s poll) has its job dropped by bash; the supervisor must still record its status and fail the
+  run. The race is microseconds wide: without the supervisor's liveness check this test fails only now
+  and then (a supervisor alone with a 0.01 s poll hung in about 1 run of 30 under bash 5.1 and 5.2)."""
+  (pod.worker_home(1) / "crash").touch()
+  pod.env["TPU_WORKER_POLL_SECONDS"] = "0.01"
+  pod.script_states("READY")
+  assert pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny").returncode == 0
+  lines = pod.wait_for_status("worker 0: exited", "worker 1: exited with status 137")
+  assert lines[0].endswith("; stopped because worker 1 failed (status 137)"), lines
+
+
+def test_status_before_any_run_and_without_a_project(pod):
   assert pod.status_lines() == ["worker 0: not started", "worker 1: not started"]
-  for index in range(2):
-    (pod.worker_home(index) / "grain-jax" / "launch").unlink()
+  (pod.worker_home(1) / "grain-jax" / "launch").unlink()
+  assert pod.status_lines() == ["worker 0: not started",
+                                "worker 1: no grain-jax/launch/tpu_worker.sh (setup has not run here)"]
+  (pod.worker_home(0) / "grain-jax" / "launch").unlink()
   assert pod.run("stop").returncode == 0
 
 
-def test_setup_refuses_a_large_archive(pod):
-  result = pod.run("setup", "--max-archive-mb", "1")
-  assert result.returncode == 1
-  assert "above --max-archive-mb 1" in result.stderr and ".gitignore" in result.stderr
+def test_a_bucket_url_is_no_workdir(pod):
+  """A gs:// workdir would become a local folder named `gs:`; the launcher and the worker refuse it."""
+  pod.script_states("READY")
+  result = pod.run("run", "--workdir", "gs://b/run", "--config", "configs/base.py:tiny")
+  assert result.returncode == 2 and "--workdir gs://b/run: a URL" in result.stderr
+  assert not pod.gcloud_calls("ssh")
+  worker = subprocess.run(["bash", "launch/tpu_worker.sh", "start", "--workdir", "gs://b/run", "--run", "r", "--",
+                           "true"], cwd=pod.worker_home(0) / "grain-jax",
+                          env={**pod.env, "HOME": str(pod.worker_home(0)), "FAKE_WORKER_INDEX": "0"},
+                          capture_output=True, text=True, timeout=60)
+  assert worker.returncode == 2 and "issues 15 and 18 item 2" in worker.stderr
+  assert not list(pod.worker_home(0).rglob("gs:"))
+
+
+def checkout(root: Path) -> Path:
+  """A git checkout holding only a link to this project's launch scripts."""
+  root.mkdir()
+  subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+  (root / "launch").symlink_to(REPO / "launch")
+  return root
+
+
+def test_setup_refuses_a_large_checkout_before_archiving_it(pod, tmp_path):
+  root = checkout(tmp_path / "checkout")
+  (root / "photos").mkdir()
+  # Enough files that their sizes, sorted, overflow a pipe: `sort | head -n 5` died of SIGPIPE there.
+  for index in range(4000):
+    (root / "photos" / f"an-image-with-a-rather-long-name-{index:05d}.jpg").write_bytes(b"x" * 100)
+  (root / "photos" / "big.tar").write_bytes(b"x" * 2_000_000)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "tar").write_text('#!/bin/sh\ntouch "$0.ran"\nexec /usr/bin/tar "$@"\n')
+  (bin_dir / "tar").chmod(0o755)
+  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z",
+                           "--max-archive-mb", "1"], env={**pod.env, "PATH": f"{bin_dir}:{pod.env['PATH']}"},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1, result.stderr
+  assert "more than --max-archive-mb 1 MB" in result.stderr and ".gitignore" in result.stderr
+  assert "photos/big.tar" in result.stderr.splitlines()[1]
+  assert not (bin_dir / "tar.ran").exists()
+  assert not list(tmp_path.glob("grain-jax-*.tar.gz"))
   assert not pod.gcloud_calls("scp") and not pod.gcloud_calls("ssh")
+
+
+def test_a_failed_copy_leaves_no_archive(pod, tmp_path):
+  root = checkout(tmp_path / "checkout")
+  (root / "README.md").write_text("small\n")
+  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
+                          env=pod.env, capture_output=True, text=True, timeout=60)
+  assert result.returncode != 0 and pod.gcloud_calls("scp")  # the fake gcloud refuses scp
+  assert not list(tmp_path.glob("grain-jax-*.tar.gz"))
 
 
 def test_data_and_runs_are_not_shipped():
