@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains on a TPU slice of a GKE cluster through xpk (a JobSet queued by Kueue), the way MaxText
-# launches: the newest TPU generation (Ironwood, TPU7x) is offered through GKE only, not through the
-# Cloud TPU API behind launch/tpu_pod.sh. Needs xpk (`pip install xpk`) with gcloud, kubectl and docker.
+# launches and where Google documents its newest TPU generation (Ironwood, TPU7x). Needs xpk
+# (`pip install xpk`) with gcloud, kubectl and docker.
 #
 #   launch/gke_xpk.sh COMMAND --cluster CLUSTER --zone ZONE [options] [-- --config.FIELD=VALUE ...]
 #
