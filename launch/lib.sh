@@ -28,3 +28,30 @@ usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" >&2
   exit 2
 }
+
+# Exits with status 1 when the files that COMMAND lists (NUL-separated, relative to the current
+# directory) add up to more than LIMIT_MB megabytes, naming the largest and printing HINT. It runs
+# before anything is archived or built, so that a data folder left in the checkout is refused without
+# being compressed first. Counting reads at most LIMIT_MB MB + 1 byte of the files: portable (no GNU
+# stat), and as quick for a million images as for a few sources.
+refuse_oversized() {  # refuse_oversized LIMIT_MB OPTION HINT COMMAND...
+  local limit_mb="$1" option="$2" hint="$3" size
+  shift 3
+  # cat and xargs die of SIGPIPE once head has its bytes; that ends the count, it is no error.
+  size="$({ "$@" | xargs -0 cat -- 2>/dev/null || true; } | head -c "$((limit_mb * 1000000 + 1))" | wc -c)"
+  ((size > limit_mb * 1000000)) || return 0
+  echo "the files to send add up to more than $option $limit_mb MB; the largest (KB):" >&2
+  # sed reads all of sort's output (head would stop early and kill sort with SIGPIPE).
+  { "$@" | xargs -0 du -k -- | sort -rn | sed -n 1,5p >&2; } || true
+  echo "$hint" >&2
+  exit 1
+}
+
+# Exits with status 2 when DIR is a URL (gs://...): the launch scripts write workdirs through the
+# file system (the bucket's mount, /gcs/BUCKET/...); `mkdir -p gs://b` would make a local `gs:` folder.
+require_local_path() {  # require_local_path OPTION DIR
+  [[ "$2" != *://* ]] && return 0
+  echo "$1 $2: a URL; give a local path such as the bucket's mount /gcs/BUCKET/... (remote workdirs" \
+    "arrive with the checkpoint work of issues 15 and 18 item 2)" >&2
+  exit 2
+}

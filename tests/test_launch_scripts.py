@@ -4,10 +4,11 @@ import glob
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
-SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch"))
+SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch") + glob.glob("tests/fakes/*"))
 
 
 def dry_run(script: str, *args: str) -> list[list[str]]:
@@ -47,9 +48,10 @@ def test_tpu_pod_up_creates_copies_installs_and_runs_on_every_worker():
   assert all("--worker=all" in command for command in (setup, stop, start))
   assert "bash launch/install.sh tpu" in option(setup, "--command")
   assert "bash launch/mount_bucket.sh my-bucket" in option(setup, "--command")
-  assert "kill" in option(stop, "--command")
-  main = shlex.split(option(start, "--command").split("nohup ")[1].split(" > ")[0])
-  assert main == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
+  assert "bash grain-jax/launch/tpu_worker.sh stop" in option(stop, "--command")
+  worker, main = option(start, "--command").split(" -- ", 1)
+  assert shlex.split(worker)[:7] == ["cd", "grain-jax", "&&", "bash", "launch/tpu_worker.sh", "start", "--workdir"]
+  assert shlex.split(main) == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
                   "--workdir", "/gcs/my-bucket/runs/grain", "--config.train.num_steps=10"]
 
 
@@ -87,11 +89,12 @@ def test_tpu_pod_rejects_bad_input():
   assert result.returncode == 2 and "--name is required" in result.stderr
 
 
-@pytest.mark.parametrize("process_per, tasks", [("gpu", "8"), ("node", "1")])
-def test_slurm_submits_the_sbatch_script(process_per, tasks):
+@pytest.mark.parametrize("process_per, tasks, cpus", [("gpu", "8", "12"), ("node", "1", "96")])
+def test_slurm_submits_the_sbatch_script(process_per, tasks, cpus):
   [submit] = dry_run("launch/slurm_gpu.sh", "--nodes", "2", "--process-per", process_per, "--partition", "h100",
                      "--", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100", "--workdir", "/shared/run")
-  assert submit == ["sbatch", "--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", "--partition=h100",
+  assert submit == ["sbatch", "--nodes=2", f"--ntasks-per-node={tasks}", "--gpus-per-node=8", f"--cpus-per-task={cpus}",
+                    "--partition=h100",
                     "launch/slurm_gpu.sbatch", "--config", "configs/cc12m_b16.py:grain,gpu_2x8_h100",
                     "--workdir", "/shared/run"]
 
@@ -113,3 +116,60 @@ def test_local_launcher_returns_the_status_of_a_failing_process(program, status)
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == status, result.stderr
   assert ("a process failed (status 1)" in result.stderr) == bool(status)
+
+
+def test_gke_xpk_creates_the_cluster_and_submits_the_workload():
+  location = ["--cluster", "c", "--zone", "z", "--spot", "--bucket", "gs://My_Data.b"]
+  create, attach = dry_run("launch/gke_xpk.sh", "cluster", *location)
+  assert create[:3] == ["xpk", "cluster", "create"] and option(create, "--tpu-type") == "v5p-128"
+  assert "--spot" in create and "--on-demand" not in create and option(create, "--cluster") == "c"
+  # The storage is a Kubernetes object: its name is the bucket's, made a valid one.
+  assert attach[:4] == ["xpk", "storage", "attach", "my-data-b"] and option(attach, "--type") == "gcsfuse"
+  assert option(attach, "--bucket") == "My_Data.b" and option(attach, "--mount-point") == "/gcs/My_Data.b"
+  assert option(attach, "--auto-mount") == "true"
+  [submit] = dry_run("launch/gke_xpk.sh", "run", *location, "--", "--config.train.num_steps=10")
+  assert submit[:3] == ["xpk", "workload", "create"] and option(submit, "--workload") == "grain"
+  assert option(submit, "--max-restarts") == "10" and option(submit, "--base-docker-image") == "python:3.11"
+  install, main = option(submit, "--command").split(" && ")
+  assert install == "bash launch/install.sh tpu"
+  # exec: the SIGTERM that ends a pod reaches Python, not a shell.
+  assert shlex.split(main) == ["exec", ".venv/bin/python", "-m", "grain_jax.main", "--config",
+                               "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir", "/gcs/My_Data.b/runs/grain",
+                               "--config.train.num_steps=10"]
+
+
+@pytest.mark.parametrize("command, expected", [("status", ["workload", "list"]), ("delete", ["workload", "delete"]),
+                                               ("delete-cluster", ["cluster", "delete"])])
+def test_gke_xpk_manages_the_workload(command, expected):
+  [xpk] = dry_run("launch/gke_xpk.sh", command, "--cluster", "c", "--zone", "z", "--name", "w")
+  assert xpk[:3] == ["xpk", *expected] and option(xpk, "--cluster") == "c"
+  assert command == "delete-cluster" or "w" in xpk
+
+
+def test_gke_xpk_rejects_bad_input():
+  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--zone", "z", "--dry-run"], capture_output=True,
+                          text=True)
+  assert result.returncode == 2 and "--cluster is required" in result.stderr
+  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--workdir", "gs://b/r",
+                           "--dry-run"], capture_output=True, text=True)
+  assert result.returncode == 2 and "--workdir gs://b/r: a URL" in result.stderr
+
+
+def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
+  """What .dockerignore leaves out does not count; anything else above --max-archive-mb stops the run."""
+  root = tmp_path / "checkout"
+  (root / "shards").mkdir(parents=True)
+  subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+  (root / "launch").symlink_to(Path("launch").resolve())
+  shutil.copy(".dockerignore", root)
+  (root / "shards" / "big.array_record").write_bytes(b"x" * 2_000_000)
+  command = ["bash", str(root / "launch" / "gke_xpk.sh"), "run", "--cluster", "c", "--zone", "z", "--bucket", "b",
+             "--max-archive-mb", "1", "--dry-run"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0 and result.stdout.startswith("xpk workload create"), result.stderr
+  (root / "photos").mkdir()
+  (root / "photos" / "big.tar").write_bytes(b"x" * 2_000_000)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and not result.stdout
+  assert "more than --max-archive-mb 1 MB" in result.stderr and "photos/big.tar" in result.stderr
+  assert ".dockerignore" in result.stderr

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Trains on a TPU slice of a GKE cluster through xpk (a JobSet queued by Kueue), the way MaxText
+# launches and where Google documents its newest TPU generation (Ironwood, TPU7x). Needs xpk
+# (`pip install xpk`) with gcloud, kubectl and docker.
+#
+#   launch/gke_xpk.sh COMMAND --cluster CLUSTER --zone ZONE [options] [-- --config.FIELD=VALUE ...]
+#
+# Commands:
+#   cluster         create the cluster with --accelerator TPU nodes and attach --bucket, mounted at
+#                   /gcs/BUCKET in every pod (gcsfuse)
+#   run             submit the workload: xpk builds an image of this checkout (less what
+#                   .dockerignore names: data, runs, environments) on --base-image; every pod runs
+#                   launch/install.sh tpu, then `python -m grain_jax.main --config CONFIG --workdir WORKDIR`
+#   status          list the workload and its state
+#   delete          delete the workload
+#   delete-cluster  delete the cluster
+# Options:
+#   --name NAME          the workload (default grain)
+#   --accelerator TYPE   v4-32 | v5litepod-64 | v5p-128 | ... (default v5p-128)
+#   --project ID         gcloud project (default: gcloud's configured one)
+#   --spot | --flex | --reservation NAME   the cluster's capacity (default on demand)
+#   --bucket BUCKET      mounted at /gcs/BUCKET in every pod
+#   --config SPEC        default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
+#   --workdir DIR        default /gcs/BUCKET/runs/NAME (a local path: gs:// URLs are refused); a restarted or re-submitted workload resumes
+#                        from its newest checkpoint
+#   --base-image IMAGE   the image this checkout is added to (default python:3.11)
+#   --max-restarts N     times the JobSet restarts after a failure or preemption (default 10)
+#   --max-archive-mb N   refuse to build an image from a checkout whose files (less what .dockerignore
+#                        names) add up to more (default 50)
+#   --dry-run            print the xpk commands instead of running them
+set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+[[ $# -gt 0 ]] || usage
+command_name="$1"
+shift
+cluster="" zone="" project="" name="grain" accelerator="v5p-128" capacity=(--on-demand) bucket=""
+config="" workdir="" base_image="python:3.11" max_restarts=10 max_archive_mb=50 dry_run=false
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cluster) cluster="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --name) name="$2"; shift 2 ;;
+    --accelerator) accelerator="$2"; shift 2 ;;
+    --spot | --flex) capacity=("$1"); shift ;;
+    --reservation) capacity=("--reservation=$2"); shift 2 ;;
+    --bucket) bucket="${2#gs://}"; shift 2 ;;
+    --config) config="$2"; shift 2 ;;
+    --workdir) workdir="$2"; shift 2 ;;
+    --base-image) base_image="$2"; shift 2 ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --max-archive-mb) max_archive_mb="$2"; shift 2 ;;
+    --dry-run) dry_run=true; shift ;;
+    --) shift; break ;;
+    *) echo "unknown option: $1" >&2; usage ;;
+  esac
+done
+extra_args=("$@")
+
+[[ -n "$cluster" ]] || { echo "--cluster is required" >&2; exit 2; }
+[[ -n "$zone" ]] || { echo "--zone is required" >&2; exit 2; }
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "--max-restarts must be a whole number, got '$max_restarts'" >&2; exit 2; }
+[[ "$max_archive_mb" =~ ^[1-9][0-9]*$ ]] ||
+  { echo "--max-archive-mb must be a positive integer, got '$max_archive_mb'" >&2; exit 2; }
+if [[ -z "$config" ]]; then
+  case "$accelerator" in
+    v4-32) config="configs/cc12m_b16.py:grain,tpu_v4_32" ;;
+    v5litepod-64) config="configs/cc12m_b16.py:grain,tpu_v5e_64" ;;
+    v5p-128) config="configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
+  esac
+fi
+if [[ -z "$workdir" && -n "$bucket" ]]; then
+  workdir="/gcs/$bucket/runs/$name"
+fi
+require_local_path --workdir "$workdir"
+
+cd "$(dirname "$0")/.."
+location=(--cluster "$cluster" --zone "$zone")
+[[ -z "$project" ]] || location+=(--project "$project")
+
+# xpk names the storage's Kubernetes objects after it: lowercase letters, digits and '-', at most 63
+# characters, where a bucket name may also hold '_' and '.'.
+storage_name() {
+  local storage="${bucket,,}"
+  storage="${storage//[_.]/-}"
+  storage="${storage:0:63}"
+  while [[ "$storage" == *- ]]; do storage="${storage%-}"; done
+  echo "$storage"
+}
+
+create_cluster() {
+  run xpk cluster create "${location[@]}" --tpu-type "$accelerator" --num-slices 1 "${capacity[@]}"
+  [[ -z "$bucket" ]] ||
+    run xpk storage attach "$(storage_name)" --type gcsfuse --bucket "$bucket" "${location[@]}" \
+      --mount-point "/gcs/$bucket" --readonly false --auto-mount true --size 1
+}
+
+submit() {
+  [[ -n "$workdir" ]] || { echo "run needs --workdir or --bucket" >&2; exit 2; }
+  [[ -n "$config" ]] || { echo "no recipe preset for --accelerator $accelerator; pass --config" >&2; exit 2; }
+  local main_command
+  main_command="$(show .venv/bin/python -m grain_jax.main --config "$config" --workdir "$workdir" "${extra_args[@]}")"
+  # The image holds what docker's build context does: everything but what .dockerignore names (read
+  # here by git, which matches a bare name such as `runs` at any depth where docker only matches it
+  # at the top).
+  refuse_oversized "$max_archive_mb" --max-archive-mb "add data and run directories to .dockerignore" \
+    git ls-files -co --exclude-from=.dockerignore -z
+  # exec: the trainer replaces the shell, so the SIGTERM Kubernetes sends before killing the pod
+  # reaches Python (JAX takes it as a preemption notice).
+  run xpk workload create "${location[@]}" --workload "$name" --tpu-type "$accelerator" --num-slices 1 \
+    --base-docker-image "$base_image" --script-dir "$PWD" --max-restarts "$max_restarts" \
+    --command "bash launch/install.sh tpu && exec $main_command"
+}
+
+case "$command_name" in
+  cluster) create_cluster ;;
+  run) submit ;;
+  status) run xpk workload list "${location[@]}" --filter-by-job "$name" ;;
+  delete) run xpk workload delete "${location[@]}" --workload "$name" ;;
+  delete-cluster) run xpk cluster delete "${location[@]}" ;;
+  *) echo "unknown command: $command_name" >&2; usage ;;
+esac
