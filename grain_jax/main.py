@@ -14,6 +14,7 @@ from grain_jax import experiment
 from grain_jax.config import ConfigError
 from grain_jax.export import to_torch
 from grain_jax.export.layout import LayoutMismatchError
+from grain_jax.train.checkpoint import CheckpointMismatchError, NoReadableCheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> None:
       to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
     else:
       experiment.run(config, _WORKDIR.value)
-  except (ConfigError, LayoutMismatchError, FileNotFoundError) as error:
+  except (ConfigError, LayoutMismatchError, FileNotFoundError, CheckpointMismatchError,
+          NoReadableCheckpointError) as error:
     raise app.UsageError(str(error)) from None
 
 

@@ -1,4 +1,5 @@
-"""Training: exact resume, checkpoint fallback, non-finite skipping, weight-decay mask, accumulation."""
+"""Training: exact resume, checkpoint fallback, a changed config, non-finite skipping, weight-decay mask,
+accumulation."""
 
 import json
 import os
@@ -14,7 +15,8 @@ from grain_jax.config import load_config
 from grain_jax.data import pipeline
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
-from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from grain_jax.train.metrics_writer import drop_rows_after
 from grain_jax.train.step import TrainState, make_train_step, split_micro_batches
 
 NUM_STEPS = 6
@@ -81,7 +83,11 @@ def test_stop_and_resume_equals_training_straight_through(runs):
     np.testing.assert_array_equal(a, b)
 
 
-def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(runs, tmp_path, caplog):
+def metric_steps(workdir):
+  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_run_goes_on(runs, tmp_path, caplog):
   workdir = str(tmp_path / "copy")
   shutil.copytree(runs[0], workdir)
   latest = os.path.join(workdir, "checkpoints", "6", "state")
@@ -92,6 +98,41 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(runs, tmp_pa
   state = read_checkpoint(workdir)
   assert int(state.step) == 3
   assert "step 6" in caplog.text and "unreadable" in caplog.text
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "unreadable", "6"))
+  trainer.train(train_config(), workdir)  # saves step 6 again
+  assert metric_steps(workdir) == list(range(1, NUM_STEPS + 1))  # the rows of steps 4-6 were not repeated
+  for a, b in zip(params_of(runs[0]), params_of(workdir), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_another_model_stops_the_run_before_it_writes(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs[0], workdir)
+  before = {name: open(os.path.join(workdir, name)).read() for name in ("config.json", "metrics.jsonl")}
+  config = train_config()
+  config.model.decoder.depth += 1
+  with pytest.raises(CheckpointMismatchError, match=r"step 6 .*params/decoder.*new --workdir"):
+    trainer.train(config, workdir)
+  assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_a_changed_config_keeps_the_earlier_config_json(tmp_path):
+  config = train_config()
+  trainer.write_config(config, str(tmp_path))
+  trainer.write_config(config, str(tmp_path))
+  assert os.listdir(tmp_path) == ["config.json"]
+  config.train.log_every = 2
+  trainer.write_config(config, str(tmp_path))
+  assert json.load(open(tmp_path / "config.1.json"))["train"]["log_every"] == 1
+  assert json.load(open(tmp_path / "config.json"))["train"]["log_every"] == 2
+
+
+def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3, 4)) + '{"step": 5, "lo')
+  drop_rows_after(str(path), 2)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
 
 
 def make_step(config):

@@ -38,7 +38,8 @@ def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
     FileNotFoundError naming the directory when it holds no readable checkpoint.
   """
   mesh = sharding.make_mesh(config.mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False,
+                              read_only=True)
   restored = checkpointer.restore_latest_params(sharding.abstract_params(
       nnx.state(nnx.eval_shape(lambda: build_model(config.model, 0)), nnx.Param), mesh, config.sharding_rules))
   checkpointer.close()

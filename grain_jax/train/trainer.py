@@ -130,7 +130,7 @@ def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Mo
     FileNotFoundError naming the directory when it holds no readable checkpoint.
   """
   training = build_training(config, mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False, read_only=True)
   state = checkpointer.restore_latest(training.state)
   checkpointer.close()
   if state is None:
@@ -140,18 +140,34 @@ def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Mo
   return model, int(state.step)
 
 
+def write_config(config, workdir: str) -> None:
+  """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    number = 1
+    while os.path.exists(os.path.join(workdir, f"config.{number}.json")):
+      number += 1
+    os.rename(path, os.path.join(workdir, f"config.{number}.json"))
+    logging.warning("the config differs from %s's; the earlier one is now config.%d.json", path, number)
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
-  """Trains (resuming from the newest checkpoint in `workdir/checkpoints`); returns the model in
-  eval mode and the last logged metrics.
+  """Trains (resuming from the newest intact checkpoint in `workdir/checkpoints`); returns the model
+  in eval mode and the last logged metrics.
 
   `stop_at_step` ends this run early with a checkpoint (a time-limited job; the schedule still
-  spans `config.train.num_steps`, so a later run continues exactly).
+  spans `config.train.num_steps`, so a later run continues exactly). A checkpoint that does not fit
+  `config` stops the run (CheckpointMismatchError) before it writes anything into `workdir`;
+  `metrics.jsonl` rows past the restored step are dropped, as those steps run again.
   """
   validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # ---- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
@@ -173,10 +189,13 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
                                 config.train.async_checkpointing)
     restored = checkpointer.restore_latest(state, data_iterator)
     state = restored or state._replace(params=from_torch.initial_params(state.params, config.model))
+    first_step = int(state.step)
+    # Only now, with a checkpoint that fits (or none), does this run write into the workdir.
+    if jax.process_index() == 0:
+      write_config(config, workdir)
 
     # ---- Loop ---------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir)
-    first_step = int(state.step)
+    writer = MetricsWriter(workdir, first_step)
     last_metrics: dict[str, float] = {}
     skipped_logged = float(state.skipped_steps)
     profile = tuple(config.train.profile_steps)

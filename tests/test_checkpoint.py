@@ -1,0 +1,119 @@
+"""Checkpoints on a tiny state (no model): digests, non-finite values, mismatches, moving aside, a kill
+during an asynchronous save."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grain_jax.train import digests
+from grain_jax.train.checkpoint import (Checkpointer, CheckpointMismatchError, NoReadableCheckpointError,
+                                        UNREADABLE)
+from grain_jax.train.step import TrainState
+
+
+def state(step: int, value: float = 1.0, shape=(4, 3)) -> TrainState:
+  return TrainState(step=jnp.int32(step), params={"w": jnp.full(shape, value), "b": jnp.zeros(3)},
+                    opt_state={"mu": jnp.zeros(shape)}, skipped_steps=jnp.int32(0))
+
+
+def data():
+  return iter(grain.MapDataset.range(10).to_iter_dataset())
+
+
+def save(directory, *states, async_save=False):
+  checkpointer = Checkpointer(str(directory), keep=5, async_save=async_save)
+  for s in states:
+    checkpointer.save(s, data())
+  checkpointer.close()
+
+
+def restore(directory, like=None, read_only=False):
+  checkpointer = Checkpointer(str(directory), keep=5, async_save=False, read_only=read_only)
+  restored = checkpointer.restore_latest(like or state(0), data())
+  checkpointer.close()
+  return restored
+
+
+def flip_bytes(step_dir):
+  """Flips 64 bytes in the middle of the checkpoint's largest array data file."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
+           for name in names if os.path.basename(root) == "d"]
+  path = max(files, key=os.path.getsize)
+  blob = bytearray(open(path, "rb").read())
+  middle = len(blob) // 2
+  blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
+  open(path, "wb").write(bytes(blob))
+
+
+def test_a_committed_save_writes_a_digest_manifest_that_matches(tmp_path):
+  save(tmp_path, state(1), state(2))
+  for step in ("1", "2"):
+    assert digests.has_manifest(str(tmp_path / step)) and digests.problems(str(tmp_path / step)) == []
+
+
+def test_flipped_bytes_are_caught_and_the_checkpoint_moved_aside(tmp_path, caplog):
+  save(tmp_path, state(1), state(2, value=2.0))
+  flip_bytes(str(tmp_path / "2"))
+  assert int(restore(tmp_path).step) == 1
+  assert os.path.isdir(tmp_path / UNREADABLE / "2") and not os.path.exists(tmp_path / "2")
+  assert "step 2" in caplog.text and "digests.json" in caplog.text
+  save(tmp_path, state(2, value=3.0))  # the step number is free again: no StepAlreadyExistsError
+  np.testing.assert_array_equal(restore(tmp_path).params["w"], 3.0)
+
+
+def test_non_finite_values_make_a_checkpoint_unreadable(tmp_path, caplog):
+  save(tmp_path, state(1), state(2, value=np.nan))
+  os.remove(tmp_path / "2" / digests.DIGESTS)  # only the finiteness check can catch it now
+  assert int(restore(tmp_path).step) == 1
+  assert "not finite" in caplog.text and os.path.isdir(tmp_path / UNREADABLE / "2")
+
+
+def test_read_only_skips_an_unreadable_checkpoint_without_moving_it(tmp_path):
+  save(tmp_path, state(1), state(2))
+  flip_bytes(str(tmp_path / "2"))
+  assert int(restore(tmp_path, read_only=True).step) == 1
+  assert os.path.isdir(tmp_path / "2") and not os.path.exists(tmp_path / UNREADABLE)
+
+
+def test_a_checkpoint_of_other_shapes_stops_and_names_the_differences(tmp_path):
+  save(tmp_path, state(1))
+  like = state(0, shape=(5, 3))._replace(params={"w": jnp.ones((5, 3)), "b": jnp.zeros(3), "new": jnp.zeros(2)})
+  with pytest.raises(CheckpointMismatchError, match=r"params/w: checkpoint \(4, 3\), config \(5, 3\).*params/new"
+                     r".*new --workdir"):
+    restore(tmp_path, like)
+  assert os.path.isdir(tmp_path / "1") and not os.path.exists(tmp_path / UNREADABLE)
+
+
+def test_only_unreadable_checkpoints_stop_the_run(tmp_path):
+  save(tmp_path, state(1))
+  flip_bytes(str(tmp_path / "1"))
+  with pytest.raises(NoReadableCheckpointError, match="step 1: its files do not match digests.json"):
+    restore(tmp_path)
+  assert os.path.isdir(tmp_path / UNREADABLE / "1")
+  assert restore(tmp_path) is None  # told once; the run after it starts from step 0
+
+
+def test_a_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint(tmp_path):
+  script = textwrap.dedent(f"""
+      import os, signal, sys
+      sys.path.insert(0, {os.getcwd()!r})
+      from tests.test_checkpoint import Checkpointer, data, state
+      import jax.numpy as jnp
+      checkpointer = Checkpointer({str(tmp_path)!r}, keep=5, async_save=True)
+      checkpointer.save(state(1), data())
+      big = state(2)._replace(opt_state={{"mu": jnp.ones((4, 3))}}, params={{"w": jnp.ones((4, 3)),
+                                                                           "b": jnp.zeros(3), "x": jnp.ones(2**24)}})
+      checkpointer.save(big, data())  # waits for step 1 to commit, then starts writing step 2
+      os.kill(os.getpid(), signal.SIGKILL)
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert result.returncode == -9, result.stderr[-2000:]
+  assert int(restore(tmp_path).step) == 1
+  save(tmp_path, state(2, value=5.0))
+  np.testing.assert_array_equal(restore(tmp_path).params["w"], 5.0)
