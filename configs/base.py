@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_workers=0,             # Grain worker processes decoding images; 0 = in this process
       worker_buffer_size=2,      # batches each worker keeps ready
       read_threads=4,            # threads reading and decoding records in each process
-      max_bad_fraction=0.05,     # stop with an error when more records than this are skipped
+      max_bad_fraction=0.05,     # stop with an error when more records than this are skipped; in [0, 1)
       # The built-in synthetic dataset (grain_jax/data/synthetic.py), written under the workdir
       # when train_dir is "".
       synthetic=dict(

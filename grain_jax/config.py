@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from configs import base
+from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
 from grain_jax.sharding import mesh_shape
 
@@ -106,7 +107,6 @@ def _check_choices(config) -> None:
   choices = {
       ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
       ("loss", "region_negatives"): ("global", "per_device"),
-      ("eval", "templates"): ("clip", "birds", "photo"),
   }
   for (section, field), allowed in choices.items():
     if section in config and field in config[section]:
@@ -175,6 +175,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   _check_fields(config, base.get_config(), "config")
   _check_model(config.model)
   _check_choices(config)
+  _require(0.0 <= config.data.max_bad_fraction < 1.0,
+           f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
+  try:
+    check_eval_settings(config.eval)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   names = [parse_arm(entry)[0] for entry in config.experiment.arms]
   _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
   if num_devices is not None:

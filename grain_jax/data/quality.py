@@ -24,6 +24,8 @@ BAD_BOX = "bad_box"                      # not 4 finite numbers, or zero area af
 EMPTY_DESCRIPTION = "empty_description"
 CAPTION_FROM_MLLM = "caption_from_mllm"  # empty alt-text replaced by the MLLM caption
 NO_REGIONS = "no_regions"                # kept: the image still trains the caption loss
+# Records read before the bad fraction is judged: fewer say too little.
+MIN_RECORDS = 200
 # Box coordinates at most this far outside [0, 1] are rounding, not errors worth counting.
 _BOX_TOLERANCE = 1e-6
 
@@ -107,7 +109,7 @@ class DataStats:
   that counts survive a restart; `merge()` adds the counts gathered elsewhere (a worker, a shard).
   """
 
-  def __init__(self, max_bad_fraction: float = 0.05, min_records: int = 200, source: str = ""):
+  def __init__(self, max_bad_fraction: float = 0.05, min_records: int = MIN_RECORDS, source: str = ""):
     self.max_bad_fraction = max_bad_fraction
     self.min_records = min_records  # no verdict on the fraction before this many records
     self.source = source
