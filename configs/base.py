@@ -5,8 +5,11 @@ Other configs start from this one and change what they need. The argument picks 
 configs/meshes.py (default `cpu`):
 
   python -m grain_jax.main --config configs/base.py:tiny --workdir runs/tiny
-  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir gs://bucket/run \
-      --config.data.train_dir=gs://bucket/cc12m
+  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir /gcs/BUCKET/runs/b16 \
+      --config.data.train_dir=/gcs/BUCKET/shards/cc12m
+
+Paths are local: a bucket is used through its mount (launch/mount_bucket.sh BUCKET mounts gs://BUCKET at
+/gcs/BUCKET); a URL (gs://, s3://, ...) in --workdir or a path field is refused.
 """
 
 import ml_collections

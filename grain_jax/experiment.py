@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from grain_jax import sharding
-from grain_jax.config import apply_overrides, parse_arm, validate
+from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 
@@ -82,7 +82,7 @@ def run(config, workdir: str) -> dict:
   if not config.experiment.arms:
     return train_and_evaluate(config, workdir)
   if not config.experiment.evaluate:
-    raise ValueError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
+    raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
   arms = [parse_arm(entry) for entry in config.experiment.arms]
   names = [name for name, _ in arms]
   seeds = tuple(config.experiment.seeds) or (config.seed,)

@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from grain_jax.errors import UserError
+
 # Reasons a record is skipped.
 UNREADABLE_RECORD = "unreadable_record"
 MISSING_IMAGE = "missing_image"
@@ -38,7 +40,7 @@ class BadRecordError(ValueError):
     self.reason = reason
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
   """Too large a fraction of a dataset is bad to train on it."""
 
 

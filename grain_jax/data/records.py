@@ -23,6 +23,7 @@ import numpy as np
 from array_record.python import array_record_module
 
 from grain_jax.data import quality
+from grain_jax.errors import BadFileError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -154,15 +155,15 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     with open(path) as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise ValueError(f"{path} is not valid JSON ({error}). {redo}") from None
+    raise BadFileError(f"{path} is not valid JSON ({error}). {redo}") from None
   version = manifest.get("schema_version") if isinstance(manifest, dict) else None
   if version != SCHEMA_VERSION:
-    raise ValueError(f"{path} has record schema version {version!r}; this code reads version "
-                     f"{SCHEMA_VERSION}. {redo}")
+    raise BadFileError(f"{path} has record schema version {version!r}; this code reads version "
+                       f"{SCHEMA_VERSION}. {redo}")
   shards = manifest.get("shards")
   if not isinstance(shards, list) or not all(
       isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards):
-    raise ValueError(f'{path}: "shards" must be a list of {{"file": name, "count": records}}. {redo}')
+    raise BadFileError(f'{path}: "shards" must be a list of {{"file": name, "count": records}}. {redo}')
   for shard in shards:
     if not os.path.exists(os.path.join(data_dir, shard["file"])):
       raise FileNotFoundError(f"{path} lists shard {shard['file']}, which is missing")
@@ -180,8 +181,8 @@ def data_source(data_dir: str, manifest: dict[str, Any]) -> grain.sources.ArrayR
       try:
         grain.sources.ArrayRecordDataSource([path])
       except RuntimeError as error:
-        raise ValueError(f"{path} is not a readable ArrayRecord file ({error}). Convert the data again "
-                         "(python -m grain_jax.data.convert) or restore the file.") from None
+        raise BadFileError(f"{path} is not a readable ArrayRecord file ({error}). Convert the data again "
+                           "(python -m grain_jax.data.convert) or restore the file.") from None
     raise
 
 

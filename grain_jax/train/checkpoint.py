@@ -24,17 +24,18 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from grain_jax.errors import UserError
 from grain_jax.train import digests
 from grain_jax.train.step import TrainState
 
 UNREADABLE = "unreadable"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint reads but holds other arrays or shapes than the config's model and optimizer."""
 
 
-class NoReadableCheckpointError(RuntimeError):
+class NoReadableCheckpointError(UserError, RuntimeError):
   """A directory holds checkpoints, and none of them is intact."""
 
 
