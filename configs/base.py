@@ -100,6 +100,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       coordinator_address="",    # host:port of process 0 when not auto-detected
       num_processes=0,           # with coordinator_address
       process_id=-1,             # with coordinator_address
+      # Seconds without a heartbeat after which a process counts as dead and the others stop (JAX's
+      # default: 100). Heartbeats come from a background thread: long compilations and saves do not
+      # delay them.
+      heartbeat_timeout_s=20,
   ))
 
   # What `python -m grain_jax.main` runs (see grain_jax/experiment.py).

@@ -59,15 +59,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 def initialize_distributed(train_config) -> None:
   """`jax.distributed.initialize()` when the config asks for several processes.
 
-  Without a coordinator address JAX detects the cluster itself (Cloud TPU, SLURM, ...).
+  Without a coordinator address JAX detects the cluster itself (Cloud TPU, SLURM, ...). When a process
+  dies, a survivor's next collective fails at once, but its exit waits at the distributed service's
+  shutdown barrier until the dead process has sent no heartbeat for `heartbeat_timeout_s` (with JAX's
+  default of 100 s, as long).
   """
   if not train_config.multiprocess:
     return
+  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s)
   if train_config.coordinator_address:
     jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
-                               num_processes=train_config.num_processes, process_id=train_config.process_id)
+                               num_processes=train_config.num_processes, process_id=train_config.process_id,
+                               **timeout)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
