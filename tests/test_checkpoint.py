@@ -1,5 +1,5 @@
-"""Checkpoints on a tiny state (no model): digests, non-finite values, mismatches, moving aside, a kill
-during an asynchronous save."""
+"""Checkpoints on a tiny state (no model): checksums, non-finite values, mismatches, what is moved aside
+and what is not, a kill during an asynchronous save."""
 
 import os
 import subprocess
@@ -11,19 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grain_jax.train import digests
-from grain_jax.train.checkpoint import (Checkpointer, CheckpointMismatchError, NoReadableCheckpointError,
-                                        UNREADABLE)
+from grain_jax.train.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMismatchError, CheckpointReadError,
+                                        NoReadableCheckpointError, UNREADABLE)
 from grain_jax.train.step import TrainState
 
 
+NOISE = np.random.default_rng(0).normal(size=(128, 64)).astype(np.float32)
+
+
 def state(step: int, value: float = 1.0, shape=(4, 3)) -> TrainState:
-  return TrainState(step=jnp.int32(step), params={"w": jnp.full(shape, value), "b": jnp.zeros(3)},
+  """`noise` does not compress: its array data fills most of the largest file, where flip_bytes hits."""
+  return TrainState(step=jnp.int32(step), params={"w": jnp.full(shape, value), "b": jnp.zeros(3),
+                                                  "noise": jnp.asarray(NOISE)},
                     opt_state={"mu": jnp.zeros(shape)}, skipped_steps=jnp.int32(0))
 
 
-def data():
-  return iter(grain.MapDataset.range(10).to_iter_dataset())
+def data(num_workers: int = 0):
+  dataset = grain.MapDataset.range(10).to_iter_dataset()
+  if num_workers:
+    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(dataset)
 
 
 def save(directory, *states, async_save=False):
@@ -33,9 +40,11 @@ def save(directory, *states, async_save=False):
   checkpointer.close()
 
 
-def restore(directory, like=None, read_only=False):
+def restore(directory, like=None, read_only=False, iterator=None):
   checkpointer = Checkpointer(str(directory), keep=5, async_save=False, read_only=read_only)
-  restored = checkpointer.restore_latest(like or state(0), data())
+  restored = checkpointer.restore_latest(like or state(0))
+  if restored is not None:
+    checkpointer.restore_data(int(restored.step), iterator or data())
   checkpointer.close()
   return restored
 
@@ -51,10 +60,11 @@ def flip_bytes(step_dir):
   open(path, "wb").write(bytes(blob))
 
 
-def test_a_committed_save_writes_a_digest_manifest_that_matches(tmp_path):
+def test_a_save_holds_the_checksums_of_its_arrays(tmp_path):
   save(tmp_path, state(1), state(2))
   for step in ("1", "2"):
-    assert digests.has_manifest(str(tmp_path / step)) and digests.problems(str(tmp_path / step)) == []
+    assert os.path.isdir(tmp_path / step / CHECKSUMS)
+  assert int(restore(tmp_path).step) == 2
 
 
 def test_flipped_bytes_are_caught_and_the_checkpoint_moved_aside(tmp_path, caplog):
@@ -62,16 +72,43 @@ def test_flipped_bytes_are_caught_and_the_checkpoint_moved_aside(tmp_path, caplo
   flip_bytes(str(tmp_path / "2"))
   assert int(restore(tmp_path).step) == 1
   assert os.path.isdir(tmp_path / UNREADABLE / "2") and not os.path.exists(tmp_path / "2")
-  assert "step 2" in caplog.text and "digests.json" in caplog.text
+  assert "step 2" in caplog.text and f"do not match their {CHECKSUMS}" in caplog.text and "MB" in caplog.text
   save(tmp_path, state(2, value=3.0))  # the step number is free again: no StepAlreadyExistsError
   np.testing.assert_array_equal(restore(tmp_path).params["w"], 3.0)
 
 
+def test_the_newest_checkpoint_corrupted_after_a_kill_is_caught(tmp_path):
+  """No close(), no later save: nothing after the save itself may be needed to verify it."""
+  checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=True)
+  checkpointer.save(state(1), data())
+  checkpointer.save(state(2, value=2.0), data())
+  checkpointer.manager.wait_until_finished()  # committed, as a kill right after the commit leaves it
+  flip_bytes(str(tmp_path / "2"))
+  assert int(restore(tmp_path).step) == 1
+  assert os.path.isdir(tmp_path / UNREADABLE / "2")
+
+
 def test_non_finite_values_make_a_checkpoint_unreadable(tmp_path, caplog):
   save(tmp_path, state(1), state(2, value=np.nan))
-  os.remove(tmp_path / "2" / digests.DIGESTS)  # only the finiteness check can catch it now
   assert int(restore(tmp_path).step) == 1
   assert "not finite" in caplog.text and os.path.isdir(tmp_path / UNREADABLE / "2")
+
+
+def test_a_checkpoint_that_does_not_read_stops_and_nothing_is_moved(tmp_path):
+  save(tmp_path, state(1), state(2))
+  for name in os.listdir(tmp_path / "2" / "state"):
+    if os.path.isfile(tmp_path / "2" / "state" / name):
+      open(tmp_path / "2" / "state" / name, "wb").close()
+  with pytest.raises(CheckpointReadError, match="step 2 .*does not read.*Nothing was moved"):
+    restore(tmp_path)
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+
+
+def test_a_data_position_of_other_workers_stops_names_the_field_and_moves_nothing(tmp_path):
+  save(tmp_path, state(1), state(2))
+  with pytest.raises(CheckpointMismatchError, match=r"config\.data\.num_workers.*Nothing was moved"):
+    restore(tmp_path, iterator=data(num_workers=1))
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
 
 
 def test_read_only_skips_an_unreadable_checkpoint_without_moving_it(tmp_path):
@@ -93,7 +130,7 @@ def test_a_checkpoint_of_other_shapes_stops_and_names_the_differences(tmp_path):
 def test_only_unreadable_checkpoints_stop_the_run(tmp_path):
   save(tmp_path, state(1))
   flip_bytes(str(tmp_path / "1"))
-  with pytest.raises(NoReadableCheckpointError, match="step 1: its files do not match digests.json"):
+  with pytest.raises(NoReadableCheckpointError, match=f"step 1: 1 arrays do not match their {CHECKSUMS}"):
     restore(tmp_path)
   assert os.path.isdir(tmp_path / UNREADABLE / "1")
   assert restore(tmp_path) is None  # told once; the run after it starts from step 0

@@ -25,8 +25,8 @@ TINY = ["--config", "configs/base.py:tiny"]
 
 def test_the_project_errors_are_user_errors():
   for error in (config_lib.ConfigError, quality.BadDataError, errors.BadFileError, errors.ArgumentError,
-                errors.RemotePathError, checkpoint.CheckpointMismatchError, checkpoint.NoReadableCheckpointError,
-                layout.LayoutMismatchError):
+                errors.RemotePathError, checkpoint.CheckpointMismatchError, checkpoint.CheckpointReadError,
+                checkpoint.NoReadableCheckpointError, layout.LayoutMismatchError):
     assert issubclass(error, errors.USER_ERRORS), error
 
 

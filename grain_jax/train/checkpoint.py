@@ -1,12 +1,21 @@
 """Checkpoints: the train state and the data iterator's position, saved together with Orbax.
 
-Restoring takes the newest checkpoint that is intact. A checkpoint is *unreadable* when Orbax
-cannot read it, when its files do not match the digest manifest written when its save committed
-(grain_jax/train/digests.py), or when a restored value is not finite (training never stores one);
-a writable Checkpointer moves it to `checkpoints/unreadable/<step>` (logged) and tries the one
-before, so the run goes on and later saves of that step number do not collide with it. A
-checkpoint that reads but does not fit the config (other arrays or shapes) stops with
-CheckpointMismatchError: it belongs to another model and is never replaced by a fresh one.
+Every save holds, besides the state and the data position, a checksum of each array's values
+(`checksums`, computed on device from the bit patterns): it is an item of the same Orbax save, so
+it commits with the checkpoint, and the newest checkpoint is verified like any other. (Orbax 0.12
+checksums only the shard index of zarr3 arrays, not the array data.)
+
+Restoring takes the newest checkpoint and recomputes the checksums from the restored arrays.
+A checkpoint whose values do not match them, or hold a NaN or inf (training never stores one),
+is corrupt: a writable Checkpointer moves it to `checkpoints/unreadable/<step>` (logged) and tries
+the one before, so the run goes on and later saves of that step number do not collide with it.
+Any other failure stops the run and moves nothing, since a good checkpoint that a changed config
+or environment cannot read is not corrupt: one that does not fit the config's arrays or shapes
+raises CheckpointMismatchError, a data position that does not fit the input pipeline (other
+config.data.num_workers, other process count) too, and one that does not read
+CheckpointReadError. With several processes, all of them agree on each outcome (an all-gather)
+before a collective or a decision; only a failure inside Orbax's own restore on some processes
+alone leaves the others at Orbax's barrier in it until that barrier times out.
 
 What a kill loses: the steps since the newest committed checkpoint. With synchronous saves that is
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
@@ -25,28 +34,37 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from grain_jax.errors import UserError
-from grain_jax.train import digests
 from grain_jax.train.step import TrainState
 
 UNREADABLE = "unreadable"
+CHECKSUMS = "checksums"
 
 
 class CheckpointMismatchError(UserError, ValueError):
-  """A checkpoint reads but holds other arrays or shapes than the config's model and optimizer."""
+  """A checkpoint reads but does not fit the config: other arrays or shapes, or a data position
+  that the input pipeline cannot take."""
+
+
+class CheckpointReadError(UserError, RuntimeError):
+  """A checkpoint does not read; it is not moved, as nothing proves it corrupt."""
 
 
 class NoReadableCheckpointError(UserError, RuntimeError):
-  """A directory holds checkpoints, and none of them is intact."""
+  """A directory holds checkpoints, and every one of them is corrupt."""
 
 
 def _path(key) -> str:
   return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
 
 
+def _names(tree) -> list[str]:
+  """`"params/decoder/..."` of every leaf, in `jax.tree.leaves` order."""
+  return ["/".join(_path(key) for key in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """`{"params/decoder/...": shape}` of every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(_path(key) for key in path): tuple(leaf.shape) for path, leaf in leaves}
+  return dict(zip(_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
 
 
 def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]],
@@ -67,153 +85,223 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple
   return "; ".join(parts)
 
 
+def _bits(x: jax.Array) -> jax.Array:
+  """`x`'s bit pattern as uint32 values (an 8-byte type gives two per value)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize >= 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """A uint32 checksum of `x`'s values: each value's bits mixed with its position, summed modulo 2**32.
+
+  The sum does not depend on the order of the additions, so every sharding and process count gives
+  the same checksum; the mixing (murmur3's finalizer) makes a changed or moved value change it.
+  """
+  bits = _bits(x)
+  strides = np.cumprod((1,) + bits.shape[:0:-1])[::-1] if bits.ndim else ()
+  index = sum((jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(int(stride) % 2**32)
+               for axis, stride in enumerate(strides)), jnp.zeros(bits.shape, jnp.uint32))
+  mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
+  mixed = (mixed ^ (mixed >> 13)) * jnp.uint32(0xC2B2AE35)
+  return jnp.sum(mixed ^ (mixed >> 16), dtype=jnp.uint32)
+
+
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+def _leaf_checks(tree) -> tuple[jax.Array, jax.Array]:
+  """(checksum of every leaf `[n]` uint32, whether every floating value is finite)."""
+  leaves = jax.tree.leaves(tree)
+  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.stack([_checksum(x) for x in leaves]), jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
 
 
-def _agree(flag: bool) -> bool:
-  """Process 0's `flag` on every process (only process 0 checks the digests)."""
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The value of a result of `_leaf_checks` on this host, also when it spans several processes."""
+  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
+
+
+def checksums(tree) -> dict[str, int]:
+  """`{"params/decoder/...": checksum}` of every array of `tree` (a collective with several processes)."""
+  values, _ = _leaf_checks(tree)
+  return dict(zip(_names(tree), (int(v) for v in _to_host(values)), strict=True))
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process: every process then takes the same branch."""
   if jax.process_count() == 1:
     return flag
-  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _size_mb(directory: str) -> float:
+  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory)
+             for name in names) / 2**20
 
 
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of `TrainState` + data iterator under `directory`.
 
-  `read_only` (evaluation, export): unreadable checkpoints are skipped, not moved aside.
+  `read_only` (evaluation, export): a corrupt checkpoint is skipped, not moved aside.
   """
 
   def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
     self.directory = directory
     self.read_only = read_only
     self.manager = ocp.CheckpointManager(
-        directory, item_names=("state", "data"),
+        directory, item_names=("state", "data", CHECKSUMS),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=not read_only, read_only=read_only))
-    self._uncommitted: list[int] = []  # saves started here whose digests are not written yet
 
   def save(self, state: TrainState, data_iterator) -> None:
-    """Starts saving at step `state.step` (asynchronously when enabled)."""
-    self.wait()  # Orbax waits for the previous save anyway; its digests are written meanwhile
-    step = int(state.step)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state._asdict()),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
-    self._uncommitted.append(step)
+    """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums."""
+    tree = state._asdict()
+    self.manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
+        **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves have committed, and writes their digest manifests."""
+    """Blocks until pending asynchronous saves have committed."""
     self.manager.wait_until_finished()
-    if jax.process_index() == 0:
-      for step in self._uncommitted:
-        if os.path.isdir(self._step_dir(step)):  # not already deleted by retention
-          digests.write(self._step_dir(step))
-    self._uncommitted.clear()
 
-  def restore_latest(self, like: TrainState, data_iterator=None) -> TrainState | None:
-    """The newest intact checkpoint restored into `like`'s shapes and shardings; None when there is none.
-
-    `data_iterator`, when given, is moved to the restored position in place (evaluation passes
-    none and reads only the train state).
+  def restore_latest(self, like: TrainState) -> TrainState | None:
+    """The newest intact checkpoint's state restored into `like`'s shapes and shardings; None when
+    there is no checkpoint. `restore_data` then moves a data iterator to its position.
 
     Raises:
-      CheckpointMismatchError when the newest readable checkpoint holds other arrays than `like`.
-      NoReadableCheckpointError when there are checkpoints but none is intact.
+      CheckpointMismatchError when the newest checkpoint holds other arrays or shapes than `like`.
+      CheckpointReadError when it does not read (nothing is moved).
+      NoReadableCheckpointError when there are checkpoints and all are corrupt.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
-    items = dict(state=ocp.args.StandardRestore(target))
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._restore_newest(items, _shapes(target))
-    return None if restored is None else TrainState(**restored[1].state)
+    restored = self._restore_newest(ocp.args.StandardRestore(target), _shapes(target))
+    return None if restored is None else TrainState(**restored[1])
 
   def restore_latest_params(self, like_params) -> tuple[int, object] | None:
     """`(step, params)` of the newest intact checkpoint, or None; only the parameters are read
     (not the optimizer state), into `like_params`' shapes and shardings (arrays or
     ShapeDtypeStructs with shardings). Raises like `restore_latest`."""
     target = dict(params=jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params))
-    items = dict(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    restored = self._restore_newest(items, _shapes(target))
-    return None if restored is None else (restored[0], restored[1].state["params"])
+    restored = self._restore_newest(ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True),
+        _shapes(target))
+    return None if restored is None else (restored[0], restored[1]["params"])
+
+  def restore_data(self, step: int, data_iterator) -> None:
+    """Moves `data_iterator` to the position saved at `step` (in place).
+
+    Raises:
+      CheckpointMismatchError naming config.data.num_workers and the process count when the saved
+      position does not fit the iterator.
+    """
+    error = None
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as e:  # noqa: BLE001 - every process must reach the agreement below
+      error = CheckpointMismatchError(
+          f"the data iterator's position saved at step {step} in {self.directory} does not fit this run's input "
+          f"pipeline ({type(e).__name__}: {e}). config.data.num_workers or the number of processes "
+          f"({jax.process_count()} now) differs from the run that saved it: run with the same values, or use a "
+          "new --workdir. Nothing was moved.")
+    if _any_process(error is not None):
+      raise error or CheckpointMismatchError(f"another process could not restore the data position of step {step} "
+                                             f"in {self.directory}; see its log")
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def _restore_newest(self, items: dict, wanted: dict[str, tuple[int, ...]]) -> tuple[int, ocp.args.Composite] | None:
-    """Restores `items` from the newest intact step: `(step, restored)`, or None without checkpoints."""
+  def _restore_newest(self, state_args, wanted: dict[str, tuple[int, ...]]) -> tuple[int, dict] | None:
+    """The state restored with `state_args` from the newest intact step: `(step, state)`, or None
+    without checkpoints."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     problems = []
     for step in steps:
-      problem = self._corruption(step)
-      restored = None
-      if not problem:
-        problem, restored = self._restore_step(step, items, wanted)
-      if not problem:
-        logging.info("restored the checkpoint at step %d from %s", step, self.directory)
-        return step, restored
-      problems.append(f"step {step}: {problem}")
-      self._set_aside(step, problem)
+      error, restored = self._read(step, state_args, wanted)
+      if _any_process(error is not None):
+        raise error or CheckpointReadError(f"another process could not read the checkpoint at step {step} in "
+                                           f"{self.directory}; see its log")
+      problem = self._corruption(step, *restored)
+      if _any_process(bool(problem)):
+        problem = problem or "another process found it corrupt"
+        problems.append(f"step {step}: {problem}")
+        self._set_aside(step, problem)
+        continue
+      logging.info("restored the checkpoint at step %d from %s", step, self.directory)
+      return step, restored[0]
     if steps:
       after = ("" if self.read_only else f" They were moved to {os.path.join(self.directory, UNREADABLE)}; training "
                "again in this workdir starts from step 0, so to keep this run apart use a new workdir.")
-      raise NoReadableCheckpointError(f"no checkpoint in {self.directory} is intact ({'; '.join(problems)}).{after}")
+      raise NoReadableCheckpointError(f"every checkpoint in {self.directory} is corrupt ({'; '.join(problems)}).{after}")
     return None
 
-  def _corruption(self, step: int) -> str:
-    """What process 0 finds wrong with the step's files against its digest manifest ("" = nothing)."""
-    problem = ""
-    if jax.process_index() == 0:
-      step_dir = self._step_dir(step)
-      if not digests.has_manifest(step_dir):
-        logging.warning("checkpoint at step %d in %s has no %s (its save did not finish writing it): "
-                        "its files are not verified", step, self.directory, digests.DIGESTS)
-      else:
-        found = digests.problems(step_dir)
-        problem = f"its files do not match {digests.DIGESTS}: {', '.join(found[:5])}" if found else ""
-    return "" if _agree(not problem) else (problem or "process 0 found its files corrupt")
-
-  def _restore_step(self, step: int, items: dict, wanted: dict) -> tuple[str, ocp.args.Composite | None]:
-    """`("", restored)`, or `(why it is unreadable, None)`; raises CheckpointMismatchError."""
+  def _read(self, step: int, state_args, wanted: dict) -> tuple[Exception | None, tuple]:
+    """`(None, (state, saved checksums or None))`, or `(the error to raise, ())`; never raises, so
+    that every process reaches the agreement on the outcome."""
+    step_dir = self._step_dir(step)
     try:
-      saved = _shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(self._step_dir(step)) / "state").tree)
-    except Exception as error:  # noqa: BLE001 - any failure to read the metadata makes it unreadable
-      return f"its metadata does not read ({type(error).__name__}: {error})", None
+      saved = _shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree)
+    except Exception as error:  # noqa: BLE001
+      return self._read_error(step, f"its metadata does not read ({type(error).__name__}: {error})"), ()
     items_wanted = {name.split("/")[0] for name in wanted}  # "params" alone for a partial restore
     mismatch = describe_mismatch({name: shape for name, shape in saved.items() if name.split("/")[0] in items_wanted},
                                  wanted)
     if mismatch:
-      raise CheckpointMismatchError(
+      return CheckpointMismatchError(
           f"the checkpoint at step {step} in {self.directory} does not fit this config: {mismatch}. It is "
           "another model's (its run's config is config.json in the same workdir). To train this config, "
           "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
-          "that run's config) and set config.model.init_from to the exported .safetensors file.")
+          "that run's config) and set config.model.init_from to the exported .safetensors file."), ()
+    items = dict(state=state_args)
+    if os.path.isdir(os.path.join(step_dir, CHECKSUMS)):
+      items[CHECKSUMS] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as error:  # noqa: BLE001 - any failure to read means: fall back to an older one
-      return f"{type(error).__name__}: {error}", None
-    if not bool(_all_finite(restored.state)):
-      return "it holds values that are not finite (NaN or inf)", None
-    return "", restored
+    except Exception as error:  # noqa: BLE001
+      return self._read_error(step, f"{type(error).__name__}: {error}"), ()
+    return None, (restored.state, restored.get(CHECKSUMS))
+
+  def _read_error(self, step: int, why: str) -> CheckpointReadError:
+    return CheckpointReadError(
+        f"the checkpoint at step {step} in {self.directory} does not read ({why}). Nothing was moved: a "
+        "changed environment can cause this as well as damage. If it is damaged, move "
+        f"{self._step_dir(step)} aside (e.g. to {os.path.join(self.directory, UNREADABLE, str(step))}) and run "
+        "again to resume from the checkpoint before it.")
+
+  def _corruption(self, step: int, state: dict, saved: dict | None) -> str:
+    """What proves the restored `state` corrupt ("" = nothing): checksums that differ from the
+    `saved` ones, or values that are not finite. A collective with several processes."""
+    values, finite = _leaf_checks(state)
+    names = _names(state)
+    if saved is None:
+      logging.warning("the checkpoint at step %d in %s has no %s (saved by an earlier grain_jax): only the "
+                      "finiteness of its values is checked", step, self.directory, CHECKSUMS)
+      differ = []
+    else:
+      differ = [name for name, value in zip(names, _to_host(values), strict=True) if saved.get(name) != int(value)]
+    if differ:
+      return f"{len(differ)} arrays do not match their {CHECKSUMS} ({', '.join(differ[:5])})"
+    return "" if bool(_to_host(finite)) else "it holds values that are not finite (NaN or inf)"
 
   def _set_aside(self, step: int, problem: str) -> None:
-    """Logs the unreadable step and, unless read-only, moves it to `unreadable/<step>`."""
+    """Logs the corrupt step and, unless read-only, moves it to `unreadable/<step>` (process 0;
+    the others wait for it)."""
     if self.read_only:
-      logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the previous one",
+      logging.warning("checkpoint at step %d in %s is corrupt (%s); trying the previous one",
                       step, self.directory, problem)
       return
-    aside = os.path.join(self.directory, UNREADABLE, str(step))
+    unreadable = os.path.join(self.directory, UNREADABLE)
+    aside = os.path.join(unreadable, str(step))
     suffix = 1
     while os.path.exists(aside):
-      aside, suffix = os.path.join(self.directory, UNREADABLE, f"{step}.{suffix}"), suffix + 1
-    logging.warning("checkpoint at step %d in %s is unreadable (%s); moved to %s, trying the previous one",
-                    step, self.directory, problem, aside)
+      aside, suffix = os.path.join(unreadable, f"{step}.{suffix}"), suffix + 1
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.makedirs(unreadable, exist_ok=True)
       os.rename(self._step_dir(step), aside)
+      # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
+      logging.warning("checkpoint at step %d in %s is corrupt (%s); moved to %s, trying the previous one. %s now "
+                      "holds %d checkpoints, %.1f MB: delete them when they are no longer needed", step,
+                      self.directory, problem, aside, unreadable, len(os.listdir(unreadable)), _size_mb(unreadable))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()
