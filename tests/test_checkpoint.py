@@ -94,14 +94,32 @@ def test_non_finite_values_make_a_checkpoint_unreadable(tmp_path, caplog):
   assert "not finite" in caplog.text and os.path.isdir(tmp_path / UNREADABLE / "2")
 
 
-def test_a_checkpoint_that_does_not_read_stops_and_nothing_is_moved(tmp_path):
-  save(tmp_path, state(1), state(2))
-  for name in os.listdir(tmp_path / "2" / "state"):
-    if os.path.isfile(tmp_path / "2" / "state" / name):
-      open(tmp_path / "2" / "state" / name, "wb").close()
-  with pytest.raises(CheckpointReadError, match="step 2 .*does not read.*Nothing was moved"):
+def truncate(step_dir):
+  """Empties the files of the checkpoint's state (not its array data): Orbax no longer reads it."""
+  for name in os.listdir(os.path.join(step_dir, "state")):
+    if os.path.isfile(os.path.join(step_dir, "state", name)):
+      open(os.path.join(step_dir, "state", name), "wb").close()
+
+
+def test_a_checkpoint_that_does_not_read_is_moved_aside_when_an_older_one_restores(tmp_path, caplog):
+  save(tmp_path, state(1), state(2, value=2.0), state(3, value=3.0))
+  truncate(str(tmp_path / "3"))
+  truncate(str(tmp_path / "2"))
+  np.testing.assert_array_equal(restore(tmp_path).params["w"], 1.0)
+  assert sorted(os.listdir(tmp_path)) == ["1", UNREADABLE] and sorted(os.listdir(tmp_path / UNREADABLE)) == ["2", "3"]
+  assert "step 3" in caplog.text and "does not read" in caplog.text and "step 1 restores intact" in caplog.text
+  save(tmp_path, state(2, value=4.0))  # the step number is free again: no StepAlreadyExistsError
+  np.testing.assert_array_equal(restore(tmp_path).params["w"], 4.0)
+
+
+@pytest.mark.parametrize("steps", [(1,), (1, 2)])
+def test_checkpoints_that_do_not_read_stop_with_the_newest_and_nothing_is_moved(tmp_path, steps):
+  save(tmp_path, *(state(step) for step in steps))
+  for step in steps:
+    truncate(str(tmp_path / str(step)))
+  with pytest.raises(CheckpointReadError, match=f"step {steps[-1]} .*does not read.*were not moved"):
     restore(tmp_path)
-  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
+  assert sorted(os.listdir(tmp_path)) == [str(step) for step in steps]
 
 
 def test_a_data_position_of_other_workers_stops_names_the_field_and_moves_nothing(tmp_path):

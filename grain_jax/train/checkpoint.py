@@ -9,13 +9,16 @@ Restoring takes the newest checkpoint and recomputes the checksums from the rest
 A checkpoint whose values do not match them, or hold a NaN or inf (training never stores one),
 is corrupt: a writable Checkpointer moves it to `checkpoints/unreadable/<step>` (logged) and tries
 the one before, so the run goes on and later saves of that step number do not collide with it.
-Any other failure stops the run and moves nothing, since a good checkpoint that a changed config
-or environment cannot read is not corrupt: one that does not fit the config's arrays or shapes
-raises CheckpointMismatchError, a data position that does not fit the input pipeline (other
-config.data.num_workers, other process count) too, and one that does not read
-CheckpointReadError. With several processes, all of them agree on each outcome (an all-gather)
-before a collective or a decision; only a failure inside Orbax's own restore on some processes
-alone leaves the others at Orbax's barrier in it until that barrier times out.
+A checkpoint that does not read is passed over for the one before; once an older one restores and
+verifies, the environment and config evidently read checkpoints, so the newer ones that did not
+read are damaged: they are moved aside the same way. When none restores, the run stops with
+CheckpointReadError for the newest and those are not moved, since a good checkpoint that a changed
+config or environment cannot read is not damaged. One that does not fit the config's arrays or
+shapes stops the run at once with CheckpointMismatchError, and so does a data position that does
+not fit the input pipeline (other config.data.num_workers, other process count); nothing is moved.
+With several processes, all of them agree on each outcome (an all-gather) before a collective or
+a decision; only a failure inside Orbax's own restore on some processes alone leaves the others at
+Orbax's barrier in it until that barrier times out.
 
 What a kill loses: the steps since the newest committed checkpoint. With synchronous saves that is
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
@@ -46,7 +49,8 @@ class CheckpointMismatchError(UserError, ValueError):
 
 
 class CheckpointReadError(UserError, RuntimeError):
-  """A checkpoint does not read; it is not moved, as nothing proves it corrupt."""
+  """The newest checkpoint does not read and no older one restores; the ones that do not read are
+  not moved, as nothing proves them damaged."""
 
 
 class NoReadableCheckpointError(UserError, RuntimeError):
@@ -171,7 +175,7 @@ class Checkpointer:
 
     Raises:
       CheckpointMismatchError when the newest checkpoint holds other arrays or shapes than `like`.
-      CheckpointReadError when it does not read (nothing is moved).
+      CheckpointReadError when it does not read and no older one restores (those are not moved).
       NoReadableCheckpointError when there are checkpoints and all are corrupt.
     """
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like._asdict())
@@ -215,34 +219,43 @@ class Checkpointer:
     """The state restored with `state_args` from the newest intact step: `(step, state)`, or None
     without checkpoints."""
     steps = sorted(self.manager.all_steps(), reverse=True)
-    problems = []
+    problems, unread = [], []
     for step in steps:
-      error, restored = self._read(step, state_args, wanted)
-      if _any_process(error is not None):
-        raise error or CheckpointReadError(f"another process could not read the checkpoint at step {step} in "
-                                           f"{self.directory}; see its log")
+      outcome, restored = self._read(step, state_args, wanted)
+      mismatch = isinstance(outcome, CheckpointMismatchError)
+      if _any_process(mismatch):
+        raise outcome if mismatch else CheckpointMismatchError(
+            f"another process found that the checkpoint at step {step} in {self.directory} does not fit this "
+            "config; see its log")
+      if _any_process(outcome is not None):
+        unread.append((step, outcome or "another process could not read it; see its log"))
+        continue
       problem = self._corruption(step, *restored)
       if _any_process(bool(problem)):
         problem = problem or "another process found it corrupt"
         problems.append(f"step {step}: {problem}")
-        self._set_aside(step, problem)
+        self._set_aside(step, f"is corrupt ({problem})")
         continue
+      for newer, why in unread:
+        self._set_aside(newer, f"does not read ({why}), while the older one at step {step} restores intact")
       logging.info("restored the checkpoint at step %d from %s", step, self.directory)
       return step, restored[0]
+    if unread:
+      raise self._read_error(*unread[0])
     if steps:
       after = ("" if self.read_only else f" They were moved to {os.path.join(self.directory, UNREADABLE)}; training "
                "again in this workdir starts from step 0, so to keep this run apart use a new workdir.")
       raise NoReadableCheckpointError(f"every checkpoint in {self.directory} is corrupt ({'; '.join(problems)}).{after}")
     return None
 
-  def _read(self, step: int, state_args, wanted: dict) -> tuple[Exception | None, tuple]:
-    """`(None, (state, saved checksums or None))`, or `(the error to raise, ())`; never raises, so
-    that every process reaches the agreement on the outcome."""
+  def _read(self, step: int, state_args, wanted: dict) -> tuple[CheckpointMismatchError | str | None, tuple]:
+    """`(None, (state, saved checksums or None))`, `(the mismatch to raise, ())`, or `(why it does not
+    read, ())`; never raises, so that every process reaches the agreement on the outcome."""
     step_dir = self._step_dir(step)
     try:
       saved = _shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree)
     except Exception as error:  # noqa: BLE001
-      return self._read_error(step, f"its metadata does not read ({type(error).__name__}: {error})"), ()
+      return f"its metadata does not read ({type(error).__name__}: {error})", ()
     items_wanted = {name.split("/")[0] for name in wanted}  # "params" alone for a partial restore
     mismatch = describe_mismatch({name: shape for name, shape in saved.items() if name.split("/")[0] in items_wanted},
                                  wanted)
@@ -258,15 +271,15 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # noqa: BLE001
-      return self._read_error(step, f"{type(error).__name__}: {error}"), ()
+      return f"{type(error).__name__}: {error}", ()
     return None, (restored.state, restored.get(CHECKSUMS))
 
   def _read_error(self, step: int, why: str) -> CheckpointReadError:
     return CheckpointReadError(
-        f"the checkpoint at step {step} in {self.directory} does not read ({why}). Nothing was moved: a "
-        "changed environment can cause this as well as damage. If it is damaged, move "
-        f"{self._step_dir(step)} aside (e.g. to {os.path.join(self.directory, UNREADABLE, str(step))}) and run "
-        "again to resume from the checkpoint before it.")
+        f"the checkpoint at step {step} in {self.directory} does not read ({why}), and no older one restores. "
+        "The checkpoints that do not read were not moved: a changed environment or config can cause this as well "
+        f"as damage. If they are damaged, move them aside (e.g. to {os.path.join(self.directory, UNREADABLE)}) or "
+        "use a new --workdir to train from step 0.")
 
   def _corruption(self, step: int, state: dict, saved: dict | None) -> str:
     """What proves the restored `state` corrupt ("" = nothing): checksums that differ from the
@@ -284,11 +297,10 @@ class Checkpointer:
     return "" if bool(_to_host(finite)) else "it holds values that are not finite (NaN or inf)"
 
   def _set_aside(self, step: int, problem: str) -> None:
-    """Logs the corrupt step and, unless read-only, moves it to `unreadable/<step>` (process 0;
-    the others wait for it)."""
+    """Logs that the checkpoint at `step` `problem` ("is corrupt (...)") and, unless read-only, moves
+    it to `unreadable/<step>` (process 0; the others wait for it)."""
     if self.read_only:
-      logging.warning("checkpoint at step %d in %s is corrupt (%s); trying the previous one",
-                      step, self.directory, problem)
+      logging.warning("checkpoint at step %d in %s %s; skipped", step, self.directory, problem)
       return
     unreadable = os.path.join(self.directory, UNREADABLE)
     aside = os.path.join(unreadable, str(step))
@@ -299,9 +311,9 @@ class Checkpointer:
       os.makedirs(unreadable, exist_ok=True)
       os.rename(self._step_dir(step), aside)
       # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
-      logging.warning("checkpoint at step %d in %s is corrupt (%s); moved to %s, trying the previous one. %s now "
-                      "holds %d checkpoints, %.1f MB: delete them when they are no longer needed", step,
-                      self.directory, problem, aside, unreadable, len(os.listdir(unreadable)), _size_mb(unreadable))
+      logging.warning("checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
+                      "them when they are no longer needed", step, self.directory, problem, aside, unreadable,
+                      len(os.listdir(unreadable)), _size_mb(unreadable))
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()
