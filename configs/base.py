@@ -5,8 +5,11 @@ Other configs start from this one and change what they need. The argument picks 
 configs/meshes.py (default `cpu`):
 
   python -m grain_jax.main --config configs/base.py:tiny --workdir runs/tiny
-  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir gs://bucket/run \
-      --config.data.train_dir=gs://bucket/cc12m
+  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir /gcs/BUCKET/runs/b16 \
+      --config.data.train_dir=/gcs/BUCKET/shards/cc12m
+
+Paths are local: a bucket is used through its mount (launch/mount_bucket.sh BUCKET mounts gs://BUCKET at
+/gcs/BUCKET); a URL (gs://, s3://, ...) in --workdir or a path field is refused.
 """
 
 import ml_collections
@@ -90,12 +93,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       log_every=50,              # steps between console / TensorBoard scalars
       checkpoint_every=1000,     # steps between checkpoints (one is always written at the end)
       keep_checkpoints=3,        # the newest k are kept
-      async_checkpointing=True,
+      async_checkpointing=True,  # saves commit while training goes on: a kill loses <= 2 x checkpoint_every
+                                 # steps (<= 1 x when False)
       profile_steps=(),          # (first, last) step of a profiler trace written to workdir/profile; () = off
       multiprocess=False,        # call jax.distributed.initialize() (auto-detected on TPU and SLURM)
       coordinator_address="",    # host:port of process 0 when not auto-detected
       num_processes=0,           # with coordinator_address
       process_id=-1,             # with coordinator_address
+      # Seconds without a heartbeat after which a process counts as dead and the others stop (JAX's
+      # default: 100). Heartbeats come from a background thread: long compilations and saves do not
+      # delay them.
+      heartbeat_timeout_s=20,
   ))
 
   # What `python -m grain_jax.main` runs (see grain_jax/experiment.py).
@@ -122,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_workers=0,             # Grain worker processes decoding images; 0 = in this process
       worker_buffer_size=2,      # batches each worker keeps ready
       read_threads=4,            # threads reading and decoding records in each process
-      max_bad_fraction=0.05,     # stop with an error when more records than this are skipped
+      max_bad_fraction=0.05,     # stop with an error when more records than this are skipped; in [0, 1)
       # The built-in synthetic dataset (grain_jax/data/synthetic.py), written under the workdir
       # when train_dir is "".
       synthetic=dict(

@@ -13,15 +13,20 @@ from typing import Any
 import ml_collections
 
 from configs import base
+from grain_jax.errors import UserError, check_local_path
+from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
 from grain_jax.sharding import mesh_shape
 
 
 INIT_TOWERS = ("text", "image")
 INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# The config's file and folder paths (read or written with the local file system's calls).
+PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
+               "eval.descriptors_dir")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config field is unknown, has the wrong type, or holds an impossible value."""
 
 
@@ -106,7 +111,6 @@ def _check_choices(config) -> None:
   choices = {
       ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
       ("loss", "region_negatives"): ("global", "per_device"),
-      ("eval", "templates"): ("clip", "birds", "photo"),
   }
   for (section, field), allowed in choices.items():
     if section in config and field in config[section]:
@@ -142,19 +146,35 @@ def parse_arm(entry: str) -> tuple[str, dict[str, Any]]:
   return name, overrides
 
 
+def field_section(config: ml_collections.ConfigDict, field: str, where: str) -> tuple[ml_collections.ConfigDict, str]:
+  """The section of `config` holding the dotted `field`, and the field's last name.
+
+  Raises:
+    ConfigError naming `where`, the field's full path and the fields known where it went wrong.
+  """
+  *sections, leaf = field.split(".")
+  section, path = config, "config"
+  for part in sections:
+    _require_known(section, path, part, f"{where}: config.{field}")
+    section, path = section[part], f"{path}.{part}"
+  _require_known(section, path, leaf, f"{where}: config.{field}")
+  return section, leaf
+
+
+def _require_known(section, path: str, name: str, what: str) -> None:
+  if isinstance(section, ml_collections.ConfigDict) and name in section:
+    return
+  known = (f"known in {path}: {', '.join(sorted(section.keys()))}" if isinstance(section, ml_collections.ConfigDict)
+           else f"{path} is not a section")
+  raise ConfigError(f"{what} is not a known field ({known})")
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
                     where: str = "override") -> ml_collections.ConfigDict:
   """A copy of `config` with dotted `field: value` overrides set; errors name `where` and the field."""
   config = config.copy_and_resolve_references()
   for field, value in overrides.items():
-    *sections, leaf = field.split(".")
-    section = config
-    for part in sections:
-      _require(isinstance(section, ml_collections.ConfigDict) and part in section,
-               f"{where}: config.{field} is not a known field")
-      section = section[part]
-    _require(isinstance(section, ml_collections.ConfigDict) and leaf in section,
-             f"{where}: config.{field} is not a known field")
+    section, leaf = field_section(config, field, where)
     try:
       section[leaf] = value
     except TypeError as error:
@@ -170,11 +190,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     num_devices: when given, the mesh sizes must tile exactly this many devices.
 
   Raises:
-    ConfigError naming the first offending field.
+    ConfigError naming the first offending field; RemotePathError for a URL in a PATH_FIELDS field.
   """
   _check_fields(config, base.get_config(), "config")
+  for field in PATH_FIELDS:
+    section, name = field.split(".")
+    check_local_path(config[section][name], f"config.{field}")
   _check_model(config.model)
   _check_choices(config)
+  _require(0.0 <= config.data.max_bad_fraction < 1.0,
+           f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
+  try:
+    check_eval_settings(config.eval)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   names = [parse_arm(entry)[0] for entry in config.experiment.arms]
   _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
   if num_devices is not None:

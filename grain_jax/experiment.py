@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from grain_jax import sharding
-from grain_jax.config import apply_overrides, parse_arm, validate
+from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 
@@ -77,28 +77,35 @@ def comparison_table(per_run: dict[tuple[str, int], dict[str, float]], arms, see
   return "\n".join(lines)
 
 
+def arm_config(config, name: str, overrides, seed: int, shared_data: str):
+  """The validated config of one run of an arm: the arm's overrides, `seed`, the shared data."""
+  run_config = apply_overrides(config, overrides, f"config.experiment.arms entry {name!r}")
+  with run_config.unlocked():
+    run_config.seed = seed
+    run_config.experiment.arms = ()
+    run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
+  validate(run_config, num_devices=jax.device_count())
+  return run_config
+
+
 def run(config, workdir: str) -> dict:
   """Runs what `config.experiment` asks for; returns the results."""
   if not config.experiment.arms:
     return train_and_evaluate(config, workdir)
   if not config.experiment.evaluate:
-    raise ValueError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
+    raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
   arms = [parse_arm(entry) for entry in config.experiment.arms]
   names = [name for name, _ in arms]
   seeds = tuple(config.experiment.seeds) or (config.seed,)
   shared_data = os.path.join(os.path.abspath(workdir), "synthetic")
+  # Every arm's config is checked before the first one trains: a typo in the last arm costs no run.
+  run_configs = {(name, seed): arm_config(config, name, overrides, seed, shared_data)
+                 for seed in seeds for name, overrides in arms}
   per_run = {}
-  for seed in seeds:
-    for name, overrides in arms:
-      run_config = apply_overrides(config, overrides, f"config.experiment.arms entry {name!r}")
-      with run_config.unlocked():
-        run_config.seed = seed
-        run_config.experiment.arms = ()
-        run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
-      validate(run_config)
-      print(f"\n=== {name}, seed {seed} ===", flush=True)
-      results = train_and_evaluate(run_config, os.path.join(workdir, f"{name}_seed{seed}"))
-      per_run[(name, seed)] = headline_metrics(results["eval"])
+  for (name, seed), run_config in run_configs.items():
+    print(f"\n=== {name}, seed {seed} ===", flush=True)
+    results = train_and_evaluate(run_config, os.path.join(workdir, f"{name}_seed{seed}"))
+    per_run[(name, seed)] = headline_metrics(results["eval"])
   table = comparison_table(per_run, names, seeds)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "comparison.json"), "w") as f:

@@ -1,19 +1,22 @@
 """Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train|eval|export]`.
 
 Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
-workdir resumes from its newest checkpoint.
+workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
+one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback.
 """
 
 import logging
+import re
+import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from grain_jax import errors
 from grain_jax import experiment
-from grain_jax.config import ConfigError
+from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
-from grain_jax.export.layout import LayoutMismatchError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -23,20 +26,53 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
 _EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
     "export_module_prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
 flags.mark_flags_as_required(["config", "workdir"])
+_CONFIG_FLAG = re.compile(r"--?config(?:=(?P<spec>.*))?$")
+_OVERRIDE_FLAG = re.compile(r"--?config\.(?P<field>[^=]+)")
+
+
+def check_config_flags(args: list[str]) -> None:
+  """Raises ConfigError for a --config file that does not exist or a --config.FIELD it does not have.
+
+  ml_collections reports either with a traceback, and a field without its full path; this runs before
+  it parses the flags, on the same file.
+  """
+  spec = None
+  for index, arg in enumerate(args):
+    match = _CONFIG_FLAG.match(arg)
+    if match:
+      spec = match["spec"] if match["spec"] is not None else next(iter(args[index + 1:]), None)
+  if spec is None:
+    return  # absl says that --config is required
+  config = load_config(spec)
+  for arg in args:
+    match = _OVERRIDE_FLAG.match(arg)
+    if match:
+      field_section(config, match["field"], "command line")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing (its own errors print the usage), after check_config_flags."""
+  check_config_flags(argv[1:])
+  return app.parse_flags_with_usage(argv)
 
 
 def initialize_distributed(train_config) -> None:
   """`jax.distributed.initialize()` when the config asks for several processes.
 
-  Without a coordinator address JAX detects the cluster itself (Cloud TPU, SLURM, ...).
+  Without a coordinator address JAX detects the cluster itself (Cloud TPU, SLURM, ...). When a process
+  dies, a survivor's next collective fails at once, but its exit waits at the distributed service's
+  shutdown barrier until the dead process has sent no heartbeat for `heartbeat_timeout_s` (with JAX's
+  default of 100 s, as long).
   """
   if not train_config.multiprocess:
     return
+  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s)
   if train_config.coordinator_address:
     jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
-                               num_processes=train_config.num_processes, process_id=train_config.process_id)
+                               num_processes=train_config.num_processes, process_id=train_config.process_id,
+                               **timeout)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeout)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
 
@@ -50,18 +86,16 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
+  errors.check_local_path(_WORKDIR.value, "--workdir")
   config = _CONFIG.value
   initialize_distributed(config.train)
-  try:
-    if _MODE.value == "eval":
-      experiment.evaluate_checkpoint(config, _WORKDIR.value)
-    elif _MODE.value == "export":
-      to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
-    else:
-      experiment.run(config, _WORKDIR.value)
-  except (ConfigError, LayoutMismatchError, FileNotFoundError) as error:
-    raise app.UsageError(str(error)) from None
+  if _MODE.value == "eval":
+    experiment.evaluate_checkpoint(config, _WORKDIR.value)
+  elif _MODE.value == "export":
+    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
+  else:
+    experiment.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(errors.run_command(lambda: app.run(main, flags_parser=parse_flags)))

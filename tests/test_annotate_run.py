@@ -18,6 +18,7 @@ transformers = pytest.importorskip(
 tokenizers = pytest.importorskip("tokenizers", reason="comes with transformers")
 
 # pylint: disable=wrong-import-position
+from grain_jax import errors
 from grain_jax.annotate import __main__ as cli
 from grain_jax.annotate import hf
 from grain_jax.annotate import mllm
@@ -205,8 +206,8 @@ def test_chunks_resume_and_changed_settings(tmp_path, annotated, tiny_models, im
   assert list(records.read_records(str(out))) == expected
   assert json.loads((out / records.MANIFEST).read_text()) == json.loads(
       (annotated / records.MANIFEST).read_text())
-  with pytest.raises(ValueError, match=r"other settings \(threshold differ"):
-    cli.main(_argv(images, tiny_models, out, "--threshold", "0.5"))
+  with pytest.raises(errors.ArgumentError, match=r"other settings \(threshold differ"):
+    run.annotate(cli.parse_args(_argv(images, tiny_models, out, "--threshold", "0.5")))
 
 
 def test_a_record_dataset_is_annotated_again_keeping_images_and_alt_texts(tmp_path, annotated,
@@ -218,8 +219,8 @@ def test_a_record_dataset_is_annotated_again_keeping_images_and_alt_texts(tmp_pa
   before, after = records.read_records(str(annotated)), records.read_records(str(out))
   assert [(r.key, r.image, r.caption) for r in after] == [(r.key, r.image, r.caption)
                                                           for r in before]
-  with pytest.raises(ValueError, match="--captions is for image folders"):
-    cli.main(argv + ["--captions", "captions.csv"])
+  with pytest.raises(errors.ArgumentError, match="--captions is for image folders"):
+    run.annotate(cli.parse_args(argv + ["--captions", "captions.csv"]))
 
 
 

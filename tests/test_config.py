@@ -50,6 +50,13 @@ def test_a_config_file_can_build_on_base(tmp_path):
     (lambda c: c.model.text.__setattr__("context_buckets", (16, 99)), "config.model.text.context_buckets"),
     (lambda c: c.matching.__setattr__("method", "auction"), "config.matching.method"),
     (lambda c: c.model.decoder.__setattr__("dropout", 1.5), "config.model.decoder.dropout"),
+    (lambda c: c.data.__setattr__("max_bad_fraction", 1.0), "config.data.max_bad_fraction"),
+    (lambda c: c.eval.__setattr__("templates", "clipp"), "config.eval.templates='clipp'"),
+    (lambda c: c.eval.__setattr__("scores", ("global", "regoin")), "config.eval.scores"),
+    (lambda c: c.eval.__setattr__("classification", ("cifar11",)), "config.eval.classification entry 'cifar11'"),
+    (lambda c: c.eval.__setattr__("classification", ("synthetic/novl",)), "entry 'synthetic/novl'"),
+    (lambda c: c.eval.__setattr__("retrieval", ("karpathy:test.json",)), "config.eval.retrieval entry"),
+    (lambda c: c.eval.__setattr__("grounding", ("jsn:boxes.json",)), "config.eval.grounding entry"),
 ])
 def test_bad_fields_are_named(mutate, field):
   config = load_config("configs/base.py:tiny")

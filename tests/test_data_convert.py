@@ -3,10 +3,12 @@
 import io
 import json
 import os
+import re
 
 import pytest
 from PIL import Image
 
+from grain_jax import errors
 from grain_jax.data import convert
 from grain_jax.data import quality
 from grain_jax.data import records
@@ -82,7 +84,7 @@ def test_parallel_workers_write_the_same_records(inputs):
       records.read_records(str(inputs / "two")))
 
 
-def test_resume_skips_finished_shards(inputs):
+def test_resume_skips_finished_shards(inputs, capsys):
   argv = _argv(inputs, "out", "--shard-size", "2")
   convert.main(argv)
   out = inputs / "out"
@@ -96,12 +98,36 @@ def test_resume_skips_finished_shards(inputs):
   convert.main(argv)
   manifest = records.read_manifest(str(out))
   assert manifest["count"] == 3 and manifest["skipped"][quality.MISSING_IMAGE] == 1
-  with pytest.raises(ValueError, match="other settings"):
-    convert.main(_argv(inputs, "out", "--shard-size", "3"))
+  capsys.readouterr()
+  assert convert.main(_argv(inputs, "out", "--shard-size", "3")) == errors.USER_ERROR_STATUS
+  assert re.match(r"error: .*out holds a conversion with other settings", capsys.readouterr().err)
 
 
-def test_too_many_bad_rows_stop_naming_the_input(inputs):
+def test_too_many_bad_rows_stop_naming_the_input(inputs, capsys):
   argv = _argv(inputs)
   argv[argv.index("--max-bad-fraction") + 1] = "0.2"
   with pytest.raises(quality.BadDataError, match=r"captions.csv.*2 of them in .*images"):
-    convert.main(argv)
+    convert.convert(convert.parse_args(argv))
+  capsys.readouterr()
+  assert convert.main(argv) == errors.USER_ERROR_STATUS
+  assert re.search(r"\nerror: .*captions.csv.*2 of them in .*images[^\n]*\n$", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("content, message", [("{not json", "is not valid JSON"),
+                                               ("[1, 2]", "holds a JSON list, not an object")])
+def test_a_bad_json_input_is_one_error_naming_it(inputs, capsys, content, message):
+  (inputs / "bboxes.json").write_text(content)
+  assert convert.main(_argv(inputs)) == errors.USER_ERROR_STATUS
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {inputs / 'bboxes.json'} {message}") and err.count("\n") == 1
+
+
+def test_a_url_is_refused_before_anything_is_written(inputs, capsys):
+  argv = _argv(inputs)
+  argv[argv.index("--out") + 1] = "gs://my-bucket/shards/cc3m"
+  assert convert.main(argv) == errors.USER_ERROR_STATUS
+  assert capsys.readouterr().err == (
+      "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes local paths only: "
+      "mount the bucket (launch/mount_bucket.sh my-bucket mounts it at /gcs/my-bucket) and use "
+      "/gcs/my-bucket/shards/cc3m\n")
+  assert not os.path.exists("gs:")

@@ -143,3 +143,9 @@ def test_too_many_bad_records_stop_with_the_file_name(tmp_path):
   with pytest.raises(quality.BadDataError, match=r"shard-0000[12]\.array_record"):
     for _ in range(200):
       next(iterator)
+
+
+def test_data_that_is_all_bad_stops_instead_of_hanging(tmp_path):
+  iterator = iter(_dataset(_write(tmp_path, [b"garbage"] * NUM_RECORDS), num_epochs=None, global_batch_size=4))
+  with pytest.raises(quality.BadDataError, match=r"shard-0000[0-2]\.array_record"):
+    next(iterator)  # before: no batch ever filled, so this never returned

@@ -61,3 +61,21 @@ def test_reader_validates_manifest(tmp_path):
   os.remove(tmp_path / manifest["shards"][0]["file"])
   with pytest.raises(FileNotFoundError, match="which is missing"):
     records.read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"schema_version": 1, "shards": [', "manifest.json is not valid JSON"),
+    ('[1, 2]', "manifest.json has record schema version None"),
+    ('{"schema_version": 1, "shards": [{"file": 3}]}', 'manifest.json: "shards" must be a list'),
+])
+def test_a_corrupt_manifest_is_named(tmp_path, text, message):
+  (tmp_path / records.MANIFEST).write_text(text)
+  with pytest.raises(ValueError, match=message):
+    records.read_manifest(str(tmp_path))
+
+
+def test_a_garbage_shard_is_named(tmp_path):
+  manifest = records.write_dataset(str(tmp_path), (_record(i) for i in range(4)), "test", shard_size=2)
+  (tmp_path / manifest["shards"][1]["file"]).write_bytes(b"not an array record")
+  with pytest.raises(ValueError, match=r"shard-00001\.array_record is not a readable ArrayRecord file"):
+    records.data_source(str(tmp_path), manifest)

@@ -3,8 +3,10 @@
 import json
 import os
 
+import pytest
+
 from grain_jax import experiment
-from grain_jax.config import load_config
+from grain_jax.config import ConfigError, load_config
 
 
 def test_arms_are_trained_evaluated_and_compared(tmp_path):
@@ -33,3 +35,13 @@ def test_arms_are_trained_evaluated_and_compared(tmp_path):
   grain_config.data.synthetic_dir = str(tmp_path / "synthetic")
   evaluation = experiment.evaluate_checkpoint(grain_config, str(tmp_path / "grain_seed0"))
   assert experiment.headline_metrics(evaluation) == rows["grain_seed0"]
+
+
+def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
+  config = load_config("configs/demo.py")
+  config.experiment.arms = ("grain", "broken: model.kind=bogus")
+  trained = []
+  monkeypatch.setattr(experiment, "train_and_evaluate", lambda config, workdir: trained.append(workdir))
+  with pytest.raises(ConfigError, match="kind"):
+    experiment.run(config, str(tmp_path))
+  assert trained == [] and os.listdir(tmp_path) == []

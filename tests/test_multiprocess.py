@@ -1,11 +1,14 @@
 """launch/local_multiprocess.sh: two processes on localhost (gloo collectives) through the real entry
-point train like one process, and a second invocation resumes from the checkpoint."""
+point train like one process, and a second invocation resumes from the checkpoint. Without the launcher,
+the survivor of a killed process stops after config.train.heartbeat_timeout_s."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,23 @@ ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", "--con
         "--config.data.synthetic.num_train=32", "--config.data.synthetic.images_per_class=1",
         "--config.data.synthetic.num_retrieval=2", "--config.data.synthetic.num_grounding=2"]
 TIMEOUT_S = 600
+HEARTBEAT_S = 5
+# One of two processes started by `grain_jax.main.initialize_distributed` (argv: process id, port);
+# process 0 then waits at a barrier that process 1, killed by the test, never reaches.
+PEER = f"""
+import sys, time
+import ml_collections
+from jax.experimental import multihost_utils
+from grain_jax.main import initialize_distributed
+initialize_distributed(ml_collections.ConfigDict(dict(
+    multiprocess=True, coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2,
+    process_id=int(sys.argv[1]), heartbeat_timeout_s={HEARTBEAT_S})))
+multihost_utils.sync_global_devices("started")
+print("started", flush=True)
+if sys.argv[1] == "0":
+  multihost_utils.sync_global_devices("never reached")
+time.sleep({TIMEOUT_S})
+"""
 
 
 def run(command: list[str], env: dict[str, str]) -> None:
@@ -64,3 +84,31 @@ def test_a_second_launch_resumes_from_the_checkpoint(double):
   assert [line["step"] for line in after] == [1, 2, 3, 4]
   assert np.isfinite(after[-1]["loss"])
   assert "4" in os.listdir(os.path.join(double, "checkpoints"))
+
+
+def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = str(probe.getsockname()[1])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
+  logs = [open(tmp_path / f"process{index}.log", "w") for index in range(2)]
+  survivor = subprocess.Popen([sys.executable, "-c", PEER, "0", port], env=env, stdout=logs[0],
+                              stderr=subprocess.STDOUT)
+  peer = subprocess.Popen([sys.executable, "-c", PEER, "1", port], env=env, stdout=subprocess.PIPE,
+                          stderr=logs[1], text=True)
+  try:
+    # Gloo prints to stdout as well; an empty line is the end: the peer failed to start.
+    lines = iter(peer.stdout.readline, "")
+    assert "started\n" in lines, (tmp_path / "process1.log").read_text()[-3000:]
+    peer.kill()
+    killed = time.monotonic()
+    survivor.wait(timeout=HEARTBEAT_S + 60)
+    waited = time.monotonic() - killed
+  finally:
+    for process in (survivor, peer):
+      process.kill()
+      process.wait()
+    for log in logs:
+      log.close()
+  assert survivor.returncode != 0
+  assert waited < HEARTBEAT_S + 10, f"the survivor stopped {waited:.1f} s after its peer was killed"

@@ -1,4 +1,5 @@
-"""Training: exact resume, checkpoint fallback, non-finite skipping, weight-decay mask, accumulation."""
+"""Training: exact resume, checkpoint fallback, a changed config, non-finite skipping, weight-decay mask,
+accumulation."""
 
 import json
 import os
@@ -14,8 +15,10 @@ from grain_jax.config import load_config
 from grain_jax.data import pipeline
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
-from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from grain_jax.train.metrics_writer import MetricsWriter, drop_rows_after
 from grain_jax.train.step import TrainState, make_train_step, split_micro_batches
+from tests.test_checkpoint import flip_bytes
 
 NUM_STEPS = 6
 
@@ -47,7 +50,8 @@ def read_checkpoint(workdir) -> TrainState:
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), jax.eval_shape(init))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3, async_save=False)
   iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
-  state = checkpointer.restore_latest(like, iterator)
+  state = checkpointer.restore_latest(like)
+  checkpointer.restore_data(int(state.step), iterator)
   checkpointer.close()
   return state
 
@@ -81,17 +85,62 @@ def test_stop_and_resume_equals_training_straight_through(runs):
     np.testing.assert_array_equal(a, b)
 
 
-def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(runs, tmp_path, caplog):
+def metric_steps(workdir):
+  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_a_corrupt_latest_checkpoint_is_moved_aside_and_the_run_goes_on(runs, tmp_path, caplog):
   workdir = str(tmp_path / "copy")
   shutil.copytree(runs[0], workdir)
-  latest = os.path.join(workdir, "checkpoints", "6", "state")
-  for name in os.listdir(latest):
-    path = os.path.join(latest, name)
-    if os.path.isfile(path):
-      open(path, "wb").close()
+  flip_bytes(os.path.join(workdir, "checkpoints", "6"))
   state = read_checkpoint(workdir)
   assert int(state.step) == 3
-  assert "step 6" in caplog.text and "unreadable" in caplog.text
+  assert "step 6" in caplog.text and "corrupt" in caplog.text
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "unreadable", "6"))
+  trainer.train(train_config(), workdir)  # saves step 6 again
+  assert metric_steps(workdir) == list(range(1, NUM_STEPS + 1))  # the rows of steps 4-6 were not repeated
+  for a, b in zip(params_of(runs[0]), params_of(workdir), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_of_another_model_stops_the_run_before_it_writes(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs[0], workdir)
+  before = {name: open(os.path.join(workdir, name)).read() for name in ("config.json", "metrics.jsonl")}
+  config = train_config()
+  config.model.decoder.depth += 1
+  with pytest.raises(CheckpointMismatchError, match=r"step 6 .*params/decoder.*new --workdir"):
+    trainer.train(config, workdir)
+  assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def test_a_changed_config_keeps_the_earlier_config_json(tmp_path):
+  config = train_config()
+  trainer.write_config(config, str(tmp_path))
+  trainer.write_config(config, str(tmp_path))
+  assert os.listdir(tmp_path) == ["config.json"]
+  config.train.log_every = 2
+  trainer.write_config(config, str(tmp_path))
+  assert json.load(open(tmp_path / "config.1.json"))["train"]["log_every"] == 1
+  assert json.load(open(tmp_path / "config.json"))["train"]["log_every"] == 2
+
+
+def test_metrics_rows_past_the_restored_step_are_dropped(tmp_path, caplog):
+  path = tmp_path / "metrics.jsonl"
+  rows = "".join(json.dumps({"step": step, "loss": 1.0}) + "\n" for step in (1, 2, 3, 4))
+  path.write_text("garbage\n" + rows + '{"step": 5, "lo')
+  drop_rows_after(str(path), 2)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+  assert f"{path}: dropped 2 lines" in caplog.text
+
+
+def test_a_run_without_a_checkpoint_keeps_the_earlier_metrics(tmp_path):
+  earlier = json.dumps({"step": 1, "loss": 1.0}) + "\n"
+  (tmp_path / "metrics.jsonl").write_text(earlier)
+  MetricsWriter(str(tmp_path), first_step=0).close()
+  assert (tmp_path / "metrics.1.jsonl").read_text() == earlier
+  assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def make_step(config):

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from grain_jax.annotate import detector
 from grain_jax.annotate import mllm
 from grain_jax.annotate import run
+from grain_jax.errors import check_local_path, run_command
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -60,12 +61,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.error(f"--chunk-index={args.chunk_index} is not in [0, --num-chunks={args.num_chunks})")
   if not 0 <= args.threshold < 1:
     parser.error(f"--threshold={args.threshold} is not in [0, 1)")
+  for flag in ("images", "out", "captions"):
+    check_local_path(getattr(args, flag), f"--{flag}")
   return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  run.annotate(parse_args(sys.argv[1:] if argv is None else argv))
-  return 0
+  """The command line; a user's error is one message and exit status 2 (grain_jax.errors)."""
+  return run_command(lambda: run.annotate(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

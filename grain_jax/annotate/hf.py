@@ -6,6 +6,8 @@ so that the core package and its tests run without them.
 
 from typing import Any
 
+from grain_jax.errors import ArgumentError
+
 INSTALL_HINT = "pip install -r requirements-annotate.txt"
 # Weights stay in the checkpoint's float32 on CPUs; GPUs run the half-precision LLaVA / OWLv2 weights.
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -28,12 +30,12 @@ def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[Any, An
   """
   torch, _ = import_torch_and_transformers()
   if dtype not in _DTYPES:
-    raise ValueError(f"--dtype={dtype!r} is not one of {_DTYPES}")
+    raise ArgumentError(f"--dtype={dtype!r} is not one of {_DTYPES}")
   if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
   device = torch.device(device)
   if device.type == "cuda" and not torch.cuda.is_available():
-    raise ValueError(f"--device={device} but torch sees no GPU")
+    raise ArgumentError(f"--device={device} but torch sees no GPU")
   if dtype == "auto":
     dtype = "float16" if device.type == "cuda" else "float32"
   return device, getattr(torch, dtype)
@@ -49,5 +51,5 @@ def load(auto_class: str, model_id: str, device: Any, dtype: Any) -> tuple[Any, 
     processor = transformers.AutoProcessor.from_pretrained(model_id)
     model = getattr(transformers, auto_class).from_pretrained(model_id, dtype=dtype)
   except (OSError, ValueError) as e:
-    raise ValueError(f"cannot load {model_id!r} as {auto_class} with its processor: {e}") from e
+    raise ArgumentError(f"cannot load {model_id!r} as {auto_class} with its processor: {e}") from e
   return processor, model.to(device).eval()

@@ -28,6 +28,7 @@ from grain_jax.annotate import sources
 from grain_jax.data import convert
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.errors import ArgumentError
 
 PROGRESS_DIR = "progress"
 SETTINGS = "settings.json"
@@ -125,9 +126,9 @@ def _check_settings(progress_dir: str, settings: dict[str, Any]) -> None:
   if previous != settings:
     changed = sorted(k for k in settings.keys() | previous.keys()
                      if settings.get(k) != previous.get(k))
-    raise ValueError(f"{os.path.dirname(progress_dir)} holds an annotation run with other "
-                     f"settings ({', '.join(changed)} differ: {path}); use another --out or "
-                     "delete it")
+    raise ArgumentError(f"{os.path.dirname(progress_dir)} holds an annotation run with other "
+                        f"settings ({', '.join(changed)} differ: {path}); use another --out or "
+                        "delete it")
 
 
 def _marker(progress_dir: str, shard: int) -> str:

@@ -22,6 +22,7 @@ from PIL import Image
 from grain_jax.data import convert
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.errors import ArgumentError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -109,8 +110,8 @@ def open_source(images: str, captions: str = "",
   """A record dataset when `images` holds a manifest.json, else a folder of image files."""
   if os.path.exists(os.path.join(images, records.MANIFEST)):
     if captions:
-      raise ValueError(f"--captions is for image folders; {images} is a record dataset, whose "
-                       "records carry their alt-text")
+      raise ArgumentError(f"--captions is for image folders; {images} is a record dataset, whose "
+                          "records carry their alt-text")
     return RecordDataset(images)
   return ImageFolder(images, captions, max_side)
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.errors import ArgumentError, BadFileError, check_local_path, run_command
 
 PROGRESS = "progress.json"
 MALFORMED_ROW = "malformed_row"
@@ -56,10 +57,17 @@ def read_captions(path: str) -> list[tuple[str, str | None, str]]:
 
 
 def _read_json(path: str | None) -> dict[str, Any]:
+  """The object `{image_path: ...}` in the JSON file `path`; {} without one."""
   if not path:
     return {}
   with open(path, encoding="utf-8", errors="surrogateescape") as f:
-    return json.load(f)
+    try:
+      content = json.load(f)
+    except json.JSONDecodeError as error:
+      raise BadFileError(f"{path} is not valid JSON ({error})") from None
+  if not isinstance(content, dict):
+    raise BadFileError(f"{path} holds a JSON {type(content).__name__}, not an object {{image_path: ...}}")
+  return content
 
 
 def encode_image(path: str, max_side: int) -> bytes:
@@ -126,8 +134,8 @@ def _load_progress(out_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
   with open(path) as f:
     progress = json.load(f)
   if progress["settings"] != settings:
-    raise ValueError(f"{out_dir} holds a conversion with other settings {progress['settings']}; "
-                     "use another --out or delete it")
+    raise ArgumentError(f"{out_dir} holds a conversion with other settings {progress['settings']}; "
+                        "use another --out or delete it")
   return progress
 
 
@@ -226,12 +234,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       help="re-encode images whose longer side exceeds this (0 = keep all bytes)")
   parser.add_argument("--max-bad-fraction", type=float, default=0.05,
                       help="stop with an error when more than this fraction of rows is bad")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  for flag in ("captions", "mllm_captions", "bboxes", "image_root", "out"):
+    check_local_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  convert(parse_args(sys.argv[1:] if argv is None else argv))
-  return 0
+  """The command line; a user's error is one message and exit status 2 (grain_jax.errors)."""
+  return run_command(lambda: convert(parse_args(sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":

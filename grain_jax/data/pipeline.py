@@ -80,15 +80,24 @@ def _stack(batch: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 class _BatchIterator(grain.DatasetIterator):
-  """Batches the good examples and reports the counts of what it read for this batch."""
+  """Batches the good examples and reports the counts of what it read for this batch.
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, locate):
+  Raises BadDataError when filling one batch takes more than twice its size in records (at least
+  quality.MIN_RECORDS) and more than `max_bad_fraction` of them are bad: data that is all bad
+  would otherwise never fill a batch, and the trainer's check would never run.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, locate, max_bad_fraction: float,
+               source: str):
     super().__init__(parent)
     self._batch_size = batch_size
     self._locate = locate  # record index -> shard file, to name it in errors
+    self._max_bad_fraction = max_bad_fraction
+    self._source = source
 
   def __next__(self) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
-    batch, report = [], quality.DataStats()
+    batch = []
+    report = quality.DataStats(self._max_bad_fraction, max(quality.MIN_RECORDS, 2 * self._batch_size), self._source)
     while len(batch) < self._batch_size:
       try:
         example, reasons, index = next(self._parent)
@@ -98,7 +107,9 @@ class _BatchIterator(grain.DatasetIterator):
         return None, report.get_state()  # the last records, too few for a batch, still count
       skipped = example is None
       report.add(reasons, skipped, self._locate(index) if skipped else "")
-      if not skipped:
+      if skipped:
+        report.check()
+      else:
         batch.append(example)
     return _stack(batch), report.get_state()
 
@@ -112,13 +123,16 @@ class _BatchIterator(grain.DatasetIterator):
 class _BatchDataset(grain.IterDataset):
   """Runs in the worker processes, so batches cross to the trainer in one shared-memory copy."""
 
-  def __init__(self, parent: grain.IterDataset, batch_size: int, locate):
+  def __init__(self, parent: grain.IterDataset, batch_size: int, locate, max_bad_fraction: float, source: str):
     super().__init__(parent)
     self._batch_size = batch_size
     self._locate = locate
+    self._max_bad_fraction = max_bad_fraction
+    self._source = source
 
   def __iter__(self) -> _BatchIterator:
-    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._locate)
+    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._locate, self._max_bad_fraction,
+                          self._source)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -177,7 +191,7 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
     raise ValueError(f"config.data.batch_size={global_batch_size} is not divisible by the "
                      f"{process_count} processes")
   manifest = records.read_manifest(data_dir)
-  source = grain.sources.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
+  source = records.data_source(data_dir, manifest)
   if len(source) < process_count:
     raise ValueError(f"{data_dir} holds {len(source)} records: none for host {process_index} "
                      f"of {process_count}")
@@ -190,7 +204,7 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                       prefetch_buffer_size=4 * read_threads))
   locate = functools.partial(records.shard_of, data_dir, manifest)
-  dataset = _BatchDataset(dataset, global_batch_size // process_count, locate)
+  dataset = _BatchDataset(dataset, global_batch_size // process_count, locate, max_bad_fraction, data_dir)
   if num_workers > 0:
     # Grain's worker processes read absl flags; programs that don't parse absl flags (pytest,
     # notebooks, a main without absl.app) take their defaults.

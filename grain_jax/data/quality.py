@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from grain_jax.errors import UserError
+
 # Reasons a record is skipped.
 UNREADABLE_RECORD = "unreadable_record"
 MISSING_IMAGE = "missing_image"
@@ -24,6 +26,8 @@ BAD_BOX = "bad_box"                      # not 4 finite numbers, or zero area af
 EMPTY_DESCRIPTION = "empty_description"
 CAPTION_FROM_MLLM = "caption_from_mllm"  # empty alt-text replaced by the MLLM caption
 NO_REGIONS = "no_regions"                # kept: the image still trains the caption loss
+# Records read before the bad fraction is judged: fewer say too little.
+MIN_RECORDS = 200
 # Box coordinates at most this far outside [0, 1] are rounding, not errors worth counting.
 _BOX_TOLERANCE = 1e-6
 
@@ -36,7 +40,7 @@ class BadRecordError(ValueError):
     self.reason = reason
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
   """Too large a fraction of a dataset is bad to train on it."""
 
 
@@ -107,7 +111,7 @@ class DataStats:
   that counts survive a restart; `merge()` adds the counts gathered elsewhere (a worker, a shard).
   """
 
-  def __init__(self, max_bad_fraction: float = 0.05, min_records: int = 200, source: str = ""):
+  def __init__(self, max_bad_fraction: float = 0.05, min_records: int = MIN_RECORDS, source: str = ""):
     self.max_bad_fraction = max_bad_fraction
     self.min_records = min_records  # no verdict on the fraction before this many records
     self.source = source

@@ -17,11 +17,13 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import grain
 import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
 from grain_jax.data import quality
+from grain_jax.errors import BadFileError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -143,21 +145,45 @@ def write_dataset(out_dir: str, records: Iterable[Record], source: str,
 
 
 def read_manifest(data_dir: str) -> dict[str, Any]:
-  """Reads and validates `data_dir/manifest.json`; errors name the directory and what is wrong."""
+  """Reads and validates `data_dir/manifest.json`; errors name the file and what is wrong."""
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a grain-jax record "
                             "dataset (write one with python -m grain_jax.data.convert)")
-  with open(path) as f:
-    manifest = json.load(f)
-  version = manifest.get("schema_version")
+  redo = "Convert the data again (python -m grain_jax.data.convert) or restore the file."
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise BadFileError(f"{path} is not valid JSON ({error}). {redo}") from None
+  version = manifest.get("schema_version") if isinstance(manifest, dict) else None
   if version != SCHEMA_VERSION:
-    raise ValueError(f"{path} has record schema version {version!r}; this code reads version "
-                     f"{SCHEMA_VERSION}. Convert the data again with this version.")
-  for shard in manifest["shards"]:
+    raise BadFileError(f"{path} has record schema version {version!r}; this code reads version "
+                       f"{SCHEMA_VERSION}. {redo}")
+  shards = manifest.get("shards")
+  if not isinstance(shards, list) or not all(
+      isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards):
+    raise BadFileError(f'{path}: "shards" must be a list of {{"file": name, "count": records}}. {redo}')
+  for shard in shards:
     if not os.path.exists(os.path.join(data_dir, shard["file"])):
       raise FileNotFoundError(f"{path} lists shard {shard['file']}, which is missing")
   return manifest
+
+
+def data_source(data_dir: str, manifest: dict[str, Any]) -> grain.sources.ArrayRecordDataSource:
+  """The records of the dataset's shards, concatenated; an unreadable shard is named in the error."""
+  paths = shard_paths(data_dir, manifest)
+  try:
+    return grain.sources.ArrayRecordDataSource(paths)
+  except RuntimeError:
+    # ArrayRecord's message does not say which file; opening them one by one finds it.
+    for path in paths:
+      try:
+        grain.sources.ArrayRecordDataSource([path])
+      except RuntimeError as error:
+        raise BadFileError(f"{path} is not a readable ArrayRecord file ({error}). Convert the data again "
+                           "(python -m grain_jax.data.convert) or restore the file.") from None
+    raise
 
 
 def shard_paths(data_dir: str, manifest: dict[str, Any]) -> list[str]:

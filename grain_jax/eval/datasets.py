@@ -136,46 +136,69 @@ def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str
   return Classification(name, data, alignment, spec.in_average)
 
 
+SYNTHETIC_SPLITS = ("attributes", "novel")
+
+
+def check_classification(entry: str) -> None:
+  """Raises ValueError naming `entry` unless it is a classification entry (reads nothing)."""
+  if entry.startswith("synthetic/"):
+    ok = entry.split("/", 1)[1] in SYNTHETIC_SPLITS
+  elif entry.startswith("folder:"):
+    ok = bool(entry.split(":", 1)[1])
+  else:
+    ok = entry in TFDS_DATASETS
+  if not ok:
+    raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
+                     f"{sorted(TFDS_DATASETS)}, {', '.join('synthetic/' + s for s in SYNTHETIC_SPLITS)} "
+                     "or folder:PATH")
+
+
+def check_retrieval(entry: str) -> None:
+  """Raises ValueError naming `entry` unless it is a retrieval entry (reads nothing)."""
+  kind, _, rest = entry.partition(":")
+  json_path, _, image_root = rest.partition(":")
+  if entry != "synthetic" and (kind != "karpathy" or not json_path or not image_root):
+    raise ValueError(f"config.eval.retrieval entry {entry!r} must be 'synthetic' or "
+                     "'karpathy:JSON:IMAGE_ROOT'")
+
+
+def check_grounding(entry: str) -> None:
+  """Raises ValueError naming `entry` unless it is a grounding entry (reads nothing)."""
+  kind, _, path = entry.partition(":")
+  if entry != "synthetic" and (kind != "json" or not path):
+    raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
+
+
 def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
+  check_classification(entry)
   if entry.startswith("synthetic/"):
-    split = entry.split("/", 1)[1]
-    if split not in ("attributes", "novel"):
-      raise ValueError(f"config.eval.classification entry {entry!r}: synthetic splits are "
-                       "synthetic/attributes and synthetic/novel")
-    data = eval_sets.image_folder(synthetic.for_config(config, workdir)[split])
+    data = eval_sets.image_folder(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]])
     return Classification(entry, data, "name" if data.descriptors else "none")
   if entry.startswith("folder:"):
     root = entry.split(":", 1)[1]
     data = eval_sets.image_folder(root)
     return Classification(os.path.basename(os.path.normpath(root)), data,
                           "name" if data.descriptors else "none")
-  if entry in TFDS_DATASETS:
-    return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir)
-  raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
-                   f"{sorted(TFDS_DATASETS)}, synthetic/attributes, synthetic/novel or folder:PATH")
+  return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir)
 
 
 def retrieval(entry: str, config, workdir: str) -> tuple[str, eval_sets.RetrievalSet]:
   """Resolves one `config.eval.retrieval` entry to (name, set)."""
+  check_retrieval(entry)
   if entry == "synthetic":
     root = synthetic.for_config(config, workdir)["retrieval"]
     return "synthetic", eval_sets.karpathy(os.path.join(root, "captions.json"), root)
-  kind, _, rest = entry.partition(":")
-  json_path, _, image_root = rest.partition(":")
-  if kind != "karpathy" or not json_path or not image_root:
-    raise ValueError(f"config.eval.retrieval entry {entry!r} must be 'synthetic' or "
-                     "'karpathy:JSON:IMAGE_ROOT'")
+  json_path, _, image_root = entry.partition(":")[2].partition(":")
   name = _read_json(json_path).get("dataset") or os.path.splitext(os.path.basename(json_path))[0]
   return name, eval_sets.karpathy(json_path, image_root)
 
 
 def grounding(entry: str, config, workdir: str) -> tuple[str, eval_sets.GroundingSet]:
   """Resolves one `config.eval.grounding` entry to (name, set)."""
+  check_grounding(entry)
   if entry == "synthetic":
     return "synthetic", eval_sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
                                                          "grounding.json"))
-  kind, _, path = entry.partition(":")
-  if kind != "json" or not path:
-    raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
+  path = entry.partition(":")[2]
   return os.path.splitext(os.path.basename(path))[0], eval_sets.grounding(path)

@@ -125,6 +125,19 @@ def format_table(results: dict) -> str:
   return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def check_settings(cfg) -> None:
+  """Raises ValueError naming the field unless every entry, template set and score of the eval
+  section `cfg` exists; reads no data (config.validate runs this before training)."""
+  if cfg.templates not in prompts.TEMPLATE_SETS:
+    raise ValueError(f"config.eval.templates={cfg.templates!r} must be one of {sorted(prompts.TEMPLATE_SETS)}")
+  if set(cfg.scores) - set(zeroshot.SCORES):
+    raise ValueError(f"config.eval.scores={tuple(cfg.scores)} may hold only {zeroshot.SCORES}")
+  for entries, check in ((cfg.classification, datasets.check_classification), (cfg.retrieval, datasets.check_retrieval),
+                         (cfg.grounding, datasets.check_grounding)):
+    for entry in entries:
+      check(entry)
+
+
 def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
                    checkpoint_id: str = "") -> dict:
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
@@ -142,9 +155,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
   """
   cfg = config.eval
-  prompts.templates(cfg.templates)  # fail on a bad setting before any work
-  if set(cfg.scores) - set(zeroshot.SCORES):
-    raise ValueError(f"config.eval.scores={tuple(cfg.scores)} may hold only {zeroshot.SCORES}")
+  check_settings(cfg)  # fail on a bad setting before any work
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
   out_dir = os.path.join(workdir, "eval")

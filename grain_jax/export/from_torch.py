@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from grain_jax.errors import BadFileError
 from grain_jax.export import layout, param_tree
 
 # Checkpoint group -> our state dict: "backbone_state_dict" -> "backbone", "state_dict" -> "decoder".
@@ -48,9 +49,13 @@ def _as_state_dict(mapping) -> layout.StateDict:
 
 def _read_safetensors(path: str) -> dict:
   """Our export's grouped keys -> nested dicts; any other file is one flat state dict."""
+  from safetensors import SafetensorError
   from safetensors.numpy import load_file
 
-  flat = load_file(path)
+  try:
+    flat = load_file(path)
+  except SafetensorError as error:
+    raise BadFileError(f"{path} is not a readable safetensors file ({error})") from None
   grouped: dict[str, dict] = {}
   for key, value in flat.items():
     group, _, name = key.partition(".")

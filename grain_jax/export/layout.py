@@ -14,6 +14,8 @@ from typing import Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from grain_jax.errors import UserError
+
 Path = tuple[str | int, ...]
 StateDict = dict[str, np.ndarray]
 
@@ -61,7 +63,7 @@ class Entry(NamedTuple):
   layered: bool = False
 
 
-class LayoutMismatchError(ValueError):
+class LayoutMismatchError(UserError, ValueError):
   """A PyTorch file is no state dict, or does not fit the model (every missing, unexpected or
   misshapen key is listed)."""
 

@@ -32,18 +32,22 @@ TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-e
 
 
 def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
-  """`(step, params)` of the newest readable checkpoint in `workdir`, sharded by the config.
+  """`(step, params)` of the newest intact checkpoint in `workdir`, sharded by the config; a corrupt
+  one is skipped (logged), not moved.
 
   Raises:
-    FileNotFoundError naming the directory when it holds no readable checkpoint.
+    FileNotFoundError naming the directory when it holds no checkpoint.
+    CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
+      `Checkpointer.restore_latest` does.
   """
   mesh = sharding.make_mesh(config.mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False,
+                              read_only=True)
   restored = checkpointer.restore_latest_params(sharding.abstract_params(
       nnx.state(nnx.eval_shape(lambda: build_model(config.model, 0)), nnx.Param), mesh, config.sharding_rules))
   checkpointer.close()
   if restored is None:
-    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
   return restored
 
 

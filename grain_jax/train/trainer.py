@@ -29,6 +29,7 @@ from grain_jax.train.checkpoint import Checkpointer
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.metrics_writer import MetricsWriter
 from grain_jax.train.step import TrainState, make_train_step
+from grain_jax.train.workdir_files import keep_earlier, replace_durably
 
 
 def text_to_bucket(batch: dict[str, np.ndarray], buckets) -> dict[str, np.ndarray]:
@@ -123,44 +124,59 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
-  """The model of the newest readable checkpoint in `workdir`, sharded over `mesh`, in eval mode,
+  """The model of the newest intact checkpoint in `workdir`, sharded over `mesh`, in eval mode,
   and its step. Call under `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
+  A corrupt checkpoint is skipped (logged), not moved.
 
   Raises:
-    FileNotFoundError naming the directory when it holds no readable checkpoint.
+    FileNotFoundError naming the directory when it holds no checkpoint.
+    CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
+      `Checkpointer.restore_latest` does.
   """
   training = build_training(config, mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False)
+  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False, read_only=True)
   state = checkpointer.restore_latest(training.state)
   checkpointer.close()
   if state is None:
-    raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir(workdir)}")
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
   model = nnx.merge(training.graphdef, state.params, training.rest)
   model.eval()
   return model, int(state.step)
 
 
+def write_config(config, workdir: str) -> None:
+  """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2)
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+    logging.warning("the config differs from %s's; the earlier one is now %s", path, keep_earlier(path))
+  replace_durably(path, text)
+
+
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
-  """Trains (resuming from the newest checkpoint in `workdir/checkpoints`); returns the model in
-  eval mode and the last logged metrics.
+  """Trains (resuming from the newest intact checkpoint in `workdir/checkpoints`); returns the model
+  in eval mode and the last logged metrics.
 
   `stop_at_step` ends this run early with a checkpoint (a time-limited job; the schedule still
-  spans `config.train.num_steps`, so a later run continues exactly).
+  spans `config.train.num_steps`, so a later run continues exactly). A checkpoint whose arrays do
+  not fit `config` stops the run (CheckpointMismatchError) before it writes anything into `workdir`
+  (the folder itself aside); one whose data position does not fit the input pipeline stops it once
+  the pipeline exists, after (re)generating the built-in synthetic data when its parameters changed
+  (a deterministic function of `config.data.synthetic`, so an earlier run's data can be made
+  again), and before config.json or metrics are written. `metrics.jsonl` rows past the restored
+  step are dropped, as those steps run again.
   """
   validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   # ---- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
 
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
-    # ---- Input --------------------------------------------------------------------------------
-    data_iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
-
     # ---- Model, optimizer state and update step, created sharded -----------------------------
     graphdef, rest, state, step_fn = build_training(config, mesh)
     step_fn = CompiledStep(step_fn)
@@ -168,15 +184,24 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     wait_for_other_processes("grain_jax_built_train_state")
     num_steps = config.train.num_steps
 
-    # ---- Checkpoint ---------------------------------------------------------------------------
+    # ---- Checkpoint: the state first, so that a checkpoint of another model stops the run before
+    # the input pipeline (re)generates synthetic data in the workdir ------------------------------
     checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints,
                                 config.train.async_checkpointing)
-    restored = checkpointer.restore_latest(state, data_iterator)
+    restored = checkpointer.restore_latest(state)
     state = restored or state._replace(params=from_torch.initial_params(state.params, config.model))
+    first_step = int(state.step)
+
+    # ---- Input --------------------------------------------------------------------------------
+    data_iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
+    if restored is not None:
+      checkpointer.restore_data(first_step, data_iterator)
+    # Only now, with a checkpoint that fits (or none), does this run write into the workdir.
+    if jax.process_index() == 0:
+      write_config(config, workdir)
 
     # ---- Loop ---------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir)
-    first_step = int(state.step)
+    writer = MetricsWriter(workdir, first_step)
     last_metrics: dict[str, float] = {}
     skipped_logged = float(state.skipped_steps)
     profile = tuple(config.train.profile_steps)
