@@ -51,7 +51,7 @@ refuse_oversized() {  # refuse_oversized LIMIT_MB OPTION HINT COMMAND...
 # file system (the bucket's mount, /gcs/BUCKET/...); `mkdir -p gs://b` would make a local `gs:` folder.
 require_local_path() {  # require_local_path OPTION DIR
   [[ "$2" != *://* ]] && return 0
-  echo "$1 $2: a URL; give a local path such as the bucket's mount /gcs/BUCKET/... (remote workdirs" \
-    "arrive with the checkpoint work of issues 15 and 18 item 2)" >&2
+  echo "$1 $2: a URL; give a local path such as the bucket's mount /gcs/BUCKET/... (grain-jax reads" \
+    "and writes local paths only)" >&2
   exit 2
 }

@@ -217,7 +217,7 @@ def test_a_bucket_url_is_no_workdir(pod):
                            "true"], cwd=pod.worker_home(0) / "grain-jax",
                           env={**pod.env, "HOME": str(pod.worker_home(0)), "FAKE_WORKER_INDEX": "0"},
                           capture_output=True, text=True, timeout=60)
-  assert worker.returncode == 2 and "issues 15 and 18 item 2" in worker.stderr
+  assert worker.returncode == 2 and "local paths only" in worker.stderr
   assert not list(pod.worker_home(0).rglob("gs:"))
 
 
