@@ -3,7 +3,7 @@
   python -m grain_jax.main --config configs/ablation.py:3 --workdir runs/ablation
 
 Every arm is the demo's GRAIN (same data, steps, decoder size: 6 layers, 128 wide) with the decoder
-options and losses set as its name says; `:3` runs seeds 0-2 (about 2 hours on a 2-core CPU).
+options and losses set as its name says; `:3` runs seeds 0-2 (about 2.5 hours on a 2-core CPU).
 Compare "grounding recall@0.5", "box spread" and the novel-concept rows of `comparison.md`.
 """
 
