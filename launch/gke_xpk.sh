@@ -64,13 +64,7 @@ extra_args=("$@")
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "--max-restarts must be a whole number, got '$max_restarts'" >&2; exit 2; }
 [[ "$max_archive_mb" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--max-archive-mb must be a positive integer, got '$max_archive_mb'" >&2; exit 2; }
-if [[ -z "$config" ]]; then
-  case "$accelerator" in
-    v4-32) config="configs/cc12m_b16.py:grain,tpu_v4_32" ;;
-    v5litepod-64) config="configs/cc12m_b16.py:grain,tpu_v5e_64" ;;
-    v5p-128) config="configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
-  esac
-fi
+[[ -n "$config" ]] || config="$(recipe_config "$accelerator")"
 if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi

@@ -55,3 +55,12 @@ require_local_path() {  # require_local_path OPTION DIR
     "and writes local paths only)" >&2
   exit 2
 }
+
+# The recipe preset for a slice type, the default of --config (nothing for other types).
+recipe_config() {  # recipe_config ACCELERATOR
+  case "$1" in
+    v4-32) echo "configs/cc12m_b16.py:grain,tpu_v4_32" ;;
+    v5litepod-64) echo "configs/cc12m_b16.py:grain,tpu_v5e_64" ;;
+    v5p-128) echo "configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
+  esac
+}

@@ -82,13 +82,7 @@ if [[ -z "$version" ]]; then
     *) echo "no default --version for --accelerator $accelerator; pass --version" >&2; exit 2 ;;
   esac
 fi
-if [[ -z "$config" ]]; then
-  case "$accelerator" in
-    v4-32) config="configs/cc12m_b16.py:grain,tpu_v4_32" ;;
-    v5litepod-64) config="configs/cc12m_b16.py:grain,tpu_v5e_64" ;;
-    v5p-128) config="configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
-  esac
-fi
+[[ -n "$config" ]] || config="$(recipe_config "$accelerator")"
 if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi
