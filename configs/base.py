@@ -154,7 +154,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       retrieval=("synthetic",),  # "synthetic" or "karpathy:JSON:IMAGE_ROOT"
       grounding=("synthetic",),  # "synthetic" or "json:PATH"
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
-      descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...)
+      descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...;
+                                 # grain_jax/eval/README.md says where each comes from)
+      allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before
+                                 # training; True = evaluate it with class names only (no description
+                                 # heads, so the paper's mean of 11 is not reported)
       templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
       whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
       renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)

@@ -14,6 +14,7 @@ import ml_collections
 
 from configs import base
 from grain_jax.errors import UserError, check_local_path
+from grain_jax.eval.datasets import check_descriptors
 from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
 from grain_jax.sharding import mesh_shape
@@ -182,15 +183,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
   return config
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             evaluation_files: bool = False) -> ml_collections.ConfigDict:
   """Checks `config` against the documented schema (configs/base.py); returns it unchanged.
 
   Args:
     config: the full config.
     num_devices: when given, the mesh sizes must tile exactly this many devices.
+    evaluation_files: also read the descriptor file of every tfds set in `config.eval.classification`
+      (a run that will evaluate, so that a missing file stops it before training, not after).
 
   Raises:
-    ConfigError naming the first offending field; RemotePathError for a URL in a PATH_FIELDS field.
+    ConfigError naming the first offending field (or descriptor file); RemotePathError for a URL in a
+    PATH_FIELDS field.
   """
   _check_fields(config, base.get_config(), "config")
   for field in PATH_FIELDS:
@@ -204,6 +209,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     check_eval_settings(config.eval)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  if evaluation_files:
+    try:
+      check_descriptors(config.eval.classification, config.eval.descriptors_dir,
+                        config.eval.allow_missing_descriptors)
+    except (OSError, ValueError) as error:
+      raise ConfigError(str(error)) from None
   names = [parse_arm(entry)[0] for entry in config.experiment.arms]
   _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
   if num_devices is not None:

@@ -31,7 +31,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`)."""
-  validate(config, num_devices=jax.device_count())
+  validate(config, num_devices=jax.device_count(), evaluation_files=True)
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     model, step = trainer.restore_model(config, workdir, mesh)

@@ -86,17 +86,6 @@ def test_readable_tfds_labels():
   assert datasets.readable("AM General Hummer SUV 2000") == "AM General Hummer SUV 2000"
 
 
-def test_descriptors_align_by_name_then_by_position():
-  raw = {"Black-footed Albatross": ["a white belly"], "apple PIE": ["a crust"]}
-  names, descriptors, how = datasets.align_descriptors(raw, ["apple pie", "black footed albatross"])
-  assert how == "name" and names == ["apple pie", "black footed albatross"]
-  assert descriptors == {"apple pie": ["a crust"], "black footed albatross": ["a white belly"]}
-  names, descriptors, how = datasets.align_descriptors(raw, ["0", "1"])
-  assert how == "position" and names == ["Black-footed Albatross", "apple PIE"]
-  names, descriptors, how = datasets.align_descriptors(raw, ["apple pie", "x", "y"])
-  assert how == "partial" and descriptors == {"apple pie": ["a crust"]}
-
-
 def test_shipped_class_lists_are_in_label_order():
   cifar10, cifar100 = datasets.class_list("cifar10.txt"), datasets.class_list("cifar100.txt")
   assert cifar10[:3] == ["airplane", "automobile", "bird"] and len(cifar10) == 10

@@ -1,4 +1,6 @@
-r"""Annotates images with an MLLM's caption and descriptions and a detector's boxes.
+r"""Annotates images with an MLLM's caption and descriptions and a detector's boxes, or (the
+`descriptors` command, see grain_jax/annotate/descriptors.py) writes the descriptor file of an
+evaluation set with an LLM.
 
   python -m grain_jax.annotate --images DIR|RECORDS --out DIR [--captions captions.csv]
       [--mllm MODEL_ID] [--detector MODEL_ID] [--num-chunks N --chunk-index I]
@@ -7,6 +9,8 @@ r"""Annotates images with an MLLM's caption and descriptions and a detector's bo
 .txt files) or a record dataset (its images and alt-texts are re-annotated). The output is a
 record dataset for training (--config.data.train_dir=DIR). Re-running the same command resumes;
 run chunk I of N on each of N hosts or GPUs, all with the same --out.
+
+  python -m grain_jax.annotate descriptors --dataset NAME | --classes FILE --out DIR [--llm MODEL_ID]
 """
 
 import argparse
@@ -14,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from grain_jax.annotate import descriptors
 from grain_jax.annotate import detector
 from grain_jax.annotate import mllm
 from grain_jax.annotate import run
@@ -68,7 +73,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line; a user's error is one message and exit status 2 (grain_jax.errors)."""
-  return run_command(lambda: run.annotate(parse_args(sys.argv[1:] if argv is None else argv)))
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv[:1] == ["descriptors"]:
+    return run_command(lambda: descriptors.write_descriptors(descriptors.parse_args(argv[1:])))
+  return run_command(lambda: run.annotate(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -83,34 +83,62 @@ def image_folder(root: str, classes_file: str = "classes.txt",
 
 
 class _Relabeled(Sequence):
-  """A tfds data source seen as {"image", "label"} dicts."""
+  """A tfds data source seen as {"image", "label"} dicts: the elements `indices` (all when None),
+  with labels renumbered by `new_label` (kept when None)."""
 
-  def __init__(self, source: Sequence[dict[str, Any]], image_key: str, label_key: str):
+  def __init__(self, source: Sequence[dict[str, Any]], image_key: str, label_key: str,
+               indices: np.ndarray | None = None, new_label: np.ndarray | None = None):
     self._source, self._image_key, self._label_key = source, image_key, label_key
+    self._indices, self._new_label = indices, new_label
 
   def __len__(self) -> int:
-    return len(self._source)
+    return len(self._source) if self._indices is None else len(self._indices)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    element = self._source[index]
-    return {"image": element[self._image_key], "label": int(element[self._label_key])}
+    element = self._source[index if self._indices is None else int(self._indices[index])]
+    label = int(element[self._label_key])
+    return {"image": element[self._image_key],
+            "label": label if self._new_label is None else int(self._new_label[label])}
 
 
 def from_tfds_source(source: Sequence[dict[str, Any]], descriptors_file: str = "",
-                     image_key: str = "image", label_key: str = "label") -> ClassificationSet:
-  """A ClassificationSet over a tfds data source; class names come from its label feature."""
+                     image_key: str = "image", label_key: str = "label", drop_classes: Sequence[str] = (),
+                     labels: np.ndarray | None = None) -> ClassificationSet:
+  """A ClassificationSet over a tfds data source; class names come from its label feature.
+
+  `drop_classes` (tfds label names) are left out with their images, the other labels renumbered in
+  order; `labels` `[len(source)]` are the source's labels when known (else read from `source`).
+  """
   names = source.dataset_info.features[label_key].names
-  class_names = [n.replace("_", " ") for n in names]
+  unknown = sorted(set(drop_classes) - set(names))
+  if unknown:
+    raise ValueError(f"classes {unknown} to drop are not labels of the tfds source")
+  kept = np.array([n not in drop_classes for n in names])
+  class_names = [n.replace("_", " ") for n, keep in zip(names, kept) if keep]
   descriptors = load_descriptors(descriptors_file, class_names) if descriptors_file else {}
-  return ClassificationSet(class_names, descriptors, _Relabeled(source, image_key, label_key))
+  if kept.all():
+    return ClassificationSet(class_names, descriptors, _Relabeled(source, image_key, label_key))
+  if labels is None:
+    labels = np.array([int(element[label_key]) for element in source])
+  new_label = np.cumsum(kept) - 1
+  return ClassificationSet(class_names, descriptors, _Relabeled(
+      source, image_key, label_key, np.flatnonzero(kept[labels]), new_label))
 
 
 def tfds_classification(name: str, split: str = "test", data_dir: str | None = None,
-                        descriptors_file: str = "", **keys: str) -> ClassificationSet:
-  """A prepared tfds dataset (array_record format) read with `tfds.data_source`."""
+                        descriptors_file: str = "", drop_classes: Sequence[str] = (),
+                        **keys: str) -> ClassificationSet:
+  """A prepared tfds dataset (array_record format) read with `tfds.data_source`; `split` may join
+  splits ("train+test"), `drop_classes` leaves classes out (see `from_tfds_source`)."""
   import tensorflow_datasets as tfds  # only eval on tfds datasets needs it, and it imports slowly
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  return from_tfds_source(source, descriptors_file, **keys)
+  labels = None
+  if drop_classes:  # every label is read once to find the kept images; the images need no decoding
+    image_key, label_key = keys.get("image_key", "image"), keys.get("label_key", "label")
+    undecoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                 decoders={image_key: tfds.decode.SkipDecoding()})
+    labels = np.array([int(element[label_key]) for element in undecoded])
+  return from_tfds_source(source, descriptors_file, drop_classes=drop_classes, labels=labels, **keys)
 
 
 def karpathy(json_path: str, image_root: str, split: str = "test") -> RetrievalSet:

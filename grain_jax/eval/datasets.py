@@ -15,21 +15,21 @@ Grounding entries: `synthetic`, or `json:PATH` ({"images": [{"file", "regions": 
 
 Class names are the dataset's own (tfds label names, in label order) made readable, or for CIFAR
 the shipped lists in grain_jax/data/class_lists (tfds learns their names only when preparing them,
-so they cannot be checked without the data otherwise). Descriptor
-JSONs are matched to them by name, ignoring case, "_" and "-"; when that fails for a JSON with one
-entry per class, its keys are taken in label order as the class names, which is what the
-reference does for every dataset (ImageNet's and CUB's tfds labels are ids, so they always do).
+so they cannot be checked without the data otherwise). Descriptor files are paired with them class
+by class (grain_jax/eval/descriptors.py); ImageNet's and CUB's tfds labels are ids, so their
+classes take the file's keys in order, as the reference does for every dataset.
 """
 
 import dataclasses
 import importlib.resources
 import json
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
 
 from grain_jax.data import eval_sets
 from grain_jax.data import synthetic
+from grain_jax.eval import descriptors as descriptor_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,11 @@ class TfdsDataset:
   readable_labels: bool = True  # False: tfds labels are ids; class names come from the descriptors
   class_list: str = ""       # grain_jax/data/class_lists/<this>: names in label order, for sets
                              # whose tfds label names are only known once prepared
+  drop_classes: tuple[str, ...] = ()  # tfds label names left out, with their images
+
+
+# The authors read Caltech-101 through torchvision: all 8,677 images of the 101 object classes. tfds
+# splits the same 9,144 images into train and test and adds the 467 of "background_google".
 
 
 TFDS_DATASETS = {
@@ -51,7 +56,8 @@ TFDS_DATASETS = {
     "cars": TfdsDataset("cars196", "test", "descriptors_cars.json"),
     "dtd": TfdsDataset("dtd", "test", "descriptors_dtd.json"),
     "pets": TfdsDataset("oxford_iiit_pet", "test", "descriptors_pets.json"),
-    "caltech101": TfdsDataset("caltech101", "test", "descriptors_caltech.json"),
+    "caltech101": TfdsDataset("caltech101", "train+test", "descriptors_caltech.json",
+                              drop_classes=("background_google",)),
     "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
     "cub": TfdsDataset("caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False),
     "places365": TfdsDataset("places365_small", "validation", "descriptors_places365.json"),
@@ -77,27 +83,6 @@ def class_list(file_name: str) -> list[str]:
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _key(name: str) -> str:
-  return re.sub(r"[\s_\-]+", " ", name).strip().lower()
-
-
-def align_descriptors(raw: Mapping[str, Sequence[str]], class_names: Sequence[str]
-                      ) -> tuple[list[str], dict[str, list[str]], str]:
-  """Matches a descriptor JSON to a class list.
-
-  Returns:
-    (class names to prompt with, {class name: descriptors}, how: "name" | "position" | "partial").
-    With "partial", classes the JSON lacks are absent from the dict (they get names-only prompts).
-  """
-  by_key = {_key(name): list(values) for name, values in raw.items()}
-  matched = {name: by_key[_key(name)] for name in class_names if _key(name) in by_key}
-  if len(matched) == len(class_names):
-    return list(class_names), matched, "name"
-  if len(raw) == len(class_names):
-    return list(raw), {name: list(values) for name, values in raw.items()}, "position"
-  return list(class_names), matched, "partial"
-
-
 def _read_json(path: str) -> dict:
   with open(path) as f:
     return json.load(f)
@@ -107,33 +92,81 @@ def _read_json(path: str) -> dict:
 class Classification:
   """A resolved classification entry."""
   name: str
-  data: eval_sets.ClassificationSet  # class_names / descriptors already aligned
-  alignment: str                      # how descriptors met class names ("none" without any)
+  data: eval_sets.ClassificationSet  # class_names / descriptors already paired
+  alignment: str                      # how descriptors met class names ("none" without any; see
+                                      # descriptors.summary)
   in_average: bool = False
+  descriptors: dict | None = None     # descriptors.record() of a tfds set's file, None without one
+
+
+def registry_class_names(name: str, label_names=None) -> list[str]:
+  """The class names registry set `name` prompts with, in label order: its tfds label names (those
+  given, else read from tfds's builder info, which needs no download) made readable, less
+  `drop_classes`, or its shipped class list. Raises ValueError when the list does not fit."""
+  spec = TFDS_DATASETS[name]
+  if label_names is None:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    label_names = tfds.builder(spec.tfds_name).info.features["label"].names
+  label_names = [n for n in label_names if n not in spec.drop_classes]
+  if not spec.class_list:
+    return [readable(n) for n in label_names]
+  names = class_list(spec.class_list)
+  if len(names) != len(label_names):
+    raise ValueError(f"{name}: {spec.class_list} has {len(names)} classes, the tfds dataset {len(label_names)}")
+  return names
+
+
+def descriptors_path(name: str, descriptors_dir: str) -> str:
+  """Where registry set `name` reads its descriptor file from ("" when no folder is set)."""
+  return os.path.join(descriptors_dir, TFDS_DATASETS[name].descriptors_file) if descriptors_dir else ""
+
+
+def check_descriptors(names, descriptors_dir: str, allow_missing: bool) -> None:
+  """Raises a UserError naming the file unless every registry set among `names` has a readable
+  descriptor file in `descriptors_dir` that can be paired with its classes; with `allow_missing`,
+  sets whose labels are words may go without one (they get names-only prompts). Reads the files only."""
+  for name in names:
+    if name not in TFDS_DATASETS:
+      continue
+    spec, path = TFDS_DATASETS[name], descriptors_path(name, descriptors_dir)
+    if not path or not os.path.exists(path):
+      if allow_missing and spec.readable_labels:
+        continue
+      raise FileNotFoundError(
+          f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} is not in "
+          f"config.eval.descriptors_dir={descriptors_dir!r}: write it with `python -m grain_jax.annotate "
+          f"descriptors --dataset {name} --out DIR` (grain_jax/eval/README.md says where each comes from)"
+          + ("" if spec.readable_labels else "; its tfds labels are ids, so the file names its classes")
+          + ("" if not spec.readable_labels else
+             ", or set config.eval.allow_missing_descriptors=True to evaluate it with class names only"))
+    descriptor_files.read(path)
 
 
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
                         source=None) -> Classification:
   """A registry dataset; `source` replaces the `tfds.data_source` call (tests)."""
   spec = TFDS_DATASETS[name]
-  data = (eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None)
-          if source is None else eval_sets.from_tfds_source(source))
-  class_names = [readable(n) for n in data.class_names]
-  if spec.class_list:
-    class_names = class_list(spec.class_list)
-    if len(class_names) != len(data.class_names):
-      raise ValueError(f"{name}: {spec.class_list} has {len(class_names)} classes, "
-                       f"the tfds dataset {len(data.class_names)}")
-  path = os.path.join(descriptors_dir, spec.descriptors_file) if descriptors_dir else ""
-  if path and os.path.exists(path):
-    class_names, descriptors, alignment = align_descriptors(_read_json(path), class_names)
-  elif spec.readable_labels:
-    descriptors, alignment = {}, "none"
-  else:
-    raise FileNotFoundError(f"{name}: tfds labels are ids, so class names come from the descriptor "
-                            f"file {spec.descriptors_file} in config.eval.descriptors_dir={descriptors_dir!r}")
-  data = eval_sets.ClassificationSet(class_names, descriptors, data.source)
-  return Classification(name, data, alignment, spec.in_average)
+  data = (eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
+                                        drop_classes=spec.drop_classes)
+          if source is None else eval_sets.from_tfds_source(source, drop_classes=spec.drop_classes))
+  class_names = registry_class_names(name, data.class_names)
+  path = descriptors_path(name, descriptors_dir)
+  if not path or not os.path.exists(path):
+    if not spec.readable_labels:
+      raise FileNotFoundError(f"{name}: tfds labels are ids, so class names come from the descriptor "
+                              f"file {spec.descriptors_file} in config.eval.descriptors_dir={descriptors_dir!r}")
+    logging.warning("%s: no descriptor file %s, evaluated with class names only", name, path or spec.descriptors_file)
+    return Classification(name, eval_sets.ClassificationSet(class_names, {}, data.source), "none", spec.in_average)
+  raw, digest = descriptor_files.read(path)
+  try:
+    pairs = descriptor_files.pair(list(raw), class_names, labels_are_ids=not spec.readable_labels)
+  except ValueError as error:
+    raise type(error)(f"{path}: {error}") from None
+  names = descriptor_files.prompt_names(pairs)
+  described = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
+  info = descriptor_files.record(path, digest, pairs, raw)
+  return Classification(name, eval_sets.ClassificationSet(names, described, data.source), info["alignment"],
+                        spec.in_average, info)
 
 
 SYNTHETIC_SPLITS = ("attributes", "novel")

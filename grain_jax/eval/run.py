@@ -7,6 +7,7 @@ for a set with descriptors, "descriptions/<score>" for each `config.eval.scores`
 but "global" only for a GRAIN model). Accuracies are in %.
 """
 
+import collections
 import json
 import logging
 import os
@@ -69,9 +70,10 @@ def _classification(model, runner: Runner, entry: str, config, workdir: str,
                     cache: zeroshot.TextCache) -> dict:
   dataset = datasets.classification(entry, config, workdir)
   data, cfg = dataset.data, config.eval
-  if dataset.alignment in ("position", "partial"):
-    logging.warning("%s: descriptors matched to classes by %s (see grain_jax/eval/datasets.py)",
-                    dataset.name, dataset.alignment)
+  if dataset.alignment in ("mixed", "partial"):
+    hows = collections.Counter(p["how"] for p in dataset.descriptors["pairing"])
+    logging.warning("%s: descriptors paired with classes %s (results.json lists each class's pairing)",
+                    dataset.name, ", ".join(f"{n} by {how}" for how, n in hows.items()))
   text = dict(renormalize=cfg.renormalize, whole_words=cfg.whole_word_connectives, cache=cache)
   template_set = prompts.templates(cfg.templates)
   heads = {"names/global": zeroshot.class_embeddings(model, runner, data.class_names, None, template_set, **text)}
@@ -83,18 +85,26 @@ def _classification(model, runner: Runner, entry: str, config, workdir: str,
   source = Subset(data.source, spread(len(data.source), cfg.max_examples))
   metrics = zeroshot.evaluate(model, runner, source, model_image_size(model),
                               heads, data.class_names, cfg.alpha, cfg.num_confusions)
-  undescribed = [c for c in data.class_names if c not in data.descriptors] if data.descriptors else []
+  undescribed = [c for c in data.class_names if not data.descriptors.get(c)] if data.descriptors else []
   return {"name": dataset.name, "in_average": dataset.in_average, "alignment": dataset.alignment,
-          "num_classes": len(data.class_names), "classes_without_descriptors": undescribed,
-          "heads": metrics}
+          "num_classes": len(data.class_names), "num_examples": len(data.source),
+          "classes_without_descriptors": undescribed, "descriptors": dataset.descriptors, "heads": metrics}
 
 
 def _average(classification: dict) -> dict:
-  """Mean top-1 over the paper's 11 datasets that were evaluated, per head that all of them have."""
+  """Mean top-1 per head over the paper's 11 datasets that were evaluated with that head.
+
+  `covers` names the sets behind each head's mean; `paper_metric` lists the heads whose mean covers
+  all 11 (only these are the paper's number; a head missing on some set is averaged over the rest).
+  """
   members = [r for r in classification.values() if r["in_average"]]
-  heads = [h for h in members[0]["heads"] if all(h in r["heads"] for r in members)] if members else []
+  heads = list(dict.fromkeys(h for r in members for h in r["heads"]))
+  covers = {h: [r["name"] for r in members if h in r["heads"]] for h in heads}
+  top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if h in r["heads"]])) for h in heads}
+  evaluated = {r["name"] for r in members}
   return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
-          "top1": {h: float(np.mean([r["heads"][h]["top1"] for r in members])) for h in heads}}
+          "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated], "covers": covers, "top1": top1,
+          "paper_metric": [h for h in heads if set(covers[h]) >= set(datasets.PAPER_AVERAGE)]}
 
 
 def format_table(results: dict) -> str:
@@ -104,9 +114,11 @@ def format_table(results: dict) -> str:
     for head, m in result["heads"].items():
       rows.append((name, f"top1 {head}", f"{m['top1']:.2f}"))
   average = results.get("classification_average")
-  if average and average["datasets"]:
-    for head, value in average["top1"].items():
-      rows.append((f"mean of {len(average['datasets'])}/{average['of']}", f"top1 {head}", f"{value:.2f}"))
+  for head, value in (average or {}).get("top1", {}).items():
+    covered = len(average["covers"][head])
+    label = (f"paper mean of {average['of']}" if head in average["paper_metric"] else
+             f"partial mean ({covered} of {average['of']})")
+    rows.append((label, f"top1 {head}", f"{value:.2f}"))
   for name, r in results["retrieval"].items():
     rows.append((name, "i->t R@1/5/10", "/".join(f"{v:.1f}" for v in r["image_to_text"].values())))
     rows.append((name, "t->i R@1/5/10", "/".join(f"{v:.1f}" for v in r["text_to_image"].values())))
@@ -155,7 +167,8 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
   """
   cfg = config.eval
-  check_settings(cfg)  # fail on a bad setting before any work
+  check_settings(cfg)  # fail on a bad setting or a missing descriptor file before any work
+  datasets.check_descriptors(cfg.classification, cfg.descriptors_dir, cfg.allow_missing_descriptors)
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
   out_dir = os.path.join(workdir, "eval")

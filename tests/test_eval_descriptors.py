@@ -1,0 +1,203 @@
+"""Descriptor files paired with the real datasets' classes, class by class.
+
+The label names are the real ones: read offline from tfds's builder info (the tfds package ships
+them; nothing is downloaded), or for CIFAR the shipped class lists. Each test writes a descriptor
+file whose keys are those names with a known perturbation, so the right key of every class is
+known, and asserts every class's pairing.
+"""
+
+import hashlib
+import json
+import random
+import types
+
+import numpy as np
+import pytest
+
+from grain_jax.config import ConfigError, load_config, validate
+from grain_jax.errors import BadFileError
+from grain_jax.eval import datasets
+from grain_jax.eval import descriptors
+from grain_jax.eval import run
+
+READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
+
+
+@pytest.fixture(scope="module")
+def tfds_label_names(tmp_path_factory):
+  """{registry name: its tfds label names in label order}, from builder info without any download."""
+  tfds = pytest.importorskip("tensorflow_datasets")
+  empty = str(tmp_path_factory.mktemp("no_tfds_data"))
+  return {name: list(tfds.builder(spec.tfds_name, data_dir=empty).info.features["label"].names)
+          for name, spec in datasets.TFDS_DATASETS.items()}
+
+
+def class_names(name, tfds_label_names):
+  return datasets.registry_class_names(name, tfds_label_names[name])
+
+
+def _check(pairs, names, truth, how):
+  """Every class i is paired with key truth[i] (None: missing), `how` the pairing each class expects."""
+  assert [p.label_name for p in pairs] == names
+  assert [p.key for p in pairs] == truth
+  assert [p.how for p in pairs] == how
+
+
+def test_the_real_label_names_are_known_offline(tfds_label_names):
+  counts = {name: len(class_names(name, tfds_label_names)) for name in datasets.TFDS_DATASETS}
+  assert counts == {"cifar10": 10, "cifar100": 100, "sun397": 397, "cars": 196, "dtd": 47, "pets": 37,
+                    "caltech101": 101, "flowers102": 102, "cub": 200, "places365": 365, "food101": 101,
+                    "imagenet": 1000, "imagenet_v2": 1000, "eurosat": 10}
+  assert tfds_label_names["caltech101"][4] == "background_google"
+
+
+@pytest.mark.parametrize("name", READABLE)
+def test_renamed_reordered_and_separator_keys_pair_by_name(name, tfds_label_names):
+  names = class_names(name, tfds_label_names)
+  styles = [lambda n: n, str.upper, lambda n: n.replace(" ", "_"), lambda n: n.replace(" ", "/"),
+            lambda n: n.replace(" ", "-") + "?"]
+  keys = [styles[i % len(styles)](n) for i, n in enumerate(names)]
+  order = list(range(len(names)))
+  random.Random(0).shuffle(order)
+  pairs = descriptors.pair([keys[i] for i in order], names)
+  _check(pairs, names, keys, ["name"] * len(names))
+
+
+def test_slashes_and_a_trailing_bracket_match_the_scene_labels(tfds_label_names):
+  raw_labels = tfds_label_names["places365"]
+  names = class_names("places365", tfds_label_names)
+  # "apartment_building/outdoor" written as the descriptor files do: "apartment building (outdoor)".
+  keys = [n.replace("_", " ").replace("/", " (", 1) + ")" if "/" in n else n.replace("_", " ")
+          for n in raw_labels]
+  assert "apartment building (outdoor)" in keys
+  _check(descriptors.pair(keys[::-1], names), names, keys, ["name"] * len(names))
+  # A qualifier the label lacks: "crane (machine)" still pairs with "crane".
+  assert descriptors.pair(["crane (machine)", "crane bird"], ["crane", "crane bird"])[0].key == "crane (machine)"
+
+
+def test_one_renamed_key_in_a_reordered_file_pairs_no_class_with_another_s(tfds_label_names):
+  names = class_names("pets", tfds_label_names)
+  siamese = names.index("Siamese")
+  keys = list(names)
+  keys[siamese] = "Siamese cat"
+  order = sorted(range(len(names)), key=lambda i: keys[i])  # cats (capitalized) first, as the published file
+  assert order != list(range(len(names)))
+  pairs = descriptors.pair([keys[i] for i in order], names)
+  truth = [None if i == siamese else k for i, k in enumerate(keys)]
+  _check(pairs, names, truth, ["missing" if i == siamese else "name" for i in range(len(names))])
+  assert descriptors.summary(pairs) == "partial"
+
+
+@pytest.mark.parametrize("name", ["pets", "cars", "flowers102", "eurosat"])
+def test_renamed_keys_at_their_label_positions_pair_by_position(name, tfds_label_names):
+  names = class_names(name, tfds_label_names)
+  renamed = {1, len(names) - 1}
+  keys = [f"{n} (renamed)x" if i in renamed else n for i, n in enumerate(names)]
+  pairs = descriptors.pair(keys, names)
+  _check(pairs, names, keys, ["position" if i in renamed else "name" for i in range(len(names))])
+  assert descriptors.summary(pairs) == "mixed"
+  assert [n for n, p in zip(descriptors.prompt_names(pairs), pairs) if p.how == "position"] == \
+      [keys[i] for i in sorted(renamed)]
+
+
+def test_missing_and_extra_keys(tfds_label_names):
+  names = class_names("food101", tfds_label_names)
+  keys = names[:50] + names[51:] + ["not a food"]  # one class missing, an unrelated key instead
+  pairs = descriptors.pair(keys, names)
+  _check(pairs, names, [None if i == 50 else n for i, n in enumerate(names)],
+         ["missing" if i == 50 else "name" for i in range(len(names))])
+
+
+@pytest.mark.parametrize("name", ["cub", "imagenet"])
+def test_id_labelled_sets_pair_by_position_or_refuse(name, tfds_label_names):
+  ids = class_names(name, tfds_label_names)
+  assert ids[0] in ("0", "n01440764")
+  keys = [f"class {i}" for i in range(len(ids))]
+  _check(descriptors.pair(keys, ids, labels_are_ids=True), ids, keys, ["position"] * len(ids))
+  with pytest.raises(BadFileError, match=f"{len(ids) - 1} keys for {len(ids)} classes"):
+    descriptors.pair(keys[1:], ids, labels_are_ids=True)
+
+
+def _fake_source(label_names, labels):
+  info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=label_names)})
+
+  class FakeSource(list):
+    dataset_info = info
+
+  return FakeSource({"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(l)} for l in labels)
+
+
+def test_registry_records_file_digest_pairing_and_empty_lists(tmp_path, tfds_label_names):
+  raw_labels = tfds_label_names["caltech101"]
+  labels = [i % len(raw_labels) for i in range(2 * len(raw_labels))]
+  source = _fake_source(raw_labels, labels)
+  names = class_names("caltech101", tfds_label_names)
+  raw = {n: [] if n == "yin yang" else [f"a {n} part"] for n in reversed(names)}
+  path = tmp_path / "descriptors_caltech.json"
+  path.write_text(json.dumps(raw))
+  caltech = datasets.tfds_classification("caltech101", descriptors_dir=str(tmp_path), source=source)
+  background = raw_labels.index("background_google")
+  kept = [i for i, l in enumerate(labels) if l != background]
+  assert len(caltech.data.source) == len(kept) == 2 * 101
+  expected_labels = [l - (l > background) for l in labels if l != background]
+  assert [caltech.data.source[i]["label"] for i in range(len(kept))] == expected_labels
+  assert caltech.data.class_names == names and caltech.alignment == "name"
+  info = caltech.descriptors
+  assert info["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert info["empty"] == ["yin yang"]
+  assert [p["key"] for p in info["pairing"]] == names and {p["how"] for p in info["pairing"]} == {"name"}
+  assert caltech.data.descriptors["accordion"] == ["a accordion part"]
+
+
+def _eval_config(classification, descriptors_dir="", allow_missing=False):
+  config = load_config("configs/base.py:tiny")
+  config.eval.update(classification=classification, descriptors_dir=descriptors_dir,
+                     allow_missing_descriptors=allow_missing)
+  return config
+
+
+def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
+  config = _eval_config(("food101", "cub"), str(tmp_path))
+  validate(config)  # the schema alone reads no file
+  with pytest.raises(ConfigError, match="descriptors_food101.json.*annotate descriptors --dataset food101"):
+    validate(config, evaluation_files=True)
+  allowed = _eval_config(("food101", "cub"), str(tmp_path), allow_missing=True)
+  with pytest.raises(ConfigError, match="descriptors_cub.json.*labels are ids"):
+    validate(allowed, evaluation_files=True)  # CUB's classes are named only by its file
+  (tmp_path / "descriptors_cub.json").write_text("{\"Laysan Albatross\": \"not a list\"}")
+  with pytest.raises(ConfigError, match="descriptors_cub.json must be a JSON object"):
+    validate(allowed, evaluation_files=True)
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps({"Laysan Albatross": ["a white head"]}))
+  validate(allowed, evaluation_files=True)
+  validate(_eval_config(("synthetic/novel", "food101"), str(tmp_path), allow_missing=True), evaluation_files=True)
+
+
+def _set_result(name, heads):
+  return {"name": name, "in_average": name in datasets.PAPER_AVERAGE,
+          "heads": {h: {"top1": top1} for h, top1 in heads.items()}}
+
+
+def test_the_average_says_which_sets_each_head_covers():
+  rng = np.random.default_rng(0)
+  results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
+             for n in datasets.PAPER_AVERAGE}
+  results["imagenet"] = _set_result("imagenet", {"names/global": 1.0})
+  complete = run._average(results)
+  assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
+  for head in ("names/global", "descriptions/global"):
+    assert complete["top1"][head] == pytest.approx(
+        np.mean([results[n]["heads"][head]["top1"] for n in datasets.PAPER_AVERAGE]))
+  del results["sun397"]["heads"]["descriptions/global"]  # sun397 evaluated without its file
+  partial = run._average(results)
+  assert partial["paper_metric"] == ["names/global"]
+  assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
+  assert partial["top1"]["descriptions/global"] == pytest.approx(
+      np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
+  table = run.format_table({"classification": {}, "classification_average": partial, "retrieval": {},
+                            "grounding": {}})
+  rows = [line.split() for line in table.splitlines()]
+  assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
+  assert ["partial", "mean", "(10", "of", "11)", "top1", "descriptions/global",
+          f"{partial['top1']['descriptions/global']:.2f}"] in rows
+  del results["cifar10"]
+  assert run._average(results)["paper_metric"] == [] and run._average(results)["missing"] == ["cifar10"]
