@@ -21,6 +21,8 @@ from grain_jax.train import trainer
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`."""
+  if config.experiment.evaluate:  # a missing descriptor file stops the run before training, not after
+    validate(config, evaluation_files=True)
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
@@ -84,7 +86,7 @@ def arm_config(config, name: str, overrides, seed: int, shared_data: str):
     run_config.seed = seed
     run_config.experiment.arms = ()
     run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
-  validate(run_config, num_devices=jax.device_count())
+  validate(run_config, num_devices=jax.device_count(), evaluation_files=True)
   return run_config
 
 

@@ -32,7 +32,7 @@ def tiny_tfds(tmp_path):
   """Builds a tiny tfds dataset in array_record format under `tmp_path/tfds` (no tensorflow needed).
 
   `build(label_names, reds)` writes one 10x8 image per entry of `reds` (red channel = that value,
-  label = index % 2) into split "test" and returns `(dataset name, tfds data_dir)`.
+  label = index % len(label_names)) into split "test" and returns `(dataset name, tfds data_dir)`.
   """
   tfds = pytest.importorskip("tensorflow_datasets")
   data_dir = str(tmp_path / "tfds")
@@ -54,7 +54,7 @@ def tiny_tfds(tmp_path):
           png = io.BytesIO()  # encoded: tfds needs tensorflow to encode arrays
           Image.new("RGB", (10, 8), (red, 0, 0)).save(png, format="PNG")
           png.seek(0)
-          yield i, {"image": png, "label": i % 2}
+          yield i, {"image": png, "label": i % len(label_names)}
 
     GrainJaxTinyTfds(data_dir=data_dir, file_format="array_record").download_and_prepare()
     return "grain_jax_tiny_tfds", data_dir

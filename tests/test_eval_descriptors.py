@@ -8,12 +8,14 @@ known, and asserts every class's pairing.
 
 import hashlib
 import json
+import os
 import random
 import types
 
 import numpy as np
 import pytest
 
+from grain_jax import experiment
 from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.errors import BadFileError
 from grain_jax.eval import datasets
@@ -162,14 +164,29 @@ def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
   with pytest.raises(ConfigError, match="descriptors_food101.json.*annotate descriptors --dataset food101"):
     validate(config, evaluation_files=True)
   allowed = _eval_config(("food101", "cub"), str(tmp_path), allow_missing=True)
-  with pytest.raises(ConfigError, match="descriptors_cub.json.*labels are ids"):
+  with pytest.raises(ConfigError, match="descriptors_cub.json.*labels are ids.*release"):
     validate(allowed, evaluation_files=True)  # CUB's classes are named only by its file
   (tmp_path / "descriptors_cub.json").write_text("{\"Laysan Albatross\": \"not a list\"}")
   with pytest.raises(ConfigError, match="descriptors_cub.json must be a JSON object"):
     validate(allowed, evaluation_files=True)
-  (tmp_path / "descriptors_cub.json").write_text(json.dumps({"Laysan Albatross": ["a white head"]}))
+  birds = {f"bird {i}": [f"feature {i}"] for i in range(200)}
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps(dict(list(birds.items())[:199])))
+  with pytest.raises(ConfigError, match="descriptors_cub.json.*199 keys for 200 classes"):
+    validate(allowed, evaluation_files=True)
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps(birds))
   validate(allowed, evaluation_files=True)
   validate(_eval_config(("synthetic/novel", "food101"), str(tmp_path), allow_missing=True), evaluation_files=True)
+
+
+def test_a_run_that_will_evaluate_stops_before_training(tmp_path):
+  config = _eval_config(("food101",), str(tmp_path))
+  with pytest.raises(ConfigError, match="descriptors_food101.json"):
+    experiment.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+  config.experiment.arms = ("grain", "clip: model.kind=clip")
+  with pytest.raises(ConfigError, match="descriptors_food101.json"):
+    experiment.run(config, str(tmp_path / "arms"))
+  assert not os.path.exists(tmp_path / "arms")
 
 
 def _set_result(name, heads):

@@ -1,5 +1,6 @@
 """run_evaluation on the synthetic splits: results JSON, table, and one device == a sharded mesh."""
 
+import hashlib
 import json
 import os
 
@@ -11,6 +12,7 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.config import load_config, validate
 from grain_jax.data import synthetic
+from grain_jax.eval import datasets
 from grain_jax.eval import run
 from grain_jax.models.grain import build_model
 
@@ -100,3 +102,25 @@ def test_clip_baseline_gets_global_heads_and_no_grounding(config, tmp_path):
   assert heads["names/global"]["num_examples"] == 6
   assert "skipped" in results["grounding"]["synthetic"]
   assert np.isfinite(heads["descriptions/global"]["top1"])
+
+
+def test_a_prepared_tfds_set_evaluates_through_the_registry(config, tiny_tfds, tmp_path, monkeypatch):
+  """The preparation path as far as it goes offline: a tfds builder writes array_record files (no
+  tensorflow), and run_evaluation reads them by registry name with a descriptor file."""
+  name, tfds_dir = tiny_tfds(["red_square", "background_google", "blue_circle"], [30 * i for i in range(7)])
+  monkeypatch.setitem(datasets.TFDS_DATASETS, "tiny", datasets.TfdsDataset(
+      name, "test", "descriptors_tiny.json", in_average=False, drop_classes=("background_google",)))
+  path = tmp_path / "descriptors_tiny.json"
+  path.write_text(json.dumps({"blue circle": ["a round shape"], "Red Square": ["four corners", "red"]}))
+  tfds_config = config.copy_and_resolve_references()
+  tfds_config.eval.update(classification=("tiny",), retrieval=(), grounding=(), tfds_data_dir=tfds_dir,
+                          descriptors_dir=str(tmp_path))
+  results = run.run_evaluation(tfds_config, build_model(tfds_config.model, seed=0), str(tmp_path / "run"))
+  tiny = results["classification"]["tiny"]
+  assert tiny["num_classes"] == 2 and tiny["num_examples"] == 5  # labels 0 1 2 0 1 2 0, label 1 dropped
+  assert tiny["heads"]["descriptions/mixed"]["num_examples"] == 5
+  assert set(tiny["heads"]["names/global"]["per_class"]) == {"red square", "blue circle"}
+  assert tiny["descriptors"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert [(p["label_name"], p["key"], p["how"]) for p in tiny["descriptors"]["pairing"]] == [
+      ("red square", "Red Square", "name"), ("blue circle", "blue circle", "name")]
+  assert results["classification_average"]["datasets"] == []

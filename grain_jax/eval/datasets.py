@@ -45,10 +45,6 @@ class TfdsDataset:
   drop_classes: tuple[str, ...] = ()  # tfds label names left out, with their images
 
 
-# The authors read Caltech-101 through torchvision: all 8,677 images of the 101 object classes. tfds
-# splits the same 9,144 images into train and test and adds the 467 of "background_google".
-
-
 TFDS_DATASETS = {
     "cifar10": TfdsDataset("cifar10", "test", "descriptors_cifar10.json", class_list="cifar10.txt"),
     "cifar100": TfdsDataset("cifar100", "test", "descriptors_cifar100.json", class_list="cifar100.txt"),
@@ -56,6 +52,8 @@ TFDS_DATASETS = {
     "cars": TfdsDataset("cars196", "test", "descriptors_cars.json"),
     "dtd": TfdsDataset("dtd", "test", "descriptors_dtd.json"),
     "pets": TfdsDataset("oxford_iiit_pet", "test", "descriptors_pets.json"),
+    # The authors read Caltech-101 through torchvision: all 8,677 images of the 101 object classes.
+    # tfds splits the same images into train and test and adds the 467 of "background_google".
     "caltech101": TfdsDataset("caltech101", "train+test", "descriptors_caltech.json",
                               drop_classes=("background_google",)),
     "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
@@ -122,24 +120,30 @@ def descriptors_path(name: str, descriptors_dir: str) -> str:
 
 
 def check_descriptors(names, descriptors_dir: str, allow_missing: bool) -> None:
-  """Raises a UserError naming the file unless every registry set among `names` has a readable
-  descriptor file in `descriptors_dir` that can be paired with its classes; with `allow_missing`,
-  sets whose labels are words may go without one (they get names-only prompts). Reads the files only."""
+  """Raises a UserError naming the file unless every registry set among `names` has a descriptor file
+  in `descriptors_dir` in the right format (for sets labelled by ids: one key per class); with
+  `allow_missing`, sets whose labels are words may go without one (they get names-only prompts)."""
   for name in names:
     if name not in TFDS_DATASETS:
       continue
     spec, path = TFDS_DATASETS[name], descriptors_path(name, descriptors_dir)
-    if not path or not os.path.exists(path):
-      if allow_missing and spec.readable_labels:
-        continue
-      raise FileNotFoundError(
-          f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} is not in "
-          f"config.eval.descriptors_dir={descriptors_dir!r}: write it with `python -m grain_jax.annotate "
-          f"descriptors --dataset {name} --out DIR` (grain_jax/eval/README.md says where each comes from)"
-          + ("" if spec.readable_labels else "; its tfds labels are ids, so the file names its classes")
-          + ("" if not spec.readable_labels else
-             ", or set config.eval.allow_missing_descriptors=True to evaluate it with class names only"))
-    descriptor_files.read(path)
+    if path and os.path.exists(path):
+      raw, _ = descriptor_files.read(path)
+      if not spec.readable_labels:
+        try:
+          descriptor_files.pair(list(raw), registry_class_names(name), labels_are_ids=True)
+        except ValueError as error:
+          raise type(error)(f"{path}: {error}") from None
+      continue
+    if allow_missing and spec.readable_labels:
+      continue
+    where = (f"write it with `python -m grain_jax.annotate descriptors --dataset {name} --out DIR`, or set "
+             "config.eval.allow_missing_descriptors=True to evaluate it with class names only"
+             if spec.readable_labels else
+             "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release")
+    raise FileNotFoundError(f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
+                            f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
+                            "(grain_jax/eval/README.md says where each file comes from)")
 
 
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",

@@ -169,7 +169,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   again), and before config.json or metrics are written. `metrics.jsonl` rows past the restored
   step are dropped, as those steps run again.
   """
-  validate(config, num_devices=jax.device_count(), evaluation_files=config.train.evaluate)
+  validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
 
   # ---- Mesh -------------------------------------------------------------------------------
