@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from configs import base
+from grain_jax.defaults import base
 from grain_jax.errors import UserError, check_local_path
 from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options

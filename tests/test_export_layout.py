@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from grain_jax.config import ConfigError, load_config, validate
-from grain_jax.export import layout, param_tree
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import layout, param_tree
 
 
 def model_config(preset: str, **changes):

@@ -16,8 +16,9 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.data.tokenizer import tokenize
-from grain_jax.export import from_torch, layout, param_tree, to_torch
+from grain_jax.export import to_torch
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import from_torch, layout, param_tree
 from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer
 

@@ -25,8 +25,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn.functional import cross_entropy
 
-from grain_jax.export import layout
 from grain_jax.export.torch_modules import GrainClipBackbone, RegionQueryDecoder
+from grain_jax.torch_format import layout
 
 MATCHINGS_PER_LAYER = 2
 CHANNELS_FIRST = (0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]

@@ -10,7 +10,7 @@ way), mesh one of FITS (default: gpu_2x8_h100, the paper's machine).
 
 import math
 
-from configs import base
+from grain_jax.defaults import base
 from grain_jax.eval.datasets import PAPER_AVERAGE
 
 KINDS = ("grain", "grain_grounded", "clip")

@@ -22,8 +22,8 @@ from flax import nnx
 
 from grain_jax import sharding
 from grain_jax.config import validate
-from grain_jax.export import layout, param_tree
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import layout, param_tree
 from grain_jax.train.checkpoint import Checkpointer
 from grain_jax.train.trainer import checkpoint_dir
 

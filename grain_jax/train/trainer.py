@@ -21,9 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.data import pipeline
-from grain_jax.export import from_torch
 from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
+from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
 from grain_jax.train.checkpoint import Checkpointer
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
