@@ -24,8 +24,7 @@ from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
-from grain_jax.train.checkpoint import Checkpointer
-from grain_jax.train.trainer import checkpoint_dir
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
