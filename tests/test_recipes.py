@@ -1,4 +1,5 @@
-"""The paper's recipes (configs/cc3m_b16.py, configs/cc12m_b16.py): SPEC's hyperparameters on every mesh preset."""
+"""The paper's recipes (configs/cc3m_b16.py, configs/cc12m_b16.py): the hyperparameters of
+docs/reference_behaviour.md, "Training", on every mesh preset."""
 
 import math
 
