@@ -1,6 +1,6 @@
 """Export: the newest Orbax checkpoint of a run -> the reference's PyTorch checkpoint layout.
 
-`python -m grain_jax.main --config C --workdir DIR --mode export [--export_module_prefix]` writes
+`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix]` writes
 into `DIR/export/`:
   grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config', 'epoch', 'iteration'}` (no
                           `state_dict` for the plain-CLIP baseline), loadable with `strict=True` by
