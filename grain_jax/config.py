@@ -183,7 +183,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
-  """Checks `config` against the documented schema (configs/base.py); returns it unchanged.
+  """Checks `config` against the documented schema (grain_jax/defaults/base.py); returns it unchanged.
 
   Args:
     config: the full config.
