@@ -7,7 +7,12 @@ options and losses set as its name says; `:3` runs seeds 0-2 (about 2.5 hours on
 Compare "grounding recall@0.5", "box spread" and the novel-concept rows of `comparison.md`.
 """
 
-from configs import demo
+import pathlib
+
+from grain_jax.config import load_config
+
+# The demo's config file, beside this one (loaded by path: configs/ is a folder of files, no package).
+DEMO = pathlib.Path(__file__).with_name("demo.py")
 
 # The authors' decoder and losses: no position code on the image tokens, dropout 0.1, last layer's
 # boxes only, no description -> query loss.
@@ -16,7 +21,7 @@ REFERENCE = ("model.decoder.memory_position=none; model.decoder.position_in_valu
 
 
 def get_config(arg: str | None = None):
-  config = demo.get_config(arg)
+  config = load_config(f"{DEMO}:{arg}" if arg else str(DEMO))
   config.experiment.arms = (
       f"reference: {REFERENCE}",
       f"memory_learned: {REFERENCE}; model.decoder.memory_position=learned",

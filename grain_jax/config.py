@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from configs import base
+from grain_jax.defaults import base
 from grain_jax.errors import UserError, check_local_path
 from grain_jax.eval.datasets import check_descriptors
 from grain_jax.eval.run import check_settings as check_eval_settings
@@ -185,7 +185,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
 
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
              evaluation_files: bool = False) -> ml_collections.ConfigDict:
-  """Checks `config` against the documented schema (configs/base.py); returns it unchanged.
+  """Checks `config` against the documented schema (grain_jax/defaults/base.py); returns it unchanged.
 
   Args:
     config: the full config.

@@ -24,10 +24,11 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
                           "export: the newest checkpoint to PyTorch files in workdir/export.")
 _EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
-    "export_module_prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
+    "export-module-prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
 flags.mark_flags_as_required(["config", "workdir"])
 _CONFIG_FLAG = re.compile(r"--?config(?:=(?P<spec>.*))?$")
 _OVERRIDE_FLAG = re.compile(r"--?config\.(?P<field>[^=]+)")
+_HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
 def check_config_flags(args: list[str]) -> None:
@@ -53,7 +54,13 @@ def check_config_flags(args: list[str]) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing (its own errors print the usage), after check_config_flags."""
   check_config_flags(argv[1:])
-  return app.parse_flags_with_usage(argv)
+  try:
+    return app.parse_flags_with_usage(argv)
+  except SystemExit as stop:
+    # absl ends a help it was asked for with status 1, as it does a bad flag; help is no failure.
+    if stop.code == 1 and any(arg in _HELP_FLAGS for arg in argv[1:]):
+      raise SystemExit(0) from None
+    raise
 
 
 def initialize_distributed(train_config) -> None:

@@ -8,8 +8,8 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.bench import step
 from grain_jax.config import load_config
-from grain_jax.export import layout, param_tree
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import trainer
 from grain_jax.train.step import batch_loss
 

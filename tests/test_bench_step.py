@@ -10,7 +10,7 @@ HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 def test_step_benchmark_prints_its_figures(capsys):
   reference = "true" if HAVE_TORCH else "false"
-  assert step.main(["--config", "configs/base.py:tiny", "--batch", "8", "--steps", "2", "--scan_layers", "true",
+  assert step.main(["--config", "configs/base.py:tiny", "--batch", "8", "--steps", "2", "--scan-layers", "true",
                     "--reference", reference]) == 0
   out = capsys.readouterr().out
   figures = ["layers scanned", "step: median", "images/s", "GFLOP/s", "utilization", "finite: True"]

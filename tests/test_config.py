@@ -2,8 +2,8 @@
 
 import pytest
 
-from configs import meshes, models
 from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
+from grain_jax.defaults import meshes, models
 
 
 @pytest.mark.parametrize("preset", models.PRESETS)
@@ -33,7 +33,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_a_config_file_can_build_on_base(tmp_path):
   path = tmp_path / "mine.py"
-  path.write_text("from configs import base\n\ndef get_config():\n"
+  path.write_text("from grain_jax.defaults import base\n\ndef get_config():\n"
                   "  config = base.get_config('tiny')\n  config.loss.region = 0.5\n  return config\n")
   assert validate(load_config(str(path))).loss.region == 0.5
 

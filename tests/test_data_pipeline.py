@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import base
 from grain_jax.data import pipeline
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.defaults import base
 
 NUM_RECORDS = 12
 

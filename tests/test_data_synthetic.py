@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from configs import base
 from grain_jax.data import eval_sets
 from grain_jax.data import records
 from grain_jax.data import synthetic
 from grain_jax.data import synthetic_scenes
+from grain_jax.defaults import base
 
 SMALL = dict(num_train=24, image_size=32, num_attribute_classes=4, num_novel_classes=3,
              images_per_class=2, num_retrieval=5, num_grounding=5)

@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from configs import base
 from grain_jax import config as config_lib
 from grain_jax import errors
 from grain_jax.annotate import __main__ as annotate_cli
 from grain_jax.data import quality
 from grain_jax.data import records
-from grain_jax.export import from_torch
-from grain_jax.export import layout
+from grain_jax.defaults import base
+from grain_jax.torch_format import from_torch
+from grain_jax.torch_format import layout
 from grain_jax.train import checkpoint
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,5 @@
-"""The reference-layout table: key names and shapes against SPEC.md, exact round trips, clear errors.
+"""The reference-layout table: key names and shapes against docs/reference_behaviour.md ("Checkpoint
+layout"), exact round trips, clear errors.
 
 No torch and no model computation: shapes come from `nnx.eval_shape`, values are random numpy.
 """
@@ -8,8 +9,8 @@ import pytest
 from flax import nnx
 
 from grain_jax.config import ConfigError, load_config, validate
-from grain_jax.export import layout, param_tree
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import layout, param_tree
 
 
 def model_config(preset: str, **changes):
@@ -35,7 +36,7 @@ def b16_torch_shapes():
 
 
 def test_b16_keys_and_shapes_are_the_reference_checkpoints(b16_torch_shapes):
-  spec = {  # ../shared/SPEC.md, "PyTorch checkpoint layout"
+  spec = {  # docs/reference_behaviour.md, "Checkpoint layout"
       ("backbone", "positional_embedding"): (77, 512),
       ("backbone", "image_projection"): (768, 512),
       ("backbone", "text_projection"): (512, 512),

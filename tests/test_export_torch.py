@@ -16,8 +16,9 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.data.tokenizer import tokenize
-from grain_jax.export import from_torch, layout, param_tree, to_torch
+from grain_jax.export import to_torch
 from grain_jax.models.grain import build_model
+from grain_jax.torch_format import from_torch, layout, param_tree
 from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer
 
@@ -87,8 +88,10 @@ def test_export_writes_both_files_with_the_same_tensors(exported):
   assert paths == {"pth": os.path.join(workdir, "export", "grain_clip.pth"),
                    "safetensors": os.path.join(workdir, "export", "grain_clip.safetensors")}
   checkpoint = torch.load(paths["pth"], weights_only=True)
-  assert set(checkpoint) == {"backbone_state_dict", "state_dict", "config"}
+  assert set(checkpoint) == {"backbone_state_dict", "state_dict", "config", "epoch", "iteration"}
   assert checkpoint["config"]["step"] == 7 and checkpoint["config"]["model"]["preset"] == "tiny"
+  # What the authors' evaluation scripts read before loading the weights.
+  assert checkpoint["iteration"] == 7 and checkpoint["epoch"] == 0
   assert from_torch.exported_config(paths["safetensors"]) == checkpoint["config"]
   flat = safetensors_numpy.load_file(paths["safetensors"])
   pth = {f"{group}.{key}": value.numpy() for group in ("backbone_state_dict", "state_dict")
@@ -121,7 +124,7 @@ def test_extended_decoder_export_stops_reference_loaders_and_loads_in_the_twins(
          "box_refinement=True, anchor_queries=True)" in capsys.readouterr().out
   checkpoint = torch.load(paths["pth"], weights_only=True)
   # The reference's loaders read checkpoint['state_dict']: absent, so they stop with a KeyError.
-  assert set(checkpoint) == {"backbone_state_dict", layout.EXTENDED_DECODER_GROUP, "config"}
+  assert set(checkpoint) == {"backbone_state_dict", layout.EXTENDED_DECODER_GROUP, "config", "epoch", "iteration"}
   assert checkpoint["config"]["layout"].startswith("grain-jax extended decoder")
   assert {"memory_pos_embed", "anchor_box_logits", "anchor_pos_mlp.layers.1.weight"} <= set(
       checkpoint[layout.EXTENDED_DECODER_GROUP])

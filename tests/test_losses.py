@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from configs import base
 from grain_jax import losses
+from grain_jax.defaults import base
 
 B, Q, T, L, E = 4, 5, 5, 3, 8
 

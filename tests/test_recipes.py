@@ -1,11 +1,12 @@
-"""The paper's recipes (configs/cc3m_b16.py, configs/cc12m_b16.py): SPEC's hyperparameters on every mesh preset."""
+"""The paper's recipes (configs/cc3m_b16.py, configs/cc12m_b16.py): the hyperparameters of
+docs/reference_behaviour.md, "Training", on every mesh preset."""
 
 import math
 
 import pytest
 
-from configs import meshes, recipe
 from grain_jax.config import load_config, validate
+from grain_jax.defaults import meshes, recipe
 
 RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}
 

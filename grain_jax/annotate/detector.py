@@ -1,7 +1,7 @@
 """Stage 2: an open-vocabulary detector (OWLv2) boxes each description of an image.
 
 Each image is squashed to the detector's square input, as the training input is squashed
-(SPEC, Data), so that the detector's normalized boxes are normalized boxes of the image itself.
+(docs/reference_behaviour.md, "Data"), so that the detector's normalized boxes are normalized boxes of the image itself.
 Every predicted box takes the one description it scores highest on and is kept when that score
 is above the threshold (the reference's rule; one description can get several boxes).
 """

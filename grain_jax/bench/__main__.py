@@ -13,8 +13,13 @@ def available() -> list[str]:
 
 def main(argv: list[str]) -> int:
   names = available()
+  usage = (f"usage: python -m grain_jax.bench {{{'|'.join(names)}}} [flags]\n"
+           "  python -m grain_jax.bench NAME --help describes a benchmark's flags")
+  if len(argv) == 2 and argv[1] in ("-h", "--help"):
+    print(usage)
+    return 0
   if len(argv) < 2 or argv[1] not in names:
-    print(f"usage: python -m grain_jax.bench {{{'|'.join(names)}}} [flags]", file=sys.stderr)
+    print(usage, file=sys.stderr)
     return 2
   module = importlib.import_module(f"grain_jax.bench.{argv[1]}")
   return module.main(argv[2:]) or 0

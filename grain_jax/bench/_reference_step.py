@@ -7,8 +7,8 @@ It does the work the authors' code does in one step, with its execution model:
   from the same parameters as the JAX step, decoder dropout on;
 - every text (16 captions and 5 descriptions per image at batch 16) at the full 77-token context;
 - the matching on the host with scipy, one `linear_sum_assignment` per image, twice for every
-  decoder layer (12 solves per image with 6 layers, SPEC), though only the last layer's assignment
-  reaches the loss;
+  decoder layer (12 solves per image with 6 layers; docs/reference_behaviour.md, "Losses"), though
+  only the last layer's assignment reaches the loss;
 - the three losses with the reference's effective weights, backward, AdamW (decay masked off 1-D
   parameters), logit_scale clamped to [0, ln 100].
 
@@ -25,8 +25,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch.nn.functional import cross_entropy
 
-from grain_jax.export import layout
 from grain_jax.export.torch_modules import GrainClipBackbone, RegionQueryDecoder
+from grain_jax.torch_format import layout
 
 MATCHINGS_PER_LAYER = 2
 CHANNELS_FIRST = (0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W]

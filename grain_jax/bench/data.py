@@ -28,12 +28,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--image-size", type=int, default=224, help="model input side")
   parser.add_argument("--stored-size", type=int, default=512, help="side of the stored JPEGs")
-  parser.add_argument("--num-regions", type=int, default=5)
-  parser.add_argument("--num-records", type=int, default=512)
+  parser.add_argument("--num-regions", type=int, default=5, help="regions per example")
+  parser.add_argument("--num-records", type=int, default=512, help="synthetic records written to time")
   parser.add_argument("--batch-size", type=int, default=64, help="per-host batch")
   parser.add_argument("--num-batches", type=int, default=12, help="timed batches per setting")
   parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-  parser.add_argument("--read-threads", type=int, default=2)
+  parser.add_argument("--read-threads", type=int, default=2, help="threads reading and decoding records")
   return parser.parse_args(argv)
 
 

@@ -97,10 +97,10 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m grain_jax.bench match", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", default="128,1024", help="comma-separated batch sizes")
-  parser.add_argument("--queries", type=int, default=5)
-  parser.add_argument("--targets", type=int, default=5)
+  parser.add_argument("--queries", type=int, default=5, help="region queries per image (Q)")
+  parser.add_argument("--targets", type=int, default=5, help="boxes per image (T)")
   parser.add_argument("--repeats", type=int, default=7, help="timed samples per figure")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="seed of the random cost matrices")
   args = parser.parse_args(argv)
   rng = np.random.default_rng(args.seed)
 

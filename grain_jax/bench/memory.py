@@ -8,7 +8,7 @@ memory. Each config compiles in its own process with `JAX_NUM_CPU_DEVICES` set t
 hardware's device count, so an XLA:CPU mesh of that size stands in for the pod.
 
 The device count and memory come from the mesh preset named in the config argument
-(`configs/meshes.py` HARDWARE, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
+(`grain_jax/defaults/meshes.py` HARDWARE, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
 `--devices` and `--memory-gib`.
 """
 
@@ -21,10 +21,10 @@ import sys
 import jax
 from jax.sharding import NamedSharding
 
-from configs import meshes
 from grain_jax import sharding
 from grain_jax.bench.step import synthetic_batch
 from grain_jax.config import load_config, validate
+from grain_jax.defaults import meshes
 from grain_jax.train import trainer
 
 GIB = 2 ** 30
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
     hardware = hardware_for(spec) or {}
     devices = args.devices or hardware.get("devices")
     if devices is None:
-      parser.error(f"--config {spec} names no hardware preset of configs/meshes.py HARDWARE; pass --devices")
+      parser.error(f"--config {spec} names no hardware preset of grain_jax/defaults/meshes.py HARDWARE; pass --devices")
     row = analyze_in_subprocess(spec, devices, overrides)
     row.update(config=spec, hardware=hardware.get("device", f"{devices} devices"),
                memory_gib=args.memory_gib or hardware.get("memory_gib"))

@@ -1,5 +1,5 @@
 """Train-step benchmark: `python -m grain_jax.bench step [--config configs/base.py:small] [--batch 16]
-[--scan_layers true|false] [--reference true]`.
+[--scan-layers true|false] [--reference true]`.
 
 Times the full jitted step (image tower, decoder, text tower on captions and 5 descriptions per
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
@@ -25,7 +25,7 @@ from grain_jax import sharding
 from grain_jax.bench._flops import matmul_flops
 from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
-from grain_jax.export import layout, param_tree
+from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import trainer
 
 
@@ -72,10 +72,10 @@ def _spread(times: list[float]) -> str:
 
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m grain_jax.bench step")
-  parser.add_argument("--config", default="configs/base.py:small")
-  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--config", default="configs/base.py:small", help="config path.py[:arg] of the model to time")
+  parser.add_argument("--batch", type=int, default=16, help="global batch of the timed step (one device)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
-  parser.add_argument("--scan_layers", choices=("true", "false"),
+  parser.add_argument("--scan-layers", choices=("true", "false"),
                       help="scan or unroll the layer stacks (default: as the config says)")
   parser.add_argument("--reference", choices=("true", "false"), default="false",
                       help="also time the reference's step rebuilt in PyTorch (needs torch)")

@@ -3,7 +3,7 @@ r"""Converts the reference's annotation files into record shards.
   python -m grain_jax.data.convert --captions captions.csv --mllm-captions mllm_captions.json \
       --bboxes bboxes.json --image-root DIR --out DIR [--workers N]
 
-Inputs (see SPEC, Data): `captions.csv` rows `image_path,caption` without a header (a caption may
+Inputs (see docs/reference_behaviour.md, "Data"): `captions.csv` rows `image_path,caption` without a header (a caption may
 hold further commas); `mllm_captions.json` `{image_path: caption}`; `bboxes.json`
 `{image_path: [{"description", "bbox": [x1, y1, x2, y2], "score"}, ...]}` with boxes in the
 detector's `--box-frame` x `--box-frame` frame of the squashed image (OWLv2: 960).

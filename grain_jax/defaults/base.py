@@ -1,20 +1,14 @@
 """Every config field, documented, with the paper's defaults (B/16 backbone, 5 region queries).
 
-Other configs start from this one and change what they need. The argument picks the model preset
-(`tiny`, `small`, `b16`, `l14`; default `b16`), optionally followed by a mesh preset from
-configs/meshes.py (default `cpu`):
-
-  python -m grain_jax.main --config configs/base.py:tiny --workdir runs/tiny
-  python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir /gcs/BUCKET/runs/b16 \
-      --config.data.train_dir=/gcs/BUCKET/shards/cc12m
-
-Paths are local: a bucket is used through its mount (launch/mount_bucket.sh BUCKET mounts gs://BUCKET at
-/gcs/BUCKET); a URL (gs://, s3://, ...) in --workdir or a path field is refused.
+The schema `grain_jax.config.validate` checks a config against: a field missing here is unknown. The
+config files in configs/ start from `get_config` and change what they need (configs/base.py is this
+one as a config file). The argument picks the model preset (`tiny`, `small`, `b16`, `l14`; default
+`b16`; models.py), optionally followed by a mesh preset from meshes.py (default `cpu`): "b16,tpu_v5p_128".
 """
 
 import ml_collections
 
-from configs import meshes, models
+from grain_jax.defaults import meshes, models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

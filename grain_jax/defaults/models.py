@@ -1,6 +1,6 @@
 """Model presets: `tiny` (tests, CPU demo), `small` (ViT-S/16), `b16` (the paper's), `l14`.
 
-Each preset returns the `model` section of a config (see configs/base.py for field meanings).
+Each preset returns the `model` section of a config (see base.py for field meanings).
 The text tower is OpenAI CLIP's 512x12x8 for every preset but `tiny`; the decoder is 512 wide,
 6 layers, 8 heads for every preset but `tiny`, as in the reference.
 """
@@ -75,7 +75,7 @@ def default_model_config() -> ml_collections.ConfigDict:
       # but `tiny` set it); False unrolls them. Same parameters and same function either way.
       scan_layers=False,
       # A PyTorch file (.pth/.pt/.bin via weights-only torch.load, or .safetensors) to start from when
-      # the workdir has no checkpoint yet (grain_jax/export/from_torch.py): a reference GRAIN checkpoint
+      # the workdir has no checkpoint yet (grain_jax/torch_format/from_torch.py): a reference GRAIN checkpoint
       # or our export (every parameter), or a CLIP state dict with OpenAI / open_clip names (the towers
       # in init_towers). "" = random initialization.
       init_from="",

@@ -1,4 +1,5 @@
-"""The paper's training recipe (SPEC "Training"), shared by configs/cc3m_b16.py and configs/cc12m_b16.py.
+"""The paper's training recipe (docs/reference_behaviour.md, "Training"), shared by configs/cc3m_b16.py
+and configs/cc12m_b16.py.
 
 B/16 backbone, 5 region queries, global batch 2048, AdamW (lr 1e-3, betas 0.9/0.98, eps 1e-8,
 weight decay 0.1), one warmup epoch from 1e-6, cosine to 1e-5, 35 epochs, bfloat16 compute
@@ -10,7 +11,7 @@ way), mesh one of FITS (default: gpu_2x8_h100, the paper's machine).
 
 import math
 
-from configs import base
+from grain_jax.defaults import base
 from grain_jax.eval.datasets import PAPER_AVERAGE
 
 KINDS = ("grain", "grain_grounded", "clip")

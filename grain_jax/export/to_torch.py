@@ -1,10 +1,12 @@
 """Export: the newest Orbax checkpoint of a run -> the reference's PyTorch checkpoint layout.
 
-`python -m grain_jax.main --config C --workdir DIR --mode export [--export_module_prefix]` writes
+`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix]` writes
 into `DIR/export/`:
-  grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config'}` (no `state_dict` for the
-                          plain-CLIP baseline), loadable with `strict=True` by the reference's model
-                          classes and by `grain_jax.export.torch_modules`;
+  grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config', 'epoch', 'iteration'}` (no
+                          `state_dict` for the plain-CLIP baseline), loadable with `strict=True` by
+                          the reference's model classes and by `grain_jax.export.torch_modules`;
+                          `epoch` and `iteration` are what the authors' evaluation scripts read first
+                          (`training_progress`);
   grain_clip.safetensors  the same tensors, keys prefixed `backbone_state_dict.` / `state_dict.`,
                           the config as JSON under the header metadata key `config`.
 A decoder with options the reference lacks (`layout.decoder_extensions`: a memory position code,
@@ -22,10 +24,9 @@ from flax import nnx
 
 from grain_jax import sharding
 from grain_jax.config import validate
-from grain_jax.export import layout, param_tree
 from grain_jax.models.grain import build_model
-from grain_jax.train.checkpoint import Checkpointer
-from grain_jax.train.trainer import checkpoint_dir
+from grain_jax.torch_format import layout, param_tree
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
@@ -73,6 +74,17 @@ def extension_message(model_config) -> str:
           "grain_jax.export.torch_modules.load_exported.")
 
 
+def training_progress(step: int) -> dict[str, int]:
+  """The `epoch` and `iteration` entries the authors' evaluation scripts read right after loading
+  (docs/reference_behaviour.md, "The authors' scripts"); without them those scripts stop with a KeyError.
+
+  `iteration` is the checkpoint's step. `epoch` is 0: training here is counted in steps over data that
+  repeats without epoch boundaries (`config.data.num_epochs` unset), and the export reads no training
+  data to learn its size, so no epoch count is known; 0 says "not counted" rather than a guess.
+  """
+  return {"epoch": 0, "iteration": step}
+
+
 def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str,
                  module_prefix: bool = False) -> dict[str, str]:
   """Writes `grain_clip.pth` and `grain_clip.safetensors` into `directory`; returns their paths.
@@ -95,7 +107,7 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
            "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
   checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
                 for group, tensors in groups.items()}
-  torch.save(dict(checkpoint, config=metadata), paths["pth"])
+  torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), paths["pth"])
   save_file({f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
             paths["safetensors"], metadata={"config": json.dumps(metadata)})
   return paths

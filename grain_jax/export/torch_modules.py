@@ -16,9 +16,9 @@ import math
 import torch
 from torch import nn
 
-from grain_jax.export.layout import (REFERENCE_CLASSES, REFERENCE_FRAMES, REFERENCE_PATCHES, group_names,
-                                     strip_module_prefix)
 from grain_jax.models import positions
+from grain_jax.torch_format.layout import (REFERENCE_CLASSES, REFERENCE_FRAMES, REFERENCE_PATCHES, group_names,
+                                           strip_module_prefix)
 
 
 class TimmAttention(nn.Module):

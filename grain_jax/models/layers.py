@@ -1,6 +1,6 @@
 """Building blocks shared by the three towers: attention, MLP, layer norm, and layer stacks.
 
-Every parameter carries logical axis names (`out_sharding` metadata); `grain_jax.train.sharding`
+Every parameter carries logical axis names (`out_sharding` metadata); `grain_jax.sharding`
 maps them to mesh axes with the rules in the config. Layouts follow the PyTorch reference closely
 enough that export is a transpose/reshape: attention keeps q, k, v packed (PyTorch `in_proj`
 order) in one `[embed, 3, heads, kv]` kernel.

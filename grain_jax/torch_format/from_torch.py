@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from grain_jax.errors import BadFileError
-from grain_jax.export import layout, param_tree
+from grain_jax.torch_format import layout, param_tree
 
 # Checkpoint group -> our state dict: "backbone_state_dict" -> "backbone", "state_dict" -> "decoder".
 GROUPS = {group: name for name, group in layout.GROUP_NAMES.items()} | {layout.EXTENDED_DECODER_GROUP: layout.DECODER}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from grain_jax.export.layout import Path
+from grain_jax.torch_format.layout import Path
 
 
 def _path_of(key_path) -> Path:

@@ -144,6 +144,11 @@ def _size_mb(directory: str) -> float:
              for name in names) / 2**20
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run keeps its checkpoints: the absolute `<workdir>/checkpoints`."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of `TrainState` + data iterator under `directory`.
 

@@ -21,11 +21,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.data import pipeline
-from grain_jax.export import from_torch
 from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
+from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
-from grain_jax.train.checkpoint import Checkpointer
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.metrics_writer import MetricsWriter
 from grain_jax.train.step import TrainState, make_train_step
@@ -117,10 +117,6 @@ def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> T
                       optim.learning_rate_schedule(config.optim, num_steps)),
       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0)
   return Training(graphdef, rest, state, step_fn)
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
