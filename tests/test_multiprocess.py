@@ -1,6 +1,6 @@
 """launch/local_multiprocess.sh: two processes on localhost (gloo collectives) through the real entry
 point train like one process, and a second invocation resumes from the checkpoint. A preemption notice
-(SIGTERM) to one process makes both save the same step and stop; the next launch resumes from it. Without
+(SIGTERM) to one process makes both save the same step and stop. Without
 the launcher, the survivor of a killed process stops after config.train.heartbeat_timeout_s."""
 
 import json
@@ -90,13 +90,13 @@ def test_a_second_launch_resumes_from_the_checkpoint(double):
 def children(pid: int) -> list[int]:
   """The processes whose parent is `pid`, in the order they started."""
   found = []
-  for stat in os.listdir("/proc"):
+  for entry in filter(str.isdigit, os.listdir("/proc")):
     try:
-      fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+      fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
       continue
     if int(fields[1]) == pid:
-      found.append((int(fields[19]), int(stat)))
+      found.append((int(fields[19]), int(entry)))
   return [child for _, child in sorted(found)]
 
 
@@ -119,9 +119,8 @@ def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
       os.killpg(launcher.pid, signal.SIGKILL)
   assert launcher.returncode == 75, output[-3000:]
   [saved] = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+  # One checkpoint, of the last step either process ran (resuming from it: tests/test_preemption.py).
   assert [line["step"] for line in metrics(workdir)] == list(range(1, saved + 1))
-  launch_two(workdir, f"--config.train.num_steps={saved + 1}")
-  assert [line["step"] for line in metrics(workdir)] == list(range(1, saved + 2))
 
 
 def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):
