@@ -205,6 +205,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check_choices(config)
   _require(0.0 <= config.data.max_bad_fraction < 1.0,
            f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
+  _require(config.train.peak_flops_per_device >= 0,
+           f"config.train.peak_flops_per_device={config.train.peak_flops_per_device} must be >= 0 (0: from the table)")
   try:
     check_eval_settings(config.eval)
   except ValueError as error:

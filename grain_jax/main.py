@@ -2,7 +2,9 @@
 
 Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
 workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
-one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback.
+one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a
+preemption notice (SIGTERM) saves a checkpoint first and exits with status 75
+(`grain_jax.train.preemption.PREEMPTED_STATUS`): run the same command again to resume.
 """
 
 import logging
@@ -17,6 +19,7 @@ from grain_jax import errors
 from grain_jax import experiment
 from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
+from grain_jax.train.preemption import PREEMPTED_STATUS, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -89,7 +92,7 @@ def quiet_orbax(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
@@ -101,7 +104,12 @@ def main(argv: list[str]) -> None:
   elif _MODE.value == "export":
     to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
   else:
-    experiment.run(config, _WORKDIR.value)
+    try:
+      experiment.run(config, _WORKDIR.value)
+    except Preempted as preempted:
+      logging.warning("%s", preempted)
+      return PREEMPTED_STATUS
+  return 0
 
 
 if __name__ == "__main__":

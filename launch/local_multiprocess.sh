@@ -8,7 +8,10 @@
 #
 # It runs from the repository root (relative paths are taken from there). Running it again with
 # the same workdir resumes from the newest checkpoint. The interpreter is $PYTHON (default:
-# python). If one process fails the others are stopped and its status returned.
+# python). If one process fails the others are stopped and its status returned. A process that
+# saved a checkpoint on a preemption notice (SIGTERM to any of them) exits with status 75; the others
+# save at the same step and stop too, and the launcher returns 75 once all have. A SIGTERM to the
+# launcher is passed on to every process; Ctrl-C stops them.
 set -euo pipefail
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -50,7 +53,9 @@ stop_all() {
   done
   kill -KILL "${pids[@]}" 2>/dev/null || true
 }
-trap stop_all INT TERM
+trap stop_all INT
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
+preempted_status=75  # grain_jax.main: saved a checkpoint on a preemption notice
 
 for ((index = 0; index < processes; index++)); do
   command=(env JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="$devices_per_process"
@@ -71,12 +76,18 @@ status=0
 running=("${pids[@]}")
 while [[ ${#running[@]} -gt 0 ]]; do
   finished=""
-  wait -n -p finished "${running[@]}" || {
-    status=$?
+  process_status=0
+  wait -n -p finished "${running[@]}" || process_status=$?
+  # A trap interrupts `wait -n` (status above 128, nothing finished): wait again.
+  [[ -n "${finished:-}" ]] || continue
+  if [[ "$process_status" == "$preempted_status" ]]; then
+    status="$preempted_status"
+  elif [[ "$process_status" != 0 ]]; then
+    status="$process_status"
     echo "a process failed (status $status); stopping the others" >&2
     stop_all
     break
-  }
+  fi
   for index in "${!running[@]}"; do
     [[ "${running[$index]}" != "$finished" ]] || unset "running[$index]"
   done

@@ -12,6 +12,10 @@
 # workers look for such files every $TPU_WORKER_POLL_SECONDS (default 10) and stop their trainers,
 # which would otherwise wait for the dead process in their next collective. DIR must be shared by all
 # workers (the bucket).
+# A SIGTERM to the supervisor (a maintenance event or spot preemption shuts the VM down so) is passed
+# on to the trainer's process group, and the supervisor keeps waiting: the trainer saves a checkpoint
+# and exits with status 75, which is not a failure (no worker-I.failed), since the other workers'
+# trainers save at the same step and stop as well.
 # stop ends the trainer's whole process group (SIGTERM, SIGKILL 30 s later) and frees the TPU:
 # processes still holding /dev/accel* or /dev/vfio/*, and /tmp/libtpu_lockfile.
 # status prints this worker's line: running, exited with status S, or not started.
@@ -23,6 +27,7 @@ source "$(dirname "$0")/lib.sh"
 state="$HOME/grain-jax-run"
 poll_seconds="${TPU_WORKER_POLL_SECONDS:-10}"
 metadata_url="http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number"
+preempted_status=75  # grain_jax.main: saved a checkpoint on a preemption notice
 
 worker_index() {
   local index
@@ -83,6 +88,8 @@ supervise() {
   setsid "$@" >"$state/train.log" 2>&1 </dev/null &
   trainer=$!
   echo "$trainer" >"$state/trainer.pid"
+  # Bash runs the trap once `wait -n` below returns; the loop then goes on waiting for the trainer.
+  trap 'touch "$state/sigterm"; kill -TERM -- "-$trainer" 2>/dev/null || true' TERM
   while :; do
     sleep "$poll_seconds" &
     timer=$!
@@ -108,6 +115,9 @@ supervise() {
   done
   if [[ -e "$state/stop_requested" ]]; then
     note="stopped by launch/tpu_worker.sh stop"
+  elif [[ "$status" == "$preempted_status" && -z "$note" ]]; then
+    note="saved a checkpoint on a preemption notice"
+    [[ ! -e "$state/sigterm" ]] || note="$note (SIGTERM to this worker)"
   elif [[ "$status" != 0 && -z "$note" ]]; then
     echo "$status" >"$shared/worker-$index.failed"
   fi

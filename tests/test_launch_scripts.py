@@ -173,3 +173,31 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   assert result.returncode == 1 and not result.stdout
   assert "more than --max-archive-mb 1 MB" in result.stderr and "photos/big.tar" in result.stderr
   assert ".dockerignore" in result.stderr
+
+
+def test_the_bucket_is_mounted_so_that_checkpoints_commit_and_hosts_agree(tmp_path):
+  """Orbax commits a checkpoint by renaming a folder, which gcsfuse refuses by default on a flat bucket;
+  a metadata cache would let a host list a shared folder as it was earlier."""
+  env = {"PATH": f"{Path('tests/fakes').resolve()}:/usr/bin:/bin", "FAKE_GCSFUSE_LOG": str(tmp_path / "gcsfuse.log"),
+         "FAKE_SUDO_LOG": str(tmp_path / "sudo.log")}
+  result = subprocess.run(["bash", "launch/mount_bucket.sh", "gs://my-bucket"], env=env, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  [mount] = [shlex.split(line) for line in (tmp_path / "gcsfuse.log").read_text().splitlines()]
+  assert mount[-2:] == ["my-bucket", "/gcs/my-bucket"]
+  assert {"--implicit-dirs", "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0"} <= set(mount)
+  [limit] = [flag for flag in mount if flag.startswith("--rename-dir-limit=")]
+  assert int(limit.split("=")[1]) >= 10_000  # a checkpoint's files, with room
+
+
+def test_local_launcher_lets_every_process_finish_its_save_after_a_notice(tmp_path):
+  """Status 75 (saved on a preemption notice) is no failure: the other processes, saving the same step,
+  are waited for, not stopped, and the launcher returns 75."""
+  program = tmp_path / "python"
+  program.write_text('#!/usr/bin/env bash\n[[ "${!#}" == *=0 ]] || { sleep 1; touch "$0.saved"; }\nexit 75\n')
+  program.chmod(0o755)
+  result = subprocess.run(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--port", "1234", "--",
+                           "--workdir", "x"], env={"PATH": "/usr/bin:/bin", "PYTHON": str(program)},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 75 and "failed" not in result.stderr, result.stderr
+  assert (tmp_path / "python.saved").exists()

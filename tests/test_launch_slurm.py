@@ -1,5 +1,5 @@
 """launch/slurm_gpu.sbatch and launch/slurm_task.sh under simulated SLURM variables, with a fake srun
-and scontrol: each task's GPUs, srun's CPUs per task, and the requeue before the time limit."""
+and scontrol: each task's GPUs, srun's CPUs per task, and the save and requeue before the time limit."""
 
 import os
 import signal
@@ -63,13 +63,17 @@ def test_a_task_whose_gpus_cannot_be_assigned_fails(variables, message):
 
 @pytest.fixture
 def cluster(tmp_path):
+  # The fake trainer runs while $KEEP_RUNNING exists, then exits with $EXIT_STATUS; on SIGTERM it
+  # "saves" and exits with 75, as grain_jax.main does.
   python = tmp_path / "python"
   python.write_text('#!/usr/bin/env bash\necho "process $SLURM_PROCID devices $JAX_LOCAL_DEVICE_IDS: $*"\n'
-                    'while [[ -e "$KEEP_RUNNING" ]]; do sleep 0.05; done\n')
+                    'trap \'echo "process $SLURM_PROCID saved"; exit 75\' TERM\n'
+                    'while [[ -e "$KEEP_RUNNING" ]]; do sleep 0.05; done\nexit "${EXIT_STATUS:-0}"\n')
   python.chmod(0o755)
   env = {"PATH": f"{FAKES}:/usr/bin:/bin", "PYTHON": str(python), "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
          "FAKE_SRUN_TASKS": str(tmp_path / "tasks"), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
-         "KEEP_RUNNING": str(tmp_path / "keep_running"), "SLURM_JOB_ID": "77", "SLURM_CPUS_PER_TASK": "12"}
+         "FAKE_SCANCEL_LOG": str(tmp_path / "scancel.log"), "KEEP_RUNNING": str(tmp_path / "keep_running"),
+         "SLURM_JOB_ID": "77", "SLURM_CPUS_PER_TASK": "12"}
   return tmp_path, env
 
 
@@ -88,30 +92,41 @@ def test_sbatch_gives_srun_the_cpus_and_each_task_its_gpus(cluster):
   assert (tmp_path / "srun.log").read_text().split()[-1] == "SRUN_CPUS_PER_TASK=12"
   header = (REPO / "launch" / "slurm_gpu.sbatch").read_text()
   assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --open-mode=append" in header
+  assert not (tmp_path / "scontrol.log").exists()
 
 
-def test_the_time_limit_signal_requeues_the_job(cluster):
+ONE_TASK = "SLURM_PROCID=0 SLURM_NODEID=0 SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE=1 CUDA_VISIBLE_DEVICES=0\n"
+
+
+def test_the_time_limit_signal_makes_the_trainers_save_then_requeues_the_job(cluster):
   tmp_path, env = cluster
-  (tmp_path / "tasks").write_text("SLURM_PROCID=0 SLURM_NODEID=0 SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE=1 "
-                                  "CUDA_VISIBLE_DEVICES=0\n")
+  (tmp_path / "tasks").write_text(ONE_TASK)
   (tmp_path / "keep_running").touch()
   job = subprocess.Popen(["bash", "launch/slurm_gpu.sbatch", "--workdir", "/shared/run"], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     deadline = time.monotonic() + 20
-    while not (tmp_path / "srun.log").exists():
+    while not (tmp_path / "srun.log.task").exists():
       assert time.monotonic() < deadline and job.poll() is None
       time.sleep(0.05)
     job.send_signal(signal.SIGUSR1)
-    while not (tmp_path / "scontrol.log").exists():
-      assert time.monotonic() < deadline and job.poll() is None
-      time.sleep(0.05)
+    stdout, stderr = job.communicate(timeout=20)
+    # The trainer got SIGTERM through scancel (the batch script's own signal is USR1), saved and exited.
+    assert (tmp_path / "scancel.log").read_text() == "--signal=TERM 77\n"
+    assert stdout.splitlines()[-1] == "process 0 saved"
     assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
-    # The batch script keeps waiting for its tasks, which SLURM stops when it requeues the job.
-    assert job.poll() is None
-    (tmp_path / "keep_running").unlink()
-    _, stderr = job.communicate(timeout=20)
-    assert job.returncode == 0 and "time limit near: requeueing job 77" in stderr
+    assert job.returncode == 0 and "the trainers stopped with status 75; requeueing job 77" in stderr
   finally:
     if job.poll() is None:
       os.killpg(job.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("exit_status, requeued", [(75, True), (3, False)])
+def test_trainers_that_saved_on_a_notice_are_requeued_and_failures_are_not(cluster, exit_status, requeued):
+  tmp_path, env = cluster
+  (tmp_path / "tasks").write_text(ONE_TASK)
+  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--workdir", "/shared/run"], cwd=REPO,
+                          env={**env, "EXIT_STATUS": str(exit_status)}, capture_output=True, text=True, timeout=30)
+  assert result.returncode == (0 if requeued else exit_status), result.stderr
+  assert (tmp_path / "scontrol.log").exists() == requeued
+  assert not (tmp_path / "scancel.log").exists()

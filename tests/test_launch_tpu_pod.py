@@ -2,6 +2,7 @@
 workers executed here under bash (each fake worker a directory), with a fake trainer."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,8 @@ FAKES = REPO / "tests" / "fakes"
 
 # The fake trainer: prints its arguments, starts a child (as data loaders do) and runs until killed, or
 # exits with the status in ~/exit_status, or kills itself with SIGKILL once ~/crash exists. It records
-# its and its child's pids in ~/pids.
+# its and its child's pids in ~/pids. Where ~/preemptible exists it answers SIGTERM as grain_jax.main
+# does (says it saved, exits with status 75), and touches ~/ready once it does.
 TRAINER = f"""#!/usr/bin/env bash
 echo "trainer of worker $FAKE_WORKER_INDEX: $*"
 if [[ -e "$HOME/exit_status" ]]; then
@@ -22,7 +24,13 @@ if [[ -e "$HOME/exit_status" ]]; then
 fi
 sleep 600 &
 echo "$! $$" >>"$HOME/pids"
-exec {sys.executable} -c 'import os, signal, time
+exec {sys.executable} -c 'import os, signal, sys, time
+def save(*_):
+  print("saved a checkpoint", flush=True)
+  sys.exit(75)
+if os.path.exists(os.path.expanduser("~/preemptible")):
+  signal.signal(signal.SIGTERM, save)
+  open(os.path.expanduser("~/ready"), "w").close()
 while not os.path.exists(os.path.expanduser("~/crash")): time.sleep(0.01)
 os.kill(os.getpid(), signal.SIGKILL)'
 """
@@ -196,6 +204,26 @@ def test_a_trainer_killed_by_a_signal_counts_as_failed(pod):
   assert pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny").returncode == 0
   lines = pod.wait_for_status("worker 0: exited", "worker 1: exited with status 137")
   assert lines[0].endswith("; stopped because worker 1 failed (status 137)"), lines
+
+
+def test_a_preemption_notice_reaches_the_trainers_which_save_and_do_not_fail(pod):
+  """A maintenance event or spot preemption sends SIGTERM: the supervisors pass it on to their
+  trainers instead of dying, and a trainer's status 75 (saved on the notice) fails no one."""
+  for index in range(2):
+    (pod.worker_home(index) / "preemptible").touch()
+  pod.script_states("READY")
+  assert pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny").returncode == 0
+  deadline = time.monotonic() + 20
+  while not all((pod.worker_home(index) / "ready").exists() for index in range(2)):
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  for index in range(2):
+    os.kill(int((pod.worker_home(index) / "grain-jax-run" / "supervisor.pid").read_text()), signal.SIGTERM)
+  lines = pod.wait_for_status("worker 0: exited with status 75", "worker 1: exited with status 75")
+  assert all(line.endswith("; saved a checkpoint on a preemption notice (SIGTERM to this worker)") for line in lines)
+  [run_logs] = (pod.workdir / "logs").iterdir()
+  assert sorted(path.name for path in run_logs.iterdir()) == ["worker-0.log", "worker-1.log"]
+  assert (run_logs / "worker-0.log").read_text().endswith("saved a checkpoint\n")
 
 
 def test_status_before_any_run_and_without_a_project(pod):

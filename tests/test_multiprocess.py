@@ -1,6 +1,7 @@
 """launch/local_multiprocess.sh: two processes on localhost (gloo collectives) through the real entry
-point train like one process, and a second invocation resumes from the checkpoint. Without the launcher,
-the survivor of a killed process stops after config.train.heartbeat_timeout_s."""
+point train like one process, and a second invocation resumes from the checkpoint. A preemption notice
+(SIGTERM) to one process makes both save the same step and stop. Without
+the launcher, the survivor of a killed process stops after config.train.heartbeat_timeout_s."""
 
 import json
 import os
@@ -84,6 +85,42 @@ def test_a_second_launch_resumes_from_the_checkpoint(double):
   assert [line["step"] for line in after] == [1, 2, 3, 4]
   assert np.isfinite(after[-1]["loss"])
   assert "4" in os.listdir(os.path.join(double, "checkpoints"))
+
+
+def children(pid: int) -> list[int]:
+  """The processes whose parent is `pid`, in the order they started."""
+  found = []
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+      continue
+    if int(fields[1]) == pid:
+      found.append((int(fields[19]), int(entry)))
+  return [child for _, child in sorted(found)]
+
+
+def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
+  workdir = str(tmp_path / "preempted")
+  args = [arg for arg in ARGS if not arg.startswith("--config.train.num_steps")] + ["--config.train.num_steps=1000"]
+  launcher = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process",
+                               "2", "--", *args, "--workdir", workdir], env=dict(os.environ, PYTHON=sys.executable),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    rows = os.path.join(workdir, "metrics.jsonl")
+    while not (os.path.exists(rows) and len(open(rows).readlines()) >= 2):
+      assert launcher.poll() is None and time.monotonic() < deadline
+      time.sleep(0.1)
+    os.kill(children(launcher.pid)[-1], signal.SIGTERM)  # process 1 only; process 0 writes the rows
+    output, _ = launcher.communicate(timeout=TIMEOUT_S)
+  finally:
+    if launcher.poll() is None:
+      os.killpg(launcher.pid, signal.SIGKILL)
+  assert launcher.returncode == 75, output[-3000:]
+  [saved] = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+  # One checkpoint, of the last step either process ran (resuming from it: tests/test_preemption.py).
+  assert [line["step"] for line in metrics(workdir)] == list(range(1, saved + 1))
 
 
 def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):

@@ -4,7 +4,8 @@
 Times the full jitted step (image tower, decoder, text tower on captions and 5 descriptions per
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
 compares its model FLOP/s (the step's matmuls, counted from its jaxpr, so scanned and unrolled
-layer stacks count alike) with the machine's measured float32 matmul rate.
+layer stacks count alike) with the machine's measured float32 matmul rate and, on a device whose
+bf16 peak is known (grain_jax/train/device_peak.py), with that peak (MFU).
 
 `--reference true` also times the reference implementation's step, rebuilt in PyTorch from the same
 parameters on the same batch (see `_reference_step.py`; needs requirements-export.txt), and prints
@@ -27,6 +28,7 @@ from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import trainer
+from grain_jax.train.device_peak import model_flops_utilization, peak_bf16_flops
 
 
 def token_ids(rng: np.random.Generator, count: int, words: int) -> np.ndarray:
@@ -132,8 +134,15 @@ def main(argv: list[str]) -> int:
   print(f"compile: {compile_s:.1f} s")
   print(f"step: {_spread(times)}")
   print(f"throughput: {args.batch / step_s:.1f} images/s")
-  print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G; achieved {flops / step_s / 1e9:.1f} GFLOP/s")
+  print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G, {flops / args.batch / 1e9:.2f} G per image; "
+        f"achieved {flops / step_s / 1e9:.1f} GFLOP/s")
   print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; utilization {flops / step_s / peak:.1%}")
+  bf16_peak = peak_bf16_flops(device.device_kind)
+  if bf16_peak is None:
+    print(f"MFU: no bf16 peak known for a {device.device_kind!r} device")
+  else:
+    print(f"MFU (of the {device.device_kind}'s bf16 peak, {bf16_peak / 1e12:.0f} TFLOP/s): "
+          f"{model_flops_utilization(flops, step_s, 1, bf16_peak):.1%}")
   print(f"loss {float(metrics['loss']):.3f} (finite: {bool(np.isfinite(float(metrics['loss'])))})")
   if reference:
     ratios = [theirs / ours for theirs, ours in zip(reference_times, times)]

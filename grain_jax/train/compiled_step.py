@@ -6,12 +6,17 @@ compiling together. With a persistent compilation cache only process 0 writes en
 other processes' cache keys differ), so in a second launch process 0 loads its programs while the
 others compile theirs anew; when that takes longer than 30 s the first collective fails. The
 barrier goes through the coordination service instead, which waits `COMPILE_BARRIER_TIMEOUT_S`.
+
+Optionally it counts each program's model FLOPs (its matmuls, from the jaxpr) for utilization: the
+text buckets make steps of different shapes cost different amounts.
 """
 
 from typing import Callable
 
 import jax
 import orbax.checkpoint as ocp
+
+from grain_jax.bench._flops import matmul_flops
 
 # Generous: a pod-sized model's step can take many minutes to compile on a slow host.
 COMPILE_BARRIER_TIMEOUT_S = 3600
@@ -31,11 +36,18 @@ def wait_for_other_processes(name: str) -> None:
 
 
 class CompiledStep:
-  """Calls `step_fn(state, batch)` through its compiled program for the batch's shapes."""
+  """Calls `step_fn(state, batch)` through its compiled program for the batch's shapes.
 
-  def __init__(self, step_fn: Callable):
+  With `count_flops`, `last_flops` is the model FLOPs of the latest call (all devices together);
+  otherwise None. Counting traces the step once more per batch shape.
+  """
+
+  def __init__(self, step_fn: Callable, count_flops: bool = False):
     self._step_fn = step_fn
+    self._count_flops = count_flops
     self._programs: dict[tuple, Callable] = {}
+    self._flops: dict[tuple, int] = {}
+    self.last_flops: int | None = None
 
   def __call__(self, state, batch: dict[str, jax.Array]):
     signature = batch_signature(batch)
@@ -46,4 +58,7 @@ class CompiledStep:
       # Every process sees the same batch shapes in the same order (the text bucket is agreed
       # across processes), so the count names the same barrier everywhere.
       wait_for_other_processes(f"grain_jax_compiled_train_step_{len(self._programs)}")
+      if self._count_flops:
+        self._flops[signature] = matmul_flops(self._step_fn, state, batch)
+    self.last_flops = self._flops.get(signature)
     return program(state, batch)

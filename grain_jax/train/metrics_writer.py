@@ -3,6 +3,10 @@
 A resumed run first drops the `metrics.jsonl` rows past the step it resumed from: those steps run
 again and write their rows anew. (TensorBoard shows the newest value of a repeated step.) A run
 that starts from step 0 without a checkpoint keeps an earlier run's rows as `metrics.<n>.jsonl`.
+
+Each row is fsynced, and the TensorBoard events are flushed (tensorboardX fsyncs its file) at every
+row: on a gcsfuse mount a file reaches the bucket only on fsync or close, so without it a run's
+metrics would show up in the bucket only when it ends.
 """
 
 import json
@@ -69,6 +73,8 @@ class MetricsWriter:
       self.summary.add_scalar(name, value, step)
     self.jsonl.write(json.dumps(dict(step=step, **scalars)) + "\n")
     self.jsonl.flush()
+    os.fsync(self.jsonl.fileno())
+    self.summary.flush()
 
   def close(self) -> None:
     if self.active:

@@ -6,14 +6,12 @@ the config (mesh, data paths, sizes) changes.
 
 import logging
 import os
-import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -27,8 +25,9 @@ from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
-from grain_jax.train.metrics_writer import MetricsWriter
+from grain_jax.train.preemption import Preempted, PreemptionNotice
 from grain_jax.train.step import TrainState, make_train_step
+from grain_jax.train.step_report import StepReport, device_peak
 from grain_jax.train.workdir_files import keep_earlier, replace_durably
 
 
@@ -164,6 +163,9 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   (a deterministic function of `config.data.synthetic`, so an earlier run's data can be made
   again), and before config.json or metrics are written. `metrics.jsonl` rows past the restored
   step are dropped, as those steps run again.
+
+  Raises:
+    Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
   """
   validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
@@ -175,7 +177,6 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     # ---- Model, optimizer state and update step, created sharded -----------------------------
     graphdef, rest, state, step_fn = build_training(config, mesh)
-    step_fn = CompiledStep(step_fn)
     # Creating the state compiled programs too; see compiled_step for why the processes wait.
     wait_for_other_processes("grain_jax_built_train_state")
     num_steps = config.train.num_steps
@@ -197,47 +198,28 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
       write_config(config, workdir)
 
     # ---- Loop ---------------------------------------------------------------------------------
-    writer = MetricsWriter(workdir, first_step)
-    last_metrics: dict[str, float] = {}
-    skipped_logged = float(state.skipped_steps)
-    profile = tuple(config.train.profile_steps)
-    bar = tqdm.tqdm(total=num_steps, initial=first_step, desc="train", unit="step",
-                    disable=jax.process_index() != 0, dynamic_ncols=True)
-    timer_start, timer_steps = time.perf_counter(), 0
     last_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
-    for step in range(first_step, last_step):
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
-      state, metrics = step_fn(state, batch)
-      timer_steps += 1
-      if profile and step == profile[-1]:
-        jax.block_until_ready(state)
-        jax.profiler.stop_trace()
-      done = step + 1
-      if done % config.train.log_every == 0 or done == last_step:
-        last_metrics = {name: float(value) for name, value in jax.device_get(metrics).items()}
-        elapsed = time.perf_counter() - timer_start
-        last_metrics["images_per_second"] = timer_steps * config.data.batch_size / elapsed
-        last_metrics["skipped_steps_total"] = float(state.skipped_steps)
-        writer.write(done, last_metrics, data_iterator.stats)
-        bar.set_postfix({name: f"{last_metrics[name]:.3g}" for name in
-                         ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "box_spread_ratio",
-                          "images_per_second")})
-        if last_metrics["skipped_steps_total"] > skipped_logged:
-          logging.warning("steps %d-%d: %d updates skipped because the loss or gradients were not finite "
-                          "(%d in all)", done - timer_steps + 1, done,
-                          last_metrics["skipped_steps_total"] - skipped_logged, last_metrics["skipped_steps_total"])
-          skipped_logged = last_metrics["skipped_steps_total"]
-        timer_start, timer_steps = time.perf_counter(), 0
-      if done % config.train.checkpoint_every == 0 or done == last_step:
-        checkpointer.save(state, data_iterator)
-      bar.update(1)
-    bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
+    peak = device_peak(config.train)
+    step_fn = CompiledStep(step_fn, count_flops=peak is not None)
+    report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps), peak)
+    preempted = False
+    with PreemptionNotice() as notice:
+      for step in range(first_step, last_step):
+        report.started(step)
+        batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
+        state, metrics = step_fn(state, batch)
+        report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
+        done = step + 1
+        preempted = notice.reached(done)
+        if preempted or done % config.train.checkpoint_every == 0 or done == last_step:
+          checkpointer.save(state, data_iterator)
+        if preempted:
+          break
+      report.close()
+      checkpointer.close()
+    if preempted:
+      raise Preempted(done, workdir)
 
   model = nnx.merge(graphdef, state.params, rest)
   model.eval()
-  return model, last_metrics
+  return model, report.last_metrics

@@ -1,0 +1,128 @@
+"""A preemption notice: a training process that gets SIGTERM saves at the step it reached and exits
+with status 75; resuming goes on from that step with none lost. And the per-step report's MFU."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from grain_jax.config import ConfigError, load_config, validate
+from grain_jax.train import trainer
+from grain_jax.train.preemption import PREEMPTED_STATUS, PreemptionNotice
+from grain_jax.train.step_report import StepReport, device_peak
+
+OVERRIDES = dict(data=dict(batch_size=8, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2,
+                                                        num_grounding=2)),
+                 train=dict(num_steps=1000, log_every=1, checkpoint_every=1000, peak_flops_per_device=1e12),
+                 experiment=dict(evaluate=False), optim=dict(warmup_steps=1))
+TIMEOUT_S = 600
+
+
+def flags(tree: dict, prefix: str = "--config") -> list[str]:
+  """`--config.a.b=value` for every leaf of `tree`."""
+  return [flag for name, value in tree.items() for flag in
+          (flags(value, f"{prefix}.{name}") if isinstance(value, dict) else [f"{prefix}.{name}={value}"])]
+
+
+def apply(config: ml_collections.ConfigDict, tree: dict) -> None:
+  for name, value in tree.items():
+    if isinstance(value, dict):
+      apply(config[name], value)
+    else:
+      config[name] = value
+
+
+def rows(workdir) -> list[dict]:
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  """A run of `python -m grain_jax.main` sent SIGTERM once it has logged two steps: (workdir, its
+  exit status, its output)."""
+  workdir = str(tmp_path_factory.mktemp("preempted"))
+  process = subprocess.Popen([sys.executable, "-m", "grain_jax.main", "--config", "configs/base.py:tiny",
+                              "--workdir", workdir, *flags(OVERRIDES)], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+      assert process.poll() is None and time.monotonic() < deadline
+      time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=TIMEOUT_S)
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+  return workdir, process.returncode, output
+
+
+def test_a_notice_saves_the_step_reached_and_exits_with_its_status(preempted):
+  workdir, status, output = preempted
+  assert status == PREEMPTED_STATUS, output[-3000:]
+  [saved] = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+  logged = [row["step"] for row in rows(workdir)]
+  assert saved >= 2 and logged == list(range(1, saved + 1))
+  assert f"preempted: saved the checkpoint of step {saved}" in output
+
+
+def test_the_report_logs_mfu_when_the_peak_is_given(preempted):
+  """config.train.peak_flops_per_device set on a CPU: the step's FLOPs are counted and mfu logged."""
+  assert all(0 < row["mfu"] < 1 for row in rows(preempted[0]))
+
+
+def test_resuming_after_a_notice_loses_no_step(preempted):
+  workdir = preempted[0]
+  saved = rows(workdir)[-1]["step"]
+  config = load_config("configs/base.py:tiny")
+  apply(config, OVERRIDES)
+  _, metrics = trainer.train(config, workdir, stop_at_step=saved + 2)
+  assert [row["step"] for row in rows(workdir)] == list(range(1, saved + 3))
+  assert np.isfinite(metrics["loss"])
+
+
+def test_a_single_process_catches_sigterm_only_while_it_trains():
+  before = signal.getsignal(signal.SIGTERM)
+  with PreemptionNotice() as notice:
+    assert not notice.reached(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert notice.reached(2)
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_mfu_is_the_window_s_flops_over_the_devices_peak(tmp_path):
+  """Against the throughput the same window gives: mfu = images/s / batch x FLOPs per step / peak."""
+  config = ml_collections.ConfigDict(dict(
+      train=dict(log_every=3, profile_steps=(), num_steps=3), data=dict(batch_size=4)))
+  report = StepReport(config, str(tmp_path), first_step=0, last_step=3, skipped_before=0.0, peak_flops=2e9)
+  state = ml_collections.ConfigDict(dict(skipped_steps=0))
+  for step, flops in enumerate([3e6, 5e6, 4e6]):
+    report.ended(step, state, {"loss": np.float32(1.0)}, flops, None)
+  report.close()
+  row = report.last_metrics
+  steps_per_second = row["images_per_second"] / 4
+  np.testing.assert_allclose(row["mfu"], steps_per_second * 4e6 / (jax.device_count() * 2e9), rtol=1e-9)
+  assert rows(tmp_path)[-1]["mfu"] == row["mfu"]
+
+
+def test_an_unknown_device_logs_no_mfu_and_says_so(caplog):
+  with caplog.at_level(logging.INFO):
+    assert device_peak(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0))) is None
+  assert "metrics have no mfu" in caplog.text and jax.devices()[0].device_kind in caplog.text
+  assert device_peak(ml_collections.ConfigDict(dict(peak_flops_per_device=5e14))) == 5e14
+
+
+def test_a_negative_peak_is_refused():
+  config = load_config("configs/base.py:tiny")
+  config.train.peak_flops_per_device = -1.0
+  with pytest.raises(ConfigError, match="config.train.peak_flops_per_device=-1.0"):
+    validate(config)
