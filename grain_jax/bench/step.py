@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grain_jax import sharding
-from grain_jax.bench._flops import matmul_flops
+from grain_jax.train.flops import matmul_flops
 from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
 from grain_jax.torch_format import layout, param_tree

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 import orbax.checkpoint as ocp
 
-from grain_jax.bench._flops import matmul_flops
+from grain_jax.train.flops import matmul_flops
 
 # Generous: a pod-sized model's step can take many minutes to compile on a slow host.
 COMPILE_BARRIER_TIMEOUT_S = 3600

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grain_jax.bench._flops import dot_general_flops, matmul_flops
+from grain_jax.train.flops import dot_general_flops, matmul_flops
 from grain_jax.defaults.base import get_config
 from grain_jax.models.grain import build_model
 
