@@ -7,7 +7,8 @@
 #
 # Commands:
 #   cluster         create the cluster with --accelerator TPU nodes and attach --bucket, mounted at
-#                   /gcs/BUCKET in every pod (gcsfuse)
+#                   /gcs/BUCKET in every pod by gcsfuse with launch/mount_bucket.sh's options (xpk 0.9.0
+#                   or later)
 #   run             submit the workload: xpk builds an image of this checkout (less what
 #                   .dockerignore names: data, runs, environments) on --base-image; every pod runs
 #                   launch/install.sh tpu, then `python -m grain_jax.main --config CONFIG --workdir WORKDIR`
@@ -86,9 +87,14 @@ storage_name() {
 
 create_cluster() {
   run xpk cluster create "${location[@]}" --tpu-type "$accelerator" --num-slices 1 "${capacity[@]}"
-  [[ -z "$bucket" ]] ||
-    run xpk storage attach "$(storage_name)" --type gcsfuse --bucket "$bucket" "${location[@]}" \
-      --mount-point "/gcs/$bucket" --readonly false --auto-mount true --size 1
+  [[ -n "$bucket" ]] || return 0
+  local options
+  options="$(gcsfuse_workdir_options | paste -sd , -)"
+  # --mount-options replaces xpk's own (implicit-dirs) rather than adding to them. Prefetching the
+  # bucket's metadata at mount would only fill the cache these options turn off.
+  run xpk storage attach "$(storage_name)" --type gcsfuse --bucket "$bucket" "${location[@]}" \
+    --mount-point "/gcs/$bucket" --readonly false --auto-mount true --size 1 \
+    --mount-options "$options" --no-prefetch-metadata
 }
 
 submit() {

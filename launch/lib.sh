@@ -64,3 +64,19 @@ recipe_config() {  # recipe_config ACCELERATOR
     v5p-128) echo "configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
   esac
 }
+
+# The gcsfuse options that make a workdir work on the bucket's mount, one a line, without their
+# leading "--". launch/mount_bucket.sh passes them to gcsfuse; launch/gke_xpk.sh gives them to GKE's
+# Cloud Storage FUSE CSI driver as the volume's mountOptions, and the driver passes an option NAME or
+# NAME=VALUE on to gcsfuse as --NAME or --NAME=VALUE, so both mounts run gcsfuse with the same flags.
+#  rename-dir-limit: Orbax commits a checkpoint by renaming its temporary folder. On a bucket
+#    without hierarchical namespace gcsfuse renames a folder object by object, and only one with
+#    fewer objects than this limit; its default, 0, refuses every folder rename.
+#  metadata-cache-ttl-secs=0, metadata-cache-negative-ttl-secs=0: every host sees at once the files
+#    the others write (checkpoint parts, a worker's failure file); with a cache a host may see a
+#    folder as it was earlier.
+#  implicit-dirs: folders that only exist as prefixes of objects (the shards copied with
+#    `gcloud storage cp -r`) are seen.
+gcsfuse_workdir_options() {
+  printf '%s\n' implicit-dirs rename-dir-limit=200000 metadata-cache-ttl-secs=0 metadata-cache-negative-ttl-secs=0
+}

@@ -4,19 +4,14 @@
 #   launch/mount_bucket.sh BUCKET
 #
 # Training reads shards from, and writes checkpoints, logs and results to, plain paths under
-# /gcs/BUCKET, so every host of a job sees the same workdir and a re-run resumes from it.
-# The options make a workdir work on the mount:
-#  --rename-dir-limit: Orbax commits a checkpoint by renaming its temporary folder. On a bucket
-#    without hierarchical namespace gcsfuse renames a folder object by object, and only one with
-#    fewer objects than this limit; its default, 0, refuses every folder rename.
-#  --metadata-cache-ttl-secs=0, --metadata-cache-negative-ttl-secs=0: every host sees at once the
-#    files the others write (checkpoint parts, a worker's failure file); with a cache a host may see
-#    a folder as it was earlier.
-#  --implicit-dirs: folders that only exist as prefixes of objects (the shards copied with
-#    `gcloud storage cp -r`) are seen.
+# /gcs/BUCKET, so every host of a job sees the same workdir and a re-run resumes from it. The gcsfuse
+# options that make a workdir work on the mount are listed, and explained, in launch/lib.sh
+# (gcsfuse_workdir_options); launch/gke_xpk.sh mounts the bucket with the same ones.
 # A file reaches the bucket only when it is closed or fsynced: grain-jax fsyncs metrics.jsonl and
 # the TensorBoard events at every logged step.
 set -euo pipefail
+# shellcheck source=launch/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 bucket="${1:?usage: launch/mount_bucket.sh BUCKET}"
 bucket="${bucket#gs://}"
@@ -32,7 +27,6 @@ if ! command -v gcsfuse >/dev/null; then
 fi
 sudo mkdir -p "$mount_point"
 sudo chown "$(id -u):$(id -g)" "$mount_point"
-mountpoint -q "$mount_point" ||
-  gcsfuse --implicit-dirs --rename-dir-limit=200000 --metadata-cache-ttl-secs=0 \
-    --metadata-cache-negative-ttl-secs=0 "$bucket" "$mount_point"
+mapfile -t options < <(gcsfuse_workdir_options)
+mountpoint -q "$mount_point" || gcsfuse "${options[@]/#/--}" "$bucket" "$mount_point"
 echo "gs://$bucket is mounted at $mount_point"

@@ -175,19 +175,34 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   assert ".dockerignore" in result.stderr
 
 
-def test_the_bucket_is_mounted_so_that_checkpoints_commit_and_hosts_agree(tmp_path):
-  """Orbax commits a checkpoint by renaming a folder, which gcsfuse refuses by default on a flat bucket;
-  a metadata cache would let a host list a shared folder as it was earlier."""
+def mount_bucket(tmp_path: Path) -> list[str]:
+  """The gcsfuse command `launch/mount_bucket.sh gs://my-bucket` runs (a fake gcsfuse logs it), split into words."""
   env = {"PATH": f"{Path('tests/fakes').resolve()}:/usr/bin:/bin", "FAKE_GCSFUSE_LOG": str(tmp_path / "gcsfuse.log"),
          "FAKE_SUDO_LOG": str(tmp_path / "sudo.log")}
   result = subprocess.run(["bash", "launch/mount_bucket.sh", "gs://my-bucket"], env=env, capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   [mount] = [shlex.split(line) for line in (tmp_path / "gcsfuse.log").read_text().splitlines()]
+  return mount
+
+
+def test_the_bucket_is_mounted_so_that_checkpoints_commit_and_hosts_agree(tmp_path):
+  """Orbax commits a checkpoint by renaming a folder, which gcsfuse refuses by default on a flat bucket;
+  a metadata cache would let a host list a shared folder as it was earlier."""
+  mount = mount_bucket(tmp_path)
   assert mount[-2:] == ["my-bucket", "/gcs/my-bucket"]
   assert {"--implicit-dirs", "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0"} <= set(mount)
   [limit] = [flag for flag in mount if flag.startswith("--rename-dir-limit=")]
   assert int(limit.split("=")[1]) >= 10_000  # a checkpoint's files, with room
+
+
+def test_gke_pods_mount_the_bucket_with_the_tpu_vm_options(tmp_path):
+  """GKE's Cloud Storage FUSE CSI driver runs gcsfuse with --NAME[=VALUE] for each mount option NAME[=VALUE];
+  xpk's --mount-options replaces its default (implicit-dirs), so the list must hold every option."""
+  [_, attach] = dry_run("launch/gke_xpk.sh", "cluster", "--cluster", "c", "--zone", "z", "--bucket", "my-bucket")
+  gke_flags = ["--" + entry for entry in option(attach, "--mount-options").split(",")]
+  assert gke_flags == mount_bucket(tmp_path)[:-2] and "--implicit-dirs" in gke_flags
+  assert "--no-prefetch-metadata" in attach  # a prefetch would fill the metadata cache the options turn off
 
 
 def test_local_launcher_lets_every_process_finish_its_save_after_a_notice(tmp_path):
