@@ -2,14 +2,18 @@
 entries are paired with a dataset's classes.
 
 Each class is paired on its own:
-  "name"      its normalized name equals exactly one key's (case, "_", "-", "/", "?" and the
-              brackets of a trailing "(...)" are ignored), or failing that its name without a
-              trailing "(...)" equals exactly one unpaired key's without one;
+  "name"      its normalized name equals exactly one key's (case, "_", "-", "/", "?" and every
+              bracket are ignored), or failing that its name without a trailing "(...)" equals
+              exactly one unpaired key's without one;
   "position"  the key at its label index, for sets whose labels are ids (CUB, ImageNet: every
-              class), or, in a file with one key per class, when the classes left unpaired by name
-              sit at exactly the positions of the keys left unused (a reordered file never gets
-              there: its unpaired classes and unused keys sit at different positions);
+              class), or, in a file with one key per class, when the file looks like the label
+              list with some keys renamed in place: every class paired by name sits at its key's
+              index, and no key left unused names another class left unpaired (as "bumble bee"
+              names "bee");
   "missing"   neither: the class is prompted by its name alone and described by its name.
+Position pairing cannot tell a key renamed in place from one moved there: a file in label order
+whose leftover keys were also shuffled among themselves, none naming another class, is mis-paired.
+`record` lists each class's pairing, so such a file shows in results.json.
 """
 
 import dataclasses
@@ -25,7 +29,8 @@ PAIRINGS = ("name", "position", "missing")
 
 
 def normalized(name: str) -> str:
-  """The form names are compared in: "Siamese_cat", "siamese-cat?", "/s/siamese cat" -> "siamese cat"."""
+  """The form names are compared in: lower case, "_-/?()" as spaces, single spaces, stripped:
+  "Siamese_cat", "siamese-cat?", "(Siamese) cat" -> "siamese cat"; "/s/siamese cat" -> "s siamese cat"."""
   name = re.sub(r"[_\-/?()]", " ", name.lower())
   return re.sub(r"\s+", " ", name).strip()
 
@@ -86,13 +91,22 @@ def pair(keys: Sequence[str], label_names: Sequence[str], labels_are_ids: bool =
       if form_name in key_index:
         paired[free_labels[j]] = free_keys[key_index[form_name]]
   by_name = set(paired)
-  unpaired = [i for i in range(len(label_names)) if i not in paired]
-  unused = [i for i in range(len(keys)) if i not in paired.values()]
-  if len(keys) == len(label_names) and unpaired == unused:
-    paired.update({i: i for i in unpaired})
+  if len(keys) == len(label_names) and _renamed_in_place(keys, label_names, paired):
+    paired.update({i: i for i in range(len(label_names)) if i not in paired})
   return [Pair(name, keys[paired[i]] if i in paired else None,
                "name" if i in by_name else "position" if i in paired else "missing")
           for i, name in enumerate(label_names)]
+
+
+def _renamed_in_place(keys: Sequence[str], label_names: Sequence[str], paired: Mapping[int, int]) -> bool:
+  """Whether the keys left unused look renamed in place: every class paired so far (`paired`: label
+  index -> key index) sits at its key's index, and no unused key holds the whole name of another
+  unpaired class."""
+  if any(i != j for i, j in paired.items()):
+    return False
+  unpaired = [i for i in range(len(label_names)) if i not in paired]
+  return not any(f" {normalized(label_names[i])} " in f" {normalized(keys[j])} "
+                 for j in unpaired for i in unpaired if i != j)
 
 
 def prompt_names(pairs: Sequence[Pair]) -> list[str]:
