@@ -20,9 +20,8 @@ from grain_jax.train import trainer
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`."""
-  if config.experiment.evaluate:  # a missing descriptor file stops the run before training, not after
-    validate(config, evaluation_files=True)
+  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`; `run` has
+  validated `config` (with its evaluation files)."""
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
@@ -91,8 +90,11 @@ def arm_config(config, name: str, overrides, seed: int, shared_data: str):
 
 
 def run(config, workdir: str) -> dict:
-  """Runs what `config.experiment` asks for; returns the results."""
+  """Runs what `config.experiment` asks for; returns the results. Every run's config, descriptor files
+  included when it will evaluate, is validated before the first one trains."""
   if not config.experiment.arms:
+    if config.experiment.evaluate:  # a missing descriptor file stops the run before training, not after
+      validate(config, evaluation_files=True)
     return train_and_evaluate(config, workdir)
   if not config.experiment.evaluate:
     raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
@@ -100,7 +102,7 @@ def run(config, workdir: str) -> dict:
   names = [name for name, _ in arms]
   seeds = tuple(config.experiment.seeds) or (config.seed,)
   shared_data = os.path.join(os.path.abspath(workdir), "synthetic")
-  # Every arm's config is checked before the first one trains: a typo in the last arm costs no run.
+  # A typo in the last arm costs no run.
   run_configs = {(name, seed): arm_config(config, name, overrides, seed, shared_data)
                  for seed in seeds for name, overrides in arms}
   per_run = {}

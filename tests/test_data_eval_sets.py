@@ -1,5 +1,6 @@
-"""Eval sets: image folders, tfds sources, and padded per-host image batches."""
+"""Eval sets: image folders (with their descriptor files), tfds sources, and padded per-host image batches."""
 
+import hashlib
 import json
 import os
 import types
@@ -10,6 +11,8 @@ from PIL import Image
 
 from grain_jax.data import eval_sets
 from grain_jax.data import examples
+from grain_jax.errors import BadFileError
+from grain_jax.eval import datasets
 
 
 def _folder(root, classes=("red thing", "blue thing"), per_class=3):
@@ -25,18 +28,32 @@ def test_image_folder(tmp_path):
   unlisted = eval_sets.image_folder(str(root))  # no class list: sorted folders
   assert unlisted.class_names == ["blue thing", "red thing"] and unlisted.descriptors == {}
   (root / "classes.txt").write_text("red thing\nblue thing\n")
-  (root / "descriptors.json").write_text(json.dumps(
-      {"red thing": ["red color"], "blue thing": ["blue color", "a round shape"]}))
   listed = eval_sets.image_folder(str(root))
   assert listed.class_names == ["red thing", "blue thing"]
   assert [s["label"] for s in listed.source] == [0, 0, 0, 1, 1, 1]
-  assert listed.descriptors["blue thing"] == ["blue color", "a round shape"]
-  (root / "descriptors.json").write_text(json.dumps({"red thing": ["red color"]}))
-  with pytest.raises(ValueError, match="no descriptors for classes \\['blue thing'\\]"):
-    eval_sets.image_folder(str(root))
   (root / "classes.txt").write_text("red thing\ngreen thing\n")
   with pytest.raises(FileNotFoundError, match="green thing"):
     eval_sets.image_folder(str(root))
+
+
+def test_a_folder_s_descriptors_are_read_paired_and_recorded_as_a_registry_set_s(tmp_path):
+  root = _folder(tmp_path / "things")
+  (root / "classes.txt").write_text("red thing\nblue thing\n")
+  plain = datasets.folder_classification(str(root))
+  assert plain.name == "things" and plain.alignment == "none" and plain.descriptors is None
+  path = root / "descriptors.json"
+  path.write_text(json.dumps({"Blue_Thing": ["blue color", "a round shape"], "red thing": []}))
+  things = datasets.folder_classification(str(root))
+  assert things.data.class_names == ["red thing", "blue thing"] and things.alignment == "name"
+  assert things.data.descriptors == {"red thing": [], "blue thing": ["blue color", "a round shape"]}
+  assert things.descriptors["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert things.descriptors["empty"] == ["red thing"]
+  path.write_text(json.dumps({"blue thing": ["blue color"]}))  # a class without its key: described by its name
+  partial = datasets.folder_classification(str(root))
+  assert partial.alignment == "partial" and partial.data.descriptors == {"blue thing": ["blue color"]}
+  path.write_text("[1, 2]")
+  with pytest.raises(BadFileError, match="descriptors.json must be a JSON object"):
+    datasets.folder_classification(str(root))
 
 
 def test_image_batches_pad_and_shard_over_hosts(tmp_path):
@@ -59,10 +76,8 @@ def test_image_batches_pad_and_shard_over_hosts(tmp_path):
 
 def test_tfds_classification(tmp_path, tiny_tfds):
   name, tfds_dir = tiny_tfds(["red_square", "blue_circle"], [40 * i for i in range(5)])
-  (tmp_path / "d.json").write_text(json.dumps({"red square": ["red"], "blue circle": ["round"]}))
-  dataset = eval_sets.tfds_classification(name, "test", tfds_dir, str(tmp_path / "d.json"))
-  assert dataset.class_names == ["red square", "blue circle"]
-  assert dataset.descriptors == {"red square": ["red"], "blue circle": ["round"]}
+  dataset = eval_sets.tfds_classification(name, "test", tfds_dir)
+  assert dataset.class_names == ["red square", "blue circle"] and dataset.descriptors == {}
   batch = next(iter(eval_sets.image_batches(dataset.source, 8, 8, 0, 1)))
   assert batch["valid"].tolist() == [True] * 5 + [False] * 3
   # tfds stores examples in its own order: image i (red = 40 i) has label i % 2.
@@ -72,7 +87,7 @@ def test_tfds_classification(tmp_path, tiny_tfds):
   assert batch["label"][:5].tolist() == (originals % 2).tolist()
 
 
-def test_tfds_source_adapter(tmp_path):
+def test_tfds_source_adapter():
   label = types.SimpleNamespace(names=["golden_retriever", "tabby_cat"])
   info = types.SimpleNamespace(features={"label": label})
 
@@ -81,9 +96,7 @@ def test_tfds_source_adapter(tmp_path):
 
   images = np.random.default_rng(0).integers(0, 255, (3, 10, 14, 3), dtype=np.uint8)
   source = FakeSource({"image": images[i], "label": np.int64(i % 2), "id": "x"} for i in range(3))
-  (tmp_path / "d.json").write_text(json.dumps({"golden retriever": ["golden fur"],
-                                               "tabby cat": ["stripes"]}))
-  dataset = eval_sets.from_tfds_source(source, str(tmp_path / "d.json"))
+  dataset = eval_sets.from_tfds_source(source)
   assert dataset.class_names == ["golden retriever", "tabby cat"]
   assert len(dataset.source) == 3 and dataset.source[1]["label"] == 1
   batch = next(iter(eval_sets.image_batches(dataset.source, 8, 4, 0, 1)))

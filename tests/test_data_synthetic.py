@@ -11,6 +11,7 @@ from grain_jax.data import records
 from grain_jax.data import synthetic
 from grain_jax.data import synthetic_scenes
 from grain_jax.defaults import base
+from grain_jax.eval import datasets
 
 SMALL = dict(num_train=24, image_size=32, num_attribute_classes=4, num_novel_classes=3,
              images_per_class=2, num_retrieval=5, num_grounding=5)
@@ -47,13 +48,13 @@ def test_train_records(generated):
 
 def test_image_folder_splits(generated):
   _, paths = generated
-  attributes = eval_sets.image_folder(paths["attributes"])
+  attributes = datasets.folder_classification(paths["attributes"]).data
   assert len(attributes.class_names) == SMALL["num_attribute_classes"]
   assert len(attributes.source) == SMALL["num_attribute_classes"] * SMALL["images_per_class"]
   pattern, color, shape = attributes.class_names[0].split()
   assert attributes.descriptors[attributes.class_names[0]] == [
       f"{color} color", f"{pattern} pattern", f"{shape} shape"]
-  novel = eval_sets.image_folder(paths["novel"])
+  novel = datasets.folder_classification(paths["novel"]).data
   assert len(novel.class_names) == SMALL["num_novel_classes"]
   vocabulary = " ".join(synthetic_scenes.SHAPES + synthetic_scenes.PATTERNS
                         + tuple(synthetic_scenes.COLORS) + tuple(synthetic_scenes.SIZES))

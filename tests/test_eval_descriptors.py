@@ -15,6 +15,7 @@ import types
 import numpy as np
 import pytest
 
+from grain_jax import config as config_module
 from grain_jax import experiment
 from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.errors import BadFileError
@@ -90,7 +91,33 @@ def test_one_renamed_key_in_a_reordered_file_pairs_no_class_with_another_s(tfds_
   assert descriptors.summary(pairs) == "partial"
 
 
-@pytest.mark.parametrize("name", ["pets", "cars", "flowers102", "eurosat"])
+def test_a_renamed_key_in_a_reordered_file_is_not_paired_by_position(tfds_label_names):
+  names = class_names("pets", tfds_label_names)
+  siamese = names.index("Siamese")
+  keys = list(names)
+  keys[siamese] = "Siamese cat"
+  order = list(range(len(names)))
+  order[0], order[1] = 1, 0  # two classes swapped: the renamed key alone still sits at its class's index
+  pairs = descriptors.pair([keys[i] for i in order], names)
+  _check(pairs, names, [None if i == siamese else k for i, k in enumerate(keys)],
+         ["missing" if i == siamese else "name" for i in range(len(names))])
+
+
+def test_a_leftover_key_naming_another_leftover_class_is_not_paired_by_position():
+  names = ["ant", "bee", "cat", "dog"]
+  pairs = descriptors.pair(["bumble bee", "army ant", "cat", "dog"], names)
+  _check(pairs, names, [None, None, "cat", "dog"], ["missing", "missing", "name", "name"])
+  renamed = descriptors.pair(["red ant", "honey bee", "cat", "dog"], names)  # each names its own class
+  _check(renamed, names, ["red ant", "honey bee", "cat", "dog"], ["position", "position", "name", "name"])
+
+
+def test_normalized_forms():
+  assert {descriptors.normalized(n) for n in ("Siamese_cat", "siamese-cat?", "(Siamese) cat")} == {"siamese cat"}
+  assert descriptors.normalized("/s/siamese cat") == "s siamese cat"
+  assert descriptors.unqualified("Crane (machine)") == "crane"
+
+
+@pytest.mark.parametrize("name", ["pets", "cars", "flowers102", "eurosat", "places365"])
 def test_renamed_keys_at_their_label_positions_pair_by_position(name, tfds_label_names):
   names = class_names(name, tfds_label_names)
   renamed = {1, len(names) - 1}
@@ -181,12 +208,32 @@ def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
 def test_a_run_that_will_evaluate_stops_before_training(tmp_path):
   config = _eval_config(("food101",), str(tmp_path))
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
-    experiment.train_and_evaluate(config, str(tmp_path / "run"))
+    experiment.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
   config.experiment.arms = ("grain", "clip: model.kind=clip")
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
     experiment.run(config, str(tmp_path / "arms"))
   assert not os.path.exists(tmp_path / "arms")
+
+
+class _Trained(Exception):
+  pass
+
+
+@pytest.mark.parametrize("arms", [(), ("grain", "clip: model.kind=clip")])
+def test_descriptor_files_are_checked_once_per_run(arms, tmp_path, monkeypatch):
+  config = _eval_config(("food101",), str(tmp_path), allow_missing=True)
+  config.experiment.arms = arms
+  checked = []
+  monkeypatch.setattr(config_module, "check_descriptors", lambda *args: checked.append(args))
+
+  def train(config, workdir):
+    raise _Trained(workdir)
+
+  monkeypatch.setattr(experiment.trainer, "train", train)
+  with pytest.raises(_Trained):
+    experiment.run(config, str(tmp_path / "run"))
+  assert len(checked) == max(len(arms), 1)
 
 
 def _set_result(name, heads):

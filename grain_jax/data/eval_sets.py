@@ -5,8 +5,8 @@ uint8 array) and integer fields (`"label"`, ...); `image_batches()` turns any of
 per-host batches with the training pipeline's image preprocessing.
 
 Formats read:
-  image folder  root/<class>/<image>, root/classes.txt (one class name per line, in label order),
-                root/descriptors.json (Menon & Vondrick: {class_name: [descriptor, ...]})
+  image folder  root/<class>/<image>, root/classes.txt (one class name per line, in label order)
+                (its root/descriptors.json is read and paired by grain_jax/eval/datasets.py)
   tfds          tfds.data_source(name) over array_record files (no tensorflow needed)
   Karpathy      {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}
   grounding     {"images": [{"file", "regions": [{"phrase", "box": [x1, y1, x2, y2]}]}]}
@@ -49,20 +49,8 @@ class GroundingSet:
   boxes: list[np.ndarray]            # per image, [num_phrases, 4] float32 cxcywh, normalized
 
 
-def load_descriptors(path: str, class_names: Sequence[str]) -> dict[str, list[str]]:
-  """A descriptor JSON; raises ValueError naming the classes it lacks."""
-  with open(path) as f:
-    descriptors = json.load(f)
-  missing = [c for c in class_names if not descriptors.get(c)]
-  if missing:
-    raise ValueError(f"{path} has no descriptors for classes {missing[:10]}"
-                     f"{' ...' if len(missing) > 10 else ''}")
-  return {c: list(descriptors[c]) for c in class_names}
-
-
-def image_folder(root: str, classes_file: str = "classes.txt",
-                 descriptors_file: str = "descriptors.json") -> ClassificationSet:
-  """root/<class>/<image> with a class list; the descriptor file is optional."""
+def image_folder(root: str, classes_file: str = "classes.txt") -> ClassificationSet:
+  """root/<class>/<image> with an optional class list (its descriptors left to the caller: {})."""
   classes_path = os.path.join(root, classes_file)
   if os.path.exists(classes_path):
     with open(classes_path) as f:
@@ -76,10 +64,7 @@ def image_folder(root: str, classes_file: str = "classes.txt",
       raise FileNotFoundError(f"{classes_path} lists class {name!r} but {folder} does not exist")
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(_IMAGE_SUFFIXES))
     source += [{"image": os.path.join(folder, f), "label": label} for f in files]
-  descriptors_path = os.path.join(root, descriptors_file)
-  descriptors = (load_descriptors(descriptors_path, class_names)
-                 if os.path.exists(descriptors_path) else {})
-  return ClassificationSet(class_names, descriptors, source)
+  return ClassificationSet(class_names, {}, source)
 
 
 class _Relabeled(Sequence):
@@ -101,9 +86,8 @@ class _Relabeled(Sequence):
             "label": label if self._new_label is None else int(self._new_label[label])}
 
 
-def from_tfds_source(source: Sequence[dict[str, Any]], descriptors_file: str = "",
-                     image_key: str = "image", label_key: str = "label", drop_classes: Sequence[str] = (),
-                     labels: np.ndarray | None = None) -> ClassificationSet:
+def from_tfds_source(source: Sequence[dict[str, Any]], image_key: str = "image", label_key: str = "label",
+                     drop_classes: Sequence[str] = (), labels: np.ndarray | None = None) -> ClassificationSet:
   """A ClassificationSet over a tfds data source; class names come from its label feature.
 
   `drop_classes` (tfds label names) are left out with their images, the other labels renumbered in
@@ -115,19 +99,17 @@ def from_tfds_source(source: Sequence[dict[str, Any]], descriptors_file: str = "
     raise ValueError(f"classes {unknown} to drop are not labels of the tfds source")
   kept = np.array([n not in drop_classes for n in names])
   class_names = [n.replace("_", " ") for n, keep in zip(names, kept) if keep]
-  descriptors = load_descriptors(descriptors_file, class_names) if descriptors_file else {}
   if kept.all():
-    return ClassificationSet(class_names, descriptors, _Relabeled(source, image_key, label_key))
+    return ClassificationSet(class_names, {}, _Relabeled(source, image_key, label_key))
   if labels is None:
     labels = np.array([int(element[label_key]) for element in source])
   new_label = np.cumsum(kept) - 1
-  return ClassificationSet(class_names, descriptors, _Relabeled(
+  return ClassificationSet(class_names, {}, _Relabeled(
       source, image_key, label_key, np.flatnonzero(kept[labels]), new_label))
 
 
 def tfds_classification(name: str, split: str = "test", data_dir: str | None = None,
-                        descriptors_file: str = "", drop_classes: Sequence[str] = (),
-                        **keys: str) -> ClassificationSet:
+                        drop_classes: Sequence[str] = (), **keys: str) -> ClassificationSet:
   """A prepared tfds dataset (array_record format) read with `tfds.data_source`; `split` may join
   splits ("train+test"), `drop_classes` leaves classes out (see `from_tfds_source`)."""
   import tensorflow_datasets as tfds  # only eval on tfds datasets needs it, and it imports slowly
@@ -138,7 +120,7 @@ def tfds_classification(name: str, split: str = "test", data_dir: str | None = N
     undecoded = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                                  decoders={image_key: tfds.decode.SkipDecoding()})
     labels = np.array([int(element[label_key]) for element in undecoded])
-  return from_tfds_source(source, descriptors_file, drop_classes=drop_classes, labels=labels, **keys)
+  return from_tfds_source(source, drop_classes=drop_classes, labels=labels, **keys)
 
 
 def karpathy(json_path: str, image_root: str, split: str = "test") -> RetrievalSet:

@@ -9,7 +9,7 @@ Classification entries:
   synthetic/attributes, synthetic/novel
                     the built-in synthetic splits (grain_jax/data/synthetic.py)
   folder:PATH       any image folder PATH/<class>/<image> (Products-2023 style), with optional
-                    PATH/classes.txt and PATH/descriptors.json (see grain_jax/data/eval_sets.py)
+                    PATH/classes.txt and PATH/descriptors.json (read and paired as a registry set's)
 Retrieval entries: `synthetic`, or `karpathy:JSON:IMAGE_ROOT` (Flickr30k / MSCOCO Karpathy test).
 Grounding entries: `synthetic`, or `json:PATH` ({"images": [{"file", "regions": [...]}]}).
 
@@ -146,31 +146,40 @@ def check_descriptors(names, descriptors_dir: str, allow_missing: bool) -> None:
                             "(grain_jax/eval/README.md says where each file comes from)")
 
 
+def _with_descriptors(name: str, data: eval_sets.ClassificationSet, path: str, labels_are_ids: bool = False,
+                      in_average: bool = False) -> Classification:
+  """Set `name` with the descriptor file at `path` paired with its classes (descriptors.pair) and
+  recorded (descriptors.record), or by class names only when there is no file there (logged)."""
+  if not path or not os.path.exists(path):
+    logging.warning("%s: no descriptor file %s, evaluated with class names only", name, path or "(no folder set)")
+    return Classification(name, eval_sets.ClassificationSet(data.class_names, {}, data.source), "none", in_average)
+  raw, digest = descriptor_files.read(path)
+  pairs = descriptor_files.pair(list(raw), data.class_names, labels_are_ids)
+  names = descriptor_files.prompt_names(pairs)
+  paired = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
+  info = descriptor_files.record(path, digest, pairs, raw)
+  return Classification(name, eval_sets.ClassificationSet(names, paired, data.source), info["alignment"],
+                        in_average, info)
+
+
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
                         source=None) -> Classification:
-  """A registry dataset; `source` replaces the `tfds.data_source` call (tests)."""
+  """A registry dataset, its descriptor file checked by `check_descriptors` (config.validate with
+  `evaluation_files`) beforehand; `source` replaces the `tfds.data_source` call (tests)."""
   spec = TFDS_DATASETS[name]
   data = (eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
                                         drop_classes=spec.drop_classes)
           if source is None else eval_sets.from_tfds_source(source, drop_classes=spec.drop_classes))
-  class_names = registry_class_names(name, data.class_names)
-  path = descriptors_path(name, descriptors_dir)
-  if not path or not os.path.exists(path):
-    if not spec.readable_labels:
-      raise FileNotFoundError(f"{name}: tfds labels are ids, so class names come from the descriptor "
-                              f"file {spec.descriptors_file} in config.eval.descriptors_dir={descriptors_dir!r}")
-    logging.warning("%s: no descriptor file %s, evaluated with class names only", name, path or spec.descriptors_file)
-    return Classification(name, eval_sets.ClassificationSet(class_names, {}, data.source), "none", spec.in_average)
-  raw, digest = descriptor_files.read(path)
-  try:
-    pairs = descriptor_files.pair(list(raw), class_names, labels_are_ids=not spec.readable_labels)
-  except ValueError as error:
-    raise type(error)(f"{path}: {error}") from None
-  names = descriptor_files.prompt_names(pairs)
-  described = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
-  info = descriptor_files.record(path, digest, pairs, raw)
-  return Classification(name, eval_sets.ClassificationSet(names, described, data.source), info["alignment"],
-                        spec.in_average, info)
+  data.class_names = registry_class_names(name, data.class_names)
+  return _with_descriptors(name, data, descriptors_path(name, descriptors_dir), not spec.readable_labels,
+                           spec.in_average)
+
+
+def folder_classification(root: str, name: str = "") -> Classification:
+  """An image folder (eval_sets.image_folder) with its optional root/descriptors.json; `name`
+  defaults to the folder's."""
+  return _with_descriptors(name or os.path.basename(os.path.normpath(root)), eval_sets.image_folder(root),
+                           os.path.join(root, "descriptors.json"))
 
 
 SYNTHETIC_SPLITS = ("attributes", "novel")
@@ -210,13 +219,9 @@ def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
   check_classification(entry)
   if entry.startswith("synthetic/"):
-    data = eval_sets.image_folder(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]])
-    return Classification(entry, data, "name" if data.descriptors else "none")
+    return folder_classification(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]], entry)
   if entry.startswith("folder:"):
-    root = entry.split(":", 1)[1]
-    data = eval_sets.image_folder(root)
-    return Classification(os.path.basename(os.path.normpath(root)), data,
-                          "name" if data.descriptors else "none")
+    return folder_classification(entry.split(":", 1)[1])
   return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir)
 
 

@@ -155,7 +155,9 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
 
   Args:
-    config: the full config (`eval`, `model`, `sharding_rules`, `data.synthetic`).
+    config: the full config (`eval`, `model`, `sharding_rules`, `data.synthetic`), its descriptor files
+      checked by `config.validate(config, evaluation_files=True)`: without a file an id-labelled set
+      (CUB, ImageNet) would be prompted with its ids.
     model: a GrainModel, sharded over `mesh` when one is given (evaluated with dropout off; the
       object itself is left as it is, so training can go on with it).
     workdir: the run's directory; results go to workdir/eval.
@@ -167,8 +169,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
   """
   cfg = config.eval
-  check_settings(cfg)  # fail on a bad setting or a missing descriptor file before any work
-  datasets.check_descriptors(cfg.classification, cfg.descriptors_dir, cfg.allow_missing_descriptors)
+  check_settings(cfg)  # fail on a bad setting before any work
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
   out_dir = os.path.join(workdir, "eval")
