@@ -15,7 +15,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "grain_jax"
 ABSL_DEFINES = {"DEFINE_string", "DEFINE_bool", "DEFINE_boolean", "DEFINE_integer", "DEFINE_float", "DEFINE_enum",
                 "DEFINE_list", "DEFINE_multi_string", "DEFINE_config_file"}
 # Entry points whose parser is built by a function taking argv.
-ARGPARSE_ENTRY_POINTS = ["grain_jax.annotate.__main__:parse_args", "grain_jax.data.convert:parse_args",
+ARGPARSE_ENTRY_POINTS = ["grain_jax.annotate.__main__:parse_args", "grain_jax.annotate.descriptors:parse_args",
+                         "grain_jax.data.convert:parse_args",
                          *(f"grain_jax.bench.{name}:main" for name in bench_cli.available())]
 
 

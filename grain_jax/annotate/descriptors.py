@@ -8,9 +8,11 @@ them (tfds's builder info gives the label names without a download), and the fil
 `config.eval.descriptors_dir` is read for (`DIR/descriptors_cifar10.json`, ...). The LLM is asked,
 as Menon & Vondrick asked GPT-3, with two worked examples and the question "What are useful visual
 features for distinguishing a <class> in a photo?", and its bullet list is kept. Decoding is greedy,
-so a file depends only on the model and the prompt. Each finished class is appended to
-`<file>.partial.jsonl`; re-running the same command resumes from it, and the file is written when
-every class has its list.
+but classes are answered in left-padded batches, and padding can change the arithmetic (float16 on
+GPUs especially), so an answer may differ with the other classes of its batch; `--batch-size 1`
+makes each answer depend only on the model, the prompt, the dtype and the device. Each finished
+class is appended to `<file>.partial.jsonl`; re-running the same command resumes from it, and the
+file is written when every class has its list.
 """
 
 import argparse
@@ -97,7 +99,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--llm", default=DEFAULT_MODEL, help="hub id or directory of a causal language model")
   parser.add_argument("--max-descriptors", type=int, default=10, help="features kept per class")
   parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
-  parser.add_argument("--batch-size", type=int, default=8, help="classes per model call")
+  parser.add_argument("--batch-size", type=int, default=8,
+                      help="classes per model call (1: each answer independent of the other classes)")
   parser.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda, cuda:1")
   parser.add_argument("--dtype", default="auto", help="auto (float16 on GPUs, float32 on CPUs), float32, "
                                                       "float16, bfloat16")
