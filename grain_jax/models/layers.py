@@ -143,7 +143,7 @@ class LayerStack(nnx.Module):
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *, rngs: nnx.Rngs,
                scan: bool = False, remat: bool = False):
-    self.scanned, self.remat = scan, remat
+    self.scanned, self.remat, self.depth = scan, remat, depth
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -152,9 +152,23 @@ class LayerStack(nnx.Module):
 
     self.blocks = create(rngs)
 
-  def scan(self, step: Callable, carry):
-    """Runs `step(block, carry) -> (carry, output)` through the blocks in order; returns the final
-    carry and the outputs stacked on a leading `[depth]` axis (None outputs stay None)."""
+  def block(self, index: int) -> nnx.Module:
+    """The block at `index` (negative counts from the end) as a module of its own.
+
+    A view for reading: parameters come from the stack (gradients reach them), but state the block
+    updates when called (dropout's RNG counts) does not go back to the stack.
+    """
+    return self._view(index)
+
+  def _view(self, index: int | slice) -> nnx.Module:
+    """The blocks at `index` of the `layers` axis (a slice keeps the axis)."""
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+  def scan(self, step: Callable, carry, *, upto: int | None = None):
+    """Runs `step(block, carry) -> (carry, output)` through the blocks in order (the first `upto`
+    only, when given; as a view, see `block`); returns the final carry and the outputs stacked on a
+    leading `[depth]` (or `[upto]`) axis (None outputs stay None)."""
     if self.remat:
       step = nnx.remat(step)
 
@@ -162,13 +176,14 @@ class LayerStack(nnx.Module):
     def run(carry, block):
       return step(block, carry)
 
-    return run(carry, self.blocks)
+    return run(carry, self.blocks if upto is None else self._view(slice(0, upto)))
 
-  def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False) -> jax.Array:
-    """Returns the final `x`, or with `keep_intermediates` every block's output `[depth, *x.shape]`."""
+  def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False, upto: int | None = None) -> jax.Array:
+    """Returns the final `x` (after the first `upto` blocks when given), or with
+    `keep_intermediates` every block's output `[depth, *x.shape]`."""
     def step(block, x):
       x = block(x, *extra)
       return x, (x if keep_intermediates else None)
 
-    x, intermediates = self.scan(step, x)
+    x, intermediates = self.scan(step, x, upto=upto)
     return intermediates if keep_intermediates else x
