@@ -8,6 +8,7 @@ order) in one `[embed, 3, heads, kv]` kernel.
 
 from typing import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -95,11 +96,11 @@ class Attention(nnx.Module):
       `[B, Tq, D]`.
     """
     if key_input is None:
-      q, k, v = jnp.moveaxis(self._project(query_input, slice(0, 3)), 2, 0)
+      q, k, v = einops.rearrange(self._project(query_input, slice(0, 3)), "b t n h k -> n b t h k")
     else:
       q = self._project(query_input, slice(0, 1))[:, :, 0]
       if value_input is key_input:
-        k, v = jnp.moveaxis(self._project(key_input, slice(1, 3)), 2, 0)
+        k, v = einops.rearrange(self._project(key_input, slice(1, 3)), "b t n h k -> n b t h k")
       else:
         k = self._project(key_input, slice(1, 2))[:, :, 0]
         v = self._project(value_input, slice(2, 3))[:, :, 0]
