@@ -123,25 +123,35 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
-  """The model of the newest intact checkpoint in `workdir`, sharded over `mesh`, in eval mode,
-  and its step. Call under `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
-  A corrupt checkpoint is skipped (logged), not moved.
+def restore_params(config, workdir: str, like_params: nnx.State) -> tuple[int, nnx.State]:
+  """`(step, params)` of the newest intact checkpoint in `workdir`, in the shapes and shardings of
+  `like_params` (arrays or ShapeDtypeStructs). Only the parameters are read and verified, not the
+  optimizer state. A corrupt checkpoint is skipped (logged), not moved.
 
   Raises:
     FileNotFoundError naming the directory when it holds no checkpoint.
     CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
       `Checkpointer.restore_latest` does.
   """
-  training = build_training(config, mesh)
   checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False, read_only=True)
-  state = checkpointer.restore_latest(training.state)
+  restored = checkpointer.restore_latest_params(like_params)
   checkpointer.close()
-  if state is None:
+  if restored is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-  model = nnx.merge(training.graphdef, state.params, training.rest)
+  return restored
+
+
+def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
+  """The model of the newest intact checkpoint in `workdir`, sharded over `mesh`, in eval mode,
+  and its step; see `restore_params`. Call under `jax.set_mesh(mesh)` and
+  `sharding.axis_rules(config.sharding_rules)`.
+  """
+  abstract = sharding.create_abstract(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
+  graphdef, like_params, rest = nnx.split(abstract, nnx.Param, ...)
+  step, params = restore_params(config, workdir, like_params)
+  model = nnx.merge(graphdef, params, rest)
   model.eval()
-  return model, int(state.step)
+  return model, step
 
 
 def write_config(config, workdir: str) -> None:
