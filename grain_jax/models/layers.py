@@ -153,22 +153,19 @@ class LayerStack(nnx.Module):
 
     self.blocks = create(rngs)
 
-  def block(self, index: int) -> nnx.Module:
-    """The block at `index` (negative counts from the end) as a module of its own.
+  def view(self, index: int | slice) -> nnx.Module:
+    """The blocks at `index` of the `layers` axis as a module of their own: an int gives one block
+    (negative counts from the end), a slice a stack on a leading axis.
 
-    A view for reading: parameters come from the stack (gradients reach them), but state the block
+    A view for reading: parameters come from the stack (gradients reach them), but state the view
     updates when called (dropout's RNG counts) does not go back to the stack.
     """
-    return self._view(index)
-
-  def _view(self, index: int | slice) -> nnx.Module:
-    """The blocks at `index` of the `layers` axis (a slice keeps the axis)."""
     graphdef, state = nnx.split(self.blocks)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
 
   def scan(self, step: Callable, carry, *, upto: int | None = None):
     """Runs `step(block, carry) -> (carry, output)` through the blocks in order (the first `upto`
-    only, when given; as a view, see `block`); returns the final carry and the outputs stacked on a
+    only, when given; through a `view`); returns the final carry and the outputs stacked on a
     leading `[depth]` (or `[upto]`) axis (None outputs stay None)."""
     if self.remat:
       step = nnx.remat(step)
@@ -177,7 +174,7 @@ class LayerStack(nnx.Module):
     def run(carry, block):
       return step(block, carry)
 
-    return run(carry, self.blocks if upto is None else self._view(slice(0, upto)))
+    return run(carry, self.blocks if upto is None else self.view(slice(0, upto)))
 
   def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False, upto: int | None = None) -> jax.Array:
     """Returns the final `x` (after the first `upto` blocks when given), or with

@@ -74,7 +74,7 @@ class TextTransformer(nnx.Module):
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     depth = self.blocks.depth
     x = self.blocks(x, causal, upto=depth - 1)
-    pooled = self.ln_final(self.blocks.block(depth - 1).at_positions(x, jnp.argmax(ids, axis=-1)))
+    pooled = self.ln_final(self.blocks.view(depth - 1).at_positions(x, jnp.argmax(ids, axis=-1)))
     return pooled @ self.text_projection.astype(self.dtype)
 
 
