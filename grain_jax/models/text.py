@@ -50,8 +50,8 @@ class TextTransformer(nnx.Module):
   The mask is causal and the embedding is read at the EOT token (the highest id), so tokens after
   EOT never influence it: any `L` that keeps every EOT gives the same embeddings as the full
   context (see `truncate_to_bucket`). For the same reason the last block runs only at the EOT
-  position: its keys and values span the sequence, its query and MLP one row (at depth 12, 7% fewer
-  matmul FLOPs in the tower).
+  position: its keys and values span the sequence, its query and MLP one row (at depth 12, about 7%
+  fewer matmul FLOPs in the tower).
   """
 
   def __init__(self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -81,8 +81,8 @@ class TextTransformer(nnx.Module):
 def rows_at(x: jax.Array, positions: jax.Array) -> jax.Array:
   """`x[b, positions[b]]` for every b: `x [B, T, ...]`, `positions [B]` -> `[B, ...]`.
 
-  A gather along T: with B sharded it moves only the picked rows (fancy indexing with an arange
-  over B would all-gather them).
+  A gather along T: with B sharded (and `positions` alike) each device picks its own rows, with no
+  collective (fancy indexing with an arange over B all-reduces and all-gathers them).
   """
   index = positions.reshape(positions.shape + (1,) * (x.ndim - 1))
   return jnp.take_along_axis(x, index, axis=1)[:, 0]
