@@ -1,6 +1,7 @@
 """Checkpoints on a tiny state (no model): checksums, non-finite values, mismatches, what is moved aside
 and what is not, a kill during an asynchronous save."""
 
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,44 @@ def test_a_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint
   assert int(restore(tmp_path).step) == 1
   save(tmp_path, state(2, value=5.0))
   np.testing.assert_array_equal(restore(tmp_path).params["w"], 5.0)
+
+
+def bytes_read() -> int:
+  """Bytes this process has read through system calls (Linux), page cache hits included."""
+  with open("/proc/self/io") as f:
+    return int(dict(line.split(": ") for line in f.read().splitlines())["rchar"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts bytes read through /proc/self/io (Linux)")
+def test_restoring_the_parameters_reads_and_verifies_no_optimizer_state(tmp_path):
+  moments = np.random.default_rng(1).normal(size=(512, 1024)).astype(np.float32)  # 2 MiB that do not compress
+  saved = state(1)._replace(opt_state={"mu": jnp.asarray(moments)})
+  save(tmp_path, saved)
+  flip_bytes(os.path.join(tmp_path, "1"))  # the moments fill the largest data file
+  like = {name: jnp.zeros_like(value) for name, value in saved.params.items()}
+  before = bytes_read()
+  checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=False, read_only=True)
+  step, params = checkpointer.restore_latest_params(like)
+  checkpointer.close()
+  assert bytes_read() - before < moments.nbytes / 10
+  assert step == 1
+  for name, value in saved.params.items():
+    np.testing.assert_array_equal(params[name], value)
+  before = bytes_read()
+  with pytest.raises((NoReadableCheckpointError, CheckpointReadError)):  # the whole state: the moments are damaged
+    restore(tmp_path, like=saved, read_only=True)
+  assert bytes_read() - before > moments.nbytes / 2
+
+
+def test_restoring_the_parameters_verifies_their_checksums(tmp_path):
+  save(tmp_path, state(1))
+  path = os.path.join(tmp_path, "1", CHECKSUMS, "metadata")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["params/w"] ^= 1
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=False, read_only=True)
+  with pytest.raises(NoReadableCheckpointError, match="params/w"):
+    checkpointer.restore_latest_params({name: jnp.zeros_like(value) for name, value in state(1).params.items()})
+  checkpointer.close()

@@ -9,7 +9,7 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.models.grain import MAX_LOGIT_SCALE, build_model
-from grain_jax.models.text import truncate_to_bucket
+from grain_jax.models.text import rows_at, truncate_to_bucket
 
 SOT, EOT = 49406, 49407
 
@@ -130,6 +130,48 @@ def test_truncating_to_a_bucket_gives_the_full_context_embeddings(model):
     assert short.shape[1] in (16, 32, 48, 77) and short.shape[1] >= ids.argmax(-1).max() + 1
     np.testing.assert_allclose(np.asarray(encode(model, jnp.asarray(short))),
                                np.asarray(encode(model, jnp.asarray(ids))), rtol=1e-5, atol=1e-5)
+
+
+def full_context_text_embeddings(text, ids: jax.Array) -> jax.Array:
+  """Every block at every position, then the EOT row: what running the last block at EOT only must equal."""
+  length = ids.shape[1]
+  x = text.token_embedding[...][ids] + text.positional_embedding[:length]
+  x = text.ln_final(text.blocks(x, jnp.tril(jnp.ones((length, length), bool))))
+  return x[jnp.arange(len(ids)), jnp.argmax(ids, axis=-1)] @ text.text_projection[...]
+
+
+@pytest.mark.parametrize("stack", [dict(scan_layers=False, remat=False), dict(scan_layers=True, remat=True)])
+def test_text_tower_running_its_last_block_at_eot_only_equals_the_full_computation(inputs, stack):
+  text = build_model(tiny_config(**stack).model, seed=0).text
+  ids = inputs[1]
+  weights = jax.random.normal(jax.random.key(0), (ids.shape[0], text.text_projection.shape[1]))
+  loss_and_grads = lambda embed: nnx.jit(nnx.value_and_grad(lambda text: jnp.sum(embed(text, ids) * weights)))
+  loss, grads = loss_and_grads(lambda text, ids: text(ids))(text)
+  full_loss, full_grads = loss_and_grads(full_context_text_embeddings)(text)
+  np.testing.assert_allclose(np.asarray(nnx.jit(lambda text: text(ids))(text)),
+                             np.asarray(nnx.jit(full_context_text_embeddings)(text, ids)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-5)
+  grads, full_grads = nnx.state(grads, nnx.Param), nnx.state(full_grads, nnx.Param)
+  assert jax.tree.structure(grads) == jax.tree.structure(full_grads)
+  for path, grad in nnx.to_flat_state(grads):
+    full = np.asarray(dict(nnx.to_flat_state(full_grads))[path][...])
+    # float32 rounding differs between the two orders of summation: compare to the array's scale
+    np.testing.assert_allclose(np.asarray(grad[...]), full, rtol=0, atol=1e-4 * np.abs(full).max(), err_msg=str(path))
+
+
+def test_rows_at_picks_the_rows_fancy_indexing_picks_without_collectives_when_sharded():
+  rng = np.random.default_rng(3)
+  for shape in ((5, 7), (4, 9, 3), (2, 6, 3, 2)):
+    x = rng.normal(size=shape).astype(np.float32)
+    positions = rng.integers(0, shape[1], shape[0])
+    np.testing.assert_array_equal(np.asarray(rows_at(jnp.asarray(x), jnp.asarray(positions))),
+                                  x[np.arange(shape[0]), positions])
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  x = jax.device_put(jnp.ones((16, 12, 64)), rows)
+  positions = jax.device_put(jnp.arange(16) % 12, rows)
+  hlo = jax.jit(rows_at).lower(x, positions).compile().as_text()
+  assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if op in hlo]
 
 
 def test_truncation_keeps_sequences_longer_than_every_bucket():

@@ -6,7 +6,11 @@ then reports:
   * the per-example preparation cost on one core (decode + resize + normalize + tokenize + boxes),
   * examples/s of the full pipeline (Grain, batching included) for each worker count, and
     examples per CPU-second of all its processes (= examples/s per fully busy core; robust to
-    other load on the machine, which the wall-clock rate is not).
+    other load on the machine, which the wall-clock rate is not),
+  * the padding the text tower runs on: each batch's captions and descriptions are cut to the
+    shortest of `--buckets` that holds every EOT (as training does); the share of the tokens run
+    that are padding, next to the share at the full 77-token context, and how text lengths spread
+    over the buckets.
 """
 
 import argparse
@@ -21,6 +25,8 @@ from grain_jax.data import examples
 from grain_jax.data import pipeline
 from grain_jax.data import records
 from grain_jax.data import synthetic
+from grain_jax.data.tokenizer import CONTEXT_LENGTH
+from grain_jax.train.trainer import text_to_bucket
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -34,7 +40,43 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--num-batches", type=int, default=12, help="timed batches per setting")
   parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
   parser.add_argument("--read-threads", type=int, default=2, help="threads reading and decoding records")
+  parser.add_argument("--buckets", default="16,32,48,77",
+                      help="comma-separated text lengths batches are cut to (config.model.text.context_buckets)")
   return parser.parse_args(argv)
+
+
+def text_lengths(ids: np.ndarray) -> np.ndarray:
+  """Tokens through EOT of each row of `ids [..., 77]` (0 for an empty description slot)."""
+  return np.where(ids.any(axis=-1), np.argmax(ids, axis=-1) + 1, 0)
+
+
+def text_padding(batches: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[str, dict]:
+  """For "caption_ids" and "desc_ids" over `batches`: `padding` the share of the tokens the text
+  tower runs that are padding (empty description slots count whole), once every batch is cut to
+  its bucket; `padding_full` the same at the full context; `lengths` every text's length."""
+  report = {}
+  for key in ("caption_ids", "desc_ids"):
+    real, run, full, lengths = 0, 0, 0, []
+    for batch in batches:
+      batch_lengths = text_lengths(batch[key]).reshape(-1)
+      real += int(batch_lengths.sum())
+      run += batch_lengths.size * text_to_bucket(batch, buckets)[key].shape[-1]
+      full += batch_lengths.size * CONTEXT_LENGTH
+      lengths.append(batch_lengths)
+    report[key] = dict(padding=1 - real / run, padding_full=1 - real / full, lengths=np.concatenate(lengths))
+  return report
+
+
+def _print_padding(batches: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> None:
+  edges = sorted(buckets)
+  report = text_padding(batches, edges)
+  print(f"text padding, {len(batches)} batches cut to buckets {edges} (share of the tokens run that are padding):")
+  for key, name in (("caption_ids", "captions"), ("desc_ids", "descriptions")):
+    padding, padding_full, lengths = report[key]["padding"], report[key]["padding_full"], report[key]["lengths"]
+    counts = np.histogram(lengths, bins=[0, 1] + [edge + 1 for edge in edges])[0] / lengths.size
+    spread = ", ".join(f"<={edge}: {share:.0%}" for edge, share in zip(edges, counts[1:]))
+    print(f"  {name:>12}: {padding:.0%} (at {CONTEXT_LENGTH} tokens: {padding_full:.0%}); median length "
+          f"{np.median(lengths[lengths > 0]):.0f} tokens; lengths {spread}; empty slots {counts[0]:.0%}")
 
 
 def _single_core_rate(data_dir: str, image_size: int, num_regions: int, count: int) -> float:
@@ -99,6 +141,12 @@ def main(argv: Sequence[str]) -> int:
     for num_workers in (int(w) for w in args.workers.split(",")):
       rate, per_cpu_second = _pipeline_rate(tmp, args, num_workers)
       print(f"{num_workers:>8} {rate:>11.0f} {per_cpu_second:>10.0f}")
+    padding_dataset = pipeline.train_dataset(
+        tmp, global_batch_size=args.batch_size, image_size=args.image_size, num_regions=args.num_regions, seed=0,
+        num_workers=0, read_threads=args.read_threads, process_index=0, process_count=1)
+    iterator = iter(padding_dataset)
+    batches = [next(iterator) for _ in range(max(1, args.num_records // args.batch_size))]
+    _print_padding(batches, [int(b) for b in args.buckets.split(",")])
   print("Whether this keeps up with the `small` preset's train step is measured with the "
         "training issue's step benchmark; compare its examples/s with the figures above.")
   return 0

@@ -26,30 +26,18 @@ from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
-from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
+from grain_jax.train import checkpoint
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
 
 
 def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
-  """`(step, params)` of the newest intact checkpoint in `workdir`, sharded by the config; a corrupt
-  one is skipped (logged), not moved.
-
-  Raises:
-    FileNotFoundError naming the directory when it holds no checkpoint.
-    CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
-      `Checkpointer.restore_latest` does.
-  """
+  """`(step, params)` of the newest intact checkpoint in `workdir` (parameters only), sharded by the
+  config; raises as `checkpoint.restore_params` does."""
   mesh = sharding.make_mesh(config.mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False,
-                              read_only=True)
-  restored = checkpointer.restore_latest_params(sharding.abstract_params(
+  return checkpoint.restore_params(workdir, sharding.abstract_params(
       nnx.state(nnx.eval_shape(lambda: build_model(config.model, 0)), nnx.Param), mesh, config.sharding_rules))
-  checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-  return restored
 
 
 def export_metadata(config, step: int) -> dict:
@@ -126,6 +114,6 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict
       print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
     sizes = {kind: f"{os.path.getsize(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
-    print(f"exported step {step} of {checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
+    print(f"exported step {step} of {checkpoint.checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
   return paths
 

@@ -13,6 +13,7 @@ OpenAI CLIP's, the decoder the reference's DETR-style decoder (with its declared
 import collections
 import math
 
+import einops
 import torch
 from torch import nn
 
@@ -34,10 +35,9 @@ class TimmAttention(nn.Module):
     self.proj = nn.Linear(width, width)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    batch, length, width = x.shape
-    q, k, v = self.qkv(x).reshape(batch, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = einops.rearrange(self.qkv(x), "b t (n h k) -> n b h t k", n=3, h=self.heads)
     attended = nn.functional.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-    return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+    return self.proj(einops.rearrange(attended, "b h t k -> b t (h k)"))
 
 
 class TimmMlp(nn.Module):
@@ -82,7 +82,7 @@ class QkNormVisionTransformer(nn.Module):
     self.norm = nn.LayerNorm(width, eps=cfg["layer_norm_eps"])
 
   def forward(self, images: torch.Tensor) -> torch.Tensor:
-    x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+    x = einops.rearrange(self.patch_embed.proj(images), "b d h w -> b (h w) d")
     x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
     for block in self.blocks:
       x = block(x)

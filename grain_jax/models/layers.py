@@ -8,6 +8,7 @@ order) in one `[embed, 3, heads, kv]` kernel.
 
 from typing import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -95,11 +96,11 @@ class Attention(nnx.Module):
       `[B, Tq, D]`.
     """
     if key_input is None:
-      q, k, v = jnp.moveaxis(self._project(query_input, slice(0, 3)), 2, 0)
+      q, k, v = einops.rearrange(self._project(query_input, slice(0, 3)), "b t n h k -> n b t h k")
     else:
       q = self._project(query_input, slice(0, 1))[:, :, 0]
       if value_input is key_input:
-        k, v = jnp.moveaxis(self._project(key_input, slice(1, 3)), 2, 0)
+        k, v = einops.rearrange(self._project(key_input, slice(1, 3)), "b t n h k -> n b t h k")
       else:
         k = self._project(key_input, slice(1, 2))[:, :, 0]
         v = self._project(value_input, slice(2, 3))[:, :, 0]
@@ -143,7 +144,7 @@ class LayerStack(nnx.Module):
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *, rngs: nnx.Rngs,
                scan: bool = False, remat: bool = False):
-    self.scanned, self.remat = scan, remat
+    self.scanned, self.remat, self.depth = scan, remat, depth
 
     @nnx.split_rngs(splits=depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -152,9 +153,20 @@ class LayerStack(nnx.Module):
 
     self.blocks = create(rngs)
 
-  def scan(self, step: Callable, carry):
-    """Runs `step(block, carry) -> (carry, output)` through the blocks in order; returns the final
-    carry and the outputs stacked on a leading `[depth]` axis (None outputs stay None)."""
+  def view(self, index: int | slice) -> nnx.Module:
+    """The blocks at `index` of the `layers` axis as a module of their own: an int gives one block
+    (negative counts from the end), a slice a stack on a leading axis.
+
+    A view for reading: parameters come from the stack (gradients reach them), but state the view
+    updates when called (dropout's RNG counts) does not go back to the stack.
+    """
+    graphdef, state = nnx.split(self.blocks)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x[index], state))
+
+  def scan(self, step: Callable, carry, *, upto: int | None = None):
+    """Runs `step(block, carry) -> (carry, output)` through the blocks in order (the first `upto`
+    only, when given; through a `view`); returns the final carry and the outputs stacked on a
+    leading `[depth]` (or `[upto]`) axis (None outputs stay None)."""
     if self.remat:
       step = nnx.remat(step)
 
@@ -162,13 +174,14 @@ class LayerStack(nnx.Module):
     def run(carry, block):
       return step(block, carry)
 
-    return run(carry, self.blocks)
+    return run(carry, self.blocks if upto is None else self.view(slice(0, upto)))
 
-  def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False) -> jax.Array:
-    """Returns the final `x`, or with `keep_intermediates` every block's output `[depth, *x.shape]`."""
+  def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False, upto: int | None = None) -> jax.Array:
+    """Returns the final `x` (after the first `upto` blocks when given), or with
+    `keep_intermediates` every block's output `[depth, *x.shape]`."""
     def step(block, x):
       x = block(x, *extra)
       return x, (x if keep_intermediates else None)
 
-    x, intermediates = self.scan(step, x)
+    x, intermediates = self.scan(step, x, upto=upto)
     return intermediates if keep_intermediates else x

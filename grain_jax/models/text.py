@@ -30,13 +30,28 @@ class TextBlock(nnx.Module):
     x = x + self.mlp(self.ln_2(x))
     return constrain(x, ("batch", "length", "embed"))
 
+  def at_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    """The block's output at one position per sequence: `x [B, T, D]`, `positions [B]` -> `[B, D]`.
+
+    Equal to `block(x, causal)[b, positions[b]]`: keys and values span every position, the query
+    is the one row, masked by its row of the causal mask; the MLP sees that row alone.
+    """
+    row = rows_at(x, positions)[:, None]
+    keys = self.ln_1(x)
+    visible = jnp.arange(x.shape[1]) <= positions[:, None]
+    row = row + self.attn(self.ln_1(row), keys, keys, mask=visible[:, None, None, :])
+    row = row + self.mlp(self.ln_2(row))
+    return row[:, 0]
+
 
 class TextTransformer(nnx.Module):
   """`token ids [T, L]` (L <= context_length) -> caption embeddings `[T, embed_dim]` (not normalized).
 
   The mask is causal and the embedding is read at the EOT token (the highest id), so tokens after
   EOT never influence it: any `L` that keeps every EOT gives the same embeddings as the full
-  context (see `truncate_to_bucket`).
+  context (see `truncate_to_bucket`). For the same reason the last block runs only at the EOT
+  position: its keys and values span the sequence, its query and MLP one row (at depth 12, about 7%
+  fewer matmul FLOPs in the tower).
   """
 
   def __init__(self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -57,9 +72,20 @@ class TextTransformer(nnx.Module):
     x = x + self.positional_embedding[:length].astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    x = self.ln_final(self.blocks(x, causal))
-    pooled = x[jnp.arange(x.shape[0]), jnp.argmax(ids, axis=-1)]
+    depth = self.blocks.depth
+    x = self.blocks(x, causal, upto=depth - 1)
+    pooled = self.ln_final(self.blocks.view(depth - 1).at_positions(x, jnp.argmax(ids, axis=-1)))
     return pooled @ self.text_projection.astype(self.dtype)
+
+
+def rows_at(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """`x[b, positions[b]]` for every b: `x [B, T, ...]`, `positions [B]` -> `[B, ...]`.
+
+  A gather along T: with B sharded (and `positions` alike) each device picks its own rows, with no
+  collective (fancy indexing with an arange over B all-reduces and all-gathers them).
+  """
+  index = positions.reshape(positions.shape + (1,) * (x.ndim - 1))
+  return jnp.take_along_axis(x, index, axis=1)[:, 0]
 
 
 def truncate_to_bucket(ids: np.ndarray, buckets: Sequence[int]) -> np.ndarray:

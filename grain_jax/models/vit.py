@@ -1,5 +1,6 @@
 """The image encoder: a ViT with qk-norm, as timm's `VisionTransformer(qk_norm=True)`."""
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -50,13 +51,11 @@ class VisionTransformer(nnx.Module):
     self.norm = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    batch, height, width, channels = images.shape
-    p = self.patch_size
-    patches = images.reshape(batch, height // p, p, width // p, p, channels)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, (height // p) * (width // p), p, p, channels)
+    # Row-major over the patch grid, as the PyTorch conv's flattened output.
+    patches = einops.rearrange(images, "b (h i) (w j) c -> b (h w) i j c", i=self.patch_size, j=self.patch_size)
     x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), self.patch_kernel.astype(self.dtype))
     x = x + self.patch_bias.astype(self.dtype)
-    cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (batch, 1, x.shape[-1]))
+    cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(self.dtype)
     x = constrain(x, ("batch", "length", "embed"))
     return self.norm(self.blocks(x))

@@ -12,6 +12,7 @@ trains (`untrained_shapes`) are written as zeros with their reference shapes and
 
 from typing import Callable, Iterable, Mapping, NamedTuple
 
+import einops
 import numpy as np
 
 from grain_jax.errors import UserError
@@ -41,12 +42,15 @@ COPY = Transform(lambda x: x, lambda x, shape: x)
 LINEAR = Transform(lambda k: k.T, lambda w, shape: w.T)
 # [embed, 3, heads, kv] -> [3 * heads * kv, embed]: q, k, v then heads, as nn.MultiheadAttention
 # and timm's qkv Linear pack them.
-QKV = Transform(lambda k: k.reshape(k.shape[0], -1).T, lambda w, shape: w.T.reshape(shape))
+QKV = Transform(lambda k: einops.rearrange(k, "d n h k -> (n h k) d"),
+                lambda w, shape: einops.rearrange(w, "(n h k) d -> d n h k", n=shape[1], h=shape[2]))
 FLAT = Transform(lambda b: b.reshape(-1), lambda b, shape: b.reshape(shape))
 # [heads, kv, embed] -> [embed, heads * kv].
-ATTENTION_OUT = Transform(lambda k: k.reshape(-1, k.shape[-1]).T, lambda w, shape: w.T.reshape(shape))
+ATTENTION_OUT = Transform(lambda k: einops.rearrange(k, "h k d -> d (h k)"),
+                          lambda w, shape: einops.rearrange(w, "d (h k) -> h k d", h=shape[0]))
 # [p, p, 3, width] (patch rows, columns, channels) -> Conv2d [width, 3, p, p].
-PATCH = Transform(lambda k: k.transpose(3, 2, 0, 1), lambda w, shape: w.transpose(2, 3, 1, 0))
+PATCH = Transform(lambda k: einops.rearrange(k, "i j c d -> d c i j"),
+                  lambda w, shape: einops.rearrange(w, "d c i j -> i j c d"))
 
 
 class Entry(NamedTuple):

@@ -27,6 +27,7 @@ save waits for it, so a kill loses at most 2 x `checkpoint_every` steps.
 
 import logging
 import os
+from typing import Any
 
 import grain
 import jax
@@ -326,3 +327,22 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+def restore_params(workdir: str, like_params: Any) -> tuple[int, Any]:
+  """`(step, params)` of the newest intact checkpoint in `<workdir>/checkpoints`, in the shapes and
+  shardings of `like_params` (an nnx.State of arrays or ShapeDtypeStructs). Only the parameters are
+  read and verified, not the optimizer state. A corrupt checkpoint is skipped (logged), not moved.
+
+  Raises:
+    FileNotFoundError naming the directory when it holds no checkpoint.
+    CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
+      `Checkpointer.restore_latest` does.
+  """
+  directory = checkpoint_dir(workdir)
+  checkpointer = Checkpointer(directory, keep=1, async_save=False, read_only=True)
+  restored = checkpointer.restore_latest_params(like_params)
+  checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {directory}")
+  return restored

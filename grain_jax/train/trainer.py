@@ -23,7 +23,7 @@ from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
-from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.preemption import Preempted, PreemptionNotice
 from grain_jax.train.step import TrainState, make_train_step
@@ -120,23 +120,15 @@ def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> T
 
 def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
   """The model of the newest intact checkpoint in `workdir`, sharded over `mesh`, in eval mode,
-  and its step. Call under `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
-  A corrupt checkpoint is skipped (logged), not moved.
-
-  Raises:
-    FileNotFoundError naming the directory when it holds no checkpoint.
-    CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
-      `Checkpointer.restore_latest` does.
+  and its step; see `checkpoint.restore_params`. Call under `jax.set_mesh(mesh)` and
+  `sharding.axis_rules(config.sharding_rules)`.
   """
-  training = build_training(config, mesh)
-  checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints, async_save=False, read_only=True)
-  state = checkpointer.restore_latest(training.state)
-  checkpointer.close()
-  if state is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
-  model = nnx.merge(training.graphdef, state.params, training.rest)
+  abstract = sharding.create_abstract(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
+  graphdef, like_params, rest = nnx.split(abstract, nnx.Param, ...)
+  step, params = restore_params(workdir, like_params)
+  model = nnx.merge(graphdef, params, rest)
   model.eval()
-  return model, int(state.step)
+  return model, step
 
 
 def write_config(config, workdir: str) -> None:
