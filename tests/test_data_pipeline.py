@@ -156,8 +156,9 @@ def _running(pid: int) -> bool:
 
 def test_a_worker_survives_sigterm_and_ends_when_its_trainer_dies():
   """Preemption notices reach every process of a job; the trainer saves and stops, its workers end."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run([sys.executable, "-c", _ORPHANED_WORKER], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                          env=dict(os.environ, PYTHONPATH=repo))
   worker, state = result.stdout.split()
   assert state == "alive", result.stderr
   deadline = time.monotonic() + 10 * workers.PARENT_CHECK_S
