@@ -25,12 +25,12 @@ from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
+from grain_jax.train import preemption
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
-from grain_jax.train import preemption
+from grain_jax.train.device_peak import peak_for
 from grain_jax.train.preemption import Preempted, PreemptionNotice
 from grain_jax.train.step import TrainState, make_train_step
-from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step_report import StepReport
 from grain_jax.train.workdir_files import keep_earlier, replace_durably
 
