@@ -21,7 +21,7 @@
 #   --project ID         gcloud project (default: gcloud's configured one)
 #   --spot | --flex | --reservation NAME   the cluster's capacity (default on demand)
 #   --bucket BUCKET      mounted at /gcs/BUCKET in every pod
-#   --config SPEC        default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
+#   --config CONFIG      default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
 #   --workdir DIR        default /gcs/BUCKET/runs/NAME (a local path: gs:// URLs are refused); a restarted or re-submitted workload resumes
 #                        from its newest checkpoint
 #   --base-image IMAGE   the image this checkout is added to (default python:3.11)

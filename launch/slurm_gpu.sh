@@ -2,7 +2,7 @@
 # Submits launch/slurm_gpu.sbatch with the job's sizes:
 #
 #   launch/slurm_gpu.sh [--nodes 2] [--gpus-per-node 8] [--process-per gpu|node] [--cpus-per-gpu 12]
-#       [--partition P] [--account A] [--time HH:MM:SS] [--dry-run] -- --config SPEC --workdir DIR \
+#       [--partition P] [--account A] [--time HH:MM:SS] [--dry-run] -- --config CONFIG --workdir DIR \
 #       [--config.FIELD=VALUE ...]
 #
 # Each process gets --cpus-per-gpu CPUs for each GPU it drives, for loading their data.

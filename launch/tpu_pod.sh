@@ -27,7 +27,7 @@
 #   --queued             request through queued resources (waits for capacity; running `up`
 #                        again while the request is queued waits for it, keeping its place)
 #   --bucket BUCKET      mounted at /gcs/BUCKET on every worker
-#   --config SPEC        default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
+#   --config CONFIG      default configs/cc12m_b16.py:grain,<the accelerator's mesh preset>
 #   --workdir DIR        default /gcs/BUCKET/runs/NAME (a local path: gs:// URLs are refused); a re-run
 #                        resumes from its newest checkpoint
 #   --repo URL --git-ref REF   install from git instead of copying this checkout

@@ -2,6 +2,9 @@
 
 import io
 import os
+import subprocess
+import sys
+import time
 
 from etils import epath
 import grain
@@ -12,6 +15,7 @@ from PIL import Image
 from grain_jax.data import pipeline
 from grain_jax.data import quality
 from grain_jax.data import records
+from grain_jax.data import workers
 from grain_jax.defaults import base
 
 NUM_RECORDS = 12
@@ -117,6 +121,50 @@ def test_iterator_checkpoint_round_trip(data_dir, tmp_path, num_workers):
 
 def test_one_worker_process_gives_the_same_batches(data_dir):
   assert _captions(_dataset(data_dir, num_workers=1)) == _captions(_dataset(data_dir))
+
+
+# A trainer (the parent) forks a worker that runs Grain's init function, sends itself SIGTERM, says
+# it lives, and waits; the trainer then dies without cleaning up.
+_ORPHANED_WORKER = """
+import os, signal, threading
+from grain_jax.data.workers import init_worker
+read_end, write_end = os.pipe()
+worker = os.fork()
+if worker == 0:
+  os.close(read_end)
+  devnull = os.open(os.devnull, os.O_WRONLY)  # lets the test read the trainer's output to its end
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  init_worker(0, 1)
+  os.kill(os.getpid(), signal.SIGTERM)
+  os.write(write_end, b"alive")
+  threading.Event().wait(60)
+  os._exit(1)
+os.close(write_end)
+print(worker, os.read(read_end, 5).decode() or "dead", flush=True)
+os._exit(0)
+"""
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+def test_a_worker_survives_sigterm_and_ends_when_its_trainer_dies():
+  """Preemption notices reach every process of a job; the trainer saves and stops, its workers end."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run([sys.executable, "-c", _ORPHANED_WORKER], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=repo))
+  worker, state = result.stdout.split()
+  assert state == "alive", result.stderr
+  deadline = time.monotonic() + 10 * workers.PARENT_CHECK_S
+  while _running(int(worker)):
+    assert time.monotonic() < deadline, f"worker {worker} outlived its trainer"
+    time.sleep(0.05)
 
 
 def test_bad_records_are_skipped_and_counted(tmp_path):

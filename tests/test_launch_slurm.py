@@ -63,13 +63,22 @@ def test_a_task_whose_gpus_cannot_be_assigned_fails(variables, message):
 
 @pytest.fixture
 def cluster(tmp_path):
-  # The fake trainer runs while $KEEP_RUNNING exists, then exits with $EXIT_STATUS; on SIGTERM it
-  # "saves" and exits with 75, as grain_jax.main does.
+  # The fake trainer runs while $KEEP_RUNNING exists, then exits with $EXIT_STATUS; on SIGTERM (or
+  # exiting with 75) it "saves" as grain_jax.main does: process 0 writes <workdir>/preempted, and it
+  # exits with 75. $ON_TERM replaces that answer to SIGTERM.
   python = tmp_path / "python"
-  python.write_text('#!/usr/bin/env bash\necho "process $SLURM_PROCID devices $JAX_LOCAL_DEVICE_IDS: $*"\n'
-                    'trap \'echo "process $SLURM_PROCID saved"; exit 75\' TERM\n'
-                    'while [[ -e "$KEEP_RUNNING" ]]; do sleep 0.05; done\nexit "${EXIT_STATUS:-0}"\n')
+  python.write_text(
+      '#!/usr/bin/env bash\necho "process $SLURM_PROCID devices $JAX_LOCAL_DEVICE_IDS: $*"\n'
+      'while [[ $# -gt 0 ]]; do\n'
+      '  case "$1" in --workdir) workdir="$2" ;; --workdir=*) workdir="${1#--workdir=}" ;; esac; shift\n'
+      'done\n'
+      'save() { echo "process $SLURM_PROCID saved"; [[ "$SLURM_PROCID" != 0 ]] || echo 12 >"$workdir/preempted"; '
+      'exit 75; }\n'
+      'trap "${ON_TERM:-save}" TERM\n'
+      'while [[ -e "$KEEP_RUNNING" ]]; do sleep 0.05; done\n'
+      '[[ "${EXIT_STATUS:-0}" != 75 ]] || save\nexit "${EXIT_STATUS:-0}"\n')
   python.chmod(0o755)
+  (tmp_path / "run").mkdir()
   env = {"PATH": f"{FAKES}:/usr/bin:/bin", "PYTHON": str(python), "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
          "FAKE_SRUN_TASKS": str(tmp_path / "tasks"), "FAKE_SCONTROL_LOG": str(tmp_path / "scontrol.log"),
          "FAKE_SCANCEL_LOG": str(tmp_path / "scancel.log"), "KEEP_RUNNING": str(tmp_path / "keep_running"),
@@ -83,11 +92,13 @@ def test_sbatch_gives_srun_the_cpus_and_each_task_its_gpus(cluster):
   (tmp_path / "tasks").write_text("".join(
       f"SLURM_PROCID={2 * node + local} SLURM_NODEID={node} SLURM_LOCALID={local} SLURM_STEP_TASKS_PER_NODE=2(x2) "
       "CUDA_VISIBLE_DEVICES=0,1 SLURM_STEP_GPUS=0,1\n" for node in range(2) for local in range(2)))
-  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--workdir", "/shared/run"], cwd=REPO, env=env,
+  workdir = tmp_path / "run"
+  (workdir / "preempted").write_text("3\n")  # a previous run's
+  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--workdir", str(workdir)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=30)
   assert result.returncode == 0, result.stderr
   assert result.stdout.splitlines() == [
-      f"process {index} devices {index % 2}: -m grain_jax.main --workdir /shared/run --config.train.multiprocess=True"
+      f"process {index} devices {index % 2}: -m grain_jax.main --workdir {workdir} --config.train.multiprocess=True"
       for index in range(4)]
   assert (tmp_path / "srun.log").read_text().split()[-1] == "SRUN_CPUS_PER_TASK=12"
   header = (REPO / "launch" / "slurm_gpu.sbatch").read_text()
@@ -95,15 +106,19 @@ def test_sbatch_gives_srun_the_cpus_and_each_task_its_gpus(cluster):
   assert not (tmp_path / "scontrol.log").exists()
 
 
-ONE_TASK = "SLURM_PROCID=0 SLURM_NODEID=0 SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE=1 CUDA_VISIBLE_DEVICES=0\n"
+ONE_TASK = "SLURM_PROCID=0 SLURM_NODEID=0 SLURM_LOCALID=0 SLURM_STEP_TASKS_PER_NODE=1(x2) CUDA_VISIBLE_DEVICES=0\n"
+TWO_TASKS = ONE_TASK + ONE_TASK.replace("PROCID=0", "PROCID=1").replace("NODEID=0", "NODEID=1")
 
 
-def test_the_time_limit_signal_makes_the_trainers_save_then_requeues_the_job(cluster):
+@pytest.mark.parametrize("on_term, requeued", [("save", True), ("exit 3", False)])
+def test_the_time_limit_signal_makes_the_trainers_save_then_requeues_the_job(cluster, on_term, requeued):
+  """Requeued once the trainers saved; a trainer that fails instead is not started again."""
   tmp_path, env = cluster
   (tmp_path / "tasks").write_text(ONE_TASK)
   (tmp_path / "keep_running").touch()
-  job = subprocess.Popen(["bash", "launch/slurm_gpu.sbatch", "--workdir", "/shared/run"], cwd=REPO, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  job = subprocess.Popen(["bash", "launch/slurm_gpu.sbatch", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                         env={**env, "ON_TERM": on_term}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
   try:
     deadline = time.monotonic() + 20
     while not (tmp_path / "srun.log.task").exists():
@@ -111,22 +126,37 @@ def test_the_time_limit_signal_makes_the_trainers_save_then_requeues_the_job(clu
       time.sleep(0.05)
     job.send_signal(signal.SIGUSR1)
     stdout, stderr = job.communicate(timeout=20)
-    # The trainer got SIGTERM through scancel (the batch script's own signal is USR1), saved and exited.
+    # The trainer got SIGTERM through scancel (the batch script's own signal is USR1).
     assert (tmp_path / "scancel.log").read_text() == "--signal=TERM 77\n"
-    assert stdout.splitlines()[-1] == "process 0 saved"
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
-    assert job.returncode == 0 and "the trainers stopped with status 75; requeueing job 77" in stderr
+    assert (tmp_path / "scontrol.log").exists() == requeued
+    if requeued:
+      assert stdout.splitlines()[-1] == "process 0 saved"
+      assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+      assert job.returncode == 0 and "the trainers saved step 12 on a preemption notice" in stderr
+    else:
+      assert job.returncode == 3, stderr
   finally:
     if job.poll() is None:
       os.killpg(job.pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("exit_status, requeued", [(75, True), (3, False)])
+@pytest.mark.parametrize("exit_status, requeued", [(75, True), (3, False), (0, False)])
 def test_trainers_that_saved_on_a_notice_are_requeued_and_failures_are_not(cluster, exit_status, requeued):
+  """Two tasks under srun's --kill-on-bad-exit: the first to exit gets the second killed, so srun's
+  status is the kill's (137), not 75; the marker decides."""
   tmp_path, env = cluster
-  (tmp_path / "tasks").write_text(ONE_TASK)
-  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--workdir", "/shared/run"], cwd=REPO,
+  (tmp_path / "tasks").write_text(TWO_TASKS)
+  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--workdir", str(tmp_path / "run")], cwd=REPO,
                           env={**env, "EXIT_STATUS": str(exit_status)}, capture_output=True, text=True, timeout=30)
-  assert result.returncode == (0 if requeued else exit_status), result.stderr
+  assert result.returncode == (0 if requeued or exit_status == 0 else 137), result.stderr
   assert (tmp_path / "scontrol.log").exists() == requeued
   assert not (tmp_path / "scancel.log").exists()
+
+
+def test_the_batch_script_needs_the_workdir(cluster):
+  tmp_path, env = cluster
+  (tmp_path / "tasks").write_text(ONE_TASK)
+  result = subprocess.run(["bash", "launch/slurm_gpu.sbatch", "--config", "configs/base.py:tiny"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=30)
+  assert result.returncode == 2 and "missing --workdir DIR" in result.stderr
+  assert not (tmp_path / "srun.log").exists()

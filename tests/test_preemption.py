@@ -1,5 +1,6 @@
-"""A preemption notice: a training process that gets SIGTERM saves at the step it reached and exits
-with status 75; resuming goes on from that step with none lost. And the per-step report's MFU."""
+"""A preemption notice: a training process whose process group (it and its data workers) gets SIGTERM
+saves at the step it reached, marks the workdir, and exits with status 75; resuming goes on from
+that step with none lost. And the per-step report's MFU."""
 
 import json
 import logging
@@ -15,11 +16,13 @@ import numpy as np
 import pytest
 
 from grain_jax.config import ConfigError, load_config, validate
+from grain_jax.train import preemption
 from grain_jax.train import trainer
 from grain_jax.train.preemption import PREEMPTED_STATUS, PreemptionNotice
-from grain_jax.train.step_report import StepReport, device_peak
+from grain_jax.train.device_peak import peak_for
+from grain_jax.train.step_report import StepReport
 
-OVERRIDES = dict(data=dict(batch_size=8, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2,
+OVERRIDES = dict(data=dict(batch_size=8, num_workers=1, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2,
                                                         num_grounding=2)),
                  train=dict(num_steps=1000, log_every=1, checkpoint_every=1000, peak_flops_per_device=1e12),
                  experiment=dict(evaluate=False), optim=dict(warmup_steps=1))
@@ -46,8 +49,8 @@ def rows(workdir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
-  """A run of `python -m grain_jax.main` sent SIGTERM once it has logged two steps: (workdir, its
-  exit status, its output)."""
+  """A run of `python -m grain_jax.main` with a data worker process, whose process group is sent
+  SIGTERM once it has logged two steps (as launchers do): (workdir, its exit status, its output)."""
   workdir = str(tmp_path_factory.mktemp("preempted"))
   process = subprocess.Popen([sys.executable, "-m", "grain_jax.main", "--config", "configs/base.py:tiny",
                               "--workdir", workdir, *flags(OVERRIDES)], stdout=subprocess.PIPE,
@@ -58,7 +61,7 @@ def preempted(tmp_path_factory):
     while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
       assert process.poll() is None and time.monotonic() < deadline
       time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=TIMEOUT_S)
   finally:
     if process.poll() is None:
@@ -73,6 +76,7 @@ def test_a_notice_saves_the_step_reached_and_exits_with_its_status(preempted):
   logged = [row["step"] for row in rows(workdir)]
   assert saved >= 2 and logged == list(range(1, saved + 1))
   assert f"preempted: saved the checkpoint of step {saved}" in output
+  assert open(os.path.join(workdir, preemption.MARKER)).read() == f"{saved}\n"
 
 
 def test_the_report_logs_mfu_when_the_peak_is_given(preempted):
@@ -80,14 +84,19 @@ def test_the_report_logs_mfu_when_the_peak_is_given(preempted):
   assert all(0 < row["mfu"] < 1 for row in rows(preempted[0]))
 
 
-def test_resuming_after_a_notice_loses_no_step(preempted):
+def test_resuming_after_a_notice_loses_no_step_and_a_notice_at_the_last_step_is_no_preemption(
+    preempted, monkeypatch):
   workdir = preempted[0]
   saved = rows(workdir)[-1]["step"]
   config = load_config("configs/base.py:tiny")
   apply(config, OVERRIDES)
+  asked = []
+  monkeypatch.setattr(PreemptionNotice, "reached", lambda self, step: asked.append(step) or step == saved + 2)
   _, metrics = trainer.train(config, workdir, stop_at_step=saved + 2)
+  assert asked == [saved + 1, saved + 2]
   assert [row["step"] for row in rows(workdir)] == list(range(1, saved + 3))
   assert np.isfinite(metrics["loss"])
+  assert not os.path.exists(os.path.join(workdir, preemption.MARKER))
 
 
 def test_a_single_process_catches_sigterm_only_while_it_trains():
@@ -116,9 +125,10 @@ def test_mfu_is_the_window_s_flops_over_the_devices_peak(tmp_path):
 
 def test_an_unknown_device_logs_no_mfu_and_says_so(caplog):
   with caplog.at_level(logging.INFO):
-    assert device_peak(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0))) is None
-  assert "metrics have no mfu" in caplog.text and jax.devices()[0].device_kind in caplog.text
-  assert device_peak(ml_collections.ConfigDict(dict(peak_flops_per_device=5e14))) == 5e14
+    assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0)), "a new chip") is None
+  assert "no mfu" in caplog.text and "a new chip" in caplog.text
+  assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=5e14)), "TPU v4") == 5e14
+  assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0)), "TPU v4") == 275e12
 
 
 def test_a_negative_peak_is_refused():

@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from grain_jax import sharding
+from grain_jax.bench.step import synthetic_batch
+from grain_jax.train import trainer
 from grain_jax.train.flops import dot_general_flops, matmul_flops
 from grain_jax.defaults.base import get_config
 from grain_jax.models.grain import build_model
@@ -57,3 +60,21 @@ def test_scanned_and_unrolled_models_count_the_same():
 
   unrolled = gradient_flops(False)
   assert unrolled > 0 and gradient_flops(True) == unrolled
+
+
+def test_the_training_step_s_model_flops_leave_out_remat_s_recomputation():
+  """MFU counts model FLOPs: remat's second forward pass is work the model does not need."""
+  def counts(remat: bool) -> tuple[int, int]:
+    config = get_config("tiny")
+    config.model.remat = remat
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    batch = trainer.text_to_bucket(synthetic_batch(config, 2), config.model.text.context_buckets)
+    with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
+      training = trainer.build_training(config, mesh, abstract=True)
+      return (matmul_flops(training.flops_fn, training.state, batch),
+              matmul_flops(training.step_fn, training.state, batch))
+
+  model_flops, executed = counts(remat=False)
+  remat_model_flops, remat_executed = counts(remat=True)
+  assert model_flops == executed and remat_executed > executed
+  assert remat_model_flops == model_flops

@@ -5,7 +5,8 @@ Times the full jitted step (image tower, decoder, text tower on captions and 5 d
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
 compares its model FLOP/s (the step's matmuls, counted from its jaxpr, so scanned and unrolled
 layer stacks count alike) with the machine's measured float32 matmul rate and, on a device whose
-bf16 peak is known (grain_jax/train/device_peak.py), with that peak (MFU).
+bf16 peak is known (config.train.peak_flops_per_device, else grain_jax/train/device_peak.py), with
+that peak (MFU). Model FLOPs leave out the forward pass that remat computes again.
 
 `--reference true` also times the reference implementation's step, rebuilt in PyTorch from the same
 parameters on the same batch (see `_reference_step.py`; needs requirements-export.txt), and prints
@@ -28,7 +29,7 @@ from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import trainer
-from grain_jax.train.device_peak import model_flops_utilization, peak_bf16_flops
+from grain_jax.train.device_peak import model_flops_utilization, peak_for
 
 
 def token_ids(rng: np.random.Generator, count: int, words: int) -> np.ndarray:
@@ -105,7 +106,7 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     compiled = training.step_fn.lower(training.state, batch).compile()
     compile_s = time.perf_counter() - start
-    flops = matmul_flops(training.step_fn, training.state, batch)
+    flops = matmul_flops(training.flops_fn, training.state, batch)
     state, metrics = compiled(training.state, batch)
     jax.block_until_ready(metrics)
     reference = reference_step and reference_step.ReferenceStep(config, initial)
@@ -137,7 +138,7 @@ def main(argv: list[str]) -> int:
   print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G, {flops / args.batch / 1e9:.2f} G per image; "
         f"achieved {flops / step_s / 1e9:.1f} GFLOP/s")
   print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; utilization {flops / step_s / peak:.1%}")
-  bf16_peak = peak_bf16_flops(device.device_kind)
+  bf16_peak = peak_for(config.train, device.device_kind)
   if bf16_peak is None:
     print(f"MFU: no bf16 peak known for a {device.device_kind!r} device")
   else:

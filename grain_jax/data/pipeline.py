@@ -27,6 +27,7 @@ from grain_jax.data import examples
 from grain_jax.data import quality
 from grain_jax.data import records
 from grain_jax.data import synthetic
+from grain_jax.data import workers
 
 BATCH_KEYS = ("image", "caption_ids", "boxes", "box_valid", "desc_ids", "desc_text_id")
 
@@ -211,7 +212,7 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
+        num_workers=num_workers, per_worker_buffer_size=worker_buffer_size), worker_init_fn=workers.init_worker)
   return TrainDataset(dataset, data_dir, max_bad_fraction)
 
 

@@ -7,8 +7,8 @@ other processes' cache keys differ), so in a second launch process 0 loads its p
 others compile theirs anew; when that takes longer than 30 s the first collective fails. The
 barrier goes through the coordination service instead, which waits `COMPILE_BARRIER_TIMEOUT_S`.
 
-Optionally it counts each program's model FLOPs (its matmuls, from the jaxpr) for utilization: the
-text buckets make steps of different shapes cost different amounts.
+Optionally it counts each program's model FLOPs (the matmuls of `flops_fn`'s jaxpr) for
+utilization: the text buckets make steps of different shapes cost different amounts.
 """
 
 from typing import Callable
@@ -38,13 +38,14 @@ def wait_for_other_processes(name: str) -> None:
 class CompiledStep:
   """Calls `step_fn(state, batch)` through its compiled program for the batch's shapes.
 
-  With `count_flops`, `last_flops` is the model FLOPs of the latest call (all devices together);
-  otherwise None. Counting traces the step once more per batch shape.
+  With `flops_fn` (the same step without rematerialization, `Training.flops_fn`), `last_flops` is
+  the model FLOPs of the latest call (all devices together); otherwise None. Counting traces
+  `flops_fn` once per batch shape.
   """
 
-  def __init__(self, step_fn: Callable, count_flops: bool = False):
+  def __init__(self, step_fn: Callable, flops_fn: Callable | None = None):
     self._step_fn = step_fn
-    self._count_flops = count_flops
+    self._flops_fn = flops_fn
     self._programs: dict[tuple, Callable] = {}
     self._flops: dict[tuple, int] = {}
     self.last_flops: int | None = None
@@ -58,7 +59,7 @@ class CompiledStep:
       # Every process sees the same batch shapes in the same order (the text bucket is agreed
       # across processes), so the count names the same barrier everywhere.
       wait_for_other_processes(f"grain_jax_compiled_train_step_{len(self._programs)}")
-      if self._count_flops:
-        self._flops[signature] = matmul_flops(self._step_fn, state, batch)
+      if self._flops_fn is not None:
+        self._flops[signature] = matmul_flops(self._flops_fn, state, batch)
     self.last_flops = self._flops.get(signature)
     return program(state, batch)

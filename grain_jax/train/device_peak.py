@@ -9,6 +9,8 @@ variant with another peak, e.g. an H100 PCIe or an H200 NVL, is not taken for th
   sparsity"; dense is half: 989 TFLOP/s.
 """
 
+import logging
+
 PEAK_BF16_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
@@ -22,9 +24,16 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def peak_bf16_flops(device_kind: str) -> float | None:
-  """FLOP/s of one device of `device_kind`, None when it is not in the table (a CPU, say)."""
-  return PEAK_BF16_FLOPS.get(device_kind)
+def peak_for(train_config, device_kind: str) -> float | None:
+  """The bf16 FLOP/s of one device: `train_config.peak_flops_per_device` when set (> 0), else the
+  table's for `device_kind`; None (said in the log) when neither knows it, e.g. on a CPU."""
+  if train_config.peak_flops_per_device > 0:
+    return float(train_config.peak_flops_per_device)
+  peak = PEAK_BF16_FLOPS.get(device_kind)
+  if peak is None:
+    logging.info("no mfu: the bf16 peak of a %r device is not known (set config.train.peak_flops_per_device "
+                 "to log it)", device_kind)
+  return peak
 
 
 def model_flops_utilization(flops: float, seconds: float, num_devices: int, peak_per_device: float) -> float:

@@ -4,7 +4,10 @@ XLA's own count (`compiled.cost_analysis()`) sees a scanned layer stack as one i
 while loop, so it undercounts a model run with `scan_layers=True` by its depth. Counting the
 `dot_general`s of the jaxpr instead multiplies each scan body by its length, and is the same
 whether the layers are scanned or unrolled. Elementwise work is not counted (it is the usual
-"model FLOPs": the matmuls, forward and backward).
+"model FLOPs": the matmuls, forward and backward). The count is of the jaxpr as traced, so a
+function with rematerialized (`jax.checkpoint`) parts also counts their forward pass again in the
+backward pass; model FLOPs are those of the same function without remat (`trainer.Training.flops_fn`,
+which is exact, where 3x the forward pass would not be: no gradient flows into the input images).
 """
 
 import math

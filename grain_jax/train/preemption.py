@@ -11,18 +11,40 @@ launch/slurm_gpu.sbatch, before the time limit) all send SIGTERM some time befor
   after the step in progress.
 
 The run then raises `Preempted`, and `python -m grain_jax.main` exits with `PREEMPTED_STATUS`, so
-that a launcher can tell "saved, run me again" from a failure.
+that a launcher can tell "saved, run me again" from a failure. Process 0 also writes the step into
+`<workdir>/preempted` once the checkpoint has committed (the next training run removes it): under
+SLURM, srun's status is that of whichever task it saw end first, or of the signal that killed the
+others, so launch/slurm_gpu.sbatch requeues on that file rather than on the status.
 """
 
 import logging
+import os
 import signal
 import threading
 
 import jax
 from jax.experimental import multihost_utils
 
+from grain_jax.train.workdir_files import replace_durably
+
 # EX_TEMPFAIL of sysexits.h: a temporary failure, the run should be started again.
 PREEMPTED_STATUS = 75
+
+
+MARKER = "preempted"
+
+
+def write_marker(workdir: str, step: int) -> None:
+  """`<workdir>/preempted` holding `step`: the run saved that step on a notice and stopped."""
+  replace_durably(os.path.join(workdir, MARKER), f"{step}\n")
+
+
+def remove_marker(workdir: str) -> None:
+  """A run trains again: the previous one's notice is dealt with."""
+  try:
+    os.remove(os.path.join(workdir, MARKER))
+  except FileNotFoundError:
+    pass
 
 
 class Preempted(Exception):

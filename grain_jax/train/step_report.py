@@ -3,7 +3,7 @@ utilization, the skipped-update warning, the progress bar and the metrics rows.
 
 Every `log_every` steps (and at the last one) it fetches the step's metrics and adds, over the steps
 since the previous row: `images_per_second`, `skipped_steps_total` and, where the device's bf16 peak
-is known (`device_peak`, or `config.train.peak_flops_per_device`), `mfu`: the step's model FLOPs
+is known (`device_peak.peak_for`: `config.train.peak_flops_per_device` or the device's), `mfu`: the step's model FLOPs
 (its matmuls) per second over the peak of all devices.
 """
 
@@ -14,23 +14,10 @@ import time
 import jax
 import tqdm
 
-from grain_jax.train.device_peak import model_flops_utilization, peak_bf16_flops
+from grain_jax.train.device_peak import model_flops_utilization
 from grain_jax.train.metrics_writer import MetricsWriter
 
 BAR_FIELDS = ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "box_spread_ratio", "images_per_second", "mfu")
-
-
-def device_peak(train_config) -> float | None:
-  """The bf16 peak FLOP/s of one device: `peak_flops_per_device` when set, else the table's for
-  this device kind; None (said once in the log) when neither knows it."""
-  if train_config.peak_flops_per_device > 0:
-    return float(train_config.peak_flops_per_device)
-  kind = jax.devices()[0].device_kind
-  peak = peak_bf16_flops(kind)
-  if peak is None:
-    logging.info("metrics have no mfu: the bf16 peak of a %r device is not known (set "
-                 "config.train.peak_flops_per_device to log it)", kind)
-  return peak
 
 
 class StepReport:

@@ -4,6 +4,8 @@ One straight line from a config to a trained model, identical on a laptop CPU an
 the config (mesh, data paths, sizes) changes.
 """
 
+import contextlib
+import functools
 import logging
 import os
 from typing import Callable, NamedTuple
@@ -23,11 +25,13 @@ from grain_jax.models.grain import build_model
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
+from grain_jax.train import preemption
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
+from grain_jax.train.device_peak import peak_for
 from grain_jax.train.preemption import Preempted, PreemptionNotice
 from grain_jax.train.step import TrainState, make_train_step
-from grain_jax.train.step_report import StepReport, device_peak
+from grain_jax.train.step_report import StepReport
 from grain_jax.train.workdir_files import keep_earlier, replace_durably
 
 
@@ -88,11 +92,15 @@ class Training(NamedTuple):
   state: the initial TrainState, sharded by the logical-axis rules.
   step_fn: the jitted `(state, global batch) -> (state, metrics)`; call it under
     `jax.set_mesh(mesh)` and `sharding.axis_rules(config.sharding_rules)`.
+  flops_fn: the same step, not jitted, with `config.model.remat` off: its matmuls
+    (`flops.matmul_flops(flops_fn, state, batch)`) are the step's model FLOPs, which do not count
+    the forward pass that remat computes again in the backward pass.
   """
   graphdef: nnx.GraphDef
   rest: nnx.State
   state: TrainState
   step_fn: Callable
+  flops_fn: Callable
 
 
 def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> Training:
@@ -111,11 +119,23 @@ def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> T
   tx = optim.make_optimizer(params, config.optim, num_steps)
   state = (abstract_state if abstract else init_state)(model, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = jax.jit(
-      make_train_step(graphdef, rest, tx, config, sharding.batch_shards(mesh, config.sharding_rules),
-                      optim.learning_rate_schedule(config.optim, num_steps)),
-      in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0)
-  return Training(graphdef, rest, state, step_fn)
+  make_step = functools.partial(make_train_step, rest=rest, tx=tx, config=config,
+                                batch_shards=sharding.batch_shards(mesh, config.sharding_rules),
+                                learning_rate=optim.learning_rate_schedule(config.optim, num_steps))
+  step_fn = jax.jit(make_step(graphdef), in_shardings=(state_shardings, None),
+                    out_shardings=(state_shardings, None), donate_argnums=0)
+  flops_fn = make_step(_without_remat(config) if config.model.remat else graphdef)
+  return Training(graphdef, rest, state, step_fn, flops_fn)
+
+
+def _without_remat(config) -> nnx.GraphDef:
+  """The training-mode graphdef of `config.model` with remat off (the same parameters and state;
+  only shapes are computed)."""
+  model_config = config.model.copy_and_resolve_references()
+  model_config.remat = False
+  model = nnx.eval_shape(lambda: build_model(model_config, config.seed))
+  model.train()
+  return nnx.split(model, nnx.Param, ...)[0]
 
 
 def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
@@ -168,7 +188,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
 
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     # ---- Model, optimizer state and update step, created sharded -----------------------------
-    graphdef, rest, state, step_fn = build_training(config, mesh)
+    graphdef, rest, state, step_fn, flops_fn = build_training(config, mesh)
     # Creating the state compiled programs too; see compiled_step for why the processes wait.
     wait_for_other_processes("grain_jax_built_train_state")
     num_steps = config.train.num_steps
@@ -188,21 +208,24 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     # Only now, with a checkpoint that fits (or none), does this run write into the workdir.
     if jax.process_index() == 0:
       write_config(config, workdir)
+      preemption.remove_marker(workdir)
 
     # ---- Loop ---------------------------------------------------------------------------------
     last_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
-    peak = device_peak(config.train)
-    step_fn = CompiledStep(step_fn, count_flops=peak is not None)
+    peak = peak_for(config.train, jax.devices()[0].device_kind)
+    step_fn = CompiledStep(step_fn, flops_fn if peak is not None else None)
     report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps), peak)
     preempted = False
-    with PreemptionNotice() as notice:
+    with PreemptionNotice() as notice, contextlib.closing(data_iterator):
       for step in range(first_step, last_step):
         report.started(step)
         batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
         state, metrics = step_fn(state, batch)
         report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
         done = step + 1
-        preempted = notice.reached(done)
+        # Every process asks at every step (the processes agree on the step to stop at); a notice
+        # reached at the last step changes nothing, as the run saves there and goes on to evaluate.
+        preempted = notice.reached(done) and done < last_step
         if preempted or done % config.train.checkpoint_every == 0 or done == last_step:
           checkpointer.save(state, data_iterator)
         if preempted:
@@ -210,6 +233,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
       report.close()
       checkpointer.close()
     if preempted:
+      if jax.process_index() == 0:
+        preemption.write_marker(workdir, done)
       raise Preempted(done, workdir)
 
   model = nnx.merge(graphdef, state.params, rest)
