@@ -110,7 +110,9 @@ def analyze_in_subprocess(config_spec: str, hardware: dict, overrides: dict, wit
   """`analyze` in a fresh process: for `hardware`'s TPU topology when libtpu is installed, else on
   a CPU backend with `hardware["devices"]` devices."""
   topology = tpu_topology(hardware)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(hardware["devices"]))
+  # libtpu takes a machine-wide lock unless told that several processes may load it (here they
+  # only compile).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(hardware["devices"]), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   command = [sys.executable, "-m", "grain_jax.bench.memory", "--worker", "--config", config_spec,
              "--overrides", json.dumps(overrides)]
   command += ["--topology", topology] if topology else []
