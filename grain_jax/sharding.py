@@ -1,7 +1,8 @@
 """Mesh construction and the logical-axis sharding policy.
 
-Parameters and activations are annotated with logical axis names only (`embed`, `mlp`, `heads`,
-...). `config.sharding_rules` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`);
+Parameters and activations are annotated with logical axis names only: parameters with `embed`,
+`mlp`, `heads`, ...; activations with `batch` and `activation_*` names (RESIDUAL, ATTENTION_HEADS,
+MLP_HIDDEN), so that a rule for a weight dimension never shards an activation by accident. `config.sharding_rules` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`);
 this module is the only place that applies that mapping.
 """
 
@@ -14,6 +15,11 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical names of activations; weights use `embed`, `mlp`, `heads`, ... (see config.sharding_rules).
+RESIDUAL = ("batch", "activation_length", "activation_embed")          # [B, T, D]
+ATTENTION_HEADS = ("batch", "activation_length", "activation_heads", "activation_kv")  # [B, T, heads, kv]
+MLP_HIDDEN = ("batch", "activation_length", "activation_mlp")          # [B, T, hidden]
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -77,9 +83,7 @@ def logical_to_spec(names: Sequence[str | None], rules: Rules | None = None) -> 
 
 def batch_shards(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> int:
   """How many ways the logical `batch` axis is split over `mesh` (devices holding distinct rows)."""
-  spec = logical_to_spec(("batch",), rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-  return int(np.prod([mesh.shape[axis] for axis in axes]))
+  return int(np.prod([mesh.shape[axis] for axis in _axes(logical_to_spec(("batch",), rules)[0])]))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -88,6 +92,43 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh.empty or not flax_spmd.get_logical_axis_rules():
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def split_ways(name: str) -> int:
+  """Into how many parts the current mesh and rules split a dimension of logical `name` (1 outside a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+    return 1
+  return int(np.prod([mesh.shape[axis] for axis in _axes(logical_to_spec((name,))[0])]))
+
+
+def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """`weight` (logical `names`) where a layer uses it: gathered over the batch's mesh axes (the FSDP
+  all-gather), tensor-parallel axes kept. Its gradient is constrained back to the weight's own
+  layout, so the backward pass reduce-scatters it instead of all-reducing the full gradient."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+    return weight
+  stored = logical_to_spec(names)
+  batch_axes = set(_axes(logical_to_spec(("batch",))[0]))
+  used = PartitionSpec(*(tuple(a for a in _axes(entry) if a not in batch_axes) or None for entry in stored))
+
+  @jax.custom_vjp
+  def gather(w):
+    return jax.lax.with_sharding_constraint(w, used)
+
+  def gather_forward(w):
+    return gather(w), None
+
+  def reduce_scatter(_, gradient):
+    return (jax.lax.with_sharding_constraint(gradient, stored),)
+
+  gather.defvjp(gather_forward, reduce_scatter)
+  return gather(weight)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
@@ -125,9 +166,18 @@ def create_abstract(build: Callable[[], nnx.Module], mesh: jax.sharding.Mesh, ru
   closes over it. The parameters' initializers are dead code in that jit and never run.
   """
   graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-  with jax.set_mesh(mesh), axis_rules(rules):
+  with jax.set_mesh(_executable_mesh(mesh)), axis_rules(rules):
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
   return nnx.merge(graphdef, abstract_params(params, mesh, rules), rest)
+
+
+def _executable_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """`mesh`, or a one-device mesh of this host when `mesh`'s devices can only compile (a deviceless
+  TPU topology, `jax.experimental.topologies`); the step embeds what runs there as constants."""
+  if set(mesh.devices.flat) <= set(jax.devices()):
+    return mesh
+  return jax.make_mesh((1,) * len(mesh.axis_names), mesh.axis_names, devices=jax.devices()[:1],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
 
 
 def abstract_params(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:

@@ -1,9 +1,13 @@
 """The memory benchmark: abstract training state equals the real one, and the compiled step's
 argument bytes equal the per-device shards of the state and batch, counted independently."""
 
+import importlib.util
+
 import jax
 import numpy as np
+import pytest
 
+from grain_jax.defaults import meshes
 from grain_jax import sharding
 from grain_jax.bench import memory
 from grain_jax.config import load_config
@@ -57,10 +61,32 @@ def test_hardware_comes_from_the_mesh_preset_in_the_config_argument():
   assert memory.hardware_for("configs/base.py:tiny") is None
 
 
+def test_tpu_topologies_have_the_presets_device_counts():
+  for name, hardware in meshes.HARDWARE.items():
+    if "tpu_topology" in hardware:
+      chips = np.prod([int(size) for size in hardware["tpu_topology"].split(":")[1].split("x")])
+      assert chips == hardware["devices"], name
+      has_libtpu = importlib.util.find_spec("libtpu") is not None
+      assert memory.tpu_topology(hardware) == (hardware["tpu_topology"] if has_libtpu else None)
+  assert memory.tpu_topology(meshes.HARDWARE["gpu_2x8_h100"]) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="needs the TPU extra: pip install -r requirements-tpu.txt")
+def test_tpu_hardware_compiles_with_the_tpu_compiler_deviceless():
+  overrides = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "model.kind": "clip", "data.batch_size": 16}
+  row = memory.analyze_in_subprocess("configs/base.py:tiny", dict(devices=4, tpu_topology="v5p:2x2x1"), overrides,
+                                     with_collectives=True)
+  assert row["compiler"].startswith("TPU v5p:2x2x1") and row["devices"] == 4
+  # FSDP on 4 chips: the weights are all-gathered in the forward pass.
+  assert any(c["op"] == "all-gather" and not c["backward"] for c in row["collectives"])
+
+
 def test_table_marks_what_does_not_fit():
   row = dict(config="c", hardware="h", mesh=dict(data=1, fsdp=4, tensor=1), per_device_batch=2, dtype="bfloat16",
              remat=True, grad_accum_steps=1, arguments=2 * memory.GIB, outputs=memory.GIB, aliased=memory.GIB,
              temporaries=3 * memory.GIB, total=5 * memory.GIB)
+  row["compiler"] = "TPU v5p:2x2x1 (libtpu, deviceless)"
   fits, too_big = memory.table([dict(row, memory_gib=16.0), dict(row, memory_gib=4.0)]).splitlines()[2:]
   assert fits.endswith("| 5.00 | 16 | yes |") and too_big.endswith("| 5.00 | 4 | **no** |")
-  assert "| 1 x 4 x 1 |" in fits and "bfloat16, remat, 1" in fits
+  assert "| 1 x 4 x 1 |" in fits and "bfloat16, remat, 1" in fits and "| TPU v5p:2x2x1 (libtpu, deviceless) |" in fits

@@ -1,13 +1,19 @@
 """The logical-axis policy: mesh construction and logical name -> PartitionSpec mapping."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax import sharding
 from grain_jax.config import load_config
 
 RULES = load_config("configs/base.py:tiny").sharding_rules
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mesh_resolves_the_rest_axis():
@@ -42,3 +48,33 @@ def test_constrain_is_a_noop_without_a_mesh_and_shards_within_one():
 def test_batch_shards_counts_the_devices_holding_distinct_rows():
   assert sharding.batch_shards(sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)), RULES) == 4
   assert sharding.batch_shards(sharding.make_mesh(dict(data=1, fsdp=1, tensor=8)), RULES) == 1
+
+
+def test_activations_keep_the_residual_whole_and_split_heads_and_hidden_units_over_tensor():
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  batch = ("data", "fsdp")
+  cases = [(sharding.RESIDUAL, (8, 4, 16), P(batch, None, None)),
+           (sharding.MLP_HIDDEN, (8, 4, 32), P(batch, None, "tensor")),
+           (sharding.ATTENTION_HEADS, (8, 4, 2, 8), P(batch, None, "tensor", None))]
+  with jax.set_mesh(mesh), sharding.axis_rules(RULES):
+    for names, shape, expected in cases:
+      y = jax.jit(lambda v, names=names: sharding.constrain(v + 1, names))(np.ones(shape, np.float32))
+      assert y.sharding.is_equivalent_to(NamedSharding(mesh, expected), len(shape)), (names, y.sharding.spec)
+    # a weight used inside a layer: FSDP's axis gathered, the tensor-parallel one kept
+    kernel = jax.device_put(np.ones((16, 32), np.float32), NamedSharding(mesh, P("fsdp", "tensor")))
+    used = jax.jit(lambda k: sharding.gathered(k * 2, ("embed", "mlp")))(kernel)
+  assert used.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "tensor")), 2), used.sharding.spec
+  np.testing.assert_array_equal(np.asarray(used), 2 * np.ones((16, 32)))
+
+
+def test_the_train_step_on_data_fsdp_tensor_compiles_without_replicating_activations():
+  """XLA warns when it must replicate a tensor to reshard it (the token lookup used to replicate
+  the global batch of texts on every device); the compile must not."""
+  overrides = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.batch_size": 16}
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
+  result = subprocess.run([sys.executable, "-m", "grain_jax.bench.memory", "--worker", "--config",
+                           "configs/base.py:tiny", "--overrides", json.dumps(overrides)],
+                          env=env, capture_output=True, text=True, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout.splitlines()[-1])["mesh"] == dict(data=2, fsdp=2, tensor=2)
+  assert "Involuntary full rematerialization" not in result.stderr

@@ -40,6 +40,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       ("patch", None),               # pixels of a patch (the patch-embedding input)
       ("box", None),                 # the 4 box coordinates
       ("layers", None),              # the stacked blocks of a tower (see LayerStack)
+      # Activations have names of their own: the residual stream stays whole on every device of
+      # a batch shard (FSDP gathers weights, not activations); tensor parallelism splits the
+      # heads and the MLP's hidden units, as it splits their weights.
+      ("activation_length", None),   # token / patch / query positions of an activation
+      ("activation_embed", None),    # residual stream width of an activation
+      ("activation_heads", "tensor"),
+      ("activation_kv", None),
+      ("activation_mlp", "tensor"),
   )
 
   # Region-to-box matching (see grain_jax/ops/matching.py). Cost = l1 * L1(cxcywh) - giou * GIoU.

@@ -20,14 +20,17 @@ MESHES = {
     "tpu_v5p_128": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
 }
 
-# The machines behind the fixed-size presets: JAX devices, hosts, and memory per device (GiB).
-# TPU v4 and v5p names count TensorCores (2 per chip, one JAX device per chip), v5e names count
-# chips. H100: 80 GB, of which nvidia-smi reports 81,559 MiB.
+# The machines behind the fixed-size presets: JAX devices, hosts, memory per device (GiB), and for
+# TPUs the slice's topology (chips per dimension), which `python -m grain_jax.bench memory` compiles
+# for deviceless. TPU v4 and v5p names count TensorCores (2 per chip, one JAX device per chip), v5e
+# names count chips. No v4 topology: libtpu's deviceless v4 devices are TensorCores, not the
+# one-device-per-chip (megacore) layout a v4 slice runs. H100: 80 GB, of which nvidia-smi reports
+# 81,559 MiB.
 HARDWARE = {
     "gpu_2x8_h100": dict(devices=16, hosts=2, memory_gib=79.6, device="H100 SXM 80GB"),
     "tpu_v4_32": dict(devices=16, hosts=4, memory_gib=32.0, device="TPU v4"),
-    "tpu_v5e_64": dict(devices=64, hosts=16, memory_gib=16.0, device="TPU v5e"),
-    "tpu_v5p_128": dict(devices=64, hosts=16, memory_gib=95.0, device="TPU v5p"),
+    "tpu_v5e_64": dict(devices=64, hosts=16, memory_gib=16.0, device="TPU v5e", tpu_topology="v5e:8x8"),
+    "tpu_v5p_128": dict(devices=64, hosts=16, memory_gib=95.0, device="TPU v5p", tpu_topology="v5p:4x4x4"),
 }
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grain_jax.models import layers, positions
-from grain_jax.sharding import constrain
+from grain_jax.sharding import RESIDUAL, constrain
 
 # DETR initializes every matrix Xavier-uniform; packed q/k/v count as PyTorch's [3*D, D] weight.
 xavier = jax.nn.initializers.xavier_uniform()
@@ -64,7 +64,7 @@ class DecoderLayer(nnx.Module):
     values = keys if position_in_values else memory
     targets = targets + self.dropout(self.multihead_attn(self.norm2(targets) + query_pos, keys, values))
     targets = targets + self.dropout(self.mlp(self.norm3(targets)))
-    return constrain(targets, ("batch", "length", "embed"))
+    return constrain(targets, RESIDUAL)
 
 
 def _mlp_layer(fan_in: int, fan_out: int, names: tuple[str, str], rngs: nnx.Rngs, dtype) -> nnx.Linear:

@@ -6,12 +6,15 @@ enough that export is a transpose/reshape: attention keeps q, k, v packed (PyTor
 order) in one `[embed, 3, heads, kv]` kernel.
 """
 
+import dataclasses
 from typing import Callable
 
 import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from grain_jax.sharding import ATTENTION_HEADS, MLP_HIDDEN, constrain, gathered
 
 Initializer = jax.nn.initializers.Initializer
 
@@ -49,12 +52,22 @@ def layer_norm(width: int, eps: float, dtype, rngs: nnx.Rngs, name: str = "embed
       scale_metadata=dict(out_sharding=(name,)), bias_metadata=dict(out_sharding=(name,)))
 
 
+@dataclasses.dataclass(frozen=True)
+class GatheredDotGeneral:
+  """`jax.lax.dot_general` with its kernel (logical `names`) gathered over the FSDP axes first."""
+  names: tuple[str, ...]
+
+  def __call__(self, inputs, kernel, dimension_numbers, **kwargs):
+    return jax.lax.dot_general(inputs, gathered(kernel, self.names), dimension_numbers, **kwargs)
+
+
 def dense(in_features: int, out_features: int, names: tuple[str, str], dtype, rngs: nnx.Rngs,
           kernel_init: Initializer, bias_init: Initializer | None = zeros) -> nnx.Linear:
-  """A Linear layer; `bias_init=None` drops the bias."""
+  """A Linear layer; `bias_init=None` drops the bias. Its kernel, cast to `dtype`, is gathered over
+  the FSDP axes where it is used (see `gathered`)."""
   return nnx.Linear(
       in_features, out_features, use_bias=bias_init is not None, dtype=dtype, rngs=rngs,
-      kernel_init=kernel_init, bias_init=bias_init or zeros,
+      kernel_init=kernel_init, bias_init=bias_init or zeros, dot_general=GatheredDotGeneral(names),
       kernel_metadata=dict(out_sharding=names), bias_metadata=dict(out_sharding=names[1:]))
 
 
@@ -80,7 +93,7 @@ class Attention(nnx.Module):
 
   def _project(self, x: jax.Array, which: slice) -> jax.Array:
     """`[B, T, D]` -> `[B, T, n, heads, head_dim]` for the q/k/v entries selected by `which`."""
-    kernel = self.qkv_kernel[:, which].astype(self.dtype)
+    kernel = gathered(self.qkv_kernel[:, which].astype(self.dtype), ("embed", "qkv", "heads", "kv"))
     return jnp.einsum("btd,dnhk->btnhk", x.astype(self.dtype), kernel) + self.qkv_bias[which].astype(self.dtype)
 
   def __call__(self, query_input: jax.Array, key_input: jax.Array | None = None,
@@ -104,6 +117,7 @@ class Attention(nnx.Module):
       else:
         k = self._project(key_input, slice(1, 2))[:, :, 0]
         v = self._project(value_input, slice(2, 3))[:, :, 0]
+    q, k, v = (constrain(t, ATTENTION_HEADS) for t in (q, k, v))
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
@@ -112,11 +126,12 @@ class Attention(nnx.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = self.dropout(jax.nn.softmax(logits, axis=-1)).astype(self.dtype)
     attended = jnp.einsum("bhqt,bthk->bqhk", weights, v)
-    return jnp.einsum("bqhk,hkd->bqd", attended, self.out_kernel.astype(self.dtype)) + self.out_bias.astype(self.dtype)
+    out_kernel = gathered(self.out_kernel.astype(self.dtype), ("heads", "kv", "embed"))
+    return jnp.einsum("bqhk,hkd->bqd", attended, out_kernel) + self.out_bias.astype(self.dtype)
 
 
 class Mlp(nnx.Module):
-  """Two-layer MLP `[..., D] -> [..., hidden] -> [..., D]`."""
+  """Two-layer MLP `[B, T, D] -> [B, T, hidden] -> [B, T, D]`."""
 
   def __init__(self, width: int, hidden: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
                fc1_init: Initializer, fc2_init: Initializer,
@@ -128,7 +143,8 @@ class Mlp(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(self.dropout(self.activation(self.fc1(x))))
+    hidden = constrain(self.fc1(x), MLP_HIDDEN)
+    return self.fc2(self.dropout(self.activation(hidden)))
 
 
 class LayerStack(nnx.Module):

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from grain_jax.models import layers
-from grain_jax.sharding import constrain
+from grain_jax.sharding import RESIDUAL, constrain, split_ways
 
 
 class TextBlock(nnx.Module):
@@ -28,7 +28,7 @@ class TextBlock(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln_1(x), mask=mask)
     x = x + self.mlp(self.ln_2(x))
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, RESIDUAL)
 
   def at_positions(self, x: jax.Array, positions: jax.Array) -> jax.Array:
     """The block's output at one position per sequence: `x [B, T, D]`, `positions [B]` -> `[B, D]`.
@@ -68,9 +68,16 @@ class TextTransformer(nnx.Module):
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     length = ids.shape[1]
-    x = jnp.take(self.token_embedding[...], ids, axis=0).astype(self.dtype)
+    table = self.token_embedding[...]
+    if split_ways("vocab") > 1:
+      # From a table split on both dimensions the lookup replicates the global batch on every
+      # device; with `embed` whole (vocabulary still split) it stays on the batch shards, and so
+      # does the gradient's scatter-add. A table split on `embed` alone stays so: gathering it
+      # costs more than moving the looked-up rows.
+      table = constrain(table.astype(self.dtype), ("vocab", None))
+    x = jnp.take(table, constrain(ids, RESIDUAL[:2]), axis=0).astype(self.dtype)
     x = x + self.positional_embedding[:length].astype(self.dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, RESIDUAL)
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
     depth = self.blocks.depth
     x = self.blocks(x, causal, upto=depth - 1)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grain_jax.models import layers
-from grain_jax.sharding import constrain
+from grain_jax.sharding import RESIDUAL, constrain
 
 
 class VitBlock(nnx.Module):
@@ -26,7 +26,7 @@ class VitBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x))
     x = x + self.mlp(self.norm2(x))
-    return constrain(x, ("batch", "length", "embed"))
+    return constrain(x, RESIDUAL)
 
 
 class VisionTransformer(nnx.Module):
@@ -57,5 +57,5 @@ class VisionTransformer(nnx.Module):
     x = x + self.patch_bias.astype(self.dtype)
     cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(self.dtype)
-    x = constrain(x, ("batch", "length", "embed"))
+    x = constrain(x, RESIDUAL)
     return self.norm(self.blocks(x))
