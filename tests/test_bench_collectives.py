@@ -110,3 +110,10 @@ def test_summary_adds_executions_and_bytes_per_op():
   assert by_op["all-reduce"] == dict(op="all-reduce", executions=3, tensor_bytes=80, sent_bytes=2 * 80 * 3 / 4)
   assert by_op["all-gather"]["sent_bytes"] == 3 * 16 * 3 / 4
   assert [group["source"] for group in collectives.largest(rows, 2)] == ["a", "c"]
+
+
+def test_mesh_groups_with_a_device_order_count_only_the_group_axes():
+  line = ("  %all-reduce.1 = bf16[512,2048]{1,0} all-reduce(%dot), channel_id=3, "
+          "replica_groups=mesh['axis_0'=16,'axis_1'=4], device_ids=([4,16]T(1,0)) {'axis_0'}, to_apply=%add")
+  assert _hlo._group_size(line, num_partitions=64) == 16
+  assert _hlo._group_size(line.replace("{'axis_0'}", "{'axis_1'}"), num_partitions=64) == 4
