@@ -14,12 +14,13 @@ MESHES = {
     "gpu_multinode": dict(data=-1, fsdp=8, tensor=1, multiprocess=True),
     # The paper's machine, 2 nodes x 8 H100: FSDP inside a node (NVLink), data across (InfiniBand).
     "gpu_2x8_h100": dict(data=2, fsdp=8, tensor=1, multiprocess=True),
-    # Cloud TPU slices, one process per host: FSDP over the whole slice (v5p-128: over each 4x4 plane).
+    # Cloud TPU slices, one process per host. v4-32: FSDP over the whole slice. v5e-64 (an 8x8 torus)
+    # and v5p-128 (4x4x4): the TPU compiler writes weight gathers and gradient reductions over all 64
+    # chips as all-reduces (v5p: all of them; v5e: most), about twice the bytes;
+    # FSDP over 16 chips keeps them all-gathers and reduce-scatters, and data parallelism over the 4
+    # groups adds a small gradient all-reduce (`python -m grain_jax.bench collectives`).
     "tpu_v4_32": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
-    "tpu_v5e_64": dict(data=1, fsdp=-1, tensor=1, multiprocess=True),
-    # v5p-128 is a 4x4x4 torus: the TPU compiler writes gathers and reduce-scatters over all 64 chips
-    # as all-reduces (about twice the bytes); FSDP over 16 chips keeps them all-gathers and
-    # reduce-scatters, and data parallelism over the 4 planes adds a small gradient all-reduce.
+    "tpu_v5e_64": dict(data=-1, fsdp=16, tensor=1, multiprocess=True),
     "tpu_v5p_128": dict(data=-1, fsdp=16, tensor=1, multiprocess=True),
 }
 
