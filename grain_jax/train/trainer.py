@@ -29,7 +29,6 @@ from grain_jax.train import preemption
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.device_peak import peak_for
-from grain_jax.train.preemption import Preempted, PreemptionNotice
 from grain_jax.train.step import TrainState, make_train_step
 from grain_jax.train.step_report import StepReport
 from grain_jax.train.workdir_files import keep_earlier, replace_durably
@@ -177,7 +176,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   step are dropped, as those steps run again.
 
   Raises:
-    Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
+    preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
   """
   validate(config, num_devices=jax.device_count())
   os.makedirs(workdir, exist_ok=True)
@@ -216,7 +215,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     step_fn = CompiledStep(step_fn, flops_fn if peak is not None else None)
     report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps), peak)
     preempted = False
-    with PreemptionNotice() as notice, contextlib.closing(data_iterator):
+    with preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator):
       for step in range(first_step, last_step):
         report.started(step)
         batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
@@ -235,7 +234,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     if preempted:
       if jax.process_index() == 0:
         preemption.write_marker(workdir, done)
-      raise Preempted(done, workdir)
+      raise preemption.Preempted(done, workdir)
 
   model = nnx.merge(graphdef, state.params, rest)
   model.eval()
