@@ -48,7 +48,8 @@ def test_arguments_are_the_state_and_batch_shards():
     state = trainer.build_training(config, mesh, abstract=True).state
     batch = memory.abstract_batch(config, mesh)
   # jit drops the inputs plain CLIP does not read (boxes, descriptions).
-  used_batch = per_device_bytes([batch["image"], batch["caption_ids"]])
+  used_batch = per_device_bytes([batch[key] for key in ("image", "text_tokens", "text_segments", "text_positions",
+                                                        "text_eot", "caption_slot")])
   assert row["arguments"] == per_device_bytes(state) + used_batch
   assert row["aliased"] == per_device_bytes(state)  # the donated state is updated in place
   assert row["total"] == row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"]

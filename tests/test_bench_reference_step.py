@@ -10,7 +10,7 @@ from grain_jax.bench import step
 from grain_jax.config import load_config
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
-from grain_jax.train import trainer
+from grain_jax.data import text_packing
 from grain_jax.train.step import batch_loss
 
 torch = pytest.importorskip("torch", reason="the reference step needs torch (pip install -r requirements-export.txt)")
@@ -37,8 +37,8 @@ def setup():
 
 def test_objective_equals_ours_with_dropout_off(setup):
   config, model, state_dicts, batch = setup
-  bucketed = trainer.text_to_bucket(batch, config.model.text.context_buckets)
-  ours, metrics = nnx.jit(lambda m, b: batch_loss(m, b, config, 1))(model, bucketed)
+  packed = text_packing.pack_batch(batch, 1, config.model.text.context_length)
+  ours, metrics = nnx.jit(lambda m, b: batch_loss(m, b, config, 1))(model, packed)
   reference = reference_step.ReferenceStep(config, state_dicts)
   reference.train(False)
   with torch.no_grad():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from grain_jax.bench import data
+from grain_jax.data import text_packing
 from grain_jax.data.tokenizer import EOT_ID
 
 
@@ -16,9 +17,8 @@ def test_data_benchmark_runs(capsys):
   assert "captions:" in out and "descriptions:" in out
 
 
-def test_text_padding_counts_the_tokens_run_after_eot_and_in_empty_slots():
+def test_text_padding_counts_the_packed_rows_against_the_real_tokens():
   rng = np.random.default_rng(0)
-  buckets = (8, 16, 77)
   batches = []
   for _ in range(3):
     captions = np.zeros((4, 77), np.int32)
@@ -26,13 +26,14 @@ def test_text_padding_counts_the_tokens_run_after_eot_and_in_empty_slots():
     for row in [*captions, *descriptions.reshape(8, 77)[:6]]:  # views; the last description slots stay empty
       eot = rng.integers(1, 20)
       row[:eot], row[eot] = rng.integers(1, 100, eot), EOT_ID
-    batches.append(dict(caption_ids=captions, desc_ids=descriptions))
-  report = data.text_padding(batches, buckets)
-  for key in ("caption_ids", "desc_ids"):
-    rows = [batch[key].reshape(-1, 77) for batch in batches]
-    real = [sum(int(np.argmax(row)) + 1 for row in ids if row.any()) for ids in rows]
-    needed = [max(int(np.argmax(row)) + 1 for row in ids) for ids in rows]
-    run = [len(ids) * min(bucket for bucket in buckets if bucket >= length) for ids, length in zip(rows, needed)]
-    assert report[key]["padding"] == pytest.approx(1 - sum(real) / sum(run))
-    assert report[key]["padding_full"] == pytest.approx(1 - sum(real) / (77 * sum(map(len, rows))))
-    assert report[key]["lengths"].size == sum(map(len, rows)) and 0 < report[key]["padding"] < 1
+    valid = descriptions.any(axis=-1)
+    batches.append(dict(caption_ids=captions, desc_ids=descriptions, box_valid=valid))
+  report = data.text_padding(batches, 2)
+  real = sum(int(np.argmax(row)) + 1 for batch in batches
+             for row in [*batch["caption_ids"], *batch["desc_ids"].reshape(-1, 77)] if row.any())
+  rows = [text_packing.pack_batch(batch, 2, 77)["text_tokens"].shape[0] for batch in batches]
+  assert report["padding"] == pytest.approx(1 - real / (77 * sum(rows)))
+  assert report["padding_full"] == pytest.approx(1 - real / (77 * 3 * 12))
+  assert 0 < report["padding"] < report["padding_full"] < 1
+  assert report["lengths"]["desc_ids"].size == 3 * 8 and np.count_nonzero(report["lengths"]["desc_ids"]) == 3 * 6
+  assert len(report["pack_seconds"]) == 3

@@ -163,13 +163,13 @@ def test_rows_at_picks_the_rows_fancy_indexing_picks_without_collectives_when_sh
   rng = np.random.default_rng(3)
   for shape in ((5, 7), (4, 9, 3), (2, 6, 3, 2)):
     x = rng.normal(size=shape).astype(np.float32)
-    positions = rng.integers(0, shape[1], shape[0])
+    positions = rng.integers(0, shape[1], (shape[0], 3))
     np.testing.assert_array_equal(np.asarray(rows_at(jnp.asarray(x), jnp.asarray(positions))),
-                                  x[np.arange(shape[0]), positions])
+                                  x[np.arange(shape[0])[:, None], positions])
   mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(jnp.ones((16, 12, 64)), rows)
-  positions = jax.device_put(jnp.arange(16) % 12, rows)
+  positions = jax.device_put((jnp.arange(32) % 12).reshape(16, 2), rows)
   hlo = jax.jit(rows_at).lower(x, positions).compile().as_text()
   assert not [op for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute") if op in hlo]
 

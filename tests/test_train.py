@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from grain_jax.config import load_config
-from grain_jax.data import pipeline
+from grain_jax.data import pipeline, text_packing
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
@@ -154,7 +154,8 @@ def make_step(config):
   return trainer.init_state(model, tx), step_fn
 
 
-def make_batch():
+def make_batch(groups=1):
+  """A batch of 8 examples, its texts packed in `groups` groups (one per micro-batch)."""
   rng = np.random.default_rng(0)
   ids = np.zeros((8, 16), np.int32)
   ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 4000, (8, 3)), 49407
@@ -162,12 +163,12 @@ def make_batch():
                boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
                box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
                desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
-  return batch
+  return text_packing.pack_batch(batch, groups, 77)
 
 
 @pytest.fixture(scope="module")
 def step_setup():
-  return (*make_step(train_config(grad_accum_steps=2)), make_batch())
+  return (*make_step(train_config(grad_accum_steps=2)), make_batch(groups=2))
 
 
 def test_a_non_finite_step_leaves_the_state_unchanged_and_is_counted(step_setup):

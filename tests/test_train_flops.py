@@ -8,6 +8,7 @@ from flax import nnx
 
 from grain_jax import sharding
 from grain_jax.bench.step import synthetic_batch
+from grain_jax.data import text_packing
 from grain_jax.train import trainer
 from grain_jax.train.flops import dot_general_flops, matmul_flops
 from grain_jax.defaults.base import get_config
@@ -68,7 +69,7 @@ def test_the_training_step_s_model_flops_leave_out_remat_s_recomputation():
     config = get_config("tiny")
     config.model.remat = remat
     mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    batch = trainer.text_to_bucket(synthetic_batch(config, 2), config.model.text.context_buckets)
+    batch = text_packing.pack_batch(synthetic_batch(config, 2), 1, config.model.text.context_length)
     with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
       training = trainer.build_training(config, mesh, abstract=True)
       return (matmul_flops(training.flops_fn, training.state, batch),

@@ -26,16 +26,19 @@ def config():
 def batches(config, tmp_path_factory):
   data_dir = synthetic.for_config(config, str(tmp_path_factory.mktemp("workdir")))["train"]
   iterator = iter(pipeline.train_dataset_from_config(config, data_dir))
-  return [trainer.text_to_bucket(next(iterator), config.model.text.context_buckets) for _ in range(NUM_STEPS)]
+  return [next(iterator) for _ in range(NUM_STEPS)]
 
 
 def losses_on(config, batches, mesh_sizes, devices):
+  """The metrics of each step on a mesh, each batch's texts packed for that mesh (one group per batch
+  shard: on 8 shards a group is one example)."""
   mesh = sharding.make_mesh(mesh_sizes, devices)
+  shards = sharding.batch_shards(mesh, config.sharding_rules)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     training = trainer.build_training(config, mesh)
     state, trajectory = training.state, []
     for batch in batches:
-      state, metrics = training.step_fn(state, trainer.global_batch(batch, mesh))
+      state, metrics = training.step_fn(state, trainer.global_batch(trainer.pack_texts(batch, config, shards), mesh))
       trajectory.append({name: float(value) for name, value in metrics.items()})
   return trajectory
 

@@ -7,14 +7,16 @@ then reports:
   * examples/s of the full pipeline (Grain, batching included) for each worker count, and
     examples per CPU-second of all its processes (= examples/s per fully busy core; robust to
     other load on the machine, which the wall-clock rate is not),
-  * the padding the text tower runs on: each batch's captions and descriptions are cut to the
-    shortest of `--buckets` that holds every EOT (as training does); the share of the tokens run
-    that are padding, next to the share at the full 77-token context, and how text lengths spread
-    over the buckets.
+  * the padding the text tower runs on: each batch's captions and descriptions packed into rows of
+    77 tokens, `--examples-per-device` examples to a group (as training packs them); the share of
+    the tokens run that are padding, next to the share when every text runs alone at the full
+    context (empty description slots included), the host time packing takes, and how text lengths
+    spread.
 """
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -25,8 +27,8 @@ from grain_jax.data import examples
 from grain_jax.data import pipeline
 from grain_jax.data import records
 from grain_jax.data import synthetic
+from grain_jax.data import text_packing
 from grain_jax.data.tokenizer import CONTEXT_LENGTH
-from grain_jax.train.trainer import text_to_bucket
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -40,43 +42,45 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--num-batches", type=int, default=12, help="timed batches per setting")
   parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
   parser.add_argument("--read-threads", type=int, default=2, help="threads reading and decoding records")
-  parser.add_argument("--buckets", default="16,32,48,77",
-                      help="comma-separated text lengths batches are cut to (config.model.text.context_buckets)")
+  parser.add_argument("--examples-per-device", type=int, default=32,
+                      help="examples whose texts are packed together (a device's micro-batch in training)")
   return parser.parse_args(argv)
 
 
-def text_lengths(ids: np.ndarray) -> np.ndarray:
-  """Tokens through EOT of each row of `ids [..., 77]` (0 for an empty description slot)."""
-  return np.where(ids.any(axis=-1), np.argmax(ids, axis=-1) + 1, 0)
+def text_padding(batches: Sequence[dict[str, np.ndarray]], examples_per_group: int) -> dict:
+  """Over `batches`: the share of the text tower's tokens that are padding with each batch's texts
+  packed in groups of `examples_per_group` examples (`padding`), and with every text run alone at
+  the full context, empty description slots included (`padding_full`); the seconds packing took per
+  batch (`pack_seconds`); each caption's and description's length (`lengths`, a dict by key; 0 for
+  an empty slot)."""
+  real, run, full, seconds = 0, 0, 0, []
+  for batch in batches:
+    start = time.perf_counter()
+    packed = text_packing.pack_batch(batch, len(batch["caption_ids"]) // examples_per_group, CONTEXT_LENGTH)
+    seconds.append(time.perf_counter() - start)
+    real += int(np.count_nonzero(packed["text_segments"]))
+    run += packed["text_tokens"].size
+    full += (batch["caption_ids"].size + batch["desc_ids"].size)
+  lengths = {key: np.concatenate([text_packing.text_lengths(np.where(batch["box_valid"][..., None], batch[key], 0))
+                                  if key == "desc_ids" else text_packing.text_lengths(batch[key])
+                                  for batch in batches], axis=None)
+             for key in ("caption_ids", "desc_ids")}
+  return dict(padding=1 - real / run, padding_full=1 - real / full, pack_seconds=seconds, lengths=lengths)
 
 
-def text_padding(batches: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> dict[str, dict]:
-  """For "caption_ids" and "desc_ids" over `batches`: `padding` the share of the tokens the text
-  tower runs that are padding (empty description slots count whole), once every batch is cut to
-  its bucket; `padding_full` the same at the full context; `lengths` every text's length."""
-  report = {}
-  for key in ("caption_ids", "desc_ids"):
-    real, run, full, lengths = 0, 0, 0, []
-    for batch in batches:
-      batch_lengths = text_lengths(batch[key]).reshape(-1)
-      real += int(batch_lengths.sum())
-      run += batch_lengths.size * text_to_bucket(batch, buckets)[key].shape[-1]
-      full += batch_lengths.size * CONTEXT_LENGTH
-      lengths.append(batch_lengths)
-    report[key] = dict(padding=1 - real / run, padding_full=1 - real / full, lengths=np.concatenate(lengths))
-  return report
-
-
-def _print_padding(batches: Sequence[dict[str, np.ndarray]], buckets: Sequence[int]) -> None:
-  edges = sorted(buckets)
-  report = text_padding(batches, edges)
-  print(f"text padding, {len(batches)} batches cut to buckets {edges} (share of the tokens run that are padding):")
+def _print_padding(batches: Sequence[dict[str, np.ndarray]], examples_per_group: int) -> None:
+  report = text_padding(batches, examples_per_group)
+  print(f"text padding, {len(batches)} batches of {len(batches[0]['caption_ids'])}, texts packed into rows of "
+        f"{CONTEXT_LENGTH} tokens {examples_per_group} examples at a time: {report['padding']:.0%} of the tokens run "
+        f"are padding ({report['padding_full']:.0%} with every text alone at {CONTEXT_LENGTH} tokens); packing took "
+        f"a median {statistics.median(report['pack_seconds']) * 1e3:.1f} ms per batch on the host")
+  edges = (8, 16, 32, 48, CONTEXT_LENGTH)
   for key, name in (("caption_ids", "captions"), ("desc_ids", "descriptions")):
-    padding, padding_full, lengths = report[key]["padding"], report[key]["padding_full"], report[key]["lengths"]
+    lengths = report["lengths"][key]
     counts = np.histogram(lengths, bins=[0, 1] + [edge + 1 for edge in edges])[0] / lengths.size
-    spread = ", ".join(f"<={edge}: {share:.0%}" for edge, share in zip(edges, counts[1:]))
-    print(f"  {name:>12}: {padding:.0%} (at {CONTEXT_LENGTH} tokens: {padding_full:.0%}); median length "
-          f"{np.median(lengths[lengths > 0]):.0f} tokens; lengths {spread}; empty slots {counts[0]:.0%}")
+    spread = ", ".join(f"{low + 1}-{edge}: {share:.0%}" for low, edge, share in zip((0, *edges), edges, counts[1:]))
+    print(f"  {name:>12}: median length {np.median(lengths[lengths > 0]):.0f} tokens; lengths {spread}; "
+          f"empty slots {counts[0]:.0%}")
 
 
 def _single_core_rate(data_dir: str, image_size: int, num_regions: int, count: int) -> float:
@@ -146,7 +150,7 @@ def main(argv: Sequence[str]) -> int:
         num_workers=0, read_threads=args.read_threads, process_index=0, process_count=1)
     iterator = iter(padding_dataset)
     batches = [next(iterator) for _ in range(max(1, args.num_records // args.batch_size))]
-    _print_padding(batches, [int(b) for b in args.buckets.split(",")])
+    _print_padding(batches, min(args.examples_per_device, args.batch_size))
   print("Whether this keeps up with the `small` preset's train step is measured with the "
         "training issue's step benchmark; compare its examples/s with the figures above.")
   return 0

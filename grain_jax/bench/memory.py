@@ -46,11 +46,14 @@ def hardware_for(config_spec: str) -> dict | None:
 
 
 def abstract_batch(config, mesh):
-  """`jax.ShapeDtypeStruct`s of one global batch sharded over the mesh's batch axes; text cut to
-  the buckets the benchmark batch (captions of 20, descriptions of 12 tokens) falls in."""
-  one = trainer.text_to_bucket(synthetic_batch(config, 1), config.model.text.context_buckets)
+  """`jax.ShapeDtypeStruct`s of one global batch sharded over the mesh's batch axes: the benchmark
+  batch (captions of 20, descriptions of 12 tokens) with its texts packed, every device's group
+  packed like the first."""
+  shards = sharding.batch_shards(mesh, config.sharding_rules)
+  groups = trainer.text_groups(config, shards)
+  one = trainer.pack_texts(synthetic_batch(config, config.data.batch_size // groups), config, shards)
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
-  return {key: jax.ShapeDtypeStruct((config.data.batch_size, *value.shape[1:]), value.dtype, sharding=batch_sharding)
+  return {key: jax.ShapeDtypeStruct((groups * value.shape[0], *value.shape[1:]), value.dtype, sharding=batch_sharding)
           for key, value in one.items()}
 
 

@@ -1,7 +1,7 @@
 """Train-step benchmark: `python -m grain_jax.bench step [--config configs/base.py:small] [--batch 16]
 [--scan-layers true|false] [--reference true]`.
 
-Times the full jitted step (image tower, decoder, text tower on captions and 5 descriptions per
+Times the full jitted step (image tower, decoder, one text-tower pass on captions and 5 descriptions per
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
 compares its model FLOP/s (the step's matmuls, counted from its jaxpr, so scanned and unrolled
 layer stacks count alike) with the machine's measured float32 matmul rate and, on a device whose
@@ -97,12 +97,12 @@ def main(argv: list[str]) -> int:
   validate(config)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   full_batch = synthetic_batch(config, args.batch)
-  batch = trainer.text_to_bucket(full_batch, config.model.text.context_buckets)
+  packed = trainer.pack_texts(full_batch, config, 1)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     training = trainer.build_training(config, mesh)
     initial = reference_step and layout.to_reference(param_tree.flatten(training.state.params), config.model,
                                                      fetch=param_tree.to_host)
-    batch = trainer.global_batch(batch, mesh)
+    batch = trainer.global_batch(packed, mesh)
     start = time.perf_counter()
     compiled = training.step_fn.lower(training.state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -132,6 +132,10 @@ def main(argv: list[str]) -> int:
   print(f"config {args.config}, batch {args.batch}, {config.model.decoder.num_region_queries} regions per image, "
         f"{config.model.decoder.depth} decoder layers, matching {config.matching.method}, "
         f"layers {'scanned' if config.model.scan_layers else 'unrolled'}")
+  real = np.count_nonzero(packed["text_segments"])
+  print(f"texts: {len(full_batch['caption_ids'])} captions and {int(full_batch['box_valid'].sum())} descriptions packed "
+        f"into {packed['text_tokens'].shape[0]} rows of {packed['text_tokens'].shape[1]} tokens "
+        f"({1 - real / packed['text_tokens'].size:.0%} padding), one pass of the text tower")
   print(f"compile: {compile_s:.1f} s")
   print(f"step: {_spread(times)}")
   print(f"throughput: {args.batch / step_s:.1f} images/s")

@@ -100,7 +100,8 @@ def default_model_config() -> ml_collections.ConfigDict:
           heads=8,
           mlp_ratio=4.0,
           layer_norm_eps=1e-5,
-          # Token batches run on the shortest of these context lengths that holds every EOT.
+          # Evaluation runs its text batches on the shortest of these lengths that holds every EOT
+          # (training packs its texts into rows of context_length instead).
           context_buckets=(16, 32, 48, 77),
       ),
       decoder=dict(

@@ -64,6 +64,12 @@ class GrainModel(nnx.Module):
     """`ids [T, L]` int32 (L <= context length) -> `[T, E]` float32 (not normalized)."""
     return self.text(ids).astype(jnp.float32)
 
+  def encode_packed_text(self, tokens: jax.Array, segments: jax.Array, positions: jax.Array,
+                         eot: jax.Array) -> jax.Array:
+    """Texts packed into rows (`[R, P]` each; `eot [R, M]`) -> `[R, M, E]` float32 (not normalized);
+    see `TextTransformer.packed`."""
+    return self.text.packed(tokens, segments, positions, eot).astype(jnp.float32)
+
   def clamp_logit_scale(self) -> None:
     """Keeps the temperature in [1, 100] (logit_scale in [0, ln 100]), as the reference does after each step."""
     self.logit_scale[...] = jnp.clip(self.logit_scale[...], 0.0, MAX_LOGIT_SCALE)

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from grain_jax import losses
+from grain_jax.models.text import texts_at
 
 
 class TrainState(NamedTuple):
@@ -32,17 +33,20 @@ class TrainState(NamedTuple):
 def batch_loss(model, batch: dict[str, jax.Array], config, batch_shards: int):
   """The GRAIN objective of one batch; `(loss, metrics)`.
 
-  Captions `[B, Lc]` and descriptions `[B, K, Ld]` may have different (bucketed) lengths.
+  Captions and descriptions arrive packed (`grain_jax.data.text_packing`, one group per batch
+  shard) and run through the text tower in one pass.
   """
   outputs = model.encode_image(batch["image"])
+  texts = model.encode_packed_text(batch["text_tokens"], batch["text_segments"], batch["text_positions"],
+                                   batch["text_eot"])
   regions = {}
   if outputs.region_embed is not None:
-    size, slots, length = batch["desc_ids"].shape
-    desc_embed = model.encode_text(batch["desc_ids"].reshape(size * slots, length)).reshape(size, slots, -1)
-    regions = dict(region_embed=outputs.region_embed, layer_boxes=outputs.boxes, desc_embed=desc_embed,
+    regions = dict(region_embed=outputs.region_embed, layer_boxes=outputs.boxes,
+                   desc_embed=texts_at(texts, batch["desc_slot"], batch_shards),
                    target_boxes=batch["boxes"], box_valid=batch["box_valid"],
                    desc_text_id=batch["desc_text_id"], batch_shards=batch_shards)
-  return losses.grain_loss(image_embed=outputs.global_embed, caption_embed=model.encode_text(batch["caption_ids"]),
+  return losses.grain_loss(image_embed=outputs.global_embed,
+                           caption_embed=texts_at(texts, batch["caption_slot"], batch_shards),
                            logit_scale=model.logit_scale[...], matching_config=config.matching,
                            loss_config=config.loss, **regions)
 

@@ -19,10 +19,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from grain_jax import sharding
-from grain_jax.config import validate
+from grain_jax.config import ConfigError, validate
 from grain_jax.data import pipeline
+from grain_jax.data import text_packing
 from grain_jax.models.grain import build_model
-from grain_jax.models.text import truncate_to_bucket
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
 from grain_jax.train import preemption
@@ -34,18 +34,26 @@ from grain_jax.train.step_report import StepReport
 from grain_jax.train.workdir_files import keep_earlier, replace_durably
 
 
-def text_to_bucket(batch: dict[str, np.ndarray], buckets) -> dict[str, np.ndarray]:
-  """Cuts caption ids `[b, 77]` and description ids `[b, k, 77]` each to the shortest bucket that
-  keeps their EOT tokens; every process agrees on the lengths.
+def text_groups(config, batch_shards: int) -> int:
+  """Into how many groups the global batch's texts are packed: one per device holding distinct rows
+  and micro-batch. Raises ConfigError when the batch does not split so."""
+  groups = batch_shards * config.train.grad_accum_steps
+  if config.data.batch_size % groups:
+    raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not split into {batch_shards} "
+                      f"batch shards x config.train.grad_accum_steps={config.train.grad_accum_steps} micro-batches")
+  return groups
 
-  Descriptions are short, so they usually run at a fraction of the captions' length.
-  """
-  size, slots, context = batch["desc_ids"].shape
-  lengths = np.array([truncate_to_bucket(batch["caption_ids"], buckets).shape[1],
-                      truncate_to_bucket(batch["desc_ids"].reshape(size * slots, context), buckets).shape[1]])
+
+def pack_texts(batch: dict[str, np.ndarray], config, batch_shards: int) -> dict[str, np.ndarray]:
+  """This process's batch with its captions and descriptions packed for one pass of the text tower
+  (`text_packing.pack_batch`): one group per device and micro-batch, in the order the step splits
+  the global batch; every process packs into the same number of rows."""
+  per_group = config.data.batch_size // text_groups(config, batch_shards)
+  agree = None
   if jax.process_count() > 1:
-    lengths = np.max(multihost_utils.process_allgather(lengths), axis=0)
-  return dict(batch, caption_ids=batch["caption_ids"][:, :lengths[0]], desc_ids=batch["desc_ids"][:, :, :lengths[1]])
+    agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.array(rows))))
+  return text_packing.pack_batch(batch, len(batch["caption_ids"]) // per_group, config.model.text.context_length,
+                                 with_descriptions=config.model.kind == "grain", agree_rows=agree)
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -184,6 +192,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   # ---- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
   rules = config.sharding_rules
+  shards = sharding.batch_shards(mesh, rules)
+  text_groups(config, shards)
 
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     # ---- Model, optimizer state and update step, created sharded -----------------------------
@@ -218,7 +228,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     with preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator):
       for step in range(first_step, last_step):
         report.started(step)
-        batch = global_batch(text_to_bucket(next(data_iterator), config.model.text.context_buckets), mesh)
+        batch = global_batch(pack_texts(next(data_iterator), config, shards), mesh)
         state, metrics = step_fn(state, batch)
         report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
         done = step + 1
