@@ -9,7 +9,7 @@ from grain_jax.data.tokenizer import EOT_ID
 
 
 def test_data_benchmark_runs(capsys):
-  argv = ["--num-records", "12", "--stored-size", "48", "--image-size", "32", "--batch-size", "4",
+  argv = ["--num-records", "12", "--stored-size", "48", "--image-size", "32", "--batch-size", "4", "--examples-per-device", "2",
           "--num-batches", "2", "--workers", "0"]
   assert data.main(argv) == 0
   out = capsys.readouterr().out

@@ -115,8 +115,17 @@ def test_bad_shapes_are_refused_with_the_reason():
   batch = random_batch(np.random.default_rng(7), size=6)
   with pytest.raises(ValueError, match="6 examples does not split into 4 groups"):
     pack_batch(batch, 4, 77)
-  with pytest.raises(ValueError, match="texts of 77 tokens do not fit rows of 64"):
+  batch["caption_ids"][1] = np.r_[SOT, np.arange(1, 76), EOT]
+  with pytest.raises(ValueError, match="a text of 77 tokens does not fit rows of 64"):
     pack_batch(batch, 2, 64)
+
+
+def test_rows_shorter_than_the_id_arrays_take_texts_that_fit():
+  batch = random_batch(np.random.default_rng(10), size=4, max_length=30)
+  short, full = pack_batch(batch, 2, 32), pack_batch(batch, 2, 77)
+  assert short["text_tokens"].shape[1] == 32
+  for key in ("caption_slot", "desc_slot"):
+    assert [t.tolist() for t in unpacked(short, 2, key)] == [t.tolist() for t in unpacked(full, 2, key)]
 
 
 @pytest.mark.parametrize("stack", [dict(scan_layers=False, remat=False), dict(scan_layers=True, remat=True)])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grain_jax.config import load_config
+from grain_jax.config import ConfigError, load_config
 from grain_jax.data import pipeline, text_packing
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
@@ -154,16 +154,20 @@ def make_step(config):
   return trainer.init_state(model, tx), step_fn
 
 
-def make_batch(groups=1):
-  """A batch of 8 examples, its texts packed in `groups` groups (one per micro-batch)."""
+def raw_batch():
+  """A batch of 8 examples as the input pipeline gives it."""
   rng = np.random.default_rng(0)
   ids = np.zeros((8, 16), np.int32)
   ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 4000, (8, 3)), 49407
-  batch = dict(image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32), caption_ids=ids,
-               boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
-               box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
-               desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
-  return text_packing.pack_batch(batch, groups, 77)
+  return dict(image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32), caption_ids=ids,
+              boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
+              box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
+              desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
+
+
+def make_batch(groups=1):
+  """`raw_batch()` with its texts packed in `groups` groups (one per micro-batch)."""
+  return text_packing.pack_batch(raw_batch(), groups, 77)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +228,15 @@ def test_schedule_warms_up_then_decays_to_the_end_value():
   assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-4)
   assert float(schedule(100)) == pytest.approx(1e-5, rel=1e-4)
   assert float(schedule(5)) < float(schedule(10)) and float(schedule(50)) < float(schedule(10))
+
+
+def test_texts_are_packed_per_device_and_micro_batch_and_bad_splits_are_refused():
+  config = train_config(grad_accum_steps=2)
+  packed = trainer.pack_texts(raw_batch(), config, batch_shards=2)  # 4 groups of 2 examples
+  for key, value in text_packing.pack_batch(raw_batch(), 4, 77).items():
+    np.testing.assert_array_equal(packed[key], value, err_msg=key)
+  with pytest.raises(ConfigError, match=r"batch_size=8 does not split into 3 batch shards x .*grad_accum_steps=2"):
+    trainer.text_groups(config, 3)
+  six = {key: value[:6] for key, value in raw_batch().items()}
+  with pytest.raises(ConfigError, match="holds 6 examples of each batch, not a multiple of the 4"):
+    trainer.pack_texts(six, config, batch_shards=1)

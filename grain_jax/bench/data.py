@@ -44,7 +44,11 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--read-threads", type=int, default=2, help="threads reading and decoding records")
   parser.add_argument("--examples-per-device", type=int, default=32,
                       help="examples whose texts are packed together (a device's micro-batch in training)")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.batch_size % args.examples_per_device:
+    parser.error(f"--batch-size {args.batch_size} is not a multiple of "
+                 f"--examples-per-device {args.examples_per_device}")
+  return args
 
 
 def text_padding(batches: Sequence[dict[str, np.ndarray]], examples_per_group: int) -> dict:
@@ -150,7 +154,7 @@ def main(argv: Sequence[str]) -> int:
         num_workers=0, read_threads=args.read_threads, process_index=0, process_count=1)
     iterator = iter(padding_dataset)
     batches = [next(iterator) for _ in range(max(1, args.num_records // args.batch_size))]
-    _print_padding(batches, min(args.examples_per_device, args.batch_size))
+    _print_padding(batches, args.examples_per_device)
   print("Whether this keeps up with the `small` preset's train step is measured with the "
         "training issue's step benchmark; compare its examples/s with the figures above.")
   return 0

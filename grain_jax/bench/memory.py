@@ -47,8 +47,8 @@ def hardware_for(config_spec: str) -> dict | None:
 
 def abstract_batch(config, mesh):
   """`jax.ShapeDtypeStruct`s of one global batch sharded over the mesh's batch axes: the benchmark
-  batch (captions of 20, descriptions of 12 tokens) with its texts packed, every device's group
-  packed like the first."""
+  batch (captions of 22 tokens, descriptions of 14, SOT and EOT included) with its texts packed,
+  every device's group packed like the first."""
   shards = sharding.batch_shards(mesh, config.sharding_rules)
   groups = trainer.text_groups(config, shards)
   one = trainer.pack_texts(synthetic_batch(config, config.data.batch_size // groups), config, shards)

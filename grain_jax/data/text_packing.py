@@ -19,8 +19,8 @@ M = TEXTS_PER_ROW):
   text_segments  [G * R, P] int32   the segment of each token (0: unused)
   text_positions [G * R, P] int32   each token's position in its text
   text_eot       [G * R, M] int32   the column of each segment's EOT token (0 for unused segments)
-  caption_slot   [b] int32          where each caption's embedding is: `row * M + segment - 1`, the
-                                    row counted within its group
+  caption_slot   [b] int32          where each caption's embedding is: `row * M + m` for the m-th text
+                                    (from 0) of a row, rows counted within their group
   desc_slot      [b, k] int32       the same for each description (0 for an empty slot)
 """
 
@@ -95,20 +95,20 @@ def pack_batch(batch: dict[str, np.ndarray], groups: int, row_length: int, with_
   maximum over them), so all processes run one program.
   """
   captions, descriptions, valid = batch["caption_ids"], batch["desc_ids"], batch["box_valid"]
-  size, slots, length = descriptions.shape
+  size, slots, _ = descriptions.shape
   if size % groups:
     raise ValueError(f"a batch of {size} examples does not split into {groups} groups of equal size")
-  if length > row_length or captions.shape[1] > row_length:
-    raise ValueError(f"texts of {max(length, captions.shape[1])} tokens do not fit rows of {row_length}")
   per_group = size // groups
-  widen = lambda x: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, row_length - x.shape[-1])])
-  # [G, n, P]: each group's captions, then its descriptions, n = per_group * (1 + k).
-  ids = np.concatenate([widen(captions).reshape(groups, per_group, row_length),
-                        widen(descriptions).reshape(groups, per_group * slots, row_length)], axis=1)
   # Captions at least one token: an all-zero row reads its embedding at position 0, as unpacked.
   lengths = np.concatenate([np.maximum(text_lengths(captions), 1).reshape(groups, per_group),
                             np.where(valid & with_descriptions, np.maximum(text_lengths(descriptions), 1), 0)
                             .reshape(groups, per_group * slots)], axis=1)
+  if lengths.max() > row_length:
+    raise ValueError(f"a text of {lengths.max()} tokens does not fit rows of {row_length}")
+  fit = lambda x: np.pad(x[..., :row_length], [(0, 0)] * (x.ndim - 1) + [(0, max(0, row_length - x.shape[-1]))])
+  # [G, n, P]: each group's captions, then its descriptions, n = per_group * (1 + k).
+  ids = np.concatenate([fit(captions).reshape(groups, per_group, row_length),
+                        fit(descriptions).reshape(groups, per_group * slots, row_length)], axis=1)
   packs = [_pack_group(group_lengths, row_length) for group_lengths in lengths]
   num_rows = padded_rows(max(len(rows.used) for rows, _ in packs))
   if agree_rows is not None:
@@ -133,8 +133,7 @@ def pack_batch(batch: dict[str, np.ndarray], groups: int, row_length: int, with_
   slot = np.zeros((groups, per_group * (1 + slots)), np.int32)
   slot[group, index] = row * TEXTS_PER_ROW + segment
   packed = {key: value for key, value in batch.items() if key not in ("caption_ids", "desc_ids")}
-  packed.update(text_tokens=tokens.reshape(-1, row_length), text_segments=segments.reshape(-1, row_length),
-                text_positions=positions.reshape(-1, row_length), text_eot=eot.reshape(-1, TEXTS_PER_ROW),
-                caption_slot=slot[:, :per_group].reshape(size),
-                desc_slot=slot[:, per_group:].reshape(size, slots))
+  packed.update(zip(PACKED_KEYS, (tokens.reshape(-1, row_length), segments.reshape(-1, row_length),
+                                  positions.reshape(-1, row_length), eot.reshape(-1, TEXTS_PER_ROW),
+                                  slot[:, :per_group].reshape(size), slot[:, per_group:].reshape(size, slots))))
   return packed

@@ -57,7 +57,7 @@ class TextTransformer(nnx.Module):
   context (see `truncate_to_bucket`), and texts packed side by side in a row, each attending only
   within itself and with positions from 0, get the embeddings they get alone. For the same reason
   the last block runs only at the EOT positions: its keys and values span the row, its queries and
-  MLP one row per text (at depth 12, about 7% fewer matmul FLOPs in the tower).
+  MLP the M EOT rows of each row (M = 1 for one text per row, `TEXTS_PER_ROW` when packed).
   """
 
   def __init__(self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -122,7 +122,8 @@ def rows_at(x: jax.Array, positions: jax.Array) -> jax.Array:
 
 def texts_at(embeds: jax.Array, slots: jax.Array, groups: int) -> jax.Array:
   """Each packed text's embedding: `embeds [G * R, M, E]` from `TextTransformer.packed`, `slots
-  [G * n, ...]` (`row * M + segment`, rows counted within each of the G groups) -> `[G * n, ..., E]`."""
+  [G * n, ...]` (`row * M + m` for a row's m-th text, rows counted within each of the G groups, as
+  `grain_jax.data.text_packing` writes them) -> `[G * n, ..., E]`."""
   per_group = embeds.reshape(groups, -1, embeds.shape[-1])
   return rows_at(per_group, slots.reshape(groups, -1)).reshape(*slots.shape, embeds.shape[-1])
 

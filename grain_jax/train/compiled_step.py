@@ -8,7 +8,7 @@ others compile theirs anew; when that takes longer than 30 s the first collectiv
 barrier goes through the coordination service instead, which waits `COMPILE_BARRIER_TIMEOUT_S`.
 
 Optionally it counts each program's model FLOPs (the matmuls of `flops_fn`'s jaxpr) for
-utilization: the text buckets make steps of different shapes cost different amounts.
+utilization: packed texts make steps of different row counts cost different amounts.
 """
 
 from typing import Callable
@@ -56,8 +56,8 @@ class CompiledStep:
     if program is None:
       program = self._step_fn.lower(state, batch).compile()
       self._programs[signature] = program
-      # Every process sees the same batch shapes in the same order (the text bucket is agreed
-      # across processes), so the count names the same barrier everywhere.
+      # Every process sees the same batch shapes in the same order (the packed texts' row count is
+      # agreed across processes), so the count names the same barrier everywhere.
       wait_for_other_processes(f"grain_jax_compiled_train_step_{len(self._programs)}")
       if self._flops_fn is not None:
         self._flops[signature] = matmul_flops(self._flops_fn, state, batch)

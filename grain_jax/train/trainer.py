@@ -49,10 +49,15 @@ def pack_texts(batch: dict[str, np.ndarray], config, batch_shards: int) -> dict[
   (`text_packing.pack_batch`): one group per device and micro-batch, in the order the step splits
   the global batch; every process packs into the same number of rows."""
   per_group = config.data.batch_size // text_groups(config, batch_shards)
+  examples = len(batch["caption_ids"])
+  if examples % per_group:
+    raise ConfigError(f"this process holds {examples} examples of each batch, not a multiple of the {per_group} "
+                      f"each device's micro-batch takes: give the mesh's batch axes (config.mesh) at least as "
+                      f"many devices as there are processes")
   agree = None
   if jax.process_count() > 1:
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.array(rows))))
-  return text_packing.pack_batch(batch, len(batch["caption_ids"]) // per_group, config.model.text.context_length,
+  return text_packing.pack_batch(batch, examples // per_group, config.model.text.context_length,
                                  with_descriptions=config.model.kind == "grain", agree_rows=agree)
 
 
