@@ -117,3 +117,39 @@ def test_mesh_groups_with_a_device_order_count_only_the_group_axes():
           "replica_groups=mesh['axis_0'=16,'axis_1'=4], device_ids=([4,16]T(1,0)) {'axis_0'}, to_apply=%add")
   assert _hlo._group_size(line, num_partitions=64) == 16
   assert _hlo._group_size(line.replace("{'axis_0'}", "{'axis_1'}"), num_partitions=64) == 4
+
+
+COMBINED_HLO = """\
+HloModule jit_step, num_partitions=4
+
+ENTRY %main (a: f32[64], t: f32[49408,64]) -> (f32[64], f32[49408,64]) {
+  %a = f32[64]{0} parameter(0)
+  %t = f32[49408,64]{1,0} parameter(1)
+  %bias_grad = f32[64]{0} multiply(%a, %a), metadata={op_name="jit(step)/reduce_sum" stack_frame_id=1}
+  %table_grad = f32[49408,64]{1,0} copy(%t), metadata={op_name="jit(step)/transpose(jvp(jit(_take)))/scatter-add" stack_frame_id=2}
+  ROOT %all-reduce.1 = (f32[64]{0}, f32[49408,64]{1,0}) all-reduce(%bias_grad, %table_grad), replica_groups={{0,1,2,3}}, to_apply=%add, metadata={op_name="jit(step)/reduce_sum" stack_frame_id=1}
+}
+
+FileNames
+1 "/src/grain_jax/losses.py"
+2 "/src/grain_jax/models/text.py"
+
+FunctionNames
+1 "image_caption_loss"
+2 "TextTransformer.packed"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=48 end_line=48 column=1 end_column=1}
+2 {file_name_id=2 function_name_id=2 line=100 end_line=100 column=1 end_column=1}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=0}
+2 {file_location_id=2 parent_frame_id=0}
+"""
+
+
+def test_a_combined_collective_is_named_by_its_largest_tensor_and_where_that_was_computed():
+  [combined] = _hlo.collectives(COMBINED_HLO)
+  assert combined.tensor == "2 tensors, largest f32[49408,64]"
+  assert combined.tensor_bytes == (64 + 49408 * 64) * 4
+  assert combined.source == "models/text.py:100 TextTransformer.packed" and combined.backward

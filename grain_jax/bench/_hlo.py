@@ -39,7 +39,8 @@ class Collective:
 
   op: one of COLLECTIVES.
   tensor: dtype and shape of the full (unsharded) tensor, e.g. `bf16[768,2304]`; a combined
-    collective of several tensors: `N tensors`.
+    collective of several tensors: `N tensors`, with the largest named when each tensor is an operand
+    of its own (its source and pass are then the largest tensor's).
   tensor_bytes: bytes of that tensor (each device holds it before a reduce-scatter / after a gather).
   group_size: devices taking part in each group.
   executions: times it runs per program call (trip counts of the loops around it multiplied).
@@ -221,6 +222,7 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
     if name in reduce_scatter_bodies or not executions.get(name):
       continue
     shapes = {instruction.name: instruction.result_type for instruction in instructions}
+    producers = {instruction.name: instruction.line for instruction in instructions if _STACK_FRAME.search(instruction.line)}
     for instruction in instructions:
       opcode, line = instruction.opcode, instruction.line
       callee = _CALLEE.search(line)
@@ -239,11 +241,18 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
         moved = results[len(operands):]
       else:
         moved = results
+      tensor = moved[0][0] if len(moved) == 1 else f"{len(moved)} tensors"
+      if len(moved) > 1 and len(moved) == len(instruction.operands):
+        # The compiler combined several collectives into one and kept one of their locations: name
+        # the largest tensor, and where it was computed.
+        largest = max(range(len(moved)), key=lambda index: moved[index][1])
+        tensor += f", largest {moved[largest][0]}"
+        line = producers.get(instruction.operands[largest], line)
       frame = _STACK_FRAME.search(line)
       op_name = _OP_NAME.search(line)
       source = sources.get(int(frame.group(1))) if frame else None
       found.append(Collective(
-          op=op, tensor=moved[0][0] if len(moved) == 1 else f"{len(moved)} tensors", tensor_bytes=sum(size for _, size in moved),
+          op=op, tensor=tensor, tensor_bytes=sum(size for _, size in moved),
           group_size=_group_size(line, num_partitions), executions=executions[name],
           backward="transpose(" in (op_name.group(1) if op_name else ""),
           source=source or (op_name.group(1) if op_name else "?")))
