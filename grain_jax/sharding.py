@@ -9,6 +9,7 @@ this module is the only place that applies that mapping.
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
@@ -125,6 +126,43 @@ def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
 
   gather.defvjp(gather_forward, reduce_scatter)
   return gather(weight)
+
+
+def looked_up(table: jax.Array, ids: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Rows of `table [V, D]` (logical `names`) at `ids [B, ...]` (B on the batch axes) -> `[B, ..., D]`.
+
+  The gradient moves looked-up rows rather than tables: each device's rows go (one all-to-all) to
+  the devices that hold their slice of D, which add them into their own shard, in float32; only the
+  batch axes the table is not split over then reduce it. Left to XLA, every device builds a dense
+  `[V, D]` gradient of its own rows and all of them are summed over the whole mesh (for the B/16
+  text tower a 96.5 MiB float32 all-reduce per step).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+    return jnp.take(table, ids, axis=0)
+  stored = logical_to_spec(names)
+  width = set(_axes(stored[1]))
+  rows = tuple(axis for axis in _axes(logical_to_spec(("batch",))[0]) if axis not in width)
+  rows = None if not rows else rows[0] if len(rows) == 1 else rows
+  id_spec = PartitionSpec(rows, *[None] * (ids.ndim - 1))
+  row_spec = PartitionSpec(rows, *[None] * (ids.ndim - 1), stored[1])
+  shape, dtype = table.shape, table.dtype
+
+  @jax.custom_vjp
+  def lookup(t, i):
+    return jnp.take(t, i, axis=0)
+
+  def lookup_forward(t, i):
+    return lookup(t, i), i
+
+  def add_rows(i, gradient):
+    i = jax.lax.with_sharding_constraint(i, id_spec)
+    gradient = jax.lax.with_sharding_constraint(gradient.astype(jnp.float32), row_spec)
+    total = jax.lax.with_sharding_constraint(jnp.zeros(shape, jnp.float32).at[i].add(gradient), stored)
+    return total.astype(dtype), np.zeros(i.shape, jax.dtypes.float0)
+
+  lookup.defvjp(lookup_forward, add_rows)
+  return lookup(table, ids)
 
 
 def _axes(entry) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax import sharding
+from grain_jax.bench import _hlo
 from grain_jax.config import load_config
 
 RULES = load_config("configs/base.py:tiny").sharding_rules
@@ -78,3 +79,31 @@ def test_the_train_step_on_data_fsdp_tensor_compiles_without_replicating_activat
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.splitlines()[-1])["mesh"] == dict(data=2, fsdp=2, tensor=2)
   assert "Involuntary full rematerialization" not in result.stderr
+
+
+def test_a_lookup_s_gradient_moves_rows_and_equals_the_plain_gather_s():
+  """`sharding.looked_up` against `jnp.take`: same values and table gradient on a data x fsdp mesh, and
+  no collective of the whole table's size (XLA's own gradient all-reduces a dense table)."""
+  rng = np.random.default_rng(0)
+  vocab, width = 50, 16
+  table = rng.normal(size=(vocab, width)).astype(np.float32)
+  ids = rng.integers(0, vocab, (8, 5)).astype(np.int32)
+  ids[:, 0] = 7  # a token every row repeats, as SOT does
+  weights = rng.normal(size=(8, 5, width)).astype(np.float32)
+  plain = jax.value_and_grad(lambda t: (jax.numpy.take(t, ids, axis=0) * weights).sum())(table)
+  config = load_config("configs/base.py:tiny")
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
+  names = ("vocab", "embed")
+  with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
+    placed = (jax.device_put(table, NamedSharding(mesh, sharding.logical_to_spec(names))),
+              jax.device_put(ids, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))),
+              jax.device_put(weights, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))))
+    step = jax.jit(jax.value_and_grad(lambda t, i, w: (sharding.looked_up(t, i, names) * w).sum()))
+    value, gradient = step(*placed)
+    hlo = step.lower(*placed).compile().as_text()
+  np.testing.assert_allclose(float(value), float(plain[0]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gradient), np.asarray(plain[1]), rtol=1e-5, atol=1e-5)
+  assert gradient.sharding.is_equivalent_to(placed[0].sharding, 2)
+  table_bytes = vocab * width * 4
+  assert all(c.tensor_bytes < table_bytes for c in _hlo.collectives(hlo)), [
+      (c.op, c.tensor) for c in _hlo.collectives(hlo)]

@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from grain_jax.models import layers
-from grain_jax.sharding import RESIDUAL, constrain, split_ways
+from grain_jax.sharding import RESIDUAL, constrain, looked_up, split_ways
 
 
 class TextBlock(nnx.Module):
@@ -90,14 +90,14 @@ class TextTransformer(nnx.Module):
       `[R, M, embed_dim]`: the m-th text's embedding of each row (values where a row holds fewer
       than M texts are to be ignored).
     """
-    table = self.token_embedding[...]
+    table, names = self.token_embedding[...], ("vocab", "embed")
     if split_ways("vocab") > 1:
       # From a table split on both dimensions the lookup replicates the global batch on every
       # device; with `embed` whole (vocabulary still split) it stays on the batch shards, and so
       # does the gradient's scatter-add. A table split on `embed` alone stays so: gathering it
       # costs more than moving the looked-up rows.
-      table = constrain(table.astype(self.dtype), ("vocab", None))
-    x = constrain(jnp.take(table, constrain(tokens, RESIDUAL[:2]), axis=0).astype(self.dtype), RESIDUAL)
+      table, names = constrain(table.astype(self.dtype), ("vocab", None)), ("vocab", None)
+    x = constrain(looked_up(table, constrain(tokens, RESIDUAL[:2]), names).astype(self.dtype), RESIDUAL)
     # The table is small: whole on every device, the lookup stays on the batch shards.
     position_table = constrain(self.positional_embedding[...].astype(self.dtype), (None, None))
     x = x + jnp.take(position_table, constrain(positions, RESIDUAL[:2]), axis=0)
