@@ -127,7 +127,7 @@ ENTRY %main (a: f32[64], t: f32[49408,64]) -> (f32[64], f32[49408,64]) {
   %t = f32[49408,64]{1,0} parameter(1)
   %bias_grad = f32[64]{0} multiply(%a, %a), metadata={op_name="jit(step)/reduce_sum" stack_frame_id=1}
   %table_grad = f32[49408,64]{1,0} copy(%t), metadata={op_name="jit(step)/transpose(jvp(jit(_take)))/scatter-add" stack_frame_id=2}
-  ROOT %all-reduce.1 = (f32[64]{0}, f32[49408,64]{1,0}) all-reduce(%bias_grad, %table_grad), replica_groups={{0,1,2,3}}, to_apply=%add, metadata={op_name="jit(step)/reduce_sum" stack_frame_id=1}
+  ROOT %all-reduce.1 = (f32[64]{0}, f32[49408,64]{1,0}) all-reduce(%bias_grad, %table_grad), replica_groups={{0,1},{2,3}}, to_apply=%add, metadata={op_name="jit(step)/reduce_sum" stack_frame_id=1}
 }
 
 FileNames
@@ -153,3 +153,5 @@ def test_a_combined_collective_is_named_by_its_largest_tensor_and_where_that_was
   assert combined.tensor == "2 tensors, largest f32[49408,64]"
   assert combined.tensor_bytes == (64 + 49408 * 64) * 4
   assert combined.source == "models/text.py:100 TextTransformer.packed" and combined.backward
+  assert combined.group_size == 2  # the collective's own groups, not its operand's line
+

@@ -241,15 +241,15 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
         moved = results[len(operands):]
       else:
         moved = results
-      tensor = moved[0][0] if len(moved) == 1 else f"{len(moved)} tensors"
+      tensor, origin = (moved[0][0] if len(moved) == 1 else f"{len(moved)} tensors"), line
       if len(moved) > 1 and len(moved) == len(instruction.operands):
         # The compiler combined several collectives into one and kept one of their locations: name
         # the largest tensor, and where it was computed.
         largest = max(range(len(moved)), key=lambda index: moved[index][1])
         tensor += f", largest {moved[largest][0]}"
-        line = producers.get(instruction.operands[largest], line)
-      frame = _STACK_FRAME.search(line)
-      op_name = _OP_NAME.search(line)
+        origin = producers.get(instruction.operands[largest], line)
+      frame = _STACK_FRAME.search(origin)
+      op_name = _OP_NAME.search(origin)
       source = sources.get(int(frame.group(1))) if frame else None
       found.append(Collective(
           op=op, tensor=tensor, tensor_bytes=sum(size for _, size in moved),
