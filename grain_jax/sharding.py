@@ -87,19 +87,23 @@ def batch_shards(mesh: jax.sharding.Mesh, rules: Rules | None = None) -> int:
   return int(np.prod([mesh.shape[axis] for axis in _axes(logical_to_spec(("batch",), rules)[0])]))
 
 
+def _sharding_applies() -> bool:
+  """Whether a mesh and logical-axis rules are active (outside them, annotations are no-ops)."""
+  return not jax.sharding.get_abstract_mesh().empty and bool(flax_spmd.get_logical_axis_rules())
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on an activation by logical names; a no-op outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  if not _sharding_applies():
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
 def split_ways(name: str) -> int:
   """Into how many parts the current mesh and rules split a dimension of logical `name` (1 outside a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  if not _sharding_applies():
     return 1
+  mesh = jax.sharding.get_abstract_mesh()
   return int(np.prod([mesh.shape[axis] for axis in _axes(logical_to_spec((name,))[0])]))
 
 
@@ -107,8 +111,7 @@ def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """`weight` (logical `names`) where a layer uses it: gathered over the batch's mesh axes (the FSDP
   all-gather), tensor-parallel axes kept. Its gradient is constrained back to the weight's own
   layout, so the backward pass reduce-scatters it instead of all-reducing the full gradient."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  if not _sharding_applies():
     return weight
   stored = logical_to_spec(names)
   batch_axes = set(_axes(logical_to_spec(("batch",))[0]))
@@ -137,8 +140,7 @@ def looked_up(table: jax.Array, ids: jax.Array, names: Sequence[str | None]) -> 
   `[V, D]` gradient of its own rows and all of them are summed over the whole mesh (for the B/16
   text tower a 96.5 MiB float32 all-reduce per step).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not flax_spmd.get_logical_axis_rules():
+  if not _sharding_applies():
     return jnp.take(table, ids, axis=0)
   stored = logical_to_spec(names)
   width = set(_axes(stored[1]))
