@@ -65,10 +65,9 @@ def text_padding(batches: Sequence[dict[str, np.ndarray]], examples_per_group: i
     real += int(np.count_nonzero(packed["text_segments"]))
     run += packed["text_tokens"].size
     full += (batch["caption_ids"].size + batch["desc_ids"].size)
-  lengths = {key: np.concatenate([text_packing.text_lengths(np.where(batch["box_valid"][..., None], batch[key], 0))
-                                  if key == "desc_ids" else text_packing.text_lengths(batch[key])
-                                  for batch in batches], axis=None)
-             for key in ("caption_ids", "desc_ids")}
+  lengths = {"caption_ids": np.concatenate([text_packing.text_lengths(batch["caption_ids"]) for batch in batches]),
+             "desc_ids": np.concatenate([np.where(batch["box_valid"], text_packing.text_lengths(batch["desc_ids"]), 0)
+                                         .ravel() for batch in batches])}
   return dict(padding=1 - real / run, padding_full=1 - real / full, pack_seconds=seconds, lengths=lengths)
 
 
