@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason="annotation needs the extra: requirements-annotate.txt")
 transformers = pytest.importorskip(
     "transformers", reason="annotation needs the extra: requirements-annotate.txt")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason="annotation needs the extra: requirements-annotate.txt")
 transformers = pytest.importorskip(
     "transformers", reason="annotation needs the extra: requirements-annotate.txt")

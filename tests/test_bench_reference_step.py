@@ -13,6 +13,7 @@ from grain_jax.torch_format import layout, param_tree
 from grain_jax.data import text_packing
 from grain_jax.train.step import batch_loss
 
+pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason="the reference step needs torch (pip install -r requirements-export.txt)")
 reference_step = pytest.importorskip("grain_jax.bench._reference_step")
 

@@ -69,7 +69,9 @@ def test_validate_refuses_a_url_in_a_path_field(field):
     config_lib.validate(config)
 
 
+@pytest.mark.extras
 def test_an_unreadable_safetensors_file_is_named(tmp_path):
+  pytest.importorskip("safetensors", reason="reading .safetensors needs the export extra: requirements-export.txt")
   path = tmp_path / "init.safetensors"
   path.write_bytes(os.urandom(64))
   with pytest.raises(errors.BadFileError, match=f"{path} is not a readable safetensors file"):

@@ -23,6 +23,7 @@ from grain_jax.train import optim, trainer
 from grain_jax.train.checkpoint import Checkpointer
 
 INSTALL = "pip install -r requirements-export.txt"
+pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason=f"the PyTorch export tests need torch ({INSTALL})")
 safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=f"the PyTorch export tests need safetensors ({INSTALL})")
 torch_modules = pytest.importorskip("grain_jax.export.torch_modules")  # imports torch at its top

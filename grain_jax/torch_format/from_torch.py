@@ -49,8 +49,11 @@ def _as_state_dict(mapping) -> layout.StateDict:
 
 def _read_safetensors(path: str) -> dict:
   """Our export's grouped keys -> nested dicts; any other file is one flat state dict."""
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
+  try:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+  except ImportError:
+    raise ImportError(f"reading {path} needs safetensors (pip install -r requirements-export.txt)") from None
 
   try:
     flat = load_file(path)
