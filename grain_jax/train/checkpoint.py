@@ -38,6 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from grain_jax.errors import UserError
+from grain_jax.processes import any_process
 from grain_jax.train.step import TrainState
 
 UNREADABLE = "unreadable"
@@ -133,13 +134,6 @@ def checksums(tree) -> dict[str, int]:
   return dict(zip(_names(tree), (int(v) for v in _to_host(values)), strict=True))
 
 
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` is true on any process: every process then takes the same branch."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
-
-
 def _size_mb(directory: str) -> float:
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory)
              for name in names) / 2**20
@@ -214,7 +208,7 @@ class Checkpointer:
           f"pipeline ({type(e).__name__}: {e}). config.data.num_workers or the number of processes "
           f"({jax.process_count()} now) differs from the run that saved it: run with the same values, or use a "
           "new --workdir. Nothing was moved.")
-    if _any_process(error is not None):
+    if any_process(error is not None):
       raise error or CheckpointMismatchError(f"another process could not restore the data position of step {step} "
                                              f"in {self.directory}; see its log")
 
@@ -229,15 +223,15 @@ class Checkpointer:
     for step in steps:
       outcome, restored = self._read(step, state_args, wanted)
       mismatch = isinstance(outcome, CheckpointMismatchError)
-      if _any_process(mismatch):
+      if any_process(mismatch):
         raise outcome if mismatch else CheckpointMismatchError(
             f"another process found that the checkpoint at step {step} in {self.directory} does not fit this "
             "config; see its log")
-      if _any_process(outcome is not None):
+      if any_process(outcome is not None):
         unread.append((step, outcome or "another process could not read it; see its log"))
         continue
       problem = self._corruption(step, *restored)
-      if _any_process(bool(problem)):
+      if any_process(bool(problem)):
         problem = problem or "another process found it corrupt"
         problems.append(f"step {step}: {problem}")
         self._set_aside(step, f"is corrupt ({problem})")
