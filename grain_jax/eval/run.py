@@ -21,6 +21,7 @@ from grain_jax.data import prompts
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
 from grain_jax.eval import retrieval
+from grain_jax.eval import text_cache
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
 from grain_jax.ops import localization
@@ -67,7 +68,7 @@ def _fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict | None:
 
 
 def _classification(model, runner: Runner, entry: str, config, workdir: str,
-                    cache: zeroshot.TextCache) -> dict:
+                    cache: text_cache.TextCache) -> dict:
   dataset = datasets.classification(entry, config, workdir)
   data, cfg = dataset.data, config.eval
   if dataset.alignment in ("mixed", "partial"):
@@ -163,7 +164,8 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     workdir: the run's directory; results go to workdir/eval.
     mesh: the mesh the model lives on, or None for the default device.
     checkpoint_id: names the weights (e.g. the step); when set, class text embeddings are cached
-      under workdir/eval/text_cache and reused by later evaluations of the same weights.
+      under workdir/eval/text_cache, keyed by the text tower's weights (eval/text_cache.py), and
+      reused by later evaluations of the same weights.
 
   Returns:
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
@@ -174,7 +176,8 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   runner = runner_from_config(config, mesh)
   out_dir = os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
-  cache = zeroshot.TextCache(checkpoint_id, os.path.join(out_dir, "text_cache") if checkpoint_id else "")
+  cache = text_cache.TextCache(model, zeroshot.ClassEmbeddings,
+                               os.path.join(out_dir, "text_cache") if checkpoint_id else "")
   image_size = model_image_size(model)
   results = {
       "model": {"kind": model.kind, "checkpoint": checkpoint_id},

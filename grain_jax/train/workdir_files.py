@@ -14,11 +14,13 @@ def keep_earlier(path: str) -> str:
   return f"{stem}.{number}{ext}"
 
 
-def replace_durably(path: str, text: str) -> None:
-  """Writes `text` to `path` atomically: a kill leaves the old file or the new one, and the new one
-  is on disk (fsync) before it replaces the old."""
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
+def replace_durably(path: str, content: str | bytes) -> None:
+  """Writes `content` to `path` atomically: a kill leaves the old file or the new one, and the new one
+  is on disk (fsync) before it replaces the old. The temporary file is this process's own, so two
+  processes writing the same file (an evaluation beside a trainer) leave one whole version."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
+    f.write(content)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
