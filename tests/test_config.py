@@ -2,7 +2,8 @@
 
 import pytest
 
-from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
+from grain_jax.config import (AT_LEAST_ONE, AT_LEAST_ZERO, ConfigError, apply_overrides, load_config, parse_arm,
+                              validate)
 from grain_jax.defaults import meshes, models
 
 
@@ -63,6 +64,18 @@ def test_bad_fields_are_named(mutate, field):
   with config.unlocked():
     mutate(config)
   with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(")):
+    validate(config)
+
+
+@pytest.mark.parametrize("field", [*AT_LEAST_ONE, *AT_LEAST_ZERO, "data.num_epochs"])
+def test_counts_rates_and_intervals_out_of_bounds_are_refused_in_one_line(field):
+  config = load_config("configs/base.py:tiny")
+  section, name = field.split(".")
+  low = 0 if field in AT_LEAST_ZERO else 1
+  config[section][name] = type(config[section][name] or 1)(low)
+  validate(config)  # the bound itself is allowed
+  config[section][name] = type(config[section][name])(low - 1)
+  with pytest.raises(ConfigError, match=rf"^config\.{section}\.{name}=-?\d+(\.0)? must be at least {low}( \(.*\))?$"):
     validate(config)
 
 
