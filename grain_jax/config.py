@@ -26,8 +26,9 @@ INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
                "eval.descriptors_dir")
 # Counts of steps, intervals, batches and kept checkpoints: 0 would divide by zero, batch nothing or
-# keep nothing to resume from.
-AT_LEAST_ONE = ("train.num_steps", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
+# keep nothing to resume from. (train.num_steps too, but for evaluating an imported model: see
+# _check_bounds.)
+AT_LEAST_ONE = ("train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.heartbeat_timeout_s", "data.batch_size", "data.read_threads",
                 "data.worker_buffer_size", "eval.batch_size", "eval.text_batch_size")
 # Rates, weights and counts where 0 means none or off.
@@ -125,6 +126,10 @@ def _check_bounds(config) -> None:
       _require(value >= low, f"config.{field}={value} must be at least {low}")
   epochs = config.data.num_epochs
   _require(epochs is None or epochs >= 1, f"config.data.num_epochs={epochs} must be at least 1 (None: repeat forever)")
+  steps = config.train.num_steps
+  evaluates_import = steps == 0 and bool(config.model.init_from) and config.experiment.evaluate
+  _require(steps >= 1 or evaluates_import, f"config.train.num_steps={steps} must be at least 1 (0 only evaluates a "
+           "model imported with config.model.init_from)")
 
 
 def _check_choices(config) -> None:
