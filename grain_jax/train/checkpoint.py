@@ -22,11 +22,15 @@ Orbax's barrier in it until that barrier times out.
 
 What a kill loses: the steps since the newest committed checkpoint. With synchronous saves that is
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
-save waits for it, so a kill loses at most 2 x `checkpoint_every` steps.
+save waits for it, so a kill loses at most 2 x `checkpoint_every` steps. A save cut short leaves a
+`<step>.orbax-checkpoint-tmp-*` folder, which a writable Checkpointer removes (logged): the workdir
+lock makes sure no other run is writing it. A save that fails (a full disk) stops training at the
+next step (`check()`) with CheckpointSaveError, which names the newest committed checkpoint.
 """
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import grain
@@ -57,6 +61,11 @@ class CheckpointReadError(UserError, RuntimeError):
 
 class NoReadableCheckpointError(UserError, RuntimeError):
   """A directory holds checkpoints, and every one of them is corrupt."""
+
+
+class CheckpointSaveError(UserError, RuntimeError):
+  """A checkpoint could not be written (a full disk, no permission): fixing the cause and running the
+  same command again resumes from the newest committed checkpoint."""
 
 
 def _path(key) -> str:
@@ -139,6 +148,21 @@ def _size_mb(directory: str) -> float:
              for name in names) / 2**20
 
 
+def remove_unfinished_saves(directory: str) -> None:
+  """Removes (logged) the temporary folders of saves that never committed under `directory`
+  (process 0; the others wait for it). Only for the run that holds the workdir's lock."""
+  suffix = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      path = os.path.join(directory, name)
+      if suffix in name and os.path.isdir(path):
+        size = _size_mb(path)
+        shutil.rmtree(path)
+        logging.warning("removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path, size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("grain_jax_checkpoint_unfinished_saves_removed")
+
+
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints: the absolute `<workdir>/checkpoints`."""
   return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -147,27 +171,60 @@ def checkpoint_dir(workdir: str) -> str:
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of `TrainState` + data iterator under `directory`.
 
-  `read_only` (evaluation, export): a corrupt checkpoint is skipped, not moved aside.
+  `read_only` (evaluation, export): a corrupt checkpoint is skipped, not moved aside, and nothing
+  is removed; otherwise the folders of saves that never committed are removed first.
   """
 
   def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
     self.directory = directory
     self.read_only = read_only
+    self._pending: int | None = None  # the step of the newest save not yet known to have committed
+    if not read_only:
+      remove_unfinished_saves(directory)
     self.manager = ocp.CheckpointManager(
         directory, item_names=("state", "data", CHECKSUMS),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=not read_only, read_only=read_only))
 
   def save(self, state: TrainState, data_iterator) -> None:
-    """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums."""
-    tree = state._asdict()
-    self.manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
-        **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
+    """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums,
+    once the previous save has committed.
+
+    Raises:
+      CheckpointSaveError when the previous save or this one (when synchronous) failed.
+    """
+    self.wait()
+    step, tree = int(state.step), state._asdict()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
+          **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
+    except Exception as error:  # noqa: BLE001 - whatever the storage raised, the run stops on one line
+      raise self._save_error(step, error) from error
+    self._pending = step
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError when an asynchronous save has failed; returns at once while it is in
+    progress. Call at every step: a failed save stops the run at the step after it is known."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves have committed."""
-    self.manager.wait_until_finished()
+    """Blocks until pending asynchronous saves have committed; raises CheckpointSaveError when one failed."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+      raise self._save_error(step, error) from error
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    self.manager.reload()  # the steps that committed, read from the directory
+    committed = self.manager.latest_step()
+    newest = (f"the newest committed checkpoint is step {committed}, where running the same command again resumes"
+              if committed is not None else "no checkpoint has committed in this workdir")
+    cause = " ".join(f"{type(error).__name__}: {error}".split())
+    return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed ({cause}); training "
+                               f"stopped; {newest} once the cause (a full disk, say) is fixed")
 
   def restore_latest(self, like: TrainState) -> TrainState | None:
     """The newest intact checkpoint's state restored into `like`'s shapes and shardings; None when
@@ -319,8 +376,10 @@ class Checkpointer:
     self.manager.reload()
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def restore_params(workdir: str, like_params: Any) -> tuple[int, Any]:
