@@ -1,5 +1,5 @@
-"""Errors a user causes and can fix, the check that refuses URLs as paths, and how the command-line
-tools report such errors.
+"""Errors a user causes and can fix, the checks that refuse URLs as paths and folders that cannot be
+written, and how the command-line tools report such errors.
 
 `python -m grain_jax.main`, `python -m grain_jax.data.convert` and `python -m grain_jax.annotate`
 print such an error as one message on stderr and exit with status 2, since a traceback would only hide
@@ -53,6 +53,17 @@ def check_local_path(path: str, name: str) -> None:
   else:
     how = "mount the storage as a file system and use the mounted path"
   raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes local paths only: {how}")
+
+
+def check_writable(path: str, name: str, why: str) -> None:
+  """Raises ArgumentError when the folder `path` (`name` says what it is, for the message) cannot be
+  written (a read-only file system, no permission); `why` says what to do. Nothing is written: a
+  folder still missing is judged by the nearest one that exists."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    raise ArgumentError(f"{name} {path} cannot be written ({existing} is read-only or not yours): {why}")
 
 
 def run_command(body: Callable[[], object]) -> int:

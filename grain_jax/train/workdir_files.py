@@ -1,7 +1,13 @@
-"""Files of a workdir that a run writes whole (config.json, metrics.jsonl): an earlier run's file is
-kept under a numbered name, never overwritten, and a rewrite reaches the disk before it replaces one."""
+"""The workdir and the files a run writes whole in it (config.json, metrics.jsonl).
 
+An earlier run's file is kept under a numbered name, never overwritten, and a rewrite reaches the
+disk before it replaces one. A workdir that a run made and left empty when it failed (a config
+error, another run holding it) is removed again: a failed run leaves no folder to mistake for a run.
+"""
+
+import contextlib
 import os
+import shutil
 
 
 def keep_earlier(path: str) -> str:
@@ -24,3 +30,23 @@ def replace_durably(path: str, content: str | bytes) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def created(path: str):
+  """Makes the folder `path` (and missing parents) for the body; when the body raises, the folders
+  this call made that hold no file (empty folders at most, such as an empty `checkpoints/`) are
+  removed again."""
+  made, missing = [], os.path.abspath(path)
+  while not os.path.isdir(missing):
+    made.append(missing)
+    missing = os.path.dirname(missing)
+  os.makedirs(path, exist_ok=True)
+  try:
+    yield
+  except BaseException:
+    for folder in made:  # the deepest first
+      if any(files for _, _, files in os.walk(folder)):
+        break  # it holds work
+      shutil.rmtree(folder, ignore_errors=True)  # another process may have removed it
+    raise
