@@ -106,17 +106,20 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
                         r"config\.data\.train_dir='s3://bucket/x' is a URL"),
       "workdir under a file": ([*TINY, "--workdir", str(tmp_path / "a_file" / "run")],
                                r"Not a directory: '.*a_file/run'"),
-      "manifest not json": ([*TINY, "--workdir", str(tmp_path / "run"), f"--config.data.train_dir={data['not_json']}"],
+      "manifest not json": ([*TINY, "--workdir", str(tmp_path / "run_not_json"),
+                             f"--config.data.train_dir={data['not_json']}"],
                             r"not_json/manifest\.json is not valid JSON"),
-      "garbage shard": ([*TINY, "--workdir", str(tmp_path / "run"), f"--config.data.train_dir={data['garbage']}"],
+      "garbage shard": ([*TINY, "--workdir", str(tmp_path / "run_garbage"), f"--config.data.train_dir={data['garbage']}"],
                         r"garbage/shard-00000\.array_record is not a readable ArrayRecord file"),
+      "bound": ([*TINY, "--workdir", str(tmp_path / "run_bound"), "--config.train.keep_checkpoints=0"],
+                r"^error: config\.train\.keep_checkpoints=0 must be at least 1$"),
   }
 
 
 @pytest.fixture(scope="module")
 def main_results(tmp_path_factory):
   """Every case of _main_cases run by `python -m grain_jax.main`, all at once (mostly imports):
-  name -> (pattern, exit status, stderr)."""
+  name -> (pattern, exit status, stderr, workdir)."""
   tmp_path = tmp_path_factory.mktemp("main")
   cases = _main_cases(tmp_path)
   cases["traceback"] = (cases["unknown field"][0], "")
@@ -128,23 +131,32 @@ def main_results(tmp_path_factory):
   results = {}
   for name, process in processes.items():
     _, stderr = process.communicate(timeout=300)
-    results[name] = (cases[name][1], process.returncode, stderr)
+    args = cases[name][0]
+    results[name] = (cases[name][1], process.returncode, stderr, args[args.index("--workdir") + 1])
   assert not os.path.exists(os.path.join(REPOSITORY, "gs:"))
   return results
 
 
 @pytest.mark.parametrize("name", ["unknown field", "missing config file", "url workdir", "url in config",
-                                  "workdir under a file", "manifest not json", "garbage shard"])
+                                  "workdir under a file", "manifest not json", "garbage shard", "bound"])
 def test_main_reports_a_user_error_in_one_message(main_results, name):
-  pattern, status, stderr = main_results[name]
+  pattern, status, stderr, _ = main_results[name]
   assert status == errors.USER_ERROR_STATUS, stderr[-3000:]
   assert "Traceback" not in stderr
   message = stderr.rstrip("\n").splitlines()[-1]
   assert message.startswith("error: ") and re.search(pattern, message), stderr[-3000:]
 
 
+def test_a_run_that_fails_leaves_no_empty_workdir(main_results):
+  """Config errors stop before the workdir is made; data errors come after it was made, and the run
+  removes it again as long as it holds no file."""
+  for name in ("unknown field", "url in config", "manifest not json", "garbage shard", "bound"):
+    workdir = main_results[name][3]
+    assert not os.path.exists(workdir), name
+
+
 def test_main_shows_the_traceback_when_asked(main_results):
-  _, status, stderr = main_results["traceback"]
+  _, status, stderr, _ = main_results["traceback"]
   assert status not in (0, errors.USER_ERROR_STATUS)
   assert "Traceback" in stderr and "config.model.decoder.dpth is not a known field" in stderr
 
