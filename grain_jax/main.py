@@ -4,7 +4,8 @@ Any config field can be overridden: `--config.train.num_steps=100`. Running agai
 workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
 one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a
 preemption notice (SIGTERM) saves a checkpoint first and exits with status 75
-(`grain_jax.train.preemption.PREEMPTED_STATUS`): run the same command again to resume.
+(`grain_jax.train.preemption.PREEMPTED_STATUS`); a Ctrl-C during training saves too and exits with
+status 130 (a second Ctrl-C stops at once): run the same command again to resume.
 """
 
 import logging
@@ -19,7 +20,7 @@ from grain_jax import errors
 from grain_jax import experiment
 from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
-from grain_jax.train.preemption import PREEMPTED_STATUS, Preempted
+from grain_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
@@ -108,7 +109,7 @@ def main(argv: list[str]) -> int:
       experiment.run(config, _WORKDIR.value)
     except Preempted as preempted:
       logging.warning("%s", preempted)
-      return PREEMPTED_STATUS
+      return preempted.status
   return 0
 
 

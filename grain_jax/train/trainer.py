@@ -193,7 +193,8 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   run again.
 
   Raises:
-    preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
+    preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) or a Ctrl-C
+      (SIGINT) arrived during training.
     checkpoint.CheckpointSaveError at the step after a save failed (a full disk, say).
     workdir_lock.WorkdirLockedError when another run holds the workdir; WorkdirLostError when the
       lock went away during the run (the workdir deleted under it).
@@ -267,9 +268,9 @@ def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: in
         if preempted:
           break
     if preempted:
-      if jax.process_index() == 0:
+      if jax.process_index() == 0 and not notice.interrupted:
         preemption.write_marker(workdir, done)
-      raise preemption.Preempted(done, workdir)
+      raise preemption.Preempted(done, workdir, notice.interrupted)
 
   model = nnx.merge(graphdef, state.params, rest)
   model.eval()
