@@ -66,6 +66,18 @@ def check_writable(path: str, name: str, why: str) -> None:
     raise ArgumentError(f"{name} {path} cannot be written ({existing} is read-only or not yours): {why}")
 
 
+def output_dir(given: str, workdir: str, default: str) -> str:
+  """Where a command that only reads `workdir` (evaluation, export) writes: `given` (--output-dir),
+  else `<workdir>/<default>`. Raises ArgumentError, saying how to name another, when it cannot be
+  written (an archived, read-only run)."""
+  if given:
+    check_writable(given, "--output-dir", "name a folder that can be written")
+    return given
+  path = os.path.join(workdir, default)
+  check_writable(path, "the output folder", "name another with --output-dir (a read-only, archived run, say)")
+  return path
+
+
 def run_command(body: Callable[[], object]) -> int:
   """Runs a command-line tool's `body`; returns 0, or USER_ERROR_STATUS after printing a user error.
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from grain_jax import sharding
 from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
+from grain_jax.errors import output_dir
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 
@@ -30,13 +31,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return {"train": metrics, "eval": evaluation}
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`)."""
+def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
+  """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`),
+  writing into `out_dir` (default `workdir/eval`); reads `workdir` only, so a read-only (archived)
+  run and one that is training there can be evaluated."""
   validate(config, num_devices=jax.device_count(), evaluation_files=True)
+  out_dir = output_dir(out_dir, workdir, "eval")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     model, step = trainer.restore_model(config, workdir, mesh)
-  return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}")
+  return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}", out_dir=out_dir)
 
 
 def headline_metrics(evaluation: dict) -> dict[str, float]:

@@ -27,6 +27,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
                           "export: the newest checkpoint to PyTorch files in workdir/export.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output-dir", "", "--mode eval / export: write the results or the PyTorch files here instead of "
+    "<workdir>/eval or <workdir>/export (a read-only, archived workdir, say).")
 _EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
     "export-module-prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -98,12 +101,16 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
   errors.check_local_path(_WORKDIR.value, "--workdir")
+  errors.check_local_path(_OUTPUT_DIR.value, "--output-dir")
+  if _OUTPUT_DIR.value and _MODE.value == "train":
+    raise errors.ArgumentError("--output-dir is for --mode eval and --mode export: training writes into --workdir")
   config = _CONFIG.value
   initialize_distributed(config.train)
   if _MODE.value == "eval":
-    experiment.evaluate_checkpoint(config, _WORKDIR.value)
+    experiment.evaluate_checkpoint(config, _WORKDIR.value, _OUTPUT_DIR.value)
   elif _MODE.value == "export":
-    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
+    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value,
+                               directory=_OUTPUT_DIR.value)
   else:
     try:
       experiment.run(config, _WORKDIR.value)

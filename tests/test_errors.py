@@ -113,6 +113,8 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
                         r"garbage/shard-00000\.array_record is not a readable ArrayRecord file"),
       "bound": ([*TINY, "--workdir", str(tmp_path / "run_bound"), "--config.train.keep_checkpoints=0"],
                 r"^error: config\.train\.keep_checkpoints=0 must be at least 1$"),
+      "output dir in training": ([*TINY, "--workdir", str(tmp_path / "run_output"), "--output-dir", str(tmp_path / "out")],
+                                 r"--output-dir is for --mode eval and --mode export"),
   }
 
 
@@ -138,7 +140,8 @@ def main_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["unknown field", "missing config file", "url workdir", "url in config",
-                                  "workdir under a file", "manifest not json", "garbage shard", "bound"])
+                                  "workdir under a file", "manifest not json", "garbage shard", "bound",
+                                  "output dir in training"])
 def test_main_reports_a_user_error_in_one_message(main_results, name):
   pattern, status, stderr, _ = main_results[name]
   assert status == errors.USER_ERROR_STATUS, stderr[-3000:]
@@ -150,7 +153,7 @@ def test_main_reports_a_user_error_in_one_message(main_results, name):
 def test_a_run_that_fails_leaves_no_empty_workdir(main_results):
   """Config errors stop before the workdir is made; data errors come after it was made, and the run
   removes it again as long as it holds no file."""
-  for name in ("unknown field", "url in config", "manifest not json", "garbage shard", "bound"):
+  for name in ("unknown field", "url in config", "manifest not json", "garbage shard", "bound", "output dir in training"):
     workdir = main_results[name][3]
     assert not os.path.exists(workdir), name
 

@@ -1,12 +1,20 @@
-"""The experiment driver: every arm trained and evaluated on shared data, compared in one table."""
+"""The experiment driver: every arm trained and evaluated on shared data, compared in one table; a
+checkpoint evaluated beside a training run and from a read-only workdir."""
 
 import json
 import os
 
+import grain
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from grain_jax import experiment
 from grain_jax.config import ConfigError, load_config
+from grain_jax.errors import ArgumentError
+from grain_jax.models.grain import build_model
+from grain_jax.train import optim, trainer, workdir_lock
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 
 
 def test_arms_are_trained_evaluated_and_compared(tmp_path):
@@ -45,3 +53,48 @@ def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="kind"):
     experiment.run(config, str(tmp_path))
   assert trained == [] and os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+  """A tiny config with a small evaluation, and a workdir holding a checkpoint of its initial model
+  at step 3 (no training): (config, workdir)."""
+  config = load_config("configs/base.py:tiny")
+  config.data.synthetic.update(num_train=1, image_size=32, num_novel_classes=3, images_per_class=2)
+  config.data.synthetic_dir = str(tmp_path_factory.mktemp("synthetic"))
+  config.eval.update(classification=("synthetic/novel",), retrieval=(), grounding=(), templates="photo",
+                     batch_size=8, text_batch_size=16)
+  config.model.text.context_buckets = (16,)
+  model = build_model(config.model, config.seed)
+  state = trainer.init_state(model, optim.make_optimizer(nnx.state(model, nnx.Param), config.optim, 10))
+  workdir = str(tmp_path_factory.mktemp("run"))
+  checkpointer = Checkpointer(checkpoint_dir(workdir), keep=1, async_save=False)
+  checkpointer.save(state._replace(step=jnp.int32(3)), iter(grain.MapDataset.range(4).to_iter_dataset()))
+  checkpointer.close()
+  return config, workdir
+
+
+def files_of(folder) -> list[str]:
+  return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+
+
+def test_a_checkpoint_is_evaluated_beside_the_run_training_in_its_workdir(checkpointed):
+  config, workdir = checkpointed
+  with workdir_lock.held(workdir):
+    results = experiment.evaluate_checkpoint(config, workdir)
+  assert results["model"]["checkpoint"] == "step3"
+  assert os.path.exists(os.path.join(workdir, "eval", "results.json"))
+
+
+def test_a_read_only_workdir_is_evaluated_into_the_output_dir(checkpointed, tmp_path, read_only):
+  config, workdir = checkpointed
+  before = files_of(workdir)
+  read_only(workdir)
+  with pytest.raises(ArgumentError, match=rf"^the output folder {workdir}/eval cannot be written \({workdir}(/eval)? is "
+                                          r"read-only or not yours\): name another with --output-dir"):
+    experiment.evaluate_checkpoint(config, workdir)
+  out = tmp_path / "out"
+  results = experiment.evaluate_checkpoint(config, workdir, str(out))
+  assert json.load(open(out / "results.json")) == json.loads(json.dumps(results))
+  assert list((out / "text_cache").glob("*.npz"))
+  assert files_of(workdir) == before

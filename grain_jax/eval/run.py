@@ -152,7 +152,7 @@ def check_settings(cfg) -> None:
 
 
 def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
-                   checkpoint_id: str = "") -> dict:
+                   checkpoint_id: str = "", out_dir: str = "") -> dict:
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
 
   Args:
@@ -166,6 +166,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     checkpoint_id: names the weights (e.g. the step); when set, class text embeddings are cached
       under workdir/eval/text_cache, keyed by the text tower's weights (eval/text_cache.py), and
       reused by later evaluations of the same weights.
+    out_dir: where results, pictures and the cache go instead of workdir/eval (a read-only workdir).
 
   Returns:
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
@@ -174,7 +175,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   check_settings(cfg)  # fail on a bad setting before any work
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
   cache = text_cache.TextCache(model, zeroshot.ClassEmbeddings,
                                os.path.join(out_dir, "text_cache") if checkpoint_id else "")

@@ -1,7 +1,7 @@
 """Export: the newest Orbax checkpoint of a run -> the reference's PyTorch checkpoint layout.
 
-`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix]` writes
-into `DIR/export/`:
+`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix] [--output-dir OUT]`
+writes into `DIR/export/` (or OUT; DIR is only read):
   grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config', 'epoch', 'iteration'}` (no
                           `state_dict` for the plain-CLIP baseline), loadable with `strict=True` by
                           the reference's model classes and by `grain_jax.export.torch_modules`;
@@ -24,6 +24,7 @@ from flax import nnx
 
 from grain_jax import sharding
 from grain_jax.config import validate
+from grain_jax.errors import output_dir
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
@@ -101,12 +102,13 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
   return paths
 
 
-def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict[str, str]:
-  """`--mode export`: the newest checkpoint in `workdir` -> `workdir/export/` (see the module doc)."""
+def export_checkpoint(config, workdir: str, module_prefix: bool = False, directory: str = "") -> dict[str, str]:
+  """`--mode export`: the newest checkpoint in `workdir` -> `directory` (default `workdir/export/`;
+  see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
   validate(config, num_devices=jax.device_count())
+  directory = output_dir(directory, workdir, "export")
   step, params = restore_params(config, workdir)
   state_dicts = layout.to_reference(param_tree.flatten(params), config.model, fetch=param_tree.to_host)
-  directory = os.path.join(workdir, "export")
   paths = {}
   if jax.process_index() == 0:
     message = extension_message(config.model)
