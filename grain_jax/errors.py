@@ -78,6 +78,11 @@ def output_dir(given: str, workdir: str, default: str) -> str:
   return path
 
 
+def tracebacks_wanted() -> bool:
+  """Whether GRAIN_JAX_TRACEBACK asks for tracebacks (any value but "" and "0")."""
+  return os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0")
+
+
 def run_command(body: Callable[[], object]) -> int:
   """Runs a command-line tool's `body`; returns 0, or USER_ERROR_STATUS after printing a user error.
 
@@ -86,7 +91,7 @@ def run_command(body: Callable[[], object]) -> int:
   try:
     body()
   except USER_ERRORS as error:
-    if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+    if tracebacks_wanted():
       raise
     print(f"error: {error}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS

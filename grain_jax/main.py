@@ -92,8 +92,13 @@ def initialize_distributed(train_config) -> None:
 
 
 def quiet_orbax(record: logging.LogRecord) -> bool:
-  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  """Drops Orbax's per-save INFO chatter from the console; its warnings and errors still show, as one
+  line each: the error that stops a run says what failed (GRAIN_JAX_TRACEBACK=1 keeps their tracebacks)."""
+  if "orbax" not in record.pathname:
+    return True
+  if not errors.tracebacks_wanted():
+    record.exc_info, record.exc_text = None, None
+  return record.levelno >= logging.WARNING
 
 
 def main(argv: list[str]) -> int:
