@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from grain_jax.checksums import checksums
+from grain_jax.files import replace_durably
 from grain_jax.processes import every_process
-from grain_jax.train.checkpoint import checksums
-from grain_jax.train.workdir_files import replace_durably
 
 # What a damaged .npz raises: a cut-off archive, a bad member, garbage bytes, fields of another type.
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile)

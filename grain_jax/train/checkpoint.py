@@ -35,12 +35,11 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from grain_jax.checksums import checksums, leaf_checks, leaf_names, to_host
 from grain_jax.errors import UserError
 from grain_jax.processes import any_process
 from grain_jax.train.step import TrainState
@@ -68,18 +67,9 @@ class CheckpointSaveError(UserError, RuntimeError):
   same command again resumes from the newest committed checkpoint."""
 
 
-def _path(key) -> str:
-  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
-
-
-def _names(tree) -> list[str]:
-  """`"params/decoder/..."` of every leaf, in `jax.tree.leaves` order."""
-  return ["/".join(_path(key) for key in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """`{"params/decoder/...": shape}` of every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
-  return dict(zip(_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
+  return dict(zip(leaf_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
 
 
 def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]],
@@ -98,49 +88,6 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple
   if extra:
     parts.append(f"{len(extra)} arrays of the checkpoint are not in the config ({', '.join(extra[:limit])})")
   return "; ".join(parts)
-
-
-def _bits(x: jax.Array) -> jax.Array:
-  """`x`'s bit pattern as uint32 values (an 8-byte type gives two per value)."""
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  if x.dtype.itemsize >= 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
-
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """A uint32 checksum of `x`'s values: each value's bits mixed with its position, summed modulo 2**32.
-
-  The sum does not depend on the order of the additions, so every sharding and process count gives
-  the same checksum; the mixing (murmur3's finalizer) makes a changed or moved value change it.
-  """
-  bits = _bits(x)
-  strides = np.cumprod((1,) + bits.shape[:0:-1])[::-1] if bits.ndim else ()
-  index = sum((jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(int(stride) % 2**32)
-               for axis, stride in enumerate(strides)), jnp.zeros(bits.shape, jnp.uint32))
-  mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
-  mixed = (mixed ^ (mixed >> 13)) * jnp.uint32(0xC2B2AE35)
-  return jnp.sum(mixed ^ (mixed >> 16), dtype=jnp.uint32)
-
-
-@jax.jit
-def _leaf_checks(tree) -> tuple[jax.Array, jax.Array]:
-  """(checksum of every leaf `[n]` uint32, whether every floating value is finite)."""
-  leaves = jax.tree.leaves(tree)
-  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.stack([_checksum(x) for x in leaves]), jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The value of a result of `_leaf_checks` on this host, also when it spans several processes."""
-  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
-def checksums(tree) -> dict[str, int]:
-  """`{"params/decoder/...": checksum}` of every array of `tree` (a collective with several processes)."""
-  values, _ = _leaf_checks(tree)
-  return dict(zip(_names(tree), (int(v) for v in _to_host(values)), strict=True))
 
 
 def _size_mb(directory: str) -> float:
@@ -341,17 +288,17 @@ class Checkpointer:
   def _corruption(self, step: int, state: dict, saved: dict | None) -> str:
     """What proves the restored `state` corrupt ("" = nothing): checksums that differ from the
     `saved` ones, or values that are not finite. A collective with several processes."""
-    values, finite = _leaf_checks(state)
-    names = _names(state)
+    values, finite = leaf_checks(state)
+    names = leaf_names(state)
     if saved is None:
       logging.warning("the checkpoint at step %d in %s has no %s (saved by an earlier grain_jax): only the "
                       "finiteness of its values is checked", step, self.directory, CHECKSUMS)
       differ = []
     else:
-      differ = [name for name, value in zip(names, _to_host(values), strict=True) if saved.get(name) != int(value)]
+      differ = [name for name, value in zip(names, to_host(values), strict=True) if saved.get(name) != int(value)]
     if differ:
       return f"{len(differ)} arrays do not match their {CHECKSUMS} ({', '.join(differ[:5])})"
-    return "" if bool(_to_host(finite)) else "it holds values that are not finite (NaN or inf)"
+    return "" if bool(to_host(finite)) else "it holds values that are not finite (NaN or inf)"
 
   def _set_aside(self, step: int, problem: str) -> None:
     """Logs that the checkpoint at `step` `problem` ("is corrupt (...)") and, unless read-only, moves

@@ -16,7 +16,8 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
-from grain_jax.train.workdir_files import keep_earlier, replace_durably
+from grain_jax.files import replace_durably
+from grain_jax.train.workdir_files import keep_earlier
 
 
 def _step(line: str) -> int | None:

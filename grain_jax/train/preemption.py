@@ -31,7 +31,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-from grain_jax.train.workdir_files import replace_durably
+from grain_jax.files import replace_durably
 
 # EX_TEMPFAIL of sysexits.h: a temporary failure, the run should be started again.
 PREEMPTED_STATUS = 75

@@ -22,6 +22,7 @@ from grain_jax import sharding
 from grain_jax.config import ConfigError, validate
 from grain_jax.data import pipeline
 from grain_jax.data import text_packing
+from grain_jax.files import replace_durably
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
@@ -173,7 +174,7 @@ def write_config(config, workdir: str) -> None:
       if f.read() == text:
         return
     logging.warning("the config differs from %s's; the earlier one is now %s", path, workdir_files.keep_earlier(path))
-  workdir_files.replace_durably(path, text)
+  replace_durably(path, text)
 
 
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:

@@ -1,7 +1,7 @@
 """The workdir and the files a run writes whole in it (config.json, metrics.jsonl).
 
-An earlier run's file is kept under a numbered name, never overwritten, and a rewrite reaches the
-disk before it replaces one. A workdir that a run made and left empty when it failed (a config
+An earlier run's file is kept under a numbered name, never overwritten (a rewrite goes through
+`files.replace_durably`). A workdir that a run made and left empty when it failed (a config
 error, another run holding it) is removed again: a failed run leaves no folder to mistake for a run.
 """
 
@@ -18,18 +18,6 @@ def keep_earlier(path: str) -> str:
     number += 1
   os.rename(path, f"{stem}.{number}{ext}")
   return f"{stem}.{number}{ext}"
-
-
-def replace_durably(path: str, content: str | bytes) -> None:
-  """Writes `content` to `path` atomically: a kill leaves the old file or the new one, and the new one
-  is on disk (fsync) before it replaces the old. The temporary file is this process's own, so two
-  processes writing the same file (an evaluation beside a trainer) leave one whole version."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
-    f.write(content)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
 
 
 @contextlib.contextmanager
