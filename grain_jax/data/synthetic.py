@@ -35,7 +35,8 @@ _SYLLABLES = ("zor", "blat", "quen", "fid", "mok", "trel", "vash", "pim", "gru",
 
 def default_params() -> dict[str, Any]:
   """Sizes of the demo's dataset (the `config.data.synthetic` fields)."""
-  return dict(seed=0, num_train=2048, image_size=64, image_format="png",
+  return dict(seed=0, num_train=2048, image_size=64, image_format="png", caption_objects=1.0,
+              caption_attributes=1.0,
               num_attribute_classes=12, num_novel_classes=8, images_per_class=10,
               num_retrieval=100, num_grounding=100)
 
@@ -69,16 +70,22 @@ def invented_names(seed: int, count: int) -> list[str]:
   return names
 
 
-def train_records(seed: int, count: int, image_size: int,
-                  image_format: str = "png") -> Iterator[records.Record]:
-  """Scenes of 1-4 objects with a weak alt-text, a rich caption and detector-like regions."""
+def train_records(seed: int, count: int, image_size: int, image_format: str = "png",
+                  caption_objects: float = 1.0, caption_attributes: float = 1.0) -> Iterator[records.Record]:
+  """Scenes of 1-4 objects with a weak alt-text, an MLLM caption and detector-like regions.
+
+  The MLLM caption names `caption_objects` of the objects by `caption_attributes` of their
+  attributes (shares, see `synthetic_scenes.rich_caption`); the regions describe every object the
+  detector finds with all its attributes, whatever the caption says.
+  """
   encode = scenes.encode_png if image_format == "png" else scenes.encode_jpeg
   for index in range(count):
     rng = _rng(seed, "train", index)
     things = scenes.sample_scene(rng, int(rng.integers(1, 5)))
     pixels = scenes.render(rng, things, image_size)
     regions = tuple(records.Region(*d) for d in scenes.detections(things, rng))
-    captions = scenes.weak_caption(things, rng), scenes.rich_caption(things, rng)
+    captions = (scenes.weak_caption(things, rng),
+                scenes.rich_caption(things, rng, caption_objects, caption_attributes))
     yield records.Record(f"synthetic/train/{index}", encode(pixels), *captions, regions)
 
 
@@ -141,11 +148,15 @@ def generate(out_dir: str, **params: Any) -> dict[str, str]:
   if unknown:
     raise ValueError(f"unknown synthetic dataset parameters {sorted(unknown)}; known: {sorted(p)}")
   p.update(params)
+  for share in ("caption_objects", "caption_attributes"):
+    if not 0 <= p[share] <= 1:
+      raise ValueError(f"synthetic dataset parameter {share}={p[share]} must be a share in [0, 1]")
   seed, size = p["seed"], p["image_size"]
   paths = {split: os.path.join(out_dir, split) for split in _SPLIT_CODES}
   for path in paths.values():
     shutil.rmtree(path, ignore_errors=True)
-  train = train_records(seed, p["num_train"], size, p["image_format"])
+  train = train_records(seed, p["num_train"], size, p["image_format"], p["caption_objects"],
+                        p["caption_attributes"])
   records.write_dataset(paths["train"], train, source=f"synthetic seed={seed}")
   attributes = _attribute_classes(seed, p["num_attribute_classes"])
   write_image_folder(paths["attributes"], "attributes", {" ".join(a): a for a in attributes},

@@ -143,6 +143,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_train=2048,        # training scenes
           image_size=64,         # side of the stored images (the pipeline resizes them)
           image_format="png",    # "png" | "jpeg"
+          # How much the MLLM caption says (the alt-text names one attribute of one object or the
+          # count; `mllm_caption_prob` picks between them): the share of a scene's objects it
+          # mentions and the share of their 4 attributes (size, pattern, color, shape) it names,
+          # rounded up. The regions always describe every object found with all 4.
+          caption_objects=1.0,
+          caption_attributes=1.0,
           num_attribute_classes=12,  # eval: classes like "striped red triangle"
           num_novel_classes=8,   # eval: classes with invented names, known by descriptors only
           images_per_class=10,   # eval images per attribute / novel class
@@ -164,12 +170,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before
                                  # training; True = evaluate it with class names only (no description
                                  # heads, so the paper's mean of 11 is not reported)
-      templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
+      # The zero-shot protocol (grain_jax/eval/protocol.py): "ours" (OpenAI's 80 templates, renormalized
+      # class vectors, every head a model can run) or "authors" (their 46 templates, class vectors not
+      # renormalized, their global score as the reported number). The four fields below override it;
+      # None = the protocol's value.
+      protocol="ours",
+      templates=ml_collections.config_dict.placeholder(str),  # "clip" (OpenAI's 80), "birds" (the authors' 46), "photo"
+      renormalize=ml_collections.config_dict.placeholder(bool),  # re-normalize each class vector
+      heads=ml_collections.config_dict.placeholder(tuple),  # classification heads (grain_jax/eval/heads.py)
+      alpha=ml_collections.config_dict.placeholder(float),  # weight of the global score in the mixed heads
       whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
-      renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)
-      scores=("global", "mixed"),  # with descriptions: "global", "region", "mixed", "best_region", "best_mixed"
-                                 # (all but "global": GRAIN only; see grain_jax/eval/zeroshot.py)
-      alpha=0.5,                 # weight of the global score in "mixed"
       batch_size=256,            # images per global batch (rounded up to the batch shards)
       text_batch_size=1024,      # prompts per global batch
       num_threads=4,             # image decoding threads per host

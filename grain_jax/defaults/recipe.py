@@ -51,7 +51,8 @@ def get_recipe_config(num_train_images: int, arg: str | None):
                       log_every=100, checkpoint_every=500, keep_checkpoints=3)
 
   # The paper's 11 zero-shot sets (tfds; prepare them first, see grain_jax/eval/README.md) and
-  # ImageNet; retrieval needs the Karpathy files: --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
-  config.eval.update(classification=(*PAPER_AVERAGE, "imagenet"), retrieval=(), grounding=(), templates="clip")
+  # ImageNet, evaluated as the authors' code evaluates (every kind alike, so that they compare);
+  # retrieval needs the Karpathy files: --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
+  config.eval.update(classification=(*PAPER_AVERAGE, "imagenet"), retrieval=(), grounding=(), protocol="authors")
   return config
 
