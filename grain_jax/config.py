@@ -127,16 +127,16 @@ def _literal(text: str) -> Any:
     return text
 
 
-def parse_arm(entry: str) -> tuple[str, dict[str, Any]]:
+def parse_arm(entry: str, field: str = "arms") -> tuple[str, dict[str, Any]]:
   """`"name"` or `"name: field=value; field=value"` (fields relative to the config's root, values
-  Python literals or bare strings) -> (name, {field: value}).
+  Python literals or bare strings) -> (name, {field: value}); an entry of `config.experiment.<field>`.
 
   Raises:
     ConfigError naming the entry when its name is not a plain word or an item is not field=value.
   """
   name, _, rest = entry.partition(":")
   name = name.strip()
-  where = f"config.experiment.arms entry {entry!r}"
+  where = f"config.experiment.{field} entry {entry!r}"
   _require(bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", name)),
            f"{where}: the name {name!r} must be a word of letters, digits and _.+- (it names the run's folder)")
   overrides = {}
@@ -217,8 +217,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                         config.eval.allow_missing_descriptors)
     except (OSError, ValueError) as error:
       raise ConfigError(str(error)) from None
-  names = [parse_arm(entry)[0] for entry in config.experiment.arms]
-  _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
+  for field in ("arms", "settings"):
+    entries = tuple(config.experiment[field])
+    names = [parse_arm(entry, field)[0] for entry in entries]
+    _require(len(set(names)) == len(names), f"config.experiment.{field}={entries} repeats a name")
   if num_devices is not None:
     try:
       mesh_shape(config.mesh, num_devices)

@@ -67,6 +67,11 @@ def test_results_json_table_and_pictures(single_device):
   assert len(fixed["boxes"]) == 5 and fixed["fitted_on_boxes"] >= 1
   assert 0 <= fixed["single_box_recall"] <= fixed["best_of_k_recall"] <= 100
   assert results["classification_average"]["datasets"] == []
+  maps = results["attention"]["synthetic"]
+  assert set(maps["rows"]) == set(maps["uniform"]) == {
+      f"attention {m} in {t} ({w})" for m in ("pointing", "mass") for t, w in (("true boxes", "global"), ("own box", "chosen query"))}
+  assert maps["grid"] == 4 and maps["num_phrases"] == grounding["num_phrases"]
+  assert all(0 <= v <= 100 for v in maps["rows"].values()) and len(maps["pictures"]) == 2
   table = run.format_table(results)
   assert table.startswith("protocol ours, templates=photo, heads=(")
   for row in ("top1 descriptions/global (paper)", "top1 mixed/region",
@@ -105,6 +110,8 @@ def test_clip_baseline_gets_global_heads_and_no_grounding(config, tmp_path):
   assert list(heads) == ["names/global", "descriptions/global", "joined/global"]  # every global head asked for
   assert heads["names/global"]["num_examples"] == 6
   assert "skipped" in results["grounding"]["synthetic"]
+  assert set(results["attention"]["synthetic"]["rows"]) == {"attention pointing in true boxes (global)",
+                                                           "attention mass in true boxes (global)"}
   assert np.isfinite(heads["descriptions/global"]["top1"])
 
 

@@ -119,6 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # same data and compared in one table; () = just this config.
       arms=(),
       seeds=(),                  # seeds of the comparison; () = (config.seed,)
+      worlds=(),                 # synthetic worlds (data.synthetic.seed) of the comparison; () = the config's
+      # Variants every arm runs under, each "name: field=value; ..." like an arm (e.g. how much the
+      # captions say: "sparse: data.synthetic.caption_attributes=0.25"), one table each; () = none.
+      settings=(),
   ))
 
   meshes.apply(config, mesh or "cpu")
@@ -186,7 +190,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       max_examples=0,            # images per set, spread evenly over it; 0 = all
       num_confusions=10,         # most frequent (true, predicted) class pairs listed per head
       iou_threshold=0.5,         # grounding: a box counts when IoU >= this
-      num_pictures=4,            # grounding pictures written to <workdir>/eval/grounding/<set>/
+      num_pictures=4,            # grounding and attention pictures written to <workdir>/eval/{grounding,attention}/<set>/
+      # Attention maps on the grounding sets (grain_jax/eval/attention.py), for every model kind:
+      # where the global embedding reads from, scored against the true boxes.
+      attention_maps=True,
       fixed_box_records=5000,    # grounding: training records the image-blind fixed-box baseline is
                                  # fitted on (the first ones; needs data.train_dir unless the set is
                                  # the synthetic one); 0 = no baseline

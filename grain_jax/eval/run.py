@@ -19,6 +19,7 @@ import numpy as np
 from grain_jax.data import eval_sets
 from grain_jax.data import pipeline
 from grain_jax.data import prompts
+from grain_jax.eval import attention
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
 from grain_jax.eval import heads as heads_lib
@@ -128,6 +129,9 @@ def format_table(results: dict) -> str:
   for name, r in results["retrieval"].items():
     rows.append((name, "i->t R@1/5/10", "/".join(f"{v:.1f}" for v in r["image_to_text"].values())))
     rows.append((name, "t->i R@1/5/10", "/".join(f"{v:.1f}" for v in r["text_to_image"].values())))
+  for name, r in results.get("attention", {}).items():
+    for metric, value in r["rows"].items():
+      rows.append((name, metric, f"{value:.1f} (uniform {r['uniform'][metric]:.1f})"))
   for name, r in results["grounding"].items():
     if "skipped" in r:
       rows.append((name, "grounding", r["skipped"]))
@@ -171,7 +175,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       under workdir/eval/text_cache and reused by later evaluations of the same weights.
 
   Returns:
-    {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
+    {"model", "settings", "classification", "classification_average", "retrieval", "grounding", "attention"}.
   """
   cfg = config.eval
   check_settings(cfg)  # fail on a bad setting before any work
@@ -186,7 +190,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       "model": {"kind": model.kind, "checkpoint": checkpoint_id},
       "settings": {**settings, "paper_head": heads_lib.PAPER_HEAD,
                    **{k: cfg[k] for k in ("whole_word_connectives", "max_examples", "iou_threshold")}},
-      "classification": {}, "retrieval": {}, "grounding": {},
+      "classification": {}, "retrieval": {}, "grounding": {}, "attention": {},
   }
   for entry in cfg.classification:
     result = _classification(model, runner, entry, config, workdir, settings, cache)
@@ -199,10 +203,14 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   fitted = {}
   for entry in cfg.grounding:
     name, data = datasets.grounding(entry, config, workdir)
+    data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
+    if cfg.attention_maps:
+      results["attention"][name] = attention.evaluate(model, runner, data, image_size,
+                                                      os.path.join(out_dir, "attention", name) if writer else "",
+                                                      cfg.num_pictures)
     if model.kind != "grain":
       results["grounding"][name] = {"skipped": "the plain-CLIP baseline has no region queries"}
       continue
-    data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
     picture_dir = os.path.join(out_dir, "grounding", name) if writer else ""
     fixed = _fixed_boxes(config, workdir, entry, fitted)
     result = grounding.evaluate(model, runner, data, image_size, cfg.iou_threshold, picture_dir, cfg.num_pictures,

@@ -96,6 +96,23 @@ class Attention(nnx.Module):
     kernel = gathered(self.qkv_kernel[:, which].astype(self.dtype), ("embed", "qkv", "heads", "kv"))
     return jnp.einsum("btd,dnhk->btnhk", x.astype(self.dtype), kernel) + self.qkv_bias[which].astype(self.dtype)
 
+  def _softmax(self, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`q [B, Tq, heads, kv]`, `k [B, Tk, heads, kv]` -> attention weights `[B, heads, Tq, Tk]`, float32."""
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits * self.head_dim ** -0.5
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+  def weights(self, query_input: jax.Array, key_input: jax.Array | None = None) -> jax.Array:
+    """The attention weights `[B, heads, Tq, Tk]` (float32, each row sums to 1) of `__call__` with the
+    same inputs, before dropout (what attention maps show)."""
+    q = self._project(query_input, slice(0, 1))[:, :, 0]
+    k = self._project(query_input if key_input is None else key_input, slice(1, 2))[:, :, 0]
+    return self._softmax(q, k, None)
+
   def __call__(self, query_input: jax.Array, key_input: jax.Array | None = None,
                value_input: jax.Array | None = None, *, mask: jax.Array | None = None) -> jax.Array:
     """Attends `[B, Tq, D]` queries over `[B, Tk, D]` keys/values.
@@ -118,13 +135,7 @@ class Attention(nnx.Module):
         k = self._project(key_input, slice(1, 2))[:, :, 0]
         v = self._project(value_input, slice(2, 3))[:, :, 0]
     q, k, v = (constrain(t, ATTENTION_HEADS) for t in (q, k, v))
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    logits = logits * self.head_dim ** -0.5
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = self.dropout(jax.nn.softmax(logits, axis=-1)).astype(self.dtype)
+    weights = self.dropout(self._softmax(q, k, mask)).astype(self.dtype)
     attended = jnp.einsum("bhqt,bthk->bqhk", weights, v)
     out_kernel = gathered(self.out_kernel.astype(self.dtype), ("heads", "kv", "embed"))
     return jnp.einsum("bqhk,hkd->bqd", attended, out_kernel) + self.out_bias.astype(self.dtype)

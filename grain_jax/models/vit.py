@@ -50,12 +50,23 @@ class VisionTransformer(nnx.Module):
                                     rngs=rngs, scan=scan, remat=remat)
     self.norm = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
 
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def _embed(self, images: jax.Array) -> jax.Array:
+    """`images [B, H, W, 3]` -> the first block's input `[B, 1 + N, D]`."""
     # Row-major over the patch grid, as the PyTorch conv's flattened output.
     patches = einops.rearrange(images, "b (h i) (w j) c -> b (h w) i j c", i=self.patch_size, j=self.patch_size)
     x = jnp.einsum("bnijc,ijcd->bnd", patches.astype(self.dtype), self.patch_kernel.astype(self.dtype))
     x = x + self.patch_bias.astype(self.dtype)
     cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(self.dtype)
-    x = constrain(x, RESIDUAL)
-    return self.norm(self.blocks(x))
+    return constrain(x, RESIDUAL)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self.norm(self.blocks(self._embed(images)))
+
+  def last_block_attention(self, images: jax.Array) -> jax.Array:
+    """The last block's self-attention weights `[B, heads, 1 + N, 1 + N]` (row 0: what CLS reads)."""
+    x = self._embed(images)
+    if self.blocks.depth > 1:
+      x = self.blocks(x, upto=self.blocks.depth - 1)
+    last = self.blocks.view(-1)
+    return last.attn.weights(last.norm1(x))
