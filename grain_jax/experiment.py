@@ -53,8 +53,8 @@ def headline_metrics(evaluation: dict) -> tuple[dict[str, float], dict[str, floa
 
   Rows: top-1 per set and head (the paper's head first), retrieval R@1 both ways (no skill: one
   image in N), grounding recall of the chosen and the best query (no skill: the image-blind fixed
-  boxes), the boxes' spread across images (no skill: 0), and the attention rows (no skill: a uniform
-  map).
+  boxes), the boxes' spread across images (no skill: 0), the attention rows (no skill: a uniform
+  map) and the linear probes (no skill: always the most common value).
   """
   rows, no_skill = {}, {}
   for name, result in evaluation["classification"].items():
@@ -76,10 +76,10 @@ def headline_metrics(evaluation: dict) -> tuple[dict[str, float], dict[str, floa
     fixed = result.get("fixed_box_baseline")
     if fixed:
       no_skill.update({chosen: fixed["single_box_recall"], best: fixed["best_of_k_recall"]})
-  for name, result in evaluation.get("attention", {}).items():
-    for key, value in result["rows"].items():
-      rows[f"{name} {key}"] = value
-      no_skill[f"{name} {key}"] = result["uniform"][key]
+  for section in ("attention", "probes"):
+    for name, result in evaluation.get(section, {}).items():
+      rows.update({f"{name} {key}": value for key, value in result["rows"].items()})
+      no_skill.update({f"{name} {key}": value for key, value in result["no_skill"].items()})
   return rows, no_skill
 
 

@@ -21,7 +21,8 @@ from grain_jax.models.grain import build_model
 def config(tmp_path_factory):
   config = load_config("configs/base.py:tiny")
   config.data.synthetic.update(num_train=1, image_size=32, num_attribute_classes=3, num_novel_classes=4,
-                               images_per_class=3, num_retrieval=7, num_grounding=5)
+                               images_per_class=3, num_retrieval=7, num_grounding=5,
+                               num_probe=6)
   config.eval.update(
       classification=("synthetic/novel",), retrieval=("synthetic",), grounding=("synthetic",),
       templates="photo", heads=("names/global", "descriptions/global", "joined/global", "descriptors/region",
@@ -68,10 +69,14 @@ def test_results_json_table_and_pictures(single_device):
   assert 0 <= fixed["single_box_recall"] <= fixed["best_of_k_recall"] <= 100
   assert results["classification_average"]["datasets"] == []
   maps = results["attention"]["synthetic"]
-  assert set(maps["rows"]) == set(maps["uniform"]) == {
+  assert set(maps["rows"]) == set(maps["no_skill"]) == {
       f"attention {m} in {t} ({w})" for m in ("pointing", "mass") for t, w in (("true boxes", "global"), ("own box", "chosen query"))}
   assert maps["grid"] == 4 and maps["num_phrases"] == grounding["num_phrases"]
   assert all(0 <= v <= 100 for v in maps["rows"].values()) and len(maps["pictures"]) == 2
+  probes = results["probes"]["synthetic"]
+  assert set(probes["rows"]) == set(probes["no_skill"]) == {
+      f"probe {a} ({e})" for a in ("size", "pattern", "color", "shape") for e in ("global", "region")}
+  assert probes["num_images"] == 6 and all(0 <= v <= 100 for v in probes["rows"].values())
   table = run.format_table(results)
   assert table.startswith("protocol ours, templates=photo, heads=(")
   for row in ("top1 descriptions/global (paper)", "top1 mixed/region",

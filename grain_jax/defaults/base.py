@@ -158,6 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           images_per_class=10,   # eval images per attribute / novel class
           num_retrieval=100,     # eval: images with two captions each
           num_grounding=100,     # eval: images with phrase -> box pairs
+          num_probe=200,         # eval: one-object images with their attributes (linear probes)
       ),
   ))
 
@@ -194,6 +195,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Attention maps on the grounding sets (grain_jax/eval/attention.py), for every model kind:
       # where the global embedding reads from, scored against the true boxes.
       attention_maps=True,
+      # Linear probes of each attribute on every embedding (grain_jax/eval/probe.py): "synthetic" or
+      # "json:PATH" (a probe.json as the synthetic `probe` split writes it).
+      probes=("synthetic",),
       fixed_box_records=5000,    # grounding: training records the image-blind fixed-box baseline is
                                  # fitted on (the first ones; needs data.train_dir unless the set is
                                  # the synthetic one); 0 = no baseline

@@ -87,7 +87,7 @@ def evaluate(model, runner: Runner, data: eval_sets.GroundingSet, image_size: in
   GRAIN) over a grounding set, in %.
 
   Returns:
-    {"rows": {metric: %}, "uniform": {metric: % of a uniform map}, "grid", "num_images",
+    {"rows": {metric: %}, "no_skill": {metric: % of a uniform map}, "grid", "num_images",
      "num_phrases", "pictures"}: pictures of the first `num_pictures` images (true boxes beside
      the global map) written into `picture_dir`.
   """
@@ -112,5 +112,5 @@ def evaluate(model, runner: Runner, data: eval_sets.GroundingSet, image_size: in
           for which, values in scores.items() for key in ("pointing", "mass")}
   uniform = {f"attention {key} in {target[which]} ({which})": values["uniform"]
              for which, values in scores.items() for key in ("pointing", "mass")}
-  return {"rows": rows, "uniform": uniform, "grid": grid, "num_images": len(data.source),
+  return {"rows": rows, "no_skill": uniform, "grid": grid, "num_images": len(data.source),
           "num_phrases": int(sum(len(p) for p in data.phrases)), "pictures": pictures}

@@ -215,6 +215,22 @@ def check_grounding(entry: str) -> None:
     raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
 
 
+def check_probe(entry: str) -> None:
+  """Raises ValueError naming `entry` unless it is a probe entry (reads nothing)."""
+  kind, _, path = entry.partition(":")
+  if entry != "synthetic" and (kind != "json" or not path):
+    raise ValueError(f"config.eval.probes entry {entry!r} must be 'synthetic' or 'json:PATH'")
+
+
+def probe(entry: str, config, workdir: str) -> tuple[str, str]:
+  """Resolves one `config.eval.probes` entry to (name, path of its probe.json)."""
+  check_probe(entry)
+  if entry == "synthetic":
+    return "synthetic", os.path.join(synthetic.for_config(config, workdir)["probe"], "probe.json")
+  path = entry.partition(":")[2]
+  return os.path.splitext(os.path.basename(path))[0], path
+
+
 def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
   check_classification(entry)

@@ -23,6 +23,7 @@ from grain_jax.eval import attention
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
 from grain_jax.eval import heads as heads_lib
+from grain_jax.eval import probe
 from grain_jax.eval import protocol
 from grain_jax.eval import retrieval
 from grain_jax.eval import zeroshot
@@ -129,9 +130,10 @@ def format_table(results: dict) -> str:
   for name, r in results["retrieval"].items():
     rows.append((name, "i->t R@1/5/10", "/".join(f"{v:.1f}" for v in r["image_to_text"].values())))
     rows.append((name, "t->i R@1/5/10", "/".join(f"{v:.1f}" for v in r["text_to_image"].values())))
-  for name, r in results.get("attention", {}).items():
-    for metric, value in r["rows"].items():
-      rows.append((name, metric, f"{value:.1f} (uniform {r['uniform'][metric]:.1f})"))
+  for section in ("attention", "probes"):
+    for name, r in results.get(section, {}).items():
+      for metric, value in r["rows"].items():
+        rows.append((name, metric, f"{value:.1f} (no skill {r['no_skill'][metric]:.1f})"))
   for name, r in results["grounding"].items():
     if "skipped" in r:
       rows.append((name, "grounding", r["skipped"]))
@@ -154,7 +156,7 @@ def check_settings(cfg) -> None:
   if settings["templates"] not in prompts.TEMPLATE_SETS:
     raise ValueError(f"config.eval.templates={settings['templates']!r} must be one of {sorted(prompts.TEMPLATE_SETS)}")
   for entries, check in ((cfg.classification, datasets.check_classification), (cfg.retrieval, datasets.check_retrieval),
-                         (cfg.grounding, datasets.check_grounding)):
+                         (cfg.grounding, datasets.check_grounding), (cfg.probes, datasets.check_probe)):
     for entry in entries:
       check(entry)
 
@@ -175,7 +177,8 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       under workdir/eval/text_cache and reused by later evaluations of the same weights.
 
   Returns:
-    {"model", "settings", "classification", "classification_average", "retrieval", "grounding", "attention"}.
+    {"model", "settings", "classification", "classification_average", "retrieval", "grounding", "attention",
+    "probes"}.
   """
   cfg = config.eval
   check_settings(cfg)  # fail on a bad setting before any work
@@ -190,7 +193,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       "model": {"kind": model.kind, "checkpoint": checkpoint_id},
       "settings": {**settings, "paper_head": heads_lib.PAPER_HEAD,
                    **{k: cfg[k] for k in ("whole_word_connectives", "max_examples", "iou_threshold")}},
-      "classification": {}, "retrieval": {}, "grounding": {}, "attention": {},
+      "classification": {}, "retrieval": {}, "grounding": {}, "attention": {}, "probes": {},
   }
   for entry in cfg.classification:
     result = _classification(model, runner, entry, config, workdir, settings, cache)
@@ -218,6 +221,9 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     if fixed is not None:
       result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
     results["grounding"][name] = result
+  for entry in cfg.probes:
+    name, path = datasets.probe(entry, config, workdir)
+    results["probes"][name] = probe.evaluate(model, runner, path, image_size)
   if writer:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
