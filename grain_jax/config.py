@@ -112,6 +112,8 @@ def _check_choices(config) -> None:
   choices = {
       ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
       ("loss", "region_negatives"): ("global", "per_device"),
+      ("loss", "box_normalization"): ("global", "per_device"),
+      ("optim", "weight_decay_exempt"): ("rank_below_2", "authors_name_rule"),
   }
   for (section, field), allowed in choices.items():
     if section in config and field in config[section]:
@@ -205,6 +207,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check_choices(config)
   _require(0.0 <= config.data.max_bad_fraction < 1.0,
            f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
+  _require(config.loss.iou_union_epsilon >= 0,
+           f"config.loss.iou_union_epsilon={config.loss.iou_union_epsilon} must be >= 0")
   _require(config.train.peak_flops_per_device >= 0,
            f"config.train.peak_flops_per_device={config.train.peak_flops_per_device} must be >= 0 (0: from the table)")
   try:

@@ -66,9 +66,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       box_giou=1.5,
       region=1.0,
       aux_layers=False,          # also supervise boxes of every intermediate decoder layer
-      region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour;
-                                  # the batch is split into the train step's batch shards)
-      mask_duplicate_descriptions=True,  # identical description texts are not negatives
+      # Where L_rd's negatives come from: "global" (every description of the global batch; mean over
+      # all matched regions) or "per_device" (the authors': each device's own descriptions, computed
+      # on that device; each device's mean, averaged over devices). Devices = the batch shards.
+      region_negatives="global",
+      # L_rd: descriptions whose text equals the target's are not negatives (True) or are (False,
+      # the authors').
+      mask_duplicate_descriptions=True,
+      # Box losses divided by the valid boxes of the "global" batch, or "per_device": each device's
+      # by its own, averaged over devices (the authors'). Either way a count of 0 counts as 1.
+      box_normalization="global",
+      # Added to the union where IoU divides by it, in the matching cost's and the loss's GIoU:
+      # 0 = the exact ratio; the authors' code adds 1e-4.
+      iou_union_epsilon=0.0,
       # Weight of L_dq, the description -> query direction among an image's own queries (each matched
       # description picks its region query; grounding makes that choice at evaluation). 0 = off, as
       # the reference.
