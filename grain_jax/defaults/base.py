@@ -94,7 +94,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.98,
       eps=1e-8,
-      weight_decay=0.1,          # not applied to biases, norms, logit_scale and other 1-D params
+      weight_decay=0.1,          # decoupled, scaled by the learning rate (PyTorch's AdamW)
+      # Parameters weight decay leaves alone: "rank_below_2" (ours: biases, norm weights, logit_scale
+      # and every other parameter with fewer than 2 dimensions per layer) or "authors_name_rule" (the
+      # authors': by the names the export gives them (grain_jax/torch_format/layout.py): in the
+      # decoder those containing ".ln_", ".bn", ".bias" or ".logit_scale", so its LayerNorm weights
+      # and attention in_proj_bias are decayed; in the towers 1-D ones and names containing "bias",
+      # "ln" or "bn").
+      weight_decay_exempt="rank_below_2",
       grad_clip_norm=0.0,        # global-norm clipping; 0 = off
   ))
 
