@@ -17,6 +17,7 @@ from grain_jax.errors import UserError, check_local_path
 from grain_jax.eval.datasets import check_descriptors
 from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
+from grain_jax.models.vit import INITS as VIT_INITS
 from grain_jax.sharding import mesh_shape
 
 
@@ -89,6 +90,7 @@ def _check_model(model) -> None:
   _require(image.image_size % image.patch_size == 0,
            f"config.model.image.image_size={image.image_size} is not a multiple of "
            f"config.model.image.patch_size={image.patch_size}")
+  _require(image.init in VIT_INITS, f"config.model.image.init={image.init!r} must be one of {VIT_INITS}")
   text = model.text
   _require(all(0 < bucket <= text.context_length for bucket in text.context_buckets),
            f"config.model.text.context_buckets={tuple(text.context_buckets)} must lie in "
