@@ -14,7 +14,7 @@ import ml_collections
 
 from grain_jax.defaults import base
 from grain_jax.errors import UserError, check_local_path
-from grain_jax.eval.datasets import check_descriptors
+from grain_jax.eval.datasets import check_descriptors, check_places365_dir
 from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
 from grain_jax.models.vit import INITS as VIT_INITS
@@ -25,7 +25,7 @@ INIT_TOWERS = ("text", "image")
 INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # The config's file and folder paths (read or written with the local file system's calls).
 PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
-               "eval.descriptors_dir")
+               "eval.descriptors_dir", "eval.places365_dir")
 
 
 class ConfigError(UserError, ValueError):
@@ -195,7 +195,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     config: the full config.
     num_devices: when given, the mesh sizes must tile exactly this many devices.
     evaluation_files: also read the descriptor file of every tfds set in `config.eval.classification`
-      (a run that will evaluate, so that a missing file stops it before training, not after).
+      and look for the Places365 download `places365:full` reads (a run that will evaluate, so that a
+      missing file stops it before training, not after).
 
   Raises:
     ConfigError naming the first offending field (or descriptor file); RemotePathError for a URL in a
@@ -220,7 +221,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if evaluation_files:
     try:
       check_descriptors(config.eval.classification, config.eval.descriptors_dir,
-                        config.eval.allow_missing_descriptors)
+                        config.eval.allow_missing_descriptors, config.eval.tfds_data_dir)
+      check_places365_dir(config.eval.classification, config.eval.places365_dir)
     except (OSError, ValueError) as error:
       raise ConfigError(str(error)) from None
   names = [parse_arm(entry)[0] for entry in config.experiment.arms]

@@ -170,12 +170,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Evaluation (see grain_jax/eval/run.py; entry syntax in grain_jax/eval/datasets.py).
   config.eval = ml_collections.ConfigDict(dict(
-      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds),
-      # "synthetic/attributes", "synthetic/novel", or "folder:PATH" (PATH/<class>/<image>).
+      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds), the
+      # authors' protocols of two of them ("sun397:all": all of SUN397's images; "places365:full": the
+      # full-size images from places365_dir), "synthetic/attributes", "synthetic/novel", or
+      # "folder:PATH" (PATH/<class>/<image>).
       classification=("synthetic/attributes", "synthetic/novel"),
       retrieval=("synthetic",),  # "synthetic" or "karpathy:JSON:IMAGE_ROOT"
       grounding=("synthetic",),  # "synthetic" or "json:PATH"
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
+      places365_dir="",          # torchvision's Places365 download (small=False) that places365:full reads
       descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...;
                                  # grain_jax/eval/README.md says where each comes from)
       allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before

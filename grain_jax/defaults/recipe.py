@@ -13,7 +13,7 @@ our training choices) or `clip` (the plain-CLIP baseline, trained as `grain`), m
 import math
 
 from grain_jax.defaults import base
-from grain_jax.eval.datasets import PAPER_AVERAGE
+from grain_jax.eval.datasets import AUTHORS_PAPER_SETS
 
 KINDS = ("grain", "grain_grounded", "clip")
 GLOBAL_BATCH = 2048
@@ -64,8 +64,9 @@ def get_recipe_config(num_train_images: int, arg: str | None):
   config.train.update(num_steps=EPOCHS * steps_per_epoch, grad_accum_steps=fit["grad_accum_steps"],
                       log_every=100, checkpoint_every=500, keep_checkpoints=3)
 
-  # The paper's 11 zero-shot sets (tfds; prepare them first, see grain_jax/eval/README.md) and
-  # ImageNet; retrieval needs the Karpathy files: --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
-  config.eval.update(classification=(*PAPER_AVERAGE, "imagenet"), retrieval=(), grounding=(), templates="clip")
+  # The paper's 11 zero-shot sets as the authors evaluate them (tfds, prepare them first, and Places365's
+  # full-size images in config.eval.places365_dir; see grain_jax/eval/README.md) and ImageNet; retrieval
+  # needs the Karpathy files: --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
+  config.eval.update(classification=(*AUTHORS_PAPER_SETS, "imagenet"), retrieval=(), grounding=(), templates="clip")
   return config
 
