@@ -66,9 +66,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       box_giou=1.5,
       region=1.0,
       aux_layers=False,          # also supervise boxes of every intermediate decoder layer
-      region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour;
-                                  # the batch is split into the train step's batch shards)
-      mask_duplicate_descriptions=True,  # identical description texts are not negatives
+      # Where L_rd's negatives come from: "global" (every description of the global batch; mean over
+      # all matched regions) or "per_device" (the authors': each device's own descriptions, computed
+      # on that device; each device's mean, averaged over devices). Devices = the batch shards.
+      region_negatives="global",
+      # L_rd: descriptions whose text equals the target's are not negatives (True) or are (False,
+      # the authors').
+      mask_duplicate_descriptions=True,
+      # Box losses divided by the valid boxes of the "global" batch, or "per_device": each device's
+      # by its own, averaged over devices (the authors'). Either way a count of 0 counts as 1.
+      box_normalization="global",
+      # Added to the union where IoU divides by it, in the matching cost's and the loss's GIoU:
+      # 0 = the exact ratio; the authors' code adds 1e-4.
+      iou_union_epsilon=0.0,
       # Weight of L_dq, the description -> query direction among an image's own queries (each matched
       # description picks its region query; grounding makes that choice at evaluation). 0 = off, as
       # the reference.
@@ -84,7 +94,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.98,
       eps=1e-8,
-      weight_decay=0.1,          # not applied to biases, norms, logit_scale and other 1-D params
+      weight_decay=0.1,          # decoupled, scaled by the learning rate (PyTorch's AdamW)
+      # Parameters weight decay leaves alone: "rank_below_2" (ours: biases, norm weights, logit_scale
+      # and every other parameter with fewer than 2 dimensions per layer) or "authors_name_rule" (the
+      # authors': by the names the export gives them (grain_jax/torch_format/layout.py): in the
+      # decoder those containing ".ln_", ".bn", ".bias" or ".logit_scale", so its LayerNorm weights
+      # and attention in_proj_bias are decayed; in the towers 1-D ones and names containing "bias",
+      # "ln" or "bn").
+      weight_decay_exempt="rank_below_2",
       grad_clip_norm=0.0,        # global-norm clipping; 0 = off
   ))
 
@@ -164,12 +181,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Evaluation (see grain_jax/eval/run.py; entry syntax in grain_jax/eval/datasets.py).
   config.eval = ml_collections.ConfigDict(dict(
-      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds),
-      # "synthetic/attributes", "synthetic/novel", or "folder:PATH" (PATH/<class>/<image>).
+      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds), the
+      # authors' protocols of two of them ("sun397:all": all of SUN397's images; "places365:full": the
+      # full-size images from places365_dir), "synthetic/attributes", "synthetic/novel", or
+      # "folder:PATH" (PATH/<class>/<image>).
       classification=("synthetic/attributes", "synthetic/novel"),
       retrieval=("synthetic",),  # "synthetic" or "karpathy:JSON:IMAGE_ROOT"
       grounding=("synthetic",),  # "synthetic" or "json:PATH"
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
+      places365_dir="",          # torchvision's Places365 download (small=False) that places365:full reads
       descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...;
                                  # grain_jax/eval/README.md says where each comes from)
       allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before

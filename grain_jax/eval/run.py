@@ -97,17 +97,23 @@ def _classification(model, runner: Runner, entry: str, config, workdir: str, set
 def _average(classification: dict) -> dict:
   """Mean top-1 per head over the paper's 11 datasets that were evaluated with that head.
 
-  `covers` names the sets behind each head's mean; `paper_metric` lists the heads whose mean covers
-  all 11 (only these are the paper's number; a head missing on some set is averaged over the rest).
+  A set counts as the registry set it stands for ("sun397:all" as "sun397"). A set whose descriptor
+  file leaves classes unpaired (alignment "partial") is left out of the descriptions heads' means and
+  listed in `partially_paired`. `covers` names the sets behind each head's mean; `paper_metric` lists
+  the heads whose mean covers all 11 (only these are the paper's number; a head missing on some set is
+  averaged over the rest).
   """
   members = [r for r in classification.values() if r["in_average"]]
+  partial = [r["name"] for r in members if r.get("alignment") == "partial"]
+  counted = lambda r, h: h in r["heads"] and not (h.startswith("descriptions/") and r["name"] in partial)
   heads = list(dict.fromkeys(h for r in members for h in r["heads"]))
-  covers = {h: [r["name"] for r in members if h in r["heads"]] for h in heads}
-  top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if h in r["heads"]])) for h in heads}
-  evaluated = {r["name"] for r in members}
+  covers = {h: [r["name"] for r in members if counted(r, h)] for h in heads}
+  top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if counted(r, h)])) for h in heads if covers[h]}
+  evaluated = {datasets.paper_set(r["name"]) for r in members}
   return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
           "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated], "covers": covers, "top1": top1,
-          "paper_metric": [h for h in heads if set(covers[h]) >= set(datasets.PAPER_AVERAGE)]}
+          "partially_paired": partial,
+          "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= set(datasets.PAPER_AVERAGE)]}
 
 
 def format_table(results: dict) -> str:

@@ -79,14 +79,15 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               qkv_init: Initializer, out_init: Initializer, qk_norm: bool = False,
-               norm_eps: float = 1e-6, dropout: float = 0.0):
+               qkv_init: Initializer, out_init: Initializer, qkv_bias_init: Initializer = zeros,
+               out_bias_init: Initializer = zeros, qk_norm: bool = False, norm_eps: float = 1e-6,
+               dropout: float = 0.0):
     head_dim = width // heads
     self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
     self.qkv_kernel = param(rngs, qkv_init, (width, 3, heads, head_dim), ("embed", "qkv", "heads", "kv"))
-    self.qkv_bias = param(rngs, zeros, (3, heads, head_dim), ("qkv", "heads", "kv"))
+    self.qkv_bias = param(rngs, qkv_bias_init, (3, heads, head_dim), ("qkv", "heads", "kv"))
     self.out_kernel = param(rngs, out_init, (heads, head_dim, width), ("heads", "kv", "embed"))
-    self.out_bias = param(rngs, zeros, (width,), ("embed",))
+    self.out_bias = param(rngs, out_bias_init, (width,), ("embed",))
     self.q_norm = layer_norm(head_dim, norm_eps, dtype, rngs, "kv") if qk_norm else None
     self.k_norm = layer_norm(head_dim, norm_eps, dtype, rngs, "kv") if qk_norm else None
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
