@@ -165,11 +165,13 @@ def run(config, workdir: str) -> dict:
   seeds = tuple(cfg.seeds) or (config.seed,)
   worlds = tuple(cfg.worlds) or (None,)
   root = os.path.abspath(workdir)
-  runs = {}  # A typo in the last arm costs no run: every config is built first.
-  for setting, setting_overrides in settings:
-    for world in worlds:
-      folder = os.path.join(root, setting, "" if world is None else f"world{world}")
-      for seed in seeds:
+  # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
+  # the first world and seed of every setting come first.
+  runs = {}
+  for world in worlds:
+    for seed in seeds:
+      for setting, setting_overrides in settings:
+        folder = os.path.join(root, setting, "" if world is None else f"world{world}")
         for name, overrides in arms:
           runs[(setting, name, world, seed)] = (
               os.path.join(folder, f"{name}_seed{seed}"),
