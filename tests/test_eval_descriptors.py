@@ -352,8 +352,7 @@ def test_the_average_says_which_sets_each_head_covers():
   assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
   assert partial["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
-  settings = {"protocol": "authors", "departures": {}, "paper_head": "descriptions/global"}
-  table = run.format_table({"settings": settings, "classification": {}, "classification_average": partial,
+  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
                             "retrieval": {}, "grounding": {}})
   rows = [line.split() for line in table.splitlines()]
   assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
@@ -377,6 +376,6 @@ def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_descriptio
   assert average["covers"]["descriptions/global"] == others and average["covers"]["names/global"] == names
   assert average["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others]))
-  table = run.format_table({"classification": {}, "classification_average": average, "retrieval": {},
-                            "grounding": {}})
+  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
+                            "retrieval": {}, "grounding": {}})
   assert "partial mean (10 of 11)  top1 descriptions/global" in table
