@@ -27,6 +27,8 @@ from grain_jax.eval import descriptors
 from grain_jax.eval import run
 
 READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
+# The settings run_evaluation writes into results (format_table reads them).
+SETTINGS = {"protocol": "authors", "departures": {}, "paper_head": "descriptions/global"}
 
 
 @pytest.fixture(scope="module")
