@@ -12,6 +12,7 @@ from flax import nnx
 from grain_jax.config import load_config
 from grain_jax.eval import text_cache
 from grain_jax.eval import zeroshot
+from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner
 from grain_jax.models.grain import build_model
 
@@ -31,9 +32,9 @@ def runner():
   return Runner(batch_size=4, text_batch_size=8, context_buckets=(16,))
 
 
-def embed(model, runner, directory, **kwargs):
-  cache = text_cache.TextCache(model, zeroshot.ClassEmbeddings, str(directory))
-  return zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES, cache=cache, **kwargs)
+def embed(model, runner, directory, prompt_set="descriptors", **kwargs):
+  cache = text_cache.TextCache(model, ClassTexts, str(directory))
+  return zeroshot.class_texts(model, runner, prompt_set, CLASSES, DESCRIPTORS, TEMPLATES, cache=cache, **kwargs)
 
 
 def forbid_the_text_tower(monkeypatch, runner):
@@ -48,10 +49,12 @@ def test_the_same_weights_read_the_cache_and_other_settings_do_not(runner, tmp_p
   assert [path.suffix for path in tmp_path.iterdir()] == [".npz"]  # no temporary file left
   forbid_the_text_tower(monkeypatch, runner)
   again = embed(tiny_model(), runner, tmp_path)  # the same weights in another model object, from disk
-  for field in ("class_vectors", "descriptor_embeds", "descriptor_mask"):
+  for field in ("class_vectors", "prompt_embeds", "prompt_mask"):
     np.testing.assert_array_equal(getattr(again, field), getattr(first, field))
   with pytest.raises(AssertionError, match="text tower ran"):
     embed(model, runner, tmp_path, renormalize=False)
+  with pytest.raises(AssertionError, match="text tower ran"):
+    embed(model, runner, tmp_path, prompt_set="joined")
 
 
 def test_other_text_weights_at_the_same_step_are_not_served_the_cache(runner, tmp_path):
@@ -61,7 +64,7 @@ def test_other_text_weights_at_the_same_step_are_not_served_the_cache(runner, tm
   noise = np.random.default_rng(0).normal(scale=0.1, size=changed.text.text_projection.shape)
   changed.text.text_projection[...] = changed.text.text_projection[...] + noise
   served = embed(changed, runner, tmp_path)
-  fresh = zeroshot.class_embeddings(changed, runner, CLASSES, DESCRIPTORS, TEMPLATES)
+  fresh = zeroshot.class_texts(changed, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES)
   np.testing.assert_allclose(served.class_vectors, fresh.class_vectors, atol=1e-6)
   assert np.abs(served.class_vectors - first.class_vectors).max() > 1e-3
   assert len(list(tmp_path.glob("*.npz"))) == 2

@@ -62,13 +62,25 @@ def parsed(arguments: list[str]) -> tuple[str, str, dict]:
 
 
 def descriptors_folder(config, folder: pathlib.Path) -> str:
-  """`folder` filled with the descriptor file of every registry set in `config.eval.classification`."""
+  """`folder` filled with the descriptor file of every registry set in `config.eval.classification`
+  (ImageNet's keyed by its classes' first WordNet names in label order, numbered where two share one)."""
   folder.mkdir(exist_ok=True)
   for name in config.eval.classification:
-    if name in datasets.TFDS_DATASETS:
+    spec = datasets.spec_of(name)
+    if spec is not None:
       names = datasets.registry_class_names(name)
-      (folder / datasets.TFDS_DATASETS[name].descriptors_file).write_text(
-          json.dumps({n: [f"a feature of {n}"] for n in names}))
+      if spec.wnid_labels:
+        first = [names[0] for names in datasets.wnid_class_names()]
+        names = [n if first.count(n) == 1 else f"{n} {i}" for i, n in enumerate(first)]
+      (folder / spec.descriptors_file).write_text(json.dumps({n: [f"a feature of {n}"] for n in names}))
+  return str(folder)
+
+
+def places365_download(folder: pathlib.Path) -> str:
+  """`folder` laid out as torchvision's Places365 download, which `places365:full` reads."""
+  (folder / "val_large").mkdir(parents=True)
+  (folder / "categories_places365.txt").write_text("/a/airfield 0\n")
+  (folder / "places365_val.txt").write_text("")
   return str(folder)
 
 
@@ -92,6 +104,9 @@ def test_a_documented_command_passes_validation(document, command, tmp_path):
   if evaluates and PLACEHOLDER.match(config.eval.descriptors_dir):
     with config.unlocked():
       config.eval.descriptors_dir = descriptors_folder(config, tmp_path / "descriptors")
+  if evaluates and PLACEHOLDER.match(config.eval.places365_dir):
+    with config.unlocked():
+      config.eval.places365_dir = places365_download(tmp_path / "places365")
   arms = [parse_arm(entry) for entry in config.experiment.arms] if mode == "train" else []
   for name, arm_overrides in arms or [("", {})]:
     validate(apply_overrides(config, arm_overrides, f"{document}: arm {name}"), evaluation_files=evaluates)
