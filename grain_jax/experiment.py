@@ -101,7 +101,7 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
 
   Args:
     per_run: (arm, world, seed) -> rows (`headline_metrics`).
-    no_skill: metric -> what no skill scores there.
+    no_skill: metric -> what no skill scores there (the mean over the runs' worlds).
     arms, seeds, worlds: the runs' arm names, seeds and worlds (None: the config's one world).
   """
   metrics = list(dict.fromkeys(name for rows in per_run.values() for name in rows))
@@ -180,15 +180,17 @@ def run(config, workdir: str) -> dict:
           runs[(setting, name, world, seed)] = (
               os.path.join(folder, f"{name}_seed{seed}"),
               arm_config(config, name, {**setting_overrides, **overrides}, seed, world, os.path.join(folder, "synthetic")))
-  per_run, no_skill = {}, {}
+  per_run, baselines = {}, {}
   for (setting, name, world, seed), (run_dir, run_config) in runs.items():
     where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
     print(f"\n=== {name}, seed {seed}{', ' + where if where else ''} ===", flush=True)
     rows, baseline = headline_metrics(train_and_evaluate(run_config, run_dir)["eval"])
     per_run[(setting, name, world, seed)] = rows
-    no_skill.setdefault(setting, {}).update(baseline)
+    for metric, value in baseline.items():  # fixed boxes and box shares differ from world to world
+      baselines.setdefault(setting, {}).setdefault(metric, []).append(value)
   tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
-                                      no_skill[setting], names, seeds, worlds)
+                                      {m: float(np.mean(v)) for m, v in baselines[setting].items()},
+                                      names, seeds, worlds)
             for setting, _ in settings}
   text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:
