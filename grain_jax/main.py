@@ -76,7 +76,8 @@ def initialize_distributed(train_config) -> None:
   """
   if not train_config.multiprocess:
     return
-  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s)
+  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s,
+                 initialization_timeout=train_config.initialization_timeout_s)
   if train_config.coordinator_address:
     jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
                                num_processes=train_config.num_processes, process_id=train_config.process_id,
