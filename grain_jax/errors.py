@@ -1,4 +1,4 @@
-"""Errors a user causes and can fix, the check that refuses URLs as paths, and how the command-line
+"""Errors a user causes and can fix, the check that refuses URLs as local paths, and how the command-line
 tools report such errors.
 
 `python -m grain_jax.main`, `python -m grain_jax.data.convert` and `python -m grain_jax.annotate`
@@ -37,13 +37,20 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, FileExistsError
                PermissionError)
 
 
+def is_url(path: str) -> bool:
+  """Whether `path` starts with a scheme such as `gs://`."""
+  return bool(_URL.match(path))
+
+
 def check_local_path(path: str, name: str) -> None:
   """Raises RemotePathError when `path` (the value of `name`, for the message) is a URL.
 
-  Every file is read and written with the local file system's calls: a URL would be taken for a
-  relative folder (`./gs:/bucket/...`). A bucket is used through a mount, as the launch scripts do.
+  For the paths other than the workdir (data shards, descriptor files, weights to start from, the
+  tools' inputs and outputs): they are read and written with the local file system's calls (Grain's
+  ArrayRecord reader among them), where a URL would be taken for a relative folder
+  (`./gs:/bucket/...`). A bucket is used through a mount, as the launch scripts do.
   """
-  if not _URL.match(path):
+  if not is_url(path):
     return
   scheme, _, rest = path.partition("://")
   if scheme == "gs":
@@ -52,7 +59,8 @@ def check_local_path(path: str, name: str) -> None:
            f"/gcs/{rest}")
   else:
     how = "mount the storage as a file system and use the mounted path"
-  raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes local paths only: {how}")
+  raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes this through local paths only "
+                        f"(only --workdir may be a gs:// URL): {how}")
 
 
 def run_command(body: Callable[[], object]) -> int:

@@ -17,6 +17,7 @@ from grain_jax import sharding
 from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
+from grain_jax.train import workdir_files
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -101,7 +102,7 @@ def run(config, workdir: str) -> dict:
   arms = [parse_arm(entry) for entry in config.experiment.arms]
   names = [name for name, _ in arms]
   seeds = tuple(config.experiment.seeds) or (config.seed,)
-  shared_data = os.path.join(os.path.abspath(workdir), "synthetic")
+  shared_data = os.path.join(workdir_files.absolute(workdir), "synthetic")
   # A typo in the last arm costs no run.
   run_configs = {(name, seed): arm_config(config, name, overrides, seed, shared_data)
                  for seed in seeds for name, overrides in arms}
@@ -112,9 +113,8 @@ def run(config, workdir: str) -> dict:
     per_run[(name, seed)] = headline_metrics(results["eval"])
   table = comparison_table(per_run, names, seeds)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "comparison.json"), "w") as f:
-      json.dump({f"{name}_seed{seed}": rows for (name, seed), rows in per_run.items()}, f, indent=1)
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-      f.write(table + "\n")
+    workdir_files.replace_durably(os.path.join(workdir, "comparison.json"), json.dumps(
+        {f"{name}_seed{seed}": rows for (name, seed), rows in per_run.items()}, indent=1))
+    workdir_files.replace_durably(os.path.join(workdir, "comparison.md"), table + "\n")
     print(f"\n{', '.join(names)} over seeds {seeds} (%):\n{table}", flush=True)
   return {"runs": per_run, "table": table}

@@ -1,7 +1,7 @@
 """Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train|eval|export]`.
 
-Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
-workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
+Any config field can be overridden: `--config.train.num_steps=100`. The workdir is a local folder
+or a bucket's gs://BUCKET/PATH. Running again with the same workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
 one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a
 preemption notice (SIGTERM) saves a checkpoint first and exits with status 75
 (`grain_jax.train.preemption.PREEMPTED_STATUS`): run the same command again to resume.
@@ -19,6 +19,7 @@ from grain_jax import errors
 from grain_jax import experiment
 from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
+from grain_jax.train import workdir_files
 from grain_jax.train.preemption import PREEMPTED_STATUS, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
@@ -97,7 +98,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
-  errors.check_local_path(_WORKDIR.value, "--workdir")
+  workdir_files.check_workdir(_WORKDIR.value)
   config = _CONFIG.value
   initialize_distributed(config.train)
   if _MODE.value == "eval":

@@ -18,6 +18,7 @@ from grain_jax.defaults import base
 from grain_jax.torch_format import from_torch
 from grain_jax.torch_format import layout
 from grain_jax.train import checkpoint
+from grain_jax.train import workdir_files
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "configs/base.py:tiny"]
@@ -53,11 +54,21 @@ def test_run_command_prints_a_user_error_and_lets_others_through(capsys, monkeyp
     ("file:///tmp/x", "mount the storage as a file system and use the mounted path"),
 ])
 def test_urls_are_refused(path, hint):
-  message = f"--workdir={path!r} is a URL, but grain-jax reads and writes local paths only: {hint}"
+  message = (f"--out={path!r} is a URL, but grain-jax reads and writes this through local paths only (only "
+             f"--workdir may be a gs:// URL): {hint}")
   with pytest.raises(errors.RemotePathError, match=f"^{re.escape(message)}$"):
-    errors.check_local_path(path, "--workdir")
+    errors.check_local_path(path, "--out")
   for local in ("runs/a", "/gcs/my-bucket/runs/a", "gs:/not-a-url", ""):
-    errors.check_local_path(local, "--workdir")
+    errors.check_local_path(local, "--out")
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/x", "file:///tmp/x", "gs://", "gs:///runs"])
+def test_a_workdir_is_local_or_in_a_gcs_bucket(path):
+  with pytest.raises(errors.RemotePathError, match=re.escape(f"--workdir={path!r}: a workdir is a local path or a "
+                                                             "bucket's gs://BUCKET/PATH")):
+    workdir_files.check_workdir(path)
+  for workdir in ("runs/a", "/gcs/my-bucket/runs/a", "gs://my-bucket/runs/a", "gs://my-bucket"):
+    workdir_files.check_workdir(workdir)
 
 
 @pytest.mark.parametrize("field", config_lib.PATH_FIELDS)
@@ -100,8 +111,8 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
                         r"config\.model\.decoder: anchor_queries, .*depth, "),
       "missing config file": (["--config", "configs/missing.py:tiny", "--workdir", str(tmp_path / "run")],
                               r"config file 'configs/missing.py' does not exist"),
-      "url workdir": ([*TINY, "--workdir", "gs://my-bucket/runs/a"],
-                      r"--workdir='gs://my-bucket/runs/a' is a URL, .* use /gcs/my-bucket/runs/a"),
+      "url workdir": ([*TINY, "--workdir", "s3://my-bucket/runs/a"],
+                      r"--workdir='s3://my-bucket/runs/a': a workdir is a local path or a bucket's gs://BUCKET/PATH"),
       "url in config": ([*TINY, "--workdir", str(tmp_path / "run"), "--config.data.train_dir=s3://bucket/x"],
                         r"config\.data\.train_dir='s3://bucket/x' is a URL"),
       "workdir under a file": ([*TINY, "--workdir", str(tmp_path / "a_file" / "run")],

@@ -25,6 +25,7 @@ from grain_jax.data import records
 from grain_jax.eval.runner import Runner, embed_images, eval_copy, load_images
 from grain_jax.ops import boxes as box_ops
 from grain_jax.ops import localization
+from grain_jax.train import workdir_files
 
 # Box outline colours, one per region query (cycled).
 _COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -145,8 +146,9 @@ def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes:
     for x, panel, title in ((0, truth, "true boxes"), (size + gap, predicted, "predicted (chosen query)")):
       picture.paste(panel, (x, 16))
       ImageDraw.Draw(picture).text((x + 2, 2), title, fill="black", font=ImageFont.load_default())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  picture.save(path)
+  png = io.BytesIO()
+  picture.save(png, format="PNG")
+  workdir_files.replace_durably(path, png.getvalue())
   return path
 
 

@@ -24,6 +24,7 @@ from grain_jax.eval import retrieval
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
 from grain_jax.ops import localization
+from grain_jax.train import workdir_files
 
 
 def _subset_retrieval(data: eval_sets.RetrievalSet, keep: np.ndarray) -> eval_sets.RetrievalSet:
@@ -205,9 +206,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
     results["grounding"][name] = result
   if writer:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    workdir_files.replace_durably(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     print(format_table(results), flush=True)
   return results
 

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,7 @@ from jax.experimental import multihost_utils
 
 from grain_jax.data import prompts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
+from grain_jax.train import workdir_files
 
 SCORES = ("global", "region", "mixed", "best_region", "best_mixed")
 
@@ -72,8 +74,8 @@ class TextCache:
     return os.path.join(self._directory, f"{key}.npz")
 
   def get(self, key: str) -> ClassEmbeddings | None:
-    if key not in self._memory and self._directory and self._on_every_host(os.path.exists(self._path(key))):
-      with np.load(self._path(key)) as stored:
+    if key not in self._memory and self._directory and self._on_every_host(workdir_files.exists(self._path(key))):
+      with np.load(io.BytesIO(workdir_files.read_bytes(self._path(key)))) as stored:
         self._memory[key] = ClassEmbeddings(**{k: stored[k] for k in stored.files})
     return self._memory.get(key)
 
@@ -87,11 +89,11 @@ class TextCache:
   def put(self, key: str, value: ClassEmbeddings) -> None:
     self._memory[key] = value
     if self._directory and jax.process_index() == 0:
-      os.makedirs(self._directory, exist_ok=True)
       arrays = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
                 if getattr(value, f.name) is not None}
-      np.savez(self._path(key) + ".tmp.npz", **arrays)
-      os.replace(self._path(key) + ".tmp.npz", self._path(key))
+      stored = io.BytesIO()
+      np.savez(stored, **arrays)
+      workdir_files.replace_durably(self._path(key), stored.getvalue())
 
 
 def class_embeddings(model, runner: Runner, class_names: Sequence[str],

@@ -16,6 +16,7 @@ Only the parameters are read from the checkpoint (not the optimizer state), into
 mesh and sharding; each parameter is then gathered to the host on its own.
 """
 
+import io
 import json
 import os
 
@@ -27,6 +28,7 @@ from grain_jax.config import validate
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
+from grain_jax.train import workdir_files
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
@@ -84,20 +86,22 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
     import torch
   except ImportError:
     raise ImportError(TORCH_MISSING) from None
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
   prefix = layout.MODULE_PREFIX if module_prefix else ""
   names = layout.group_names(metadata["model"])
   groups = {names[name]: {prefix + key: value for key, value in state_dict.items()}
             for name, state_dict in state_dicts.items() if state_dict}
-  os.makedirs(directory, exist_ok=True)
   paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
            "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
   checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
                 for group, tensors in groups.items()}
-  torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), paths["pth"])
-  save_file({f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
-            paths["safetensors"], metadata={"config": json.dumps(metadata)})
+  pth = io.BytesIO()
+  torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), pth)
+  workdir_files.replace_durably(paths["pth"], pth.getvalue())
+  workdir_files.replace_durably(paths["safetensors"], save(
+      {f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
+      metadata={"config": json.dumps(metadata)}))
   return paths
 
 
@@ -113,7 +117,7 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict
     if message:
       print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
-    sizes = {kind: f"{os.path.getsize(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
+    sizes = {kind: f"{workdir_files.size(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
     print(f"exported step {step} of {checkpoint.checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
   return paths
 

@@ -38,6 +38,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from grain_jax.errors import UserError
+from grain_jax.train import workdir_files
 from grain_jax.train.step import TrainState
 
 UNREADABLE = "unreadable"
@@ -140,14 +141,9 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _size_mb(directory: str) -> float:
-  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory)
-             for name in names) / 2**20
-
-
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints: the absolute `<workdir>/checkpoints`."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(workdir_files.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -272,7 +268,7 @@ class Checkpointer:
           "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
           "that run's config) and set config.model.init_from to the exported .safetensors file."), ()
     items = dict(state=state_args)
-    if os.path.isdir(os.path.join(step_dir, CHECKSUMS)):
+    if workdir_files.is_dir(os.path.join(step_dir, CHECKSUMS)):
       items[CHECKSUMS] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -311,15 +307,14 @@ class Checkpointer:
     unreadable = os.path.join(self.directory, UNREADABLE)
     aside = os.path.join(unreadable, str(step))
     suffix = 1
-    while os.path.exists(aside):
+    while workdir_files.exists(aside):
       aside, suffix = os.path.join(unreadable, f"{step}.{suffix}"), suffix + 1
     if jax.process_index() == 0:
-      os.makedirs(unreadable, exist_ok=True)
-      os.rename(self._step_dir(step), aside)
+      workdir_files.rename(self._step_dir(step), aside)
       # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
       logging.warning("checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
                       "them when they are no longer needed", step, self.directory, problem, aside, unreadable,
-                      len(os.listdir(unreadable)), _size_mb(unreadable))
+                      len(workdir_files.listdir(unreadable)), workdir_files.tree_size(unreadable) / 2**20)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()

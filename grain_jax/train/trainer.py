@@ -31,7 +31,7 @@ from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step import TrainState, make_train_step
 from grain_jax.train.step_report import StepReport
-from grain_jax.train.workdir_files import keep_earlier, replace_durably
+from grain_jax.train import workdir_files
 
 
 def text_groups(config, batch_shards: int) -> int:
@@ -167,12 +167,12 @@ def write_config(config, workdir: str) -> None:
   """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
   path = os.path.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    logging.warning("the config differs from %s's; the earlier one is now %s", path, keep_earlier(path))
-  replace_durably(path, text)
+  if workdir_files.exists(path):
+    if workdir_files.read_text(path) == text:
+      return
+    logging.warning("the config differs from %s's; the earlier one is now %s", path,
+                    workdir_files.keep_earlier(path))
+  workdir_files.replace_durably(path, text)
 
 
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
@@ -192,7 +192,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
   """
   validate(config, num_devices=jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
+  workdir_files.makedirs(workdir)
 
   # ---- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
