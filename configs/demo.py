@@ -30,5 +30,4 @@ def get_config(arg: str | None = None):
   config.train.update(num_steps=1000, log_every=50, checkpoint_every=1000)
 
   config.eval.templates = "photo"
-  config.eval.scores = ("global", "region", "mixed", "best_region", "best_mixed")
   return config

@@ -14,9 +14,10 @@ import ml_collections
 
 from grain_jax.defaults import base
 from grain_jax.errors import UserError, check_local_path
-from grain_jax.eval.datasets import check_descriptors
+from grain_jax.eval.datasets import check_descriptors, check_places365_dir
 from grain_jax.eval.run import check_settings as check_eval_settings
 from grain_jax.models.decoder import check_options as check_decoder_options
+from grain_jax.models.vit import INITS as VIT_INITS
 from grain_jax.sharding import mesh_shape
 
 
@@ -24,7 +25,7 @@ INIT_TOWERS = ("text", "image")
 INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # The config's file and folder paths (read or written with the local file system's calls).
 PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
-               "eval.descriptors_dir")
+               "eval.descriptors_dir", "eval.places365_dir")
 
 
 class ConfigError(UserError, ValueError):
@@ -89,6 +90,7 @@ def _check_model(model) -> None:
   _require(image.image_size % image.patch_size == 0,
            f"config.model.image.image_size={image.image_size} is not a multiple of "
            f"config.model.image.patch_size={image.patch_size}")
+  _require(image.init in VIT_INITS, f"config.model.image.init={image.init!r} must be one of {VIT_INITS}")
   text = model.text
   _require(all(0 < bucket <= text.context_length for bucket in text.context_buckets),
            f"config.model.text.context_buckets={tuple(text.context_buckets)} must lie in "
@@ -112,6 +114,8 @@ def _check_choices(config) -> None:
   choices = {
       ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
       ("loss", "region_negatives"): ("global", "per_device"),
+      ("loss", "box_normalization"): ("global", "per_device"),
+      ("optim", "weight_decay_exempt"): ("rank_below_2", "authors_name_rule"),
   }
   for (section, field), allowed in choices.items():
     if section in config and field in config[section]:
@@ -127,16 +131,16 @@ def _literal(text: str) -> Any:
     return text
 
 
-def parse_arm(entry: str) -> tuple[str, dict[str, Any]]:
+def parse_arm(entry: str, field: str = "arms") -> tuple[str, dict[str, Any]]:
   """`"name"` or `"name: field=value; field=value"` (fields relative to the config's root, values
-  Python literals or bare strings) -> (name, {field: value}).
+  Python literals or bare strings) -> (name, {field: value}); an entry of `config.experiment.<field>`.
 
   Raises:
     ConfigError naming the entry when its name is not a plain word or an item is not field=value.
   """
   name, _, rest = entry.partition(":")
   name = name.strip()
-  where = f"config.experiment.arms entry {entry!r}"
+  where = f"config.experiment.{field} entry {entry!r}"
   _require(bool(re.fullmatch(r"[A-Za-z0-9_.+-]+", name)),
            f"{where}: the name {name!r} must be a word of letters, digits and _.+- (it names the run's folder)")
   overrides = {}
@@ -191,7 +195,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     config: the full config.
     num_devices: when given, the mesh sizes must tile exactly this many devices.
     evaluation_files: also read the descriptor file of every tfds set in `config.eval.classification`
-      (a run that will evaluate, so that a missing file stops it before training, not after).
+      and look for the Places365 download `places365:full` reads (a run that will evaluate, so that a
+      missing file stops it before training, not after).
 
   Raises:
     ConfigError naming the first offending field (or descriptor file); RemotePathError for a URL in a
@@ -205,6 +210,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   _check_choices(config)
   _require(0.0 <= config.data.max_bad_fraction < 1.0,
            f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
+  _require(config.loss.iou_union_epsilon >= 0,
+           f"config.loss.iou_union_epsilon={config.loss.iou_union_epsilon} must be >= 0")
   _require(config.train.peak_flops_per_device >= 0,
            f"config.train.peak_flops_per_device={config.train.peak_flops_per_device} must be >= 0 (0: from the table)")
   try:
@@ -214,11 +221,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
   if evaluation_files:
     try:
       check_descriptors(config.eval.classification, config.eval.descriptors_dir,
-                        config.eval.allow_missing_descriptors)
+                        config.eval.allow_missing_descriptors, config.eval.tfds_data_dir)
+      check_places365_dir(config.eval.classification, config.eval.places365_dir)
     except (OSError, ValueError) as error:
       raise ConfigError(str(error)) from None
-  names = [parse_arm(entry)[0] for entry in config.experiment.arms]
-  _require(len(set(names)) == len(names), f"config.experiment.arms={tuple(config.experiment.arms)} repeats a name")
+  for field in ("arms", "settings"):
+    entries = tuple(config.experiment[field])
+    names = [parse_arm(entry, field)[0] for entry in entries]
+    _require(len(set(names)) == len(names), f"config.experiment.{field}={entries} repeats a name")
   if num_devices is not None:
     try:
       mesh_shape(config.mesh, num_devices)

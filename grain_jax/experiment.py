@@ -1,10 +1,13 @@
-"""What `main` runs: one training run (+ evaluation), or several arms (model kinds, variants) x seeds.
+"""What `main` runs: one training run (+ evaluation), or a comparison of arms x seeds x worlds x settings.
 
-With `config.experiment.arms` set (e.g. GRAIN and the plain-CLIP baseline, or decoder variants) every
-arm (the config with the arm's overrides) is trained with every seed of `config.experiment.seeds` on
-the same data, each run in `workdir/<arm>_seed<seed>`, and the evaluations are compared in one table
-(mean +- std over seeds), printed and written to `workdir/comparison.json` and
-`workdir/comparison.md`.
+With `config.experiment.arms` set (e.g. GRAIN and the plain-CLIP baseline) every arm (the config with
+the arm's overrides) is trained with every seed of `config.experiment.seeds`, in every synthetic world
+of `config.experiment.worlds` (`data.synthetic.seed`) and under every setting of
+`config.experiment.settings` (overrides applied to every arm: how much the captions say, say), each run
+in `workdir/[<setting>/][world<w>/]<arm>_seed<seed>` (a level only when its field is set). Arms of one
+setting and world share one dataset. Per setting one table compares the evaluations, mean +- std over
+worlds and seeds, beside what no skill scores and, for two arms, their difference paired by world and
+seed; it is printed and written to `workdir/comparison.json` and `workdir/comparison.md`.
 """
 
 import json
@@ -15,6 +18,7 @@ import numpy as np
 
 from grain_jax import sharding
 from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
+from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
 from grain_jax.train import workdir_files
@@ -40,81 +44,154 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}")
 
 
-def headline_metrics(evaluation: dict) -> dict[str, float]:
-  """The comparison's rows (%): top-1 per set and head, retrieval R@1 both ways, grounding recall of
-  the chosen and the best query, the boxes' spread across images (`conditioning_ratio`) and the
-  fixed-box baseline."""
-  rows = {}
+def _head_rank(head: str) -> tuple:
+  """The paper's head first, then the heads every model can run, then those that need region queries."""
+  return head != heads_lib.PAPER_HEAD, heads_lib.needs_regions(head), heads_lib.HEADS.index(head)
+
+
+def headline_metrics(evaluation: dict) -> tuple[dict[str, float], dict[str, float]]:
+  """The comparison's rows (%), and what no skill scores on each where that is known.
+
+  Rows: top-1 per set and head (the paper's head first), retrieval R@1 both ways (no skill: one
+  image in N), grounding recall of the chosen and the best query (no skill: the image-blind fixed
+  boxes), the boxes' spread across images (no skill: 0), the attention rows (no skill: a uniform
+  map) and the linear probes (no skill: always the most common value).
+  """
+  rows, no_skill = {}, {}
   for name, result in evaluation["classification"].items():
-    for head, metrics in result["heads"].items():
-      rows[f"{name} top-1 ({head})"] = metrics["top1"]
+    for head in sorted(result["heads"], key=_head_rank):
+      rows[f"{name} top-1 ({head})"] = result["heads"][head]["top1"]
+      no_skill[f"{name} top-1 ({head})"] = result["chance_top1"]
   for name, result in evaluation["retrieval"].items():
-    rows[f"{name} image->text R@1"] = next(iter(result["image_to_text"].values()))
-    rows[f"{name} text->image R@1"] = next(iter(result["text_to_image"].values()))
+    for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+      rows[f"{name} {label} R@1"] = result[direction]["R@1"]
+      no_skill[f"{name} {label} R@1"] = 100 / result["num_images"]
   for name, result in evaluation["grounding"].items():
-    if "recall" in result:
-      at = f"@{result['iou_threshold']:g}"
-      rows[f"{name} grounding recall{at} (chosen query)"] = result["recall"]
-      rows[f"{name} grounding recall{at} (best query)"] = result["any_query_recall"]
-      rows[f"{name} grounding box spread (% of the true boxes')"] = 100 * result["conditioning_ratio"]
-      fixed = result.get("fixed_box_baseline")
-      if fixed:
-        rows[f"{name} fixed-box baseline recall{at} (one box)"] = fixed["single_box_recall"]
-        rows[f"{name} fixed-box baseline recall{at} (best of {len(fixed['boxes'])})"] = fixed["best_of_k_recall"]
-  return rows
+    if "recall" not in result:
+      continue
+    at = f"@{result['iou_threshold']:g}"
+    chosen, best = f"{name} grounding recall{at} (chosen query)", f"{name} grounding recall{at} (best query)"
+    spread = f"{name} grounding box spread (% of the true boxes')"
+    rows.update({chosen: result["recall"], best: result["any_query_recall"], spread: 100 * result["conditioning_ratio"]})
+    no_skill[spread] = 0.0
+    fixed = result.get("fixed_box_baseline")
+    if fixed:
+      no_skill.update({chosen: fixed["single_box_recall"], best: fixed["best_of_k_recall"]})
+  for section in ("attention", "probes"):
+    for name, result in evaluation.get(section, {}).items():
+      rows.update({f"{name} {key}": value for key, value in result["rows"].items()})
+      no_skill.update({f"{name} {key}": value for key, value in result["no_skill"].items()})
+  return rows, no_skill
 
 
-def comparison_table(per_run: dict[tuple[str, int], dict[str, float]], arms, seeds) -> str:
-  """Markdown table: one row per metric, one column per arm, `mean +- std` over seeds."""
+def _mean_std(values: list[float], signed: bool = False) -> str:
+  if not values:
+    return "n/a"
+  mean = f"{np.mean(values):+.1f}" if signed else f"{np.mean(values):.1f}"
+  return mean + (f" +- {np.std(values):.1f}" if len(values) > 1 else "")
+
+
+def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str, float], arms, seeds,
+                     worlds=(None,)) -> str:
+  """Markdown table: one row per metric; what no skill scores; one column per arm, `mean +- std` over
+  worlds and seeds; with two arms their difference paired by (world, seed), overall and per world.
+
+  Args:
+    per_run: (arm, world, seed) -> rows (`headline_metrics`).
+    no_skill: metric -> what no skill scores there.
+    arms, seeds, worlds: the runs' arm names, seeds and worlds (None: the config's one world).
+  """
   metrics = list(dict.fromkeys(name for rows in per_run.values() for name in rows))
-  header = f"| metric | {' | '.join(arms)} |\n|---|{'---|' * len(arms)}"
-  lines = [header]
+  paired = len(arms) == 2
+  columns = ["metric", "no skill", *arms]
+  if paired:
+    columns.append(f"{arms[0]} - {arms[1]}, paired")
+    if len(worlds) > 1:
+      columns.append("per world")
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  runs = [(world, seed) for world in worlds for seed in seeds]
   for metric in metrics:
-    cells = []
-    for arm in arms:
-      values = [per_run[(arm, seed)][metric] for seed in seeds if metric in per_run[(arm, seed)]]
-      cells.append("n/a" if not values else
-                    f"{np.mean(values):.1f}" + (f" +- {np.std(values):.1f}" if len(values) > 1 else ""))
-    lines.append(f"| {metric} | {' | '.join(cells)} |")
+    values = {arm: [per_run[(arm, *run)][metric] for run in runs if metric in per_run[(arm, *run)]] for arm in arms}
+    only = [arm for arm in arms if values[arm]]
+    label = metric + (f" [{', '.join(only)} only]" if len(only) < len(arms) else "")
+    if metric.endswith(f"({heads_lib.PAPER_HEAD})"):
+      label = f"**{label}** (the paper's)"
+    no_skill_cell = f"{no_skill[metric]:.1f}" if metric in no_skill else "n/a"
+    cells = [label, no_skill_cell, *(_mean_std(values[arm]) for arm in arms)]
+    if paired:
+      differences = {run: per_run[(arms[0], *run)][metric] - per_run[(arms[1], *run)][metric] for run in runs
+                     if metric in per_run[(arms[0], *run)] and metric in per_run[(arms[1], *run)]}
+      cells.append(_mean_std(list(differences.values()), signed=True))
+      if len(worlds) > 1:
+        cells.append(" / ".join(_mean_std([d for (w, _), d in differences.items() if w == world], signed=True)
+                                for world in worlds) if differences else "n/a")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def arm_config(config, name: str, overrides, seed: int, shared_data: str):
-  """The validated config of one run of an arm: the arm's overrides, `seed`, the shared data."""
-  run_config = apply_overrides(config, overrides, f"config.experiment.arms entry {name!r}")
+def arm_config(config, name: str, overrides, seed: int, world: int | None, shared_data: str):
+  """The validated config of one run: the arm's (and setting's) overrides, `seed`, the synthetic `world`
+  (None: the config's own), the shared data."""
+  run_config = apply_overrides(config, overrides, f"config.experiment arm/setting {name!r}")
   with run_config.unlocked():
     run_config.seed = seed
-    run_config.experiment.arms = ()
+    run_config.experiment.update(arms=(), seeds=(), worlds=(), settings=())
+    if world is not None:
+      run_config.data.synthetic.seed = world
     run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
   validate(run_config, num_devices=jax.device_count(), evaluation_files=True)
   return run_config
 
 
+def _write(workdir: str, name: str, text: str) -> None:
+  workdir_files.replace_durably(os.path.join(workdir, name), text)
+
+
 def run(config, workdir: str) -> dict:
   """Runs what `config.experiment` asks for; returns the results. Every run's config, descriptor files
   included when it will evaluate, is validated before the first one trains."""
-  if not config.experiment.arms:
-    if config.experiment.evaluate:  # a missing descriptor file stops the run before training, not after
+  cfg = config.experiment
+  if not cfg.arms:
+    if cfg.worlds or cfg.settings:
+      raise ConfigError("config.experiment.worlds and .settings vary the runs of a comparison: set config.experiment.arms")
+    if cfg.evaluate:  # a missing descriptor file stops the run before training, not after
       validate(config, evaluation_files=True)
     return train_and_evaluate(config, workdir)
-  if not config.experiment.evaluate:
+  if not cfg.evaluate:
     raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
-  arms = [parse_arm(entry) for entry in config.experiment.arms]
+  arms = [parse_arm(entry) for entry in cfg.arms]
+  settings = [parse_arm(entry, "settings") for entry in cfg.settings] or [("", {})]
   names = [name for name, _ in arms]
-  seeds = tuple(config.experiment.seeds) or (config.seed,)
-  shared_data = os.path.join(workdir_files.absolute(workdir), "synthetic")
-  # A typo in the last arm costs no run.
-  run_configs = {(name, seed): arm_config(config, name, overrides, seed, shared_data)
-                 for seed in seeds for name, overrides in arms}
-  per_run = {}
-  for (name, seed), run_config in run_configs.items():
-    print(f"\n=== {name}, seed {seed} ===", flush=True)
-    results = train_and_evaluate(run_config, os.path.join(workdir, f"{name}_seed{seed}"))
-    per_run[(name, seed)] = headline_metrics(results["eval"])
-  table = comparison_table(per_run, names, seeds)
+  seeds = tuple(cfg.seeds) or (config.seed,)
+  worlds = tuple(cfg.worlds) or (None,)
+  root = workdir_files.absolute(workdir)
+  # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
+  # the first world and seed of every setting come first.
+  runs = {}
+  for world in worlds:
+    for seed in seeds:
+      for setting, setting_overrides in settings:
+        folder = os.path.join(root, setting, "" if world is None else f"world{world}")
+        for name, overrides in arms:
+          runs[(setting, name, world, seed)] = (
+              os.path.join(folder, f"{name}_seed{seed}"),
+              arm_config(config, name, {**setting_overrides, **overrides}, seed, world, os.path.join(folder, "synthetic")))
+  per_run, no_skill = {}, {}
+  for (setting, name, world, seed), (run_dir, run_config) in runs.items():
+    where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
+    print(f"\n=== {name}, seed {seed}{', ' + where if where else ''} ===", flush=True)
+    rows, baseline = headline_metrics(train_and_evaluate(run_config, run_dir)["eval"])
+    per_run[(setting, name, world, seed)] = rows
+    no_skill.setdefault(setting, {}).update(baseline)
+  tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
+                                      no_skill[setting], names, seeds, worlds)
+            for setting, _ in settings}
+  text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:
-    workdir_files.replace_durably(os.path.join(workdir, "comparison.json"), json.dumps(
-        {f"{name}_seed{seed}": rows for (name, seed), rows in per_run.items()}, indent=1))
-    workdir_files.replace_durably(os.path.join(workdir, "comparison.md"), table + "\n")
-    print(f"\n{', '.join(names)} over seeds {seeds} (%):\n{table}", flush=True)
-  return {"runs": per_run, "table": table}
+    _write(workdir, "comparison.json", json.dumps(
+        {"/".join(filter(None, [s, "" if w is None else f"world{w}", f"{a}_seed{seed}"])): rows
+         for (s, a, w, seed), rows in per_run.items()}, indent=1))
+    _write(workdir, "comparison.md", text + "\n")
+    print(f"\n{', '.join(names)} over seeds {seeds}" + (f" and worlds {worlds}" if worlds != (None,) else "")
+          + f" (%):\n{text}", flush=True)
+  return {"runs": per_run, "table": text}

@@ -2,15 +2,23 @@
 (+ description_to_query * L_dq, an option the reference lacks).
 
 All functions take arrays of the global batch: under jit with sharded inputs GSPMD inserts whatever
-gathering the contrastive logits need, so there are no hand-written collectives. Everything is
-computed in float32 and stays finite (values and gradients) on batches without boxes or
-descriptions. Padding slots (`box_valid` False) may hold any value, NaN included.
+gathering the contrastive logits need. The one exception is L_rd with per-device negatives, which
+runs on each device's own rows (`sharding.per_batch_shard`) so that no description is gathered.
+Everything is computed in float32 and stays finite (values and gradients) on batches without boxes
+or descriptions. Padding slots (`box_valid` False) may hold any value, NaN included.
+
+Per device (`num_groups`, the train step's batch shards), as the authors' code computes under DDP:
+each device's loss is a mean over its own boxes or regions, and the gradient is the mean over
+devices (docs/reference_behaviour.md, "Losses"). A device without any counts 0 (theirs: NaN).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from grain_jax import sharding
 from grain_jax.ops import boxes as box_ops
 from grain_jax.ops import localization
 from grain_jax.ops import matching
@@ -58,19 +66,32 @@ def _per_target(per_query: jnp.ndarray, query_of_target: jnp.ndarray) -> jnp.nda
   return jnp.take_along_axis(per_query, index, axis=1)
 
 
+def _mean_over(values: jnp.ndarray, counted: jnp.ndarray, num_groups: int | None) -> jnp.ndarray:
+  """sum(values) / max(1, count of `counted`) over the batch (`num_groups` None), or that ratio in each
+  of `num_groups` contiguous equal groups of the leading (batch) axis, averaged over the groups."""
+  if num_groups is None:
+    return values.sum() / jnp.maximum(counted.sum(), 1)
+  values, counted = (x.reshape(num_groups, -1) for x in (values, counted))
+  return (values.sum(1) / jnp.maximum(counted.sum(1), 1)).mean()
+
+
 def box_loss(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, target_valid: jnp.ndarray,
-             query_of_target: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """L1 and GIoU losses of matched query boxes, normalized by the global number of valid boxes.
+             query_of_target: jnp.ndarray, union_epsilon: float = 0.0,
+             num_groups: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """L1 and GIoU losses of matched query boxes, normalized by the number of valid boxes.
 
   Args:
     pred_boxes: `[B, Q, 4]` predicted (cx, cy, w, h).
     target_boxes: `[B, T, 4]` target (cx, cy, w, h).
     target_valid: `[B, T]` bool.
     query_of_target: `[B, T]` int, from `matching.match` (-1 = unmatched).
+    union_epsilon: added to the union in the GIoU's IoU (`box_ops.generalized_iou`).
+    num_groups: None divides by the valid boxes of the whole batch; G splits the batch into G
+      contiguous equal groups (devices), each divided by its own, and averages the groups.
 
   Returns:
     `(l1, giou_loss)` scalars: sums over matched pairs of the L1 distance (summed over the 4
-    coordinates) and of 1 - GIoU, each divided by max(1, number of valid boxes in the batch).
+    coordinates) and of 1 - GIoU, each divided by max(1, number of valid boxes).
   """
   matched = _matched(target_valid, query_of_target)
   # Replace padding before any arithmetic: a masked NaN would still poison the gradient.
@@ -78,21 +99,39 @@ def box_loss(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, target_valid: j
   pred_boxes = _per_target(pred_boxes.astype(jnp.float32), query_of_target)
   l1 = jnp.abs(pred_boxes - target_boxes).sum(-1)
   giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(pred_boxes),
-                                 box_ops.cxcywh_to_xyxy(target_boxes))
-  num_boxes = jnp.maximum(target_valid.sum(), 1)
-  return (jnp.where(matched, l1, 0.0).sum() / num_boxes,
-          jnp.where(matched, 1.0 - giou, 0.0).sum() / num_boxes)
+                                 box_ops.cxcywh_to_xyxy(target_boxes), union_epsilon=union_epsilon)
+  return (_mean_over(jnp.where(matched, l1, 0.0), target_valid, num_groups),
+          _mean_over(jnp.where(matched, 1.0 - giou, 0.0), target_valid, num_groups))
+
+
+def _region_description_sums(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, target_valid: jnp.ndarray,
+                             query_of_target: jnp.ndarray, desc_text_id: jnp.ndarray, logit_scale: jnp.ndarray,
+                             mask_duplicates: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Every matched region of these `[b, ...]` rows against every valid description of the same rows:
+  float32 scalars (sum of cross-entropies, number right, number of matched regions)."""
+  matched = _matched(target_valid, query_of_target).reshape(-1)
+  regions = _normalize(_per_target(region_embed, query_of_target)).reshape(matched.size, -1)
+  descriptions = _normalize(jnp.where(target_valid[..., None], desc_embed, 0.0)).reshape(matched.size, -1)
+  valid, text_id = target_valid.reshape(-1), desc_text_id.reshape(-1)
+  logits = jnp.exp(logit_scale) * regions @ descriptions.T
+  own = jnp.eye(matched.size, dtype=bool)
+  negative = valid[None, :] & ~own
+  if mask_duplicates:
+    negative &= text_id[:, None] != text_id[None, :]
+  logits = jnp.where(negative | own, logits, _EXCLUDED)
+  own_logit = jnp.diagonal(logits)
+  cross_entropy = jax.nn.logsumexp(logits - own_logit[:, None], axis=-1)
+  correct = logits.max(-1) <= own_logit
+  return (jnp.where(matched, cross_entropy, 0.0).sum(), jnp.where(matched, correct, False).sum().astype(jnp.float32),
+          matched.sum().astype(jnp.float32))
 
 
 def region_description_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
                             target_valid: jnp.ndarray, query_of_target: jnp.ndarray,
                             desc_text_id: jnp.ndarray, logit_scale: jnp.ndarray,
                             mask_duplicates: bool = True,
-                            num_groups: int = 1) -> tuple[jnp.ndarray, jnp.ndarray]:
+                            num_groups: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Region -> description cross-entropy: each matched region picks its own description.
-
-  Every matched region is scored against every valid description of its group (the whole batch
-  when `num_groups` is 1) and trained towards the description of its target.
 
   Args:
     region_embed: `[B, Q, E]` region-query embeddings (normalized here).
@@ -102,39 +141,25 @@ def region_description_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
     desc_text_id: `[B, T]` int; equal ids mean identical description texts.
     logit_scale: scalar, log of the inverse temperature (shared with `image_caption_loss`).
     mask_duplicates: drop from the negatives the descriptions whose text equals the target's
-      (the reference counts them as negatives).
-    num_groups: split the batch into this many contiguous equal groups that draw negatives only
-      from themselves, like the reference's per-device loss when set to the number of devices.
+      (the authors count them as negatives).
+    num_groups: None scores every region against every valid description of the batch and averages
+      over all matched regions. G splits the batch into G contiguous equal groups, the devices'
+      shards (under a mesh, one group per batch shard, computed there: `sharding.per_batch_shard`):
+      each region is scored against its own group's descriptions, each group averages over its
+      regions, and the groups are averaged (the authors' per-device loss).
 
   Returns:
-    `(loss, accuracy)` scalars: mean cross-entropy and top-1 accuracy over matched regions, 0
-    when nothing is matched.
+    `(loss, accuracy)` scalars: cross-entropy and top-1 accuracy, 0 where nothing is matched.
   """
-  batch, num_targets = target_valid.shape
-  if batch % num_groups:
-    raise ValueError(f"batch {batch} does not split into {num_groups} groups")
-  matched = _matched(target_valid, query_of_target)
-  regions = _normalize(_per_target(region_embed, query_of_target))
-  descriptions = _normalize(jnp.where(target_valid[..., None], desc_embed, 0.0))
-
-  def grouped(x):
-    return x.reshape(num_groups, batch // num_groups * num_targets, *x.shape[2:])
-
-  regions, descriptions = grouped(regions), grouped(descriptions)
-  valid, text_id = grouped(target_valid), grouped(desc_text_id)
-  logits = jnp.exp(logit_scale) * jnp.einsum("gre,gde->grd", regions, descriptions)
-  own = jnp.eye(logits.shape[-1], dtype=bool)
-  negative = valid[:, None, :] & ~own
-  if mask_duplicates:
-    negative &= text_id[:, :, None] != text_id[:, None, :]
-  logits = jnp.where(negative | own, logits, _EXCLUDED)
-  own_logit = jnp.diagonal(logits, axis1=1, axis2=2)
-  cross_entropy = jax.nn.logsumexp(logits - own_logit[..., None], axis=-1)
-  correct = logits.max(-1) <= own_logit
-  matched = grouped(matched)
-  num_matched = jnp.maximum(matched.sum(), 1)
-  return (jnp.where(matched, cross_entropy, 0.0).sum() / num_matched,
-          jnp.where(matched, correct, False).sum() / num_matched)
+  args = (region_embed, desc_embed, target_valid, query_of_target, desc_text_id)
+  sums = functools.partial(_region_description_sums, mask_duplicates=mask_duplicates)
+  if num_groups is None:
+    cross_entropy, correct, count = sums(*args, logit_scale)
+    return cross_entropy / jnp.maximum(count, 1), correct / jnp.maximum(count, 1)
+  if target_valid.shape[0] % num_groups:
+    raise ValueError(f"batch {target_valid.shape[0]} does not split into {num_groups} groups")
+  cross_entropy, correct, count = sharding.per_batch_shard(sums, num_groups, args, (logit_scale,))
+  return (cross_entropy / jnp.maximum(count, 1)).mean(), (correct / jnp.maximum(count, 1)).mean()
 
 
 def description_query_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, target_valid: jnp.ndarray,
@@ -182,15 +207,15 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
     logit_scale: scalar, log of the inverse temperature.
     matching_config: `config.matching` (method, cost weights, Sinkhorn settings).
     loss_config: `config.loss` (weights, aux_layers, region_negatives,
-      mask_duplicate_descriptions, description_to_query).
+      mask_duplicate_descriptions, box_normalization, iou_union_epsilon, description_to_query).
     region_embed: `[B, Q, E]` region-query embeddings of the last decoder layer.
     layer_boxes: `[L, B, Q, 4]` predicted (cx, cy, w, h) of every decoder layer, last one last.
     desc_embed: `[B, T, E]` embeddings of each target box's description.
     target_boxes: `[B, T, 4]` target (cx, cy, w, h).
     box_valid: `[B, T]` bool.
     desc_text_id: `[B, T]` int; equal ids mean identical description texts.
-    batch_shards: number of devices the batch is split over; used when
-      `loss_config.region_negatives` is "per_device".
+    batch_shards: number of devices the batch is split over (its batch shards); the groups of
+      `loss_config.region_negatives` and `box_normalization` "per_device".
 
   Returns:
     `(total, metrics)`: the scalar loss and a dict of scalars `loss_ic`, `loss_l1`, `loss_giou`
@@ -216,24 +241,26 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
 
   def match_layer(pred_boxes):
     cost = matching.matching_cost(pred_boxes, target_boxes, matching_config.cost_l1,
-                                  matching_config.cost_giou)
+                                  matching_config.cost_giou, loss_config.iou_union_epsilon)
     return cost, matching.match(cost, box_valid, matching_config.method, **options)
 
   # Each supervised layer is matched on its own; vmap over layers rather than folding them into
   # the batch axis keeps that axis's sharding intact.
   cost, query_of_target = jax.vmap(match_layer)(layer_boxes)
-  loss_l1, loss_giou = jax.vmap(box_loss, in_axes=(0, None, None, 0))(
-      layer_boxes, target_boxes, box_valid, query_of_target)
+  box_groups = batch_shards if loss_config.box_normalization == "per_device" else None
+  loss_l1, loss_giou = jax.vmap(functools.partial(box_loss, union_epsilon=loss_config.iou_union_epsilon,
+                                                  num_groups=box_groups),
+                                in_axes=(0, None, None, 0))(layer_boxes, target_boxes, box_valid, query_of_target)
   last_query_of_target = query_of_target[-1]
   matched = _matched(box_valid, last_query_of_target)
   matched_cost = jnp.take_along_axis(cost[-1], jnp.maximum(last_query_of_target, 0)[:, None],
                                      axis=1)[:, 0]
   match_cost = jnp.where(matched, matched_cost, 0.0).sum() / jnp.maximum(matched.sum(), 1)
 
-  num_groups = batch_shards if loss_config.region_negatives == "per_device" else 1
   loss_rd, rd_accuracy = region_description_loss(
       region_embed, desc_embed, box_valid, last_query_of_target, desc_text_id, logit_scale,
-      mask_duplicates=loss_config.mask_duplicate_descriptions, num_groups=num_groups)
+      mask_duplicates=loss_config.mask_duplicate_descriptions,
+      num_groups=batch_shards if loss_config.region_negatives == "per_device" else None)
   loss_dq, dq_accuracy = description_query_loss(region_embed, desc_embed, box_valid, last_query_of_target,
                                                 logit_scale)
   metrics.update(loss_l1=loss_l1.sum(), loss_giou=loss_giou.sum(), loss_rd=loss_rd, loss_dq=loss_dq,

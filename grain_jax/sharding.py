@@ -107,6 +107,32 @@ def split_ways(name: str) -> int:
   return int(np.prod([mesh.shape[axis] for axis in _axes(logical_to_spec((name,))[0])]))
 
 
+def per_batch_shard(fn: Callable, num_shards: int, sharded: Sequence[jax.Array], replicated: Sequence = ()):
+  """`fn` on each batch shard's own rows: `fn(*rows, *replicated)` for the rows `[B / num_shards, ...]`
+  of each `sharded` array `[B, ...]`; its outputs (a pytree of scalars) stacked `[num_shards]`.
+
+  Under a mesh the shards are the devices holding distinct rows and `fn` runs there inside
+  `jax.shard_map`, manual over the batch's mesh axes: nothing it computes is gathered, which GSPMD,
+  given a global computation that merely reshapes the batch into groups, does not promise. Outside a
+  mesh (or with one shard) the batch is split into `num_shards` contiguous groups, the rows the
+  shards would hold.
+
+  Raises:
+    ValueError when the mesh splits the batch into other than `num_shards` parts.
+  """
+  if _sharding_applies() and split_ways("batch") != num_shards:
+    raise ValueError(f"the mesh splits the batch {split_ways('batch')} ways, not {num_shards}")
+  if not _sharding_applies() or num_shards == 1:
+    groups = [x.reshape(num_shards, -1, *x.shape[1:]) for x in sharded]
+    return jax.vmap(lambda *rows: fn(*rows, *replicated))(*groups)
+  batch_axes = _axes(logical_to_spec(("batch",))[0])
+  rows = PartitionSpec(batch_axes)
+  each = jax.shard_map(lambda *args: jax.tree.map(lambda x: x[None], fn(*args)),
+                       in_specs=(rows,) * len(sharded) + (PartitionSpec(),) * len(replicated),
+                       out_specs=rows, axis_names=set(batch_axes))
+  return each(*sharded, *replicated)
+
+
 def gathered(weight: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """`weight` (logical `names`) where a layer uses it: gathered over the batch's mesh axes (the FSDP
   all-gather), tensor-parallel axes kept. Its gradient is constrained back to the weight's own

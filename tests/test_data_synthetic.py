@@ -91,3 +91,36 @@ def test_ensure_reuses_matching_data(generated):
     assert json.load(f)["num_train"] == SMALL["num_train"]
   with pytest.raises(ValueError, match="unknown synthetic dataset parameters"):
     synthetic.generate(out, num_trian=3)
+
+
+@pytest.mark.parametrize("object_share, attribute_share", [(1.0, 1.0), (0.5, 0.25), (1.0, 0.5), (0.34, 0.75), (0.0, 1.0)])
+def test_captions_name_the_stated_share_of_objects_and_attributes(object_share, attribute_share):
+  rng = np.random.default_rng(5)
+  for _ in range(40):
+    things = synthetic_scenes.sample_scene(rng, int(rng.integers(1, 5)))
+    caption = synthetic_scenes.rich_caption(things, rng, object_share, attribute_share)
+    assert caption.endswith(" on a gray background")
+    body = caption[:-len(" on a gray background")]
+    mentions = [] if body == "some shapes" else body.replace(" and ", ", ").split(", ")
+    assert len(mentions) == int(np.ceil(object_share * len(things)))
+    expected_words = int(np.ceil(attribute_share * 4))
+    for mention in mentions:
+      words = mention.split()[1:]  # after the article
+      # What it is (its shape) is named first of all; "shape" stands in when nothing is named.
+      assert len(words) - (words[-1] == "shape") == expected_words, mention
+      assert words[-1] in synthetic_scenes.SHAPES or (words[-1] == "shape" and expected_words == 0), mention
+      named = {a for a in synthetic_scenes.ATTRIBUTES if any(getattr(t, a) in words for t in things)}
+      assert any(synthetic_scenes.mention(t, named) == mention for t in things), mention
+
+
+def test_default_captions_are_the_full_descriptions_and_regions_cover_every_found_object():
+  for record in synthetic.train_records(seed=2, count=30, image_size=16, caption_objects=0.5, caption_attributes=0.25):
+    described = [r.description for r in record.regions]
+    assert all(len(d.split()) == 5 for d in described)  # "a <size> <pattern> <color> <shape>"
+  rng = np.random.default_rng(6)
+  things = synthetic_scenes.sample_scene(rng, 3)
+  caption = synthetic_scenes.rich_caption(things, np.random.default_rng(1))
+  assert sorted(caption[:-len(" on a gray background")].replace(" and ", ", ").split(", ")) == sorted(
+      t.description for t in things)
+  with pytest.raises(ValueError, match="caption_objects=1.5 must be a share"):
+    synthetic.generate("/nonexistent", caption_objects=1.5)

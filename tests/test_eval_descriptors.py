@@ -6,7 +6,9 @@ file whose keys are those names with a known perturbation, so the right key of e
 known, and asserts every class's pairing.
 """
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -14,6 +16,7 @@ import types
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from grain_jax import config as config_module
 from grain_jax import experiment
@@ -24,6 +27,8 @@ from grain_jax.eval import descriptors
 from grain_jax.eval import run
 
 READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
+# The settings run_evaluation writes into results (format_table reads them).
+SETTINGS = {"protocol": "authors", "departures": {}, "paper_head": "descriptions/global"}
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,7 @@ def test_a_leftover_key_naming_another_leftover_class_is_not_paired_by_position(
 
 def test_normalized_forms():
   assert {descriptors.normalized(n) for n in ("Siamese_cat", "siamese-cat?", "(Siamese) cat")} == {"siamese cat"}
-  assert descriptors.normalized("/s/siamese cat") == "s siamese cat"
+  assert descriptors.normalized("/a/apartment_building/outdoor") == "apartment building outdoor"
   assert descriptors.unqualified("Crane (machine)") == "crane"
 
 
@@ -145,6 +150,98 @@ def test_id_labelled_sets_pair_by_position_or_refuse(name, tfds_label_names):
   _check(descriptors.pair(keys, ids, labels_are_ids=True), ids, keys, ["position"] * len(ids))
   with pytest.raises(BadFileError, match=f"{len(ids) - 1} keys for {len(ids)} classes"):
     descriptors.pair(keys[1:], ids, labels_are_ids=True)
+
+
+def test_sun397_keys_in_tfds_own_label_names_pair_by_name(tfds_label_names):
+  raw_labels = tfds_label_names["sun397"]
+  assert raw_labels[0] == "/a/abbey"
+  names = class_names("sun397", tfds_label_names)
+  keys = list(reversed(raw_labels))  # a file keyed "/a/abbey", ... as tfds names the classes
+  _check(descriptors.pair(keys, names), names, raw_labels, ["name"] * len(names))
+
+
+def test_imagenet_file_in_another_order_is_refused(tmp_path):
+  wordnet = datasets.wnid_class_names()
+  assert wordnet[0] == ["tench", "Tinca tinca"] and len(wordnet) == 1000
+  # Keys as descriptor files write them: mostly a WordNet name, some renamed ("rooster" for "cock").
+  keys = [names[0] if i % 4 else f"renamed class {i}" for i, names in enumerate(wordnet)]
+  keys = list(dict.fromkeys(keys))  # a JSON object has each key once
+  keys += [f"extra {i}" for i in range(1000 - len(keys))]
+  in_order = {key: [f"feature of {key}"] for key in keys}
+  (tmp_path / "descriptors_imagenet.json").write_text(json.dumps(in_order))
+  datasets.check_descriptors(("imagenet", "imagenet_v2"), str(tmp_path), allow_missing=False)
+  order = list(range(1000))
+  random.Random(1).shuffle(order)
+  (tmp_path / "descriptors_imagenet.json").write_text(json.dumps({keys[i]: in_order[keys[i]] for i in order}))
+  with pytest.raises(BadFileError, match=r"descriptors_imagenet.json: its keys are not in label order"):
+    datasets.check_descriptors(("imagenet",), str(tmp_path), allow_missing=False)
+  with pytest.raises(ConfigError, match=r"descriptors_imagenet.json: its keys are not in label order"):
+    validate(_eval_config(("imagenet",), str(tmp_path)), evaluation_files=True)
+
+
+def _cub_source(names, labels):
+  """A fake CUB test split: id labels, each example carrying its class's `label_name`, as tfds's does."""
+  info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=[str(i) for i in range(len(names))]),
+                                         "label_name": None})
+
+  class FakeSource(list):
+    dataset_info = info
+
+  return FakeSource({"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(l), "label_name": names[l].encode()}
+                    for l in labels)
+
+
+def test_cub_file_in_another_order_is_refused(tmp_path):
+  label_names = ["black_footed_albatross", "laysan_albatross", "sooty_albatross", "groove_billed_ani"]
+  source = _cub_source(label_names, [3, 0, 2, 1, 0])
+  keys = ["Black-footed Albatross", "Laysan Albatross", "Sooty Albatross", "Groove-billed Ani"]
+  path = tmp_path / "descriptors_cub.json"
+  path.write_text(json.dumps({key: [f"a {key} feature"] for key in keys}))
+  cub = datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=source)
+  assert cub.data.class_names == keys and cub.alignment == "position"
+  path.write_text(json.dumps({key: [f"a {key} feature"] for key in keys[1:] + keys[:1]}))
+  with pytest.raises(BadFileError, match=r"descriptors_cub.json: its keys are not in label order: 0 of 4 .* 4 name "
+                                         r"another class \(key 0 'Laysan Albatross' names class 1"):
+    datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=source)
+  # A few keys written differently, the rest in order: accepted.
+  path.write_text(json.dumps({key: ["a feature"] for key in ["Black footed albatross", "Laysan", "Sooty", "Ani"]}))
+  assert datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=source).alignment == "position"
+
+
+def test_cub_order_is_checked_before_training_when_its_data_is_prepared(tmp_path, monkeypatch):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  label_names = ["black_footed_albatross", "laysan_albatross", "sooty_albatross"]
+
+  class GrainJaxTinyBirds(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3),
+          "label_name": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"test": self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, label in enumerate([2, 0, 1, 1]):
+        png = io.BytesIO()
+        Image.new("RGB", (6, 5)).save(png, format="PNG")
+        png.seek(0)
+        yield i, {"image": png, "label": label, "label_name": label_names[label]}
+
+  tfds_dir = str(tmp_path / "tfds")
+  GrainJaxTinyBirds(data_dir=tfds_dir, file_format="array_record").download_and_prepare()
+  monkeypatch.setitem(datasets.TFDS_DATASETS, "cub", dataclasses.replace(
+      datasets.TFDS_DATASETS["cub"], tfds_name="grain_jax_tiny_birds"))
+  config = _eval_config(("cub",), str(tmp_path))
+  config.eval.tfds_data_dir = tfds_dir
+  keys = ["Laysan Albatross", "Black-footed Albatross", "Sooty Albatross"]
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps({key: ["a feature"] for key in keys}))
+  with pytest.raises(ConfigError, match=r"descriptors_cub.json: its keys are not in label order"):
+    validate(config, evaluation_files=True)
+  (tmp_path / "descriptors_cub.json").write_text(json.dumps({key: ["a feature"] for key in sorted(keys)}))
+  validate(config, evaluation_files=True)
 
 
 def _fake_source(label_names, labels):
@@ -236,8 +333,8 @@ def test_descriptor_files_are_checked_once_per_run(arms, tmp_path, monkeypatch):
   assert len(checked) == max(len(arms), 1)
 
 
-def _set_result(name, heads):
-  return {"name": name, "in_average": name in datasets.PAPER_AVERAGE,
+def _set_result(name, heads, alignment="name"):
+  return {"name": name, "in_average": datasets.paper_set(name) in datasets.PAPER_AVERAGE, "alignment": alignment,
           "heads": {h: {"top1": top1} for h, top1 in heads.items()}}
 
 
@@ -257,11 +354,30 @@ def test_the_average_says_which_sets_each_head_covers():
   assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
   assert partial["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
-  table = run.format_table({"classification": {}, "classification_average": partial, "retrieval": {},
-                            "grounding": {}})
+  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
+                            "retrieval": {}, "grounding": {}})
   rows = [line.split() for line in table.splitlines()]
   assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
   assert ["partial", "mean", "(10", "of", "11)", "top1", "descriptions/global",
           f"{partial['top1']['descriptions/global']:.2f}"] in rows
   del results["cifar10"]
   assert run._average(results)["paper_metric"] == [] and run._average(results)["missing"] == ["cifar10"]
+
+
+def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_description_heads():
+  rng = np.random.default_rng(1)
+  names = [{"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in datasets.PAPER_AVERAGE]
+  results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
+             for n in names}
+  complete = run._average(results)  # the authors' SUN397 and Places365 count as those sets
+  assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
+  results["caltech101"]["alignment"] = "partial"  # e.g. a Caltech-101 file without classes 4 to 11
+  average = run._average(results)
+  assert average["partially_paired"] == ["caltech101"] and average["paper_metric"] == ["names/global"]
+  others = [n for n in names if n != "caltech101"]
+  assert average["covers"]["descriptions/global"] == others and average["covers"]["names/global"] == names
+  assert average["top1"]["descriptions/global"] == pytest.approx(
+      np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others]))
+  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
+                            "retrieval": {}, "grounding": {}})
+  assert "partial mean (10 of 11)  top1 descriptions/global" in table

@@ -52,33 +52,6 @@ def test_classification_metrics():
   assert len(m["confusions"]) == 2 and m["num_examples"] == 5
 
 
-def test_scores_global_region_and_mixed():
-  rng = np.random.default_rng(1)
-  global_embed, region_embed = _normalized(rng, 2, 4), _normalized(rng, 2, 3, 4)
-  mask = np.array([[True, True], [True, False]])
-  text = zeroshot.ClassEmbeddings(_normalized(rng, 2, 4), _normalized(rng, 2, 2, 4), mask)
-  expected_global = global_embed @ text.class_vectors.T
-  expected_region, expected_best = np.zeros((2, 2)), np.zeros((2, 2))
-  for b in range(2):
-    for c in range(2):
-      per_query = region_embed[b] @ text.descriptor_embeds[c][mask[c]].T  # [Q, D_c]
-      expected_region[b, c] = per_query.max(axis=1).mean()
-      expected_best[b, c] = per_query.mean(axis=1).max()
-  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text), expected_global, atol=1e-6)
-  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "region"), expected_region,
-                             atol=1e-6)
-  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "mixed", 0.25),
-                             0.25 * expected_global + 0.75 * expected_region, atol=1e-6)
-  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "best_region"), expected_best,
-                             atol=1e-6)
-  np.testing.assert_allclose(zeroshot.scores(global_embed, region_embed, text, "best_mixed", 0.25),
-                             0.25 * expected_global + 0.75 * expected_best, atol=1e-6)
-  with pytest.raises(ValueError, match="needs region embeddings"):
-    zeroshot.scores(global_embed, None, text, "region")
-  with pytest.raises(ValueError, match="must be one of"):
-    zeroshot.scores(global_embed, region_embed, text, "local")
-
-
 def test_readable_tfds_labels():
   assert datasets.readable("/a/airport_terminal") == "airport terminal"
   assert datasets.readable("/c/church/indoor") == "church indoor"

@@ -21,11 +21,12 @@ from grain_jax.models.grain import build_model
 def config(tmp_path_factory):
   config = load_config("configs/base.py:tiny")
   config.data.synthetic.update(num_train=1, image_size=32, num_attribute_classes=3, num_novel_classes=4,
-                               images_per_class=3, num_retrieval=7, num_grounding=5)
+                               images_per_class=3, num_retrieval=7, num_grounding=5,
+                               num_probe=6)
   config.eval.update(
       classification=("synthetic/novel",), retrieval=("synthetic",), grounding=("synthetic",),
-      templates="photo",
-      scores=("global", "region", "mixed"), batch_size=5, text_batch_size=8, num_pictures=2)
+      templates="photo", heads=("names/global", "descriptions/global", "joined/global", "descriptors/region",
+                                "mixed/region"), batch_size=5, text_batch_size=8, num_pictures=2)
   config.model.text.context_buckets = (16,)
   config.data.synthetic_dir = str(tmp_path_factory.mktemp("synthetic"))
   synthetic.generate(config.data.synthetic_dir, **config.data.synthetic)
@@ -48,9 +49,11 @@ def test_results_json_table_and_pictures(single_device):
     assert json.load(f) == json.loads(json.dumps(results))
   novel = results["classification"]["synthetic/novel"]
   assert novel["alignment"] == "name" and novel["num_classes"] == 4
-  assert set(novel["heads"]) == {"names/global", "descriptions/global", "descriptions/region",
-                                 "descriptions/mixed"}
-  head = novel["heads"]["descriptions/mixed"]
+  assert list(novel["heads"]) == ["names/global", "descriptions/global", "joined/global", "descriptors/region",
+                                  "mixed/region"]
+  assert novel["chance_top1"] == 25 and results["settings"]["paper_head"] == "descriptions/global"
+  assert results["settings"]["protocol"] == "ours" and results["settings"]["departures"]["templates"] == "photo"
+  head = novel["heads"]["mixed/region"]
   assert head["num_examples"] == 12 and 0 <= head["top1"] <= head["top5"] == 100  # 4 classes: top-5 is all
   assert sum(head["per_class"].values()) / 4 == pytest.approx(head["mean_per_class"])
   retrieval = results["retrieval"]["synthetic"]
@@ -65,8 +68,19 @@ def test_results_json_table_and_pictures(single_device):
   assert len(fixed["boxes"]) == 5 and fixed["fitted_on_boxes"] >= 1
   assert 0 <= fixed["single_box_recall"] <= fixed["best_of_k_recall"] <= 100
   assert results["classification_average"]["datasets"] == []
+  maps = results["attention"]["synthetic"]
+  assert set(maps["rows"]) == set(maps["no_skill"]) == {
+      f"attention {m} in {t} ({w})" for m in ("pointing", "mass") for t, w in (("true boxes", "global"), ("own box", "chosen query"))}
+  assert maps["grid"] == 4 and maps["num_phrases"] == grounding["num_phrases"]
+  assert all(0 <= v <= 100 for v in maps["rows"].values()) and len(maps["pictures"]) == 2
+  probes = results["probes"]["synthetic"]
+  assert set(probes["rows"]) == set(probes["no_skill"]) == {
+      f"probe {a} ({e})" for a in ("size", "pattern", "color", "shape") for e in ("global", "region")}
+  assert probes["num_images"] == 6 and all(0 <= v <= 100 for v in probes["rows"].values())
   table = run.format_table(results)
-  for row in ("top1 descriptions/mixed", "i->t R@1/5/10", "box recall@0.5", "box conditioning ratio",
+  assert table.startswith("protocol ours, templates=photo, heads=(")
+  for row in ("top1 descriptions/global (paper)", "top1 mixed/region",
+              "top1 chance", "i->t R@1/5/10", "box recall@0.5", "box conditioning ratio",
               "fixed boxes recall (best of k)"):
     assert row in table
 
@@ -98,9 +112,11 @@ def test_clip_baseline_gets_global_heads_and_no_grounding(config, tmp_path):
   clip_config.eval.update(retrieval=(), max_examples=6)
   results = run.run_evaluation(clip_config, build_model(clip_config.model, seed=0), str(tmp_path))
   heads = results["classification"]["synthetic/novel"]["heads"]
-  assert set(heads) == {"names/global", "descriptions/global"}
+  assert list(heads) == ["names/global", "descriptions/global", "joined/global"]  # every global head asked for
   assert heads["names/global"]["num_examples"] == 6
   assert "skipped" in results["grounding"]["synthetic"]
+  assert set(results["attention"]["synthetic"]["rows"]) == {"attention pointing in true boxes (global)",
+                                                           "attention mass in true boxes (global)"}
   assert np.isfinite(heads["descriptions/global"]["top1"])
 
 
@@ -118,7 +134,7 @@ def test_a_prepared_tfds_set_evaluates_through_the_registry(config, tiny_tfds, t
   results = run.run_evaluation(tfds_config, build_model(tfds_config.model, seed=0), str(tmp_path / "run"))
   tiny = results["classification"]["tiny"]
   assert tiny["num_classes"] == 2 and tiny["num_examples"] == 5  # labels 0 1 2 0 1 2 0, label 1 dropped
-  assert tiny["heads"]["descriptions/mixed"]["num_examples"] == 5
+  assert tiny["heads"]["mixed/region"]["num_examples"] == 5
   assert set(tiny["heads"]["names/global"]["per_class"]) == {"red square", "blue circle"}
   assert tiny["descriptors"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
   assert [(p["label_name"], p["key"], p["how"]) for p in tiny["descriptors"]["pairing"]] == [

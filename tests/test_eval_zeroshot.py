@@ -8,6 +8,7 @@ from grain_jax.config import load_config
 from grain_jax.data import examples
 from grain_jax.data import prompts
 from grain_jax.eval import grounding
+from grain_jax.eval import heads
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, normalize
 from grain_jax.models.grain import build_model
@@ -56,55 +57,66 @@ def _text(model, texts):
   return np.asarray(_encode_text(model, ids))[:len(texts)]
 
 
-def test_class_vectors_are_normalized_means_of_prompt_embeddings(model, runner):
-  text = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES)
-  raw = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES, renormalize=False)
+def test_class_vectors_are_means_of_prompt_embeddings_per_prompt_set(model, runner):
+  text = zeroshot.class_texts(model, runner, "descriptions", CLASSES, DESCRIPTORS, TEMPLATES)
+  raw = zeroshot.class_texts(model, runner, "descriptions", CLASSES, DESCRIPTORS, TEMPLATES, renormalize=False)
+  descriptors = zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES, renormalize=False)
+  joined = zeroshot.class_texts(model, runner, "joined", CLASSES, DESCRIPTORS, TEMPLATES)
   for label, name in enumerate(CLASSES):
     mean = _text(model, prompts.class_texts(name, TEMPLATES, DESCRIPTORS[name])).mean(axis=0)
     np.testing.assert_allclose(raw.class_vectors[label], mean, atol=1e-5)
     np.testing.assert_allclose(text.class_vectors[label], mean / np.linalg.norm(mean), atol=1e-5)
     described = len(DESCRIPTORS[name])
-    np.testing.assert_allclose(text.descriptor_embeds[label, :described], _text(model, DESCRIPTORS[name]),
+    np.testing.assert_allclose(descriptors.prompt_embeds[label, :described], _text(model, DESCRIPTORS[name]),
                                atol=1e-5)
-    assert text.descriptor_mask[label].tolist() == [i < described for i in range(3)]
+    np.testing.assert_allclose(descriptors.class_vectors[label], _text(model, DESCRIPTORS[name]).mean(axis=0),
+                               atol=1e-5)
+    assert descriptors.prompt_mask[label].tolist() == [i < described for i in range(3)]
+    np.testing.assert_allclose(joined.prompt_embeds[label, 0], _text(model, [", ".join(DESCRIPTORS[name])])[0],
+                               atol=1e-5)
+  assert text.prompt_embeds is None and joined.prompt_mask.all()
   assert (np.linalg.norm(raw.class_vectors, axis=1) < 1 - 1e-3).all()
-  names_only = zeroshot.class_embeddings(model, runner, CLASSES, None, TEMPLATES)
-  assert names_only.descriptor_embeds is None
+  names_only = zeroshot.class_texts(model, runner, "names", CLASSES, None, TEMPLATES)
   np.testing.assert_allclose(names_only.class_vectors[0], normalize(
       _text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)), atol=1e-5)
 
 
 def test_text_cache_skips_the_text_tower_per_checkpoint(model, runner, tmp_path, monkeypatch):
   cache = zeroshot.TextCache("step_100", str(tmp_path))
-  first = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
+  first = zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
   assert len(list(tmp_path.glob("*.npz"))) == 1
 
   def fail(*args, **kwargs):
     raise AssertionError("the text tower ran although the embeddings were cached")
 
   monkeypatch.setattr(runner, "encode_texts", fail)
-  again = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES,
-                                    cache=zeroshot.TextCache("step_100", str(tmp_path)))  # from disk
+  again = zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES,
+                               cache=zeroshot.TextCache("step_100", str(tmp_path)))  # from disk
   np.testing.assert_array_equal(again.class_vectors, first.class_vectors)
-  np.testing.assert_array_equal(again.descriptor_mask, first.descriptor_mask)
+  np.testing.assert_array_equal(again.prompt_mask, first.prompt_mask)
   with pytest.raises(AssertionError, match="text tower ran"):
-    zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, TEMPLATES,
-                              cache=zeroshot.TextCache("step_200", str(tmp_path)))
+    zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES,
+                         cache=zeroshot.TextCache("step_200", str(tmp_path)))
   with pytest.raises(AssertionError, match="text tower ran"):
-    zeroshot.class_embeddings(model, runner, CLASSES[:2], DESCRIPTORS, TEMPLATES, cache=cache)
+    zeroshot.class_texts(model, runner, "descriptors", CLASSES[:2], DESCRIPTORS, TEMPLATES, cache=cache)
+  with pytest.raises(AssertionError, match="text tower ran"):
+    zeroshot.class_texts(model, runner, "joined", CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
 
 
 def test_classify_equals_scoring_by_hand(model, runner, images, image_outputs):
   global_embed, region_embed, _ = image_outputs
-  scores = zeroshot.classify(model, images, CLASSES, DESCRIPTORS, template_set="photo", score="mixed",
+  scores = zeroshot.classify(model, images, CLASSES, DESCRIPTORS, template_set="photo", head="mixed/region",
                              alpha=0.3, runner=runner)
-  text = zeroshot.class_embeddings(model, runner, CLASSES, DESCRIPTORS, prompts.templates("photo"))
+  texts = zeroshot.texts_for_heads(model, runner, ("mixed/region",), CLASSES, DESCRIPTORS,
+                                   prompts.templates("photo"))
   assert scores.shape == (5, 3)
-  np.testing.assert_allclose(scores, zeroshot.scores(global_embed, region_embed, text, "mixed", 0.3), atol=1e-5)
+  np.testing.assert_allclose(scores, heads.scores("mixed/region", global_embed, region_embed, texts, 0.3), atol=1e-5)
   batch = np.stack([examples.load_image(image, 32) for image in images])
   names_only = zeroshot.classify(model, batch, CLASSES, template_set="photo", runner=runner)
-  names = zeroshot.class_embeddings(model, runner, CLASSES, None, prompts.templates("photo"))
-  np.testing.assert_allclose(names_only, zeroshot.scores(global_embed, None, names), atol=1e-5)
+  names = {"names": zeroshot.class_texts(model, runner, "names", CLASSES, None, prompts.templates("photo"))}
+  np.testing.assert_allclose(names_only, heads.scores("names/global", global_embed, None, names, 0.5), atol=1e-5)
+  with pytest.raises(ValueError, match="reads descriptors"):
+    zeroshot.classify(model, batch, CLASSES, head="joined/global", runner=runner)
 
 
 def test_ground_picks_the_most_similar_query(model, runner, images, image_outputs, tmp_path):

@@ -22,19 +22,23 @@ def test_arms_are_trained_evaluated_and_compared(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["clip_seed0", "comparison.json", "comparison.md", "grain_seed0",
                                           "synthetic"]
   rows = json.load(open(tmp_path / "comparison.json"))
-  assert "synthetic/novel top-1 (descriptions/mixed)" in rows["grain_seed0"]
-  assert "synthetic/novel top-1 (descriptions/mixed)" not in rows["clip_seed0"]
+  assert "synthetic/novel top-1 (mixed/region)" in rows["grain_seed0"]
+  assert "synthetic/novel top-1 (mixed/region)" not in rows["clip_seed0"]
+  assert "synthetic/novel top-1 (joined/global)" in rows["clip_seed0"]  # CLIP runs every global head
   assert {"synthetic grounding recall@0.5 (chosen query)", "synthetic grounding recall@0.5 (best query)",
-          "synthetic fixed-box baseline recall@0.5 (best of 5)"} <= set(rows["grain_seed0"])
+          "synthetic attention pointing in true boxes (global)"} <= set(rows["grain_seed0"])
+  assert "synthetic attention mass in own box (chosen query)" not in rows["clip_seed0"]
   table = open(tmp_path / "comparison.md").read()
-  assert table.startswith("| metric | grain | clip |") and "| n/a |" in table
+  assert table.startswith("| metric | no skill | grain | clip | grain - clip, paired |")
+  assert "| synthetic/novel top-1 (mixed/region) [grain only] | 33.3 |" in table
+  assert "| **synthetic/novel top-1 (descriptions/global)** (the paper's) | 33.3 |" in table
   assert results["table"] + "\n" == table
 
   grain_config = config.copy_and_resolve_references()
   grain_config.experiment.arms = ()
   grain_config.data.synthetic_dir = str(tmp_path / "synthetic")
   evaluation = experiment.evaluate_checkpoint(grain_config, str(tmp_path / "grain_seed0"))
-  assert experiment.headline_metrics(evaluation) == rows["grain_seed0"]
+  assert experiment.headline_metrics(evaluation)[0] == rows["grain_seed0"]
 
 
 def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
@@ -45,3 +49,46 @@ def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="kind"):
     experiment.run(config, str(tmp_path))
   assert trained == [] and os.listdir(tmp_path) == []
+
+
+def _evaluation(top1: float) -> dict:
+  return {"classification": {"novel": {"chance_top1": 25.0, "heads": {"descriptors/region": {"top1": top1 + 5},
+                                                                       "descriptions/global": {"top1": top1}}}},
+          "retrieval": {}, "grounding": {}}
+
+
+def test_worlds_and_settings_lay_out_runs_and_pair_differences(tmp_path, monkeypatch):
+  config = load_config("configs/demo.py")
+  config.experiment.update(worlds=(3, 4), seeds=(0, 1), settings=("rich", "sparse: data.synthetic.caption_attributes=0.25"))
+  seen = []
+
+  def fake(run_config, workdir):
+    seen.append((os.path.relpath(workdir, tmp_path), run_config.data.synthetic.seed,
+                 run_config.data.synthetic.caption_attributes, os.path.relpath(run_config.data.synthetic_dir, tmp_path)))
+    grain = run_config.model.kind == "grain"
+    top1 = 10 * run_config.data.synthetic.seed + run_config.seed + (30 if grain else 0)
+    evaluation = _evaluation(top1)
+    if not grain:
+      del evaluation["classification"]["novel"]["heads"]["descriptors/region"]
+    return {"eval": evaluation}
+
+  monkeypatch.setattr(experiment, "train_and_evaluate", fake)
+  results = experiment.run(config, str(tmp_path))
+  assert len(seen) == 16 and ("sparse/world4/clip_seed1", 4, 0.25, "sparse/world4/synthetic") in seen
+  assert ("rich/world3/grain_seed0", 3, 1.0, "rich/world3/synthetic") in seen
+  table = results["table"]
+  assert table.count("## setting ") == 2
+  # grain's top-1 is clip's + 30 in every (world, seed): the paired difference has no spread.
+  assert ("| **novel top-1 (descriptions/global)** (the paper's) | 25.0 | 65.5 +- 5.0 | 35.5 +- 5.0 | +30.0 +- 0.0 | "
+          "+30.0 +- 0.0 / +30.0 +- 0.0 |") in table
+  assert "| novel top-1 (descriptors/region) [grain only] | 25.0 | 70.5 +- 5.0 | n/a | n/a | n/a |" in table
+  assert set(json.load(open(tmp_path / "comparison.json"))) >= {"rich/world3/grain_seed0", "sparse/world4/clip_seed1"}
+
+
+def test_comparison_table_marks_heads_one_arm_lacks_and_pairs_by_run():
+  per_run = {("a", None, 0): {"x": 50.0, "y": 1.0}, ("b", None, 0): {"x": 40.0},
+             ("a", None, 1): {"x": 60.0, "y": 3.0}, ("b", None, 1): {"x": 30.0}}
+  table = experiment.comparison_table(per_run, {"x": 10.0}, ["a", "b"], (0, 1))
+  assert table.splitlines()[0] == "| metric | no skill | a | b | a - b, paired |"
+  assert "| x | 10.0 | 55.0 +- 5.0 | 35.0 +- 5.0 | +20.0 +- 10.0 |" in table
+  assert "| y [a only] | n/a | 2.0 +- 1.0 | n/a | n/a |" in table

@@ -360,5 +360,6 @@ def test_setup_replaces_the_workers_copy_and_keeps_its_environment(pod, tmp_path
   for index in range(2):
     copy = pod.worker_home(index) / "grain-jax"
     assert (copy / "README.md").read_text() == "new\n" and not (copy / "deleted_since.py").exists()
-    assert (pod.worker_home(index) / "installed-tpu").exists() and not (pod.worker_home(index) / "grain-jax.new").exists()
+    home = pod.worker_home(index)
+    assert (home / "installed-tpu").exists() and not (home / "grain-jax.new").exists()
   assert (old / ".venv" / "marker").read_text() == "kept\n"

@@ -1,7 +1,8 @@
-"""Every `python -m grain_jax.main` command in README.md, docs/ and the config files' headers, launched
-directly or through a launch script, passes `validate` as the run would call it (descriptor files
-included when it evaluates). Folders under the bucket's or cluster's mount (/gcs/..., /shared/...) are
-placeholders: a descriptors folder there stands for one holding every file the config reads."""
+"""Every `python -m grain_jax.main` command in README.md, docs/scale_and_launch.md and the config
+files' headers, launched directly or through a launch script, passes `validate` as the run would call
+it (descriptor files included when it evaluates). Folders under the bucket's or cluster's mount
+(/gcs/..., /shared/...) are placeholders: a descriptors folder there stands for one holding every file
+the config reads."""
 
 import json
 import pathlib
@@ -15,7 +16,7 @@ from grain_jax.config import apply_overrides, load_config, parse_arm, validate
 from grain_jax.eval import datasets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.py"))]
+DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "scale_and_launch.md", *sorted((ROOT / "configs").glob("*.py"))]
 # How each kind of command starts; the launch scripts pass the words after `--` on to grain_jax.main.
 STARTS = ("python -m grain_jax.main ", "launch/tpu_pod.sh up ", "launch/gke_xpk.sh run ", "launch/slurm_gpu.sh ")
 PLACEHOLDER = re.compile(r"^/(gcs|shared)/")
@@ -62,13 +63,25 @@ def parsed(arguments: list[str]) -> tuple[str, str, dict]:
 
 
 def descriptors_folder(config, folder: pathlib.Path) -> str:
-  """`folder` filled with the descriptor file of every registry set in `config.eval.classification`."""
+  """`folder` filled with the descriptor file of every registry set in `config.eval.classification`
+  (ImageNet's keyed by its classes' first WordNet names in label order, numbered where two share one)."""
   folder.mkdir(exist_ok=True)
   for name in config.eval.classification:
-    if name in datasets.TFDS_DATASETS:
+    spec = datasets.spec_of(name)
+    if spec is not None:
       names = datasets.registry_class_names(name)
-      (folder / datasets.TFDS_DATASETS[name].descriptors_file).write_text(
-          json.dumps({n: [f"a feature of {n}"] for n in names}))
+      if spec.wnid_labels:
+        first = [names[0] for names in datasets.wnid_class_names()]
+        names = [n if first.count(n) == 1 else f"{n} {i}" for i, n in enumerate(first)]
+      (folder / spec.descriptors_file).write_text(json.dumps({n: [f"a feature of {n}"] for n in names}))
+  return str(folder)
+
+
+def places365_download(folder: pathlib.Path) -> str:
+  """`folder` laid out as torchvision's Places365 download, which `places365:full` reads."""
+  (folder / "val_large").mkdir(parents=True)
+  (folder / "categories_places365.txt").write_text("/a/airfield 0\n")
+  (folder / "places365_val.txt").write_text("")
   return str(folder)
 
 
@@ -92,6 +105,9 @@ def test_a_documented_command_passes_validation(document, command, tmp_path):
   if evaluates and PLACEHOLDER.match(config.eval.descriptors_dir):
     with config.unlocked():
       config.eval.descriptors_dir = descriptors_folder(config, tmp_path / "descriptors")
+  if evaluates and PLACEHOLDER.match(config.eval.places365_dir):
+    with config.unlocked():
+      config.eval.places365_dir = places365_download(tmp_path / "places365")
   arms = [parse_arm(entry) for entry in config.experiment.arms] if mode == "train" else []
   for name, arm_overrides in arms or [("", {})]:
     validate(apply_overrides(config, arm_overrides, f"{document}: arm {name}"), evaluation_files=evaluates)

@@ -8,6 +8,7 @@ Formats read:
   image folder  root/<class>/<image>, root/classes.txt (one class name per line, in label order)
                 (its root/descriptors.json is read and paired by grain_jax/eval/datasets.py)
   tfds          tfds.data_source(name) over array_record files (no tensorflow needed)
+  Places365     torchvision's download of the full-size validation images (places365_full)
   Karpathy      {"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}]}]}
   grounding     {"images": [{"file", "regions": [{"phrase", "box": [x1, y1, x2, y2]}]}]}
 """
@@ -121,6 +122,48 @@ def tfds_classification(name: str, split: str = "test", data_dir: str | None = N
                                  decoders={image_key: tfds.decode.SkipDecoding()})
     labels = np.array([int(element[label_key]) for element in undecoded])
   return from_tfds_source(source, drop_classes=drop_classes, labels=labels, **keys)
+
+
+def example_class_names(source: Sequence[dict[str, Any]], name_key: str, num_classes: int,
+                        label_key: str = "label") -> list[str | None]:
+  """Per label, the `name_key` text its examples carry (CUB's `label_name`), read from the examples of
+  `source` until every label is named; None for a label no example has."""
+  names: list[str | None] = [None] * num_classes
+  for element in source:
+    name = element[name_key]
+    names[int(element[label_key])] = name.decode() if isinstance(name, bytes) else str(name)
+    if None not in names:
+      break
+  return names
+
+
+def tfds_example_class_names(name: str, split: str, data_dir: str | None, name_key: str) -> list[str | None] | None:
+  """`example_class_names` of a prepared tfds dataset, its images left undecoded; None when it is not
+  prepared in `data_dir`."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    return None
+  features = builder.info.features
+  undecoded = {key: tfds.decode.SkipDecoding() for key, feature in features.items()
+               if isinstance(feature, tfds.features.Image)}
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, decoders=undecoded)
+  return example_class_names(source, name_key, features["label"].num_classes)
+
+
+def places365_full(root: str) -> ClassificationSet:
+  """The full-size Places365 validation images as torchvision downloads them
+  (`torchvision.datasets.Places365(root, split="val", small=False, download=True)`): `root` holds
+  categories_places365.txt ("/a/airfield 0", a class a line in label order), places365_val.txt
+  ("Places365_val_00000001.jpg 165", an image a line) and val_large/ (the 36,500 images)."""
+  def rows(file_name):
+    with open(os.path.join(root, file_name)) as f:
+      return [line.split() for line in f if line.strip()]
+
+  class_names = [name for name, _ in rows("categories_places365.txt")]
+  source = [{"image": os.path.join(root, "val_large", file.lstrip("/")), "label": int(label)}
+            for file, label in rows("places365_val.txt")]
+  return ClassificationSet(class_names, {}, source)
 
 
 def karpathy(json_path: str, image_root: str, split: str = "test") -> RetrievalSet:

@@ -7,6 +7,7 @@ Written in the same formats as real data, so training and evaluation have one co
   out/novel/        image folder of classes with invented names, known only by their descriptors
   out/retrieval/    images/<i>.png + captions.json (Karpathy format, split "test")
   out/grounding/    images/<i>.png + grounding.json (phrase -> normalized x1, y1, x2, y2 box)
+  out/probe/        images/<i>.png + probe.json: one object per image, its box and attributes
   out/synthetic.json  the parameters; `ensure()` regenerates only when they change
 
 Item i of a split is drawn from its own generator seeded by (seed, split, i), so changing a count
@@ -29,16 +30,17 @@ from grain_jax.data import records
 from grain_jax.data import synthetic_scenes as scenes
 
 PARAMS = "synthetic.json"
-_SPLIT_CODES = {"train": 0, "attributes": 1, "novel": 2, "retrieval": 3, "grounding": 4}
+_SPLIT_CODES = {"train": 0, "attributes": 1, "novel": 2, "retrieval": 3, "grounding": 4, "probe": 5}
 _SYLLABLES = ("zor", "blat", "quen", "fid", "mok", "trel", "vash", "pim", "gru", "lox", "dree",
               "snib", "yuk", "tav", "wem", "crun")
 
 
 def default_params() -> dict[str, Any]:
   """Sizes of the demo's dataset (the `config.data.synthetic` fields)."""
-  return dict(seed=0, num_train=2048, image_size=64, image_format="png",
+  return dict(seed=0, num_train=2048, image_size=64, image_format="png", caption_objects=1.0,
+              caption_attributes=1.0,
               num_attribute_classes=12, num_novel_classes=8, images_per_class=10,
-              num_retrieval=100, num_grounding=100)
+              num_retrieval=100, num_grounding=100, num_probe=200)
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -70,16 +72,22 @@ def invented_names(seed: int, count: int) -> list[str]:
   return names
 
 
-def train_records(seed: int, count: int, image_size: int,
-                  image_format: str = "png") -> Iterator[records.Record]:
-  """Scenes of 1-4 objects with a weak alt-text, a rich caption and detector-like regions."""
+def train_records(seed: int, count: int, image_size: int, image_format: str = "png",
+                  caption_objects: float = 1.0, caption_attributes: float = 1.0) -> Iterator[records.Record]:
+  """Scenes of 1-4 objects with a weak alt-text, an MLLM caption and detector-like regions.
+
+  The MLLM caption names `caption_objects` of the objects by `caption_attributes` of their
+  attributes (shares, see `synthetic_scenes.rich_caption`); the regions describe every object the
+  detector finds with all its attributes, whatever the caption says.
+  """
   encode = scenes.encode_png if image_format == "png" else scenes.encode_jpeg
   for index in range(count):
     rng = _rng(seed, "train", index)
     things = scenes.sample_scene(rng, int(rng.integers(1, 5)))
     pixels = scenes.render(rng, things, image_size)
     regions = tuple(records.Region(*d) for d in scenes.detections(things, rng))
-    captions = scenes.weak_caption(things, rng), scenes.rich_caption(things, rng)
+    captions = (scenes.weak_caption(things, rng),
+                scenes.rich_caption(things, rng, caption_objects, caption_attributes))
     yield records.Record(f"synthetic/train/{index}", encode(pixels), *captions, regions)
 
 
@@ -104,11 +112,12 @@ def write_image_folder(out_dir: str, split: str, classes: dict[str, tuple[str, s
     json.dump({name: descriptors(a) for name, a in classes.items()}, f, indent=1)
 
 
-def _scenes(seed: int, split: str, count: int, image_size: int, out_dir: str):
-  """Yields (index, file name, objects, rng) for `count` multi-object scenes saved under images/."""
+def _scenes(seed: int, split: str, count: int, image_size: int, out_dir: str, num_things: int = 0):
+  """Yields (index, file name, objects, rng) for `count` scenes of `num_things` objects (0: 1-4 at
+  random) saved under images/."""
   for index in range(count):
     rng = _rng(seed, split, index)
-    things = scenes.sample_scene(rng, int(rng.integers(1, 5)))
+    things = scenes.sample_scene(rng, num_things or int(rng.integers(1, 5)))
     name = f"{index}.png"
     _save(scenes.render(rng, things, image_size), os.path.join(out_dir, "images", name))
     yield index, name, things, rng
@@ -135,6 +144,19 @@ def write_grounding(out_dir: str, seed: int, count: int, image_size: int) -> Non
     json.dump({"images": images}, f)
 
 
+def write_probe(out_dir: str, seed: int, count: int, image_size: int) -> None:
+  """probe.json: {"images": [{"file", "box": normalized [x1, y1, x2, y2], "attributes": {"size",
+  "pattern", "color", "shape"}}]}, one object per image with attributes drawn at random (linear probes
+  of what the embeddings keep of each attribute)."""
+  os.makedirs(out_dir, exist_ok=True)
+  images = []
+  for _, name, (thing,), _ in _scenes(seed, "probe", count, image_size, out_dir, num_things=1):
+    images.append({"file": os.path.join("images", name), "box": list(thing.box),
+                   "attributes": {a: getattr(thing, a) for a in scenes.ATTRIBUTES}})
+  with open(os.path.join(out_dir, "probe.json"), "w") as f:
+    json.dump({"images": images}, f)
+
+
 def generate(out_dir: str, **params: Any) -> dict[str, str]:
   """Writes every split into `out_dir` (replacing what is there); returns split -> directory."""
   p = default_params()
@@ -142,11 +164,15 @@ def generate(out_dir: str, **params: Any) -> dict[str, str]:
   if unknown:
     raise ValueError(f"unknown synthetic dataset parameters {sorted(unknown)}; known: {sorted(p)}")
   p.update(params)
+  for share in ("caption_objects", "caption_attributes"):
+    if not 0 <= p[share] <= 1:
+      raise ValueError(f"synthetic dataset parameter {share}={p[share]} must be a share in [0, 1]")
   seed, size = p["seed"], p["image_size"]
   paths = {split: os.path.join(out_dir, split) for split in _SPLIT_CODES}
   for path in paths.values():
     shutil.rmtree(path, ignore_errors=True)
-  train = train_records(seed, p["num_train"], size, p["image_format"])
+  train = train_records(seed, p["num_train"], size, p["image_format"], p["caption_objects"],
+                        p["caption_attributes"])
   records.write_dataset(paths["train"], train, source=f"synthetic seed={seed}")
   attributes = _attribute_classes(seed, p["num_attribute_classes"])
   write_image_folder(paths["attributes"], "attributes", {" ".join(a): a for a in attributes},
@@ -156,6 +182,7 @@ def generate(out_dir: str, **params: Any) -> dict[str, str]:
                      seed, p["images_per_class"], size)
   write_retrieval(paths["retrieval"], seed, p["num_retrieval"], size)
   write_grounding(paths["grounding"], seed, p["num_grounding"], size)
+  write_probe(paths["probe"], seed, p["num_probe"], size)
   with open(os.path.join(out_dir, PARAMS), "w") as f:
     json.dump(p, f, indent=1)
   return paths

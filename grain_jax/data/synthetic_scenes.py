@@ -7,6 +7,7 @@ triangle"). Every function takes a numpy Generator, so a scene is a pure functio
 
 import dataclasses
 import io
+import math
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -18,6 +19,7 @@ COLORS = {
     "black": (15, 15, 15),
 }
 PATTERNS = ("solid", "striped", "dotted")
+ATTRIBUTES = ("size", "pattern", "color", "shape")  # in the order a description names them
 SIZES = {"small": (0.2, 0.3), "large": (0.38, 0.52)}  # side as a fraction of the image side
 _DARK = ("blue", "purple", "black", "red", "green")
 
@@ -156,10 +158,25 @@ def _join(parts: list[str]) -> str:
   return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def rich_caption(things: list[Thing], rng: np.random.Generator) -> str:
-  """What an MLLM would say: every object with all its attributes, in a random order."""
-  order = rng.permutation(len(things))
-  return _join([things[i].description for i in order]) + " on a gray background"
+def mention(thing: Thing, named) -> str:
+  """`thing` by the attributes in `named` (ATTRIBUTES), in a description's order: "a striped shape"
+  when only the pattern is named, `thing.description` when all are."""
+  words = [getattr(thing, attribute) for attribute in ATTRIBUTES[:-1] if attribute in named]
+  return " ".join(["a", *words, thing.shape if "shape" in named else "shape"])
+
+
+def rich_caption(things: list[Thing], rng: np.random.Generator, object_share: float = 1.0,
+                 attribute_share: float = 1.0) -> str:
+  """What an MLLM would say, in a random order: ceil(object_share x objects) of the objects, each by
+  ceil(attribute_share x 4) of its attributes: what it is (its shape) first, then adjectives drawn at
+  random. By default every object with all its attributes, drawing nothing beyond the order."""
+  order = rng.permutation(len(things))[:math.ceil(object_share * len(things))]
+  count = math.ceil(attribute_share * len(ATTRIBUTES))
+  adjectives = ATTRIBUTES[:-1]
+  parts = [mention(things[i], ATTRIBUTES if count >= len(ATTRIBUTES) else
+                   {"shape", *rng.choice(adjectives, count - 1, replace=False)} if count else ())
+           for i in order]
+  return (_join(parts) if parts else "some shapes") + " on a gray background"
 
 
 def weak_caption(things: list[Thing], rng: np.random.Generator) -> str:

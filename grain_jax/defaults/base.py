@@ -66,9 +66,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       box_giou=1.5,
       region=1.0,
       aux_layers=False,          # also supervise boxes of every intermediate decoder layer
-      region_negatives="global",  # "global" batch or "per_device" (the reference's behaviour;
-                                  # the batch is split into the train step's batch shards)
-      mask_duplicate_descriptions=True,  # identical description texts are not negatives
+      # Where L_rd's negatives come from: "global" (every description of the global batch; mean over
+      # all matched regions) or "per_device" (the authors': each device's own descriptions, computed
+      # on that device; each device's mean, averaged over devices). Devices = the batch shards.
+      region_negatives="global",
+      # L_rd: descriptions whose text equals the target's are not negatives (True) or are (False,
+      # the authors').
+      mask_duplicate_descriptions=True,
+      # Box losses divided by the valid boxes of the "global" batch, or "per_device": each device's
+      # by its own, averaged over devices (the authors'). Either way a count of 0 counts as 1.
+      box_normalization="global",
+      # Added to the union where IoU divides by it, in the matching cost's and the loss's GIoU:
+      # 0 = the exact ratio; the authors' code adds 1e-4.
+      iou_union_epsilon=0.0,
       # Weight of L_dq, the description -> query direction among an image's own queries (each matched
       # description picks its region query; grounding makes that choice at evaluation). 0 = off, as
       # the reference.
@@ -84,7 +94,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       b1=0.9,
       b2=0.98,
       eps=1e-8,
-      weight_decay=0.1,          # not applied to biases, norms, logit_scale and other 1-D params
+      weight_decay=0.1,          # decoupled, scaled by the learning rate (PyTorch's AdamW)
+      # Parameters weight decay leaves alone: "rank_below_2" (ours: biases, norm weights, logit_scale
+      # and every other parameter with fewer than 2 dimensions per layer) or "authors_name_rule" (the
+      # authors': by the names the export gives them (grain_jax/torch_format/layout.py): in the
+      # decoder those containing ".ln_", ".bn", ".bias" or ".logit_scale", so its LayerNorm weights
+      # and attention in_proj_bias are decayed; in the towers 1-D ones and names containing "bias",
+      # "ln" or "bn").
+      weight_decay_exempt="rank_below_2",
       grad_clip_norm=0.0,        # global-norm clipping; 0 = off
   ))
 
@@ -122,6 +139,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # same data and compared in one table; () = just this config.
       arms=(),
       seeds=(),                  # seeds of the comparison; () = (config.seed,)
+      worlds=(),                 # synthetic worlds (data.synthetic.seed) of the comparison; () = the config's
+      # Variants every arm runs under, each "name: field=value; ..." like an arm (e.g. how much the
+      # captions say: "sparse: data.synthetic.caption_attributes=0.25"), one table each; () = none.
+      settings=(),
   ))
 
   meshes.apply(config, mesh or "cpu")
@@ -146,40 +167,60 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           num_train=2048,        # training scenes
           image_size=64,         # side of the stored images (the pipeline resizes them)
           image_format="png",    # "png" | "jpeg"
+          # How much the MLLM caption says (the alt-text names one attribute of one object or the
+          # count; `mllm_caption_prob` picks between them): the share of a scene's objects it
+          # mentions and the share of their 4 attributes (size, pattern, color, shape) it names,
+          # rounded up. The regions always describe every object found with all 4.
+          caption_objects=1.0,
+          caption_attributes=1.0,
           num_attribute_classes=12,  # eval: classes like "striped red triangle"
           num_novel_classes=8,   # eval: classes with invented names, known by descriptors only
           images_per_class=10,   # eval images per attribute / novel class
           num_retrieval=100,     # eval: images with two captions each
           num_grounding=100,     # eval: images with phrase -> box pairs
+          num_probe=200,         # eval: one-object images with their attributes (linear probes)
       ),
   ))
 
   # Evaluation (see grain_jax/eval/run.py; entry syntax in grain_jax/eval/datasets.py).
   config.eval = ml_collections.ConfigDict(dict(
-      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds),
-      # "synthetic/attributes", "synthetic/novel", or "folder:PATH" (PATH/<class>/<image>).
+      # Zero-shot classification sets: registry names ("cifar10", ..., "imagenet"; tfds), the
+      # authors' protocols of two of them ("sun397:all": all of SUN397's images; "places365:full": the
+      # full-size images from places365_dir), "synthetic/attributes", "synthetic/novel", or
+      # "folder:PATH" (PATH/<class>/<image>).
       classification=("synthetic/attributes", "synthetic/novel"),
       retrieval=("synthetic",),  # "synthetic" or "karpathy:JSON:IMAGE_ROOT"
       grounding=("synthetic",),  # "synthetic" or "json:PATH"
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
+      places365_dir="",          # torchvision's Places365 download (small=False) that places365:full reads
       descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...;
                                  # grain_jax/eval/README.md says where each comes from)
       allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before
                                  # training; True = evaluate it with class names only (no description
                                  # heads, so the paper's mean of 11 is not reported)
-      templates="clip",          # prompt templates: "clip" (OpenAI's 80), "birds" (the reference's), "photo"
+      # The zero-shot protocol (grain_jax/eval/protocol.py): "ours" (OpenAI's 80 templates, renormalized
+      # class vectors, every head a model can run) or "authors" (their 46 templates, class vectors not
+      # renormalized, their global score as the reported number). The four fields below override it;
+      # None = the protocol's value.
+      protocol="ours",
+      templates=ml_collections.config_dict.placeholder(str),  # "clip" (OpenAI's 80), "birds" (the authors' 46), "photo"
+      renormalize=ml_collections.config_dict.placeholder(bool),  # re-normalize each class vector
+      heads=ml_collections.config_dict.placeholder(tuple),  # classification heads (grain_jax/eval/heads.py)
+      alpha=ml_collections.config_dict.placeholder(float),  # weight of the global score in the mixed heads
       whole_word_connectives=False,  # pick " which is/has" by the first word, not the reference's raw prefix
-      renormalize=True,          # re-normalize each class's mean prompt embedding (the reference does not)
-      scores=("global", "mixed"),  # with descriptions: "global", "region", "mixed", "best_region", "best_mixed"
-                                 # (all but "global": GRAIN only; see grain_jax/eval/zeroshot.py)
-      alpha=0.5,                 # weight of the global score in "mixed"
       batch_size=256,            # images per global batch (rounded up to the batch shards)
       text_batch_size=1024,      # prompts per global batch
       num_threads=4,             # image decoding threads per host
       max_examples=0,            # images per set, spread evenly over it; 0 = all
       num_confusions=10,         # most frequent (true, predicted) class pairs listed per head
       iou_threshold=0.5,         # grounding: a box counts when IoU >= this
-      num_pictures=4,            # grounding pictures written to <workdir>/eval/grounding/<set>/
+      num_pictures=4,            # grounding and attention pictures written to <workdir>/eval/{grounding,attention}/<set>/
+      # Attention maps on the grounding sets (grain_jax/eval/attention.py), for every model kind:
+      # where the global embedding reads from, scored against the true boxes.
+      attention_maps=True,
+      # Linear probes of each attribute on every embedding (grain_jax/eval/probe.py): "synthetic" or
+      # "json:PATH" (a probe.json as the synthetic `probe` split writes it).
+      probes=("synthetic",),
       fixed_box_records=5000,    # grounding: training records the image-blind fixed-box baseline is
                                  # fitted on (the first ones; needs data.train_dir unless the set is
                                  # the synthetic one); 0 = no baseline

@@ -91,6 +91,10 @@ def default_model_config() -> ml_collections.ConfigDict:
           mlp_ratio=4.0,
           qk_norm=True,       # LayerNorm over each head's q and k (the reference's timm ViT)
           layer_norm_eps=1e-6,
+          # "trunc_normal" (timm's ViT init: linear weights N(0, 0.02) truncated, zero biases,
+          # LeCun-normal patch embedding) or "pytorch_default" (the authors': PyTorch's default
+          # Linear / Conv2d init, U(+-1/sqrt(fan_in)) for weights and biases; grain_jax/models/vit.py).
+          init="trunc_normal",
       ),
       text=dict(
           vocab_size=49408,

@@ -6,6 +6,9 @@ Classification entries:
                     `tfds build TFDS_NAME --data_dir=DIR --file_format=array_record` (some need
                     the archives downloaded by hand first, e.g. ImageNet), with the Menon &
                     Vondrick descriptor JSON named here from `config.eval.descriptors_dir`
+  NAME:VARIANT      a registry set under another protocol (VARIANTS): `sun397:all` (all of SUN397's
+                    images, as torchvision's), `places365:full` (the full-size images, from
+                    torchvision's download in `config.eval.places365_dir`); the authors' choices
   synthetic/attributes, synthetic/novel
                     the built-in synthetic splits (grain_jax/data/synthetic.py)
   folder:PATH       any image folder PATH/<class>/<image> (Products-2023 style), with optional
@@ -17,7 +20,9 @@ Class names are the dataset's own (tfds label names, in label order) made readab
 the shipped lists in grain_jax/data/class_lists (tfds learns their names only when preparing them,
 so they cannot be checked without the data otherwise). Descriptor files are paired with them class
 by class (grain_jax/eval/descriptors.py); ImageNet's and CUB's tfds labels are ids, so their
-classes take the file's keys in order, as the reference does for every dataset.
+classes take the file's keys in order, as the reference does for every dataset, and a file whose keys
+are in another order is refused (`descriptors.check_order`, against CUB's `label_name`s and the WordNet
+names of ImageNet's wnids shipped in grain_jax/data/class_lists/imagenet_wnids.txt).
 """
 
 import dataclasses
@@ -43,6 +48,11 @@ class TfdsDataset:
   class_list: str = ""       # grain_jax/data/class_lists/<this>: names in label order, for sets
                              # whose tfds label names are only known once prepared
   drop_classes: tuple[str, ...] = ()  # tfds label names left out, with their images
+  reader: str = "tfds"       # "places365_full": torchvision's download in config.eval.places365_dir
+  # For id labels, where the classes' names are known, to check a descriptor file's order: the
+  # feature of each example naming its class, or ImageNet's wnids in tfds's order.
+  example_names: str = ""
+  wnid_labels: bool = False
 
 
 TFDS_DATASETS = {
@@ -57,21 +67,43 @@ TFDS_DATASETS = {
     "caltech101": TfdsDataset("caltech101", "train+test", "descriptors_caltech.json",
                               drop_classes=("background_google",)),
     "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
-    "cub": TfdsDataset("caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False),
+    "cub": TfdsDataset("caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False,
+                       example_names="label_name"),
     "places365": TfdsDataset("places365_small", "validation", "descriptors_places365.json"),
     "food101": TfdsDataset("food101", "validation", "descriptors_food101.json"),
     "imagenet": TfdsDataset("imagenet2012", "validation", "descriptors_imagenet.json", in_average=False,
-                            readable_labels=False),
+                            readable_labels=False, wnid_labels=True),
     "imagenet_v2": TfdsDataset("imagenet_v2", "test", "descriptors_imagenet.json", in_average=False,
-                               readable_labels=False),
+                               readable_labels=False, wnid_labels=True),
     "eurosat": TfdsDataset("eurosat/rgb", "train", "descriptors_eurosat.json", in_average=False),
 }
 PAPER_AVERAGE = tuple(name for name, d in TFDS_DATASETS.items() if d.in_average)
+# Other protocols of a registry set, entries "NAME:VARIANT" evaluated in its place (and counted as it
+# in the paper's mean).
+VARIANTS = {
+    # Every image, as torchvision's SUN397 (the authors'): tfds's three random splits joined, 108,752
+    # images (torchvision's 108,754 less the two tfds's builder skips).
+    "sun397:all": dataclasses.replace(TFDS_DATASETS["sun397"], split="train+validation+test"),
+    # The full-size validation images (the authors'): tfds has only the 256x256 ones.
+    "places365:full": dataclasses.replace(TFDS_DATASETS["places365"], reader="places365_full"),
+}
+# The paper's 11 as the authors evaluate them.
+AUTHORS_PAPER_SETS = tuple({"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in PAPER_AVERAGE)
+
+
+def spec_of(entry: str) -> TfdsDataset | None:
+  """The registry set (or variant) an entry names; None for other entries."""
+  return TFDS_DATASETS.get(entry) or VARIANTS.get(entry)
+
+
+def paper_set(name: str) -> str:
+  """The registry set a result stands for: "sun397:all" -> "sun397"."""
+  return name.partition(":")[0]
 
 
 def readable(label: str) -> str:
   """A tfds label name as words: "/a/airport_terminal" -> "airport terminal", "apple_pie" -> "apple pie"."""
-  label = re.sub(r"^/[a-z]/", "", label)  # SUN397's "/<initial>/" prefix
+  label = descriptor_files.without_initial_folder(label)
   return re.sub(r"\s+", " ", re.sub(r"[_/]", " ", label)).strip()
 
 
@@ -98,10 +130,10 @@ class Classification:
 
 
 def registry_class_names(name: str, label_names=None) -> list[str]:
-  """The class names registry set `name` prompts with, in label order: its tfds label names (those
-  given, else read from tfds's builder info, which needs no download) made readable, less
+  """The class names registry set (or variant) `name` prompts with, in label order: its tfds label names
+  (those given, else read from tfds's builder info, which needs no download) made readable, less
   `drop_classes`, or its shipped class list. Raises ValueError when the list does not fit."""
-  spec = TFDS_DATASETS[name]
+  spec = spec_of(name)
   if label_names is None:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     label_names = tfds.builder(spec.tfds_name).info.features["label"].names
@@ -116,24 +148,58 @@ def registry_class_names(name: str, label_names=None) -> list[str]:
 
 def descriptors_path(name: str, descriptors_dir: str) -> str:
   """Where registry set `name` reads its descriptor file from ("" when no folder is set)."""
-  return os.path.join(descriptors_dir, TFDS_DATASETS[name].descriptors_file) if descriptors_dir else ""
+  return os.path.join(descriptors_dir, spec_of(name).descriptors_file) if descriptors_dir else ""
 
 
-def check_descriptors(names, descriptors_dir: str, allow_missing: bool) -> None:
+def wnid_class_names() -> list[list[str]]:
+  """The WordNet names of ImageNet's 1000 classes in tfds's label order (its sorted wnids)."""
+  return [line.split(" ", 1)[1].split(", ") for line in class_list("imagenet_wnids.txt")]
+
+
+def id_class_names(spec: TfdsDataset, tfds_data_dir: str = "", source=None) -> list[list[str]] | None:
+  """The known names of each class of an id-labelled set, in label order: ImageNet's from its wnids,
+  CUB's from the `example_names` its examples carry (of `source`, else of the tfds data); None where
+  they are unknown (another set, data not prepared, a source without that feature)."""
+  if spec.wnid_labels:
+    return wnid_class_names()
+  if not spec.example_names:
+    return None
+  if source is None:
+    names = eval_sets.tfds_example_class_names(spec.tfds_name, spec.split, tfds_data_dir or None, spec.example_names)
+  elif spec.example_names in source.dataset_info.features:
+    names = eval_sets.example_class_names(source, spec.example_names, len(source.dataset_info.features["label"].names))
+  else:
+    names = None
+  return None if names is None else [[name] if name else [] for name in names]
+
+
+def _check_id_file(path: str, keys: list[str], num_classes: int, known: list[list[str]] | None) -> None:
+  """An id-labelled set's file: one key per class (`descriptors.pair`), in label order where the
+  classes' names are `known` (`descriptors.check_order`); errors name the file."""
+  try:
+    descriptor_files.pair(keys, [str(i) for i in range(num_classes)], labels_are_ids=True)
+    if known is not None:
+      descriptor_files.check_order(keys, known)
+  except ValueError as error:
+    raise type(error)(f"{path}: {error}") from None
+
+
+def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_data_dir: str = "") -> None:
   """Raises a UserError naming the file unless every registry set among `names` has a descriptor file
-  in `descriptors_dir` in the right format (for sets labelled by ids: one key per class); with
-  `allow_missing`, sets whose labels are words may go without one (they get names-only prompts)."""
+  in `descriptors_dir` in the right format (for sets labelled by ids: one key per class, in label order
+  where the classes' names are known without evaluating: ImageNet's; CUB's when prepared in
+  `tfds_data_dir`); with `allow_missing`, sets whose labels are words may go without one (they get
+  names-only prompts)."""
   for name in names:
-    if name not in TFDS_DATASETS:
+    spec = spec_of(name)
+    if spec is None:
       continue
-    spec, path = TFDS_DATASETS[name], descriptors_path(name, descriptors_dir)
+    path = descriptors_path(name, descriptors_dir)
     if path and os.path.exists(path):
       raw, _ = descriptor_files.read(path)
       if not spec.readable_labels:
-        try:
-          descriptor_files.pair(list(raw), registry_class_names(name), labels_are_ids=True)
-        except ValueError as error:
-          raise type(error)(f"{path}: {error}") from None
+        known = id_class_names(spec, tfds_data_dir)
+        _check_id_file(path, list(raw), len(registry_class_names(name) if known is None else known), known)
       continue
     if allow_missing and spec.readable_labels:
       continue
@@ -147,13 +213,16 @@ def check_descriptors(names, descriptors_dir: str, allow_missing: bool) -> None:
 
 
 def _with_descriptors(name: str, data: eval_sets.ClassificationSet, path: str, labels_are_ids: bool = False,
-                      in_average: bool = False) -> Classification:
-  """Set `name` with the descriptor file at `path` paired with its classes (descriptors.pair) and
-  recorded (descriptors.record), or by class names only when there is no file there (logged)."""
+                      in_average: bool = False, known: list[list[str]] | None = None) -> Classification:
+  """Set `name` with the descriptor file at `path` paired with its classes (descriptors.pair; with id
+  labels in the order the classes' `known` names give, when known) and recorded (descriptors.record),
+  or by class names only when there is no file there (logged)."""
   if not path or not os.path.exists(path):
     logging.warning("%s: no descriptor file %s, evaluated with class names only", name, path or "(no folder set)")
     return Classification(name, eval_sets.ClassificationSet(data.class_names, {}, data.source), "none", in_average)
   raw, digest = descriptor_files.read(path)
+  if labels_are_ids:
+    _check_id_file(path, list(raw), len(data.class_names), known)
   pairs = descriptor_files.pair(list(raw), data.class_names, labels_are_ids)
   names = descriptor_files.prompt_names(pairs)
   paired = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
@@ -163,16 +232,22 @@ def _with_descriptors(name: str, data: eval_sets.ClassificationSet, path: str, l
 
 
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
-                        source=None) -> Classification:
-  """A registry dataset, its descriptor file checked by `check_descriptors` (config.validate with
-  `evaluation_files`) beforehand; `source` replaces the `tfds.data_source` call (tests)."""
-  spec = TFDS_DATASETS[name]
-  data = (eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
-                                        drop_classes=spec.drop_classes)
-          if source is None else eval_sets.from_tfds_source(source, drop_classes=spec.drop_classes))
+                        source=None, places365_dir: str = "") -> Classification:
+  """A registry dataset or variant, its descriptor file checked by `check_descriptors` (config.validate
+  with `evaluation_files`) beforehand; `source` replaces the `tfds.data_source` call (tests);
+  `places365_dir` is torchvision's Places365 download (`places365:full`)."""
+  spec = spec_of(name)
+  if spec.reader == "places365_full":
+    data = eval_sets.places365_full(places365_dir)
+  elif source is None:
+    data = eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
+                                         drop_classes=spec.drop_classes)
+  else:
+    data = eval_sets.from_tfds_source(source, drop_classes=spec.drop_classes)
   data.class_names = registry_class_names(name, data.class_names)
+  known = None if spec.readable_labels else id_class_names(spec, tfds_data_dir, source)
   return _with_descriptors(name, data, descriptors_path(name, descriptors_dir), not spec.readable_labels,
-                           spec.in_average)
+                           spec.in_average, known)
 
 
 def folder_classification(root: str, name: str = "") -> Classification:
@@ -192,11 +267,24 @@ def check_classification(entry: str) -> None:
   elif entry.startswith("folder:"):
     ok = bool(entry.split(":", 1)[1])
   else:
-    ok = entry in TFDS_DATASETS
+    ok = spec_of(entry) is not None
   if not ok:
     raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
-                     f"{sorted(TFDS_DATASETS)}, {', '.join('synthetic/' + s for s in SYNTHETIC_SPLITS)} "
-                     "or folder:PATH")
+                     f"{sorted(TFDS_DATASETS)}, {', '.join(VARIANTS)}, "
+                     f"{', '.join('synthetic/' + s for s in SYNTHETIC_SPLITS)} or folder:PATH")
+
+
+def check_places365_dir(names, places365_dir: str) -> None:
+  """Raises FileNotFoundError naming config.eval.places365_dir unless it holds torchvision's Places365
+  download when `names` has `places365:full`."""
+  if "places365:full" not in names:
+    return
+  needed = ("categories_places365.txt", "places365_val.txt", "val_large")
+  absent = [n for n in needed if not places365_dir or not os.path.exists(os.path.join(places365_dir, n))]
+  if absent:
+    raise FileNotFoundError(f"config.eval.classification has 'places365:full' but config.eval.places365_dir="
+                            f"{places365_dir!r} lacks {', '.join(absent)}: torchvision.datasets.Places365(DIR, "
+                            "split='val', small=False, download=True) writes them")
 
 
 def check_retrieval(entry: str) -> None:
@@ -215,6 +303,22 @@ def check_grounding(entry: str) -> None:
     raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
 
 
+def check_probe(entry: str) -> None:
+  """Raises ValueError naming `entry` unless it is a probe entry (reads nothing)."""
+  kind, _, path = entry.partition(":")
+  if entry != "synthetic" and (kind != "json" or not path):
+    raise ValueError(f"config.eval.probes entry {entry!r} must be 'synthetic' or 'json:PATH'")
+
+
+def probe(entry: str, config, workdir: str) -> tuple[str, str]:
+  """Resolves one `config.eval.probes` entry to (name, path of its probe.json)."""
+  check_probe(entry)
+  if entry == "synthetic":
+    return "synthetic", os.path.join(synthetic.for_config(config, workdir)["probe"], "probe.json")
+  path = entry.partition(":")[2]
+  return os.path.splitext(os.path.basename(path))[0], path
+
+
 def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
   check_classification(entry)
@@ -222,7 +326,8 @@ def classification(entry: str, config, workdir: str) -> Classification:
     return folder_classification(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]], entry)
   if entry.startswith("folder:"):
     return folder_classification(entry.split(":", 1)[1])
-  return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir)
+  return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir,
+                             places365_dir=config.eval.places365_dir)
 
 
 def retrieval(entry: str, config, workdir: str) -> tuple[str, eval_sets.RetrievalSet]:

@@ -2,9 +2,9 @@
 entries are paired with a dataset's classes.
 
 Each class is paired on its own:
-  "name"      its normalized name equals exactly one key's (case, "_", "-", "/", "?" and every
-              bracket are ignored), or failing that its name without a trailing "(...)" equals
-              exactly one unpaired key's without one;
+  "name"      its normalized name equals exactly one key's (case, "_", "-", "/", "?", every bracket
+              and SUN397's / Places365's leading "/<initial>/" are ignored), or failing that its
+              name without a trailing "(...)" equals exactly one unpaired key's without one;
   "position"  the key at its label index, for sets whose labels are ids (CUB, ImageNet: every
               class), or, in a file with one key per class, when the file looks like the label
               list with some keys renamed in place: every class paired by name sits at its key's
@@ -13,7 +13,9 @@ Each class is paired on its own:
   "missing"   neither: the class is prompted by its name alone and described by its name.
 Position pairing cannot tell a key renamed in place from one moved there: a file in label order
 whose leftover keys were also shuffled among themselves, none naming another class, is mis-paired.
-`record` lists each class's pairing, so such a file shows in results.json.
+`record` lists each class's pairing, so such a file shows in results.json. For sets whose labels are
+ids, `check_order` refuses a file whose keys are not in label order, where the classes' names are
+known (CUB's examples name their class, ImageNet's wnids have WordNet names).
 """
 
 import dataclasses
@@ -28,10 +30,16 @@ from grain_jax.errors import BadFileError
 PAIRINGS = ("name", "position", "missing")
 
 
+def without_initial_folder(name: str) -> str:
+  """SUN397's and Places365's labels sit in a folder named by their initial: "/a/abbey" -> "abbey"."""
+  return re.sub(r"^/[a-z]/", "", name)
+
+
 def normalized(name: str) -> str:
-  """The form names are compared in: lower case, "_-/?()" as spaces, single spaces, stripped:
-  "Siamese_cat", "siamese-cat?", "(Siamese) cat" -> "siamese cat"; "/s/siamese cat" -> "s siamese cat"."""
-  name = re.sub(r"[_\-/?()]", " ", name.lower())
+  """The form names are compared in: without an initial folder, lower case, "_-/?()" as spaces,
+  single spaces, stripped: "Siamese_cat", "siamese-cat?", "(Siamese) cat" -> "siamese cat";
+  "/a/apartment_building/outdoor" -> "apartment building outdoor"."""
+  name = re.sub(r"[_\-/?()]", " ", without_initial_folder(name).lower())
   return re.sub(r"\s+", " ", name).strip()
 
 
@@ -107,6 +115,24 @@ def _renamed_in_place(keys: Sequence[str], label_names: Sequence[str], paired: M
   unpaired = [i for i in range(len(label_names)) if i not in paired]
   return not any(f" {normalized(label_names[i])} " in f" {normalized(keys[j])} "
                  for j in unpaired for i in unpaired if i != j)
+
+
+def check_order(keys: Sequence[str], class_names: Sequence[Sequence[str]]) -> None:
+  """For a set labelled by ids, whose classes take the file's keys in order: raises BadFileError unless
+  the keys are in label order, judged by the keys that name a class (`normalized` equal to one of its
+  `class_names[i]`, its known names): most of them must name the class at their own position.
+  A key naming no class (written differently) counts neither way; a file where no key names its own
+  class is refused, as nothing shows its order.
+  """
+  forms = [{normalized(name) for name in names} for names in class_names]
+  at_own = sum(normalized(key) in forms[i] for i, key in enumerate(keys))
+  named = {form: i for i, names in enumerate(forms) for form in names}
+  elsewhere = [(key, i, named[normalized(key)]) for i, key in enumerate(keys)
+               if normalized(key) in named and normalized(key) not in forms[i]]
+  if at_own == 0 or len(elsewhere) >= at_own:
+    examples = "; ".join(f"key {i} {key!r} names class {j}" for key, i, j in elsewhere[:3])
+    raise BadFileError(f"its keys are not in label order: {at_own} of {len(keys)} keys name the class at their "
+                       f"position, {len(elsewhere)} name another class ({examples or 'none'})")
 
 
 def prompt_names(pairs: Sequence[Pair]) -> list[str]:

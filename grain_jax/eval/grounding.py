@@ -81,7 +81,7 @@ def ground(model, image, phrases: Sequence[str], runner: Runner | None = None,
   return placed
 
 
-def _pil(image) -> Image.Image:
+def to_pil(image) -> Image.Image:
   if isinstance(image, np.ndarray) and image.dtype == np.float32:  # preprocessed: undo the normalization
     image = np.clip((image * examples.IMAGENET_STD + examples.IMAGENET_MEAN) * 255, 0, 255).astype(np.uint8)
   if isinstance(image, np.ndarray):
@@ -93,7 +93,7 @@ def _to_pixels(boxes: np.ndarray, size: int) -> list[list[float]]:
   return (np.asarray(box_ops.cxcywh_to_xyxy(np.asarray(boxes, np.float32))) * size).reshape(-1, 4).tolist()
 
 
-def _draw_labelled(canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str],
+def draw_labelled(canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str],
                    other_boxes: np.ndarray | None = None) -> None:
   """Draws `boxes [N, 4]` cxcywh in colour i with `labels[i]` above box i, over `other_boxes` as
   thin grey outlines."""
@@ -133,22 +133,20 @@ def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes:
       thin and grey under `boxes`.
     size: side of each panel in pixels.
   """
-  source = _pil(image).convert("RGB").resize((size, size), Image.BICUBIC)
+  source = to_pil(image).convert("RGB").resize((size, size), Image.BICUBIC)
   predicted = source.copy()
-  _draw_labelled(predicted, boxes, labels, other_boxes)
+  draw_labelled(predicted, boxes, labels, other_boxes)
   if true_boxes is None:
     picture = predicted
   else:
     truth = source.copy()
-    _draw_labelled(truth, true_boxes, labels if true_labels is None else true_labels)
+    draw_labelled(truth, true_boxes, labels if true_labels is None else true_labels)
     gap = 8
     picture = Image.new("RGB", (2 * size + gap, size + 16), "white")
     for x, panel, title in ((0, truth, "true boxes"), (size + gap, predicted, "predicted (chosen query)")):
       picture.paste(panel, (x, 16))
       ImageDraw.Draw(picture).text((x + 2, 2), title, fill="black", font=ImageFont.load_default())
-  png = io.BytesIO()
-  picture.save(png, format="PNG")
-  workdir_files.replace_durably(path, png.getvalue())
+  workdir_files.write_through(path, lambda f: picture.save(f, format="PNG"))
   return path
 
 

@@ -2,9 +2,10 @@
 
   results = run_evaluation(config, model, workdir, mesh)   # writes workdir/eval/results.json
 
-Classification heads are "names/global" (classic CLIP zero-shot: templates x class names) and,
-for a set with descriptors, "descriptions/<score>" for each `config.eval.scores` mode (every mode
-but "global" only for a GRAIN model). Accuracies are in %.
+Classification runs the heads of the evaluation protocol (`config.eval.protocol`, grain_jax/eval/
+protocol.py) that the model and the set allow: region heads need a GRAIN model, every head but
+"names/global" a descriptor file (grain_jax/eval/heads.py). The results name the protocol and the
+paper's head. Accuracies are in %.
 """
 
 import collections
@@ -18,8 +19,12 @@ import numpy as np
 from grain_jax.data import eval_sets
 from grain_jax.data import pipeline
 from grain_jax.data import prompts
+from grain_jax.eval import attention
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
+from grain_jax.eval import heads as heads_lib
+from grain_jax.eval import probe
+from grain_jax.eval import protocol
 from grain_jax.eval import retrieval
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
@@ -67,7 +72,7 @@ def _fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict | None:
   return fitted[data_dir]
 
 
-def _classification(model, runner: Runner, entry: str, config, workdir: str,
+def _classification(model, runner: Runner, entry: str, config, workdir: str, settings: dict,
                     cache: zeroshot.TextCache) -> dict:
   dataset = datasets.classification(entry, config, workdir)
   data, cfg = dataset.data, config.eval
@@ -75,45 +80,54 @@ def _classification(model, runner: Runner, entry: str, config, workdir: str,
     hows = collections.Counter(p["how"] for p in dataset.descriptors["pairing"])
     logging.warning("%s: descriptors paired with classes %s (results.json lists each class's pairing)",
                     dataset.name, ", ".join(f"{n} by {how}" for how, n in hows.items()))
-  text = dict(renormalize=cfg.renormalize, whole_words=cfg.whole_word_connectives, cache=cache)
-  template_set = prompts.templates(cfg.templates)
-  heads = {"names/global": zeroshot.class_embeddings(model, runner, data.class_names, None, template_set, **text)}
-  if data.descriptors:
-    described = zeroshot.class_embeddings(model, runner, data.class_names, data.descriptors, template_set, **text)
-    for score in cfg.scores:
-      if score == "global" or model.kind == "grain":
-        heads[f"descriptions/{score}"] = described
+  runnable = [head for head in settings["heads"]
+              if (data.descriptors or not heads_lib.needs_descriptors(head))
+              and (model.kind == "grain" or not heads_lib.needs_regions(head))]
+  texts = zeroshot.texts_for_heads(model, runner, runnable, data.class_names, data.descriptors,
+                                   prompts.templates(settings["templates"]), renormalize=settings["renormalize"],
+                                   whole_words=cfg.whole_word_connectives, cache=cache)
   source = Subset(data.source, spread(len(data.source), cfg.max_examples))
-  metrics = zeroshot.evaluate(model, runner, source, model_image_size(model),
-                              heads, data.class_names, cfg.alpha, cfg.num_confusions)
+  metrics = zeroshot.evaluate(model, runner, source, model_image_size(model), texts, runnable,
+                              data.class_names, settings["alpha"], cfg.num_confusions)
   undescribed = [c for c in data.class_names if not data.descriptors.get(c)] if data.descriptors else []
   return {"name": dataset.name, "in_average": dataset.in_average, "alignment": dataset.alignment,
-          "num_classes": len(data.class_names), "num_examples": len(data.source),
+          "num_classes": len(data.class_names), "num_examples": len(source), "chance_top1": 100 / len(data.class_names),
           "classes_without_descriptors": undescribed, "descriptors": dataset.descriptors, "heads": metrics}
 
 
 def _average(classification: dict) -> dict:
   """Mean top-1 per head over the paper's 11 datasets that were evaluated with that head.
 
-  `covers` names the sets behind each head's mean; `paper_metric` lists the heads whose mean covers
-  all 11 (only these are the paper's number; a head missing on some set is averaged over the rest).
+  A set counts as the registry set it stands for ("sun397:all" as "sun397"). A set whose descriptor
+  file leaves classes unpaired (alignment "partial") is left out of the descriptions heads' means and
+  listed in `partially_paired`. `covers` names the sets behind each head's mean; `paper_metric` lists
+  the heads whose mean covers all 11 (only these are the paper's number; a head missing on some set is
+  averaged over the rest).
   """
   members = [r for r in classification.values() if r["in_average"]]
+  partial = [r["name"] for r in members if r.get("alignment") == "partial"]
+  counted = lambda r, h: h in r["heads"] and not (h.startswith("descriptions/") and r["name"] in partial)
   heads = list(dict.fromkeys(h for r in members for h in r["heads"]))
-  covers = {h: [r["name"] for r in members if h in r["heads"]] for h in heads}
-  top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if h in r["heads"]])) for h in heads}
-  evaluated = {r["name"] for r in members}
+  covers = {h: [r["name"] for r in members if counted(r, h)] for h in heads}
+  top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if counted(r, h)])) for h in heads if covers[h]}
+  evaluated = {datasets.paper_set(r["name"]) for r in members}
   return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
           "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated], "covers": covers, "top1": top1,
-          "paper_metric": [h for h in heads if set(covers[h]) >= set(datasets.PAPER_AVERAGE)]}
+          "partially_paired": partial,
+          "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= set(datasets.PAPER_AVERAGE)]}
 
 
 def format_table(results: dict) -> str:
   """The results as an aligned plain-text table (top-1 %, R@1 %, box recall %)."""
+  settings = results["settings"]
+  departures = "".join(f", {k}={v}" for k, v in settings["departures"].items())
+  header = f"protocol {settings['protocol']}{departures}; the paper's number is {settings['paper_head']} (paper)"
   rows = [("set", "metric", "value")]
   for name, result in results["classification"].items():
     for head, m in result["heads"].items():
-      rows.append((name, f"top1 {head}", f"{m['top1']:.2f}"))
+      mark = " (paper)" if head == settings["paper_head"] else ""
+      rows.append((name, f"top1 {head}{mark}", f"{m['top1']:.2f}"))
+    rows.append((name, "top1 chance", f"{result['chance_top1']:.2f}"))
   average = results.get("classification_average")
   for head, value in (average or {}).get("top1", {}).items():
     covered = len(average["covers"][head])
@@ -123,6 +137,10 @@ def format_table(results: dict) -> str:
   for name, r in results["retrieval"].items():
     rows.append((name, "i->t R@1/5/10", "/".join(f"{v:.1f}" for v in r["image_to_text"].values())))
     rows.append((name, "t->i R@1/5/10", "/".join(f"{v:.1f}" for v in r["text_to_image"].values())))
+  for section in ("attention", "probes"):
+    for name, r in results.get(section, {}).items():
+      for metric, value in r["rows"].items():
+        rows.append((name, metric, f"{value:.1f} (no skill {r['no_skill'][metric]:.1f})"))
   for name, r in results["grounding"].items():
     if "skipped" in r:
       rows.append((name, "grounding", r["skipped"]))
@@ -135,18 +153,17 @@ def format_table(results: dict) -> str:
         rows.append((name, "fixed boxes recall (best of k)",
                      f"{fixed['single_box_recall']:.1f} ({fixed['best_of_k_recall']:.1f})"))
   widths = [max(len(row[i]) for row in rows) for i in range(3)]
-  return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+  return header + "\n" + "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def check_settings(cfg) -> None:
-  """Raises ValueError naming the field unless every entry, template set and score of the eval
-  section `cfg` exists; reads no data (config.validate runs this before training)."""
-  if cfg.templates not in prompts.TEMPLATE_SETS:
-    raise ValueError(f"config.eval.templates={cfg.templates!r} must be one of {sorted(prompts.TEMPLATE_SETS)}")
-  if set(cfg.scores) - set(zeroshot.SCORES):
-    raise ValueError(f"config.eval.scores={tuple(cfg.scores)} may hold only {zeroshot.SCORES}")
+  """Raises ValueError naming the field unless the protocol, every head and entry and the template set
+  exist; reads no data (config.validate runs this before training)."""
+  settings = protocol.settings(cfg)
+  if settings["templates"] not in prompts.TEMPLATE_SETS:
+    raise ValueError(f"config.eval.templates={settings['templates']!r} must be one of {sorted(prompts.TEMPLATE_SETS)}")
   for entries, check in ((cfg.classification, datasets.check_classification), (cfg.retrieval, datasets.check_retrieval),
-                         (cfg.grounding, datasets.check_grounding)):
+                         (cfg.grounding, datasets.check_grounding), (cfg.probes, datasets.check_probe)):
     for entry in entries:
       check(entry)
 
@@ -167,10 +184,12 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
       under workdir/eval/text_cache and reused by later evaluations of the same weights.
 
   Returns:
-    {"model", "settings", "classification", "classification_average", "retrieval", "grounding"}.
+    {"model", "settings", "classification", "classification_average", "retrieval", "grounding", "attention",
+    "probes"}.
   """
   cfg = config.eval
   check_settings(cfg)  # fail on a bad setting before any work
+  settings = protocol.settings(cfg)
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
   out_dir = os.path.join(workdir, "eval")
@@ -179,12 +198,12 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   image_size = model_image_size(model)
   results = {
       "model": {"kind": model.kind, "checkpoint": checkpoint_id},
-      "settings": {k: cfg[k] for k in ("templates", "renormalize", "whole_word_connectives", "scores",
-                                       "alpha", "max_examples", "iou_threshold")},
-      "classification": {}, "retrieval": {}, "grounding": {},
+      "settings": {**settings, "paper_head": heads_lib.PAPER_HEAD,
+                   **{k: cfg[k] for k in ("whole_word_connectives", "max_examples", "iou_threshold")}},
+      "classification": {}, "retrieval": {}, "grounding": {}, "attention": {}, "probes": {},
   }
   for entry in cfg.classification:
-    result = _classification(model, runner, entry, config, workdir, cache)
+    result = _classification(model, runner, entry, config, workdir, settings, cache)
     results["classification"][result["name"]] = result
   results["classification_average"] = _average(results["classification"])
   for entry in cfg.retrieval:
@@ -194,10 +213,14 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   fitted = {}
   for entry in cfg.grounding:
     name, data = datasets.grounding(entry, config, workdir)
+    data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
+    if cfg.attention_maps:
+      results["attention"][name] = attention.evaluate(model, runner, data, image_size,
+                                                      os.path.join(out_dir, "attention", name) if writer else "",
+                                                      cfg.num_pictures)
     if model.kind != "grain":
       results["grounding"][name] = {"skipped": "the plain-CLIP baseline has no region queries"}
       continue
-    data = _subset_grounding(data, spread(len(data.source), cfg.max_examples))
     picture_dir = os.path.join(out_dir, "grounding", name) if writer else ""
     fixed = _fixed_boxes(config, workdir, entry, fitted)
     result = grounding.evaluate(model, runner, data, image_size, cfg.iou_threshold, picture_dir, cfg.num_pictures,
@@ -205,6 +228,9 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     if fixed is not None:
       result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
     results["grounding"][name] = result
+  for entry in cfg.probes:
+    name, path = datasets.probe(entry, config, workdir)
+    results["probes"][name] = probe.evaluate(model, runner, path, image_size)
   if writer:
     workdir_files.replace_durably(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     print(format_table(results), flush=True)

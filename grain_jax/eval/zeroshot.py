@@ -1,18 +1,8 @@
 """Zero-shot classification with descriptions ("classify by description", as GRAIN evaluates).
 
-A class vector is the mean of the normalized embeddings of its prompts (templates x descriptors,
-see grain_jax/data/prompts.py), re-normalized (the reference skips that: `renormalize=False`).
-An image is scored against every class by
-
-  global:      cosine(global image embedding, class vector);
-  region:      for each region query the best of the class's descriptors (raw descriptor texts, no
-               template), averaged over the queries (the reference's region score);
-  mixed:       alpha * global + (1 - alpha) * region;
-  best_region: the region query that best fits all of the class's descriptors (mean over them),
-               i.e. the one object that has every described attribute;
-  best_mixed:  alpha * global + (1 - alpha) * best_region.
-
-Without descriptors ("names" prompts) this is classic CLIP zero-shot.
+Each prompt set of the heads asked for (grain_jax/eval/heads.py) is encoded once per class list,
+the images once per set, and every head scores them (see `heads` for the prompt sets and rules).
+Without descriptors only "names/global" runs: classic CLIP zero-shot.
 """
 
 import collections
@@ -25,34 +15,15 @@ import os
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from grain_jax.data import prompts
+from grain_jax.eval import heads as heads_lib
+from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
 from grain_jax.train import workdir_files
-
-SCORES = ("global", "region", "mixed", "best_region", "best_mixed")
-
-
-@dataclasses.dataclass
-class ClassEmbeddings:
-  """The text side of a classifier.
-
-  class_vectors: `[C, E]` one vector per class.
-  descriptor_embeds: `[C, D, E]` normalized raw descriptors (zero padding), or None (names only).
-  descriptor_mask: `[C, D]` bool, True on real descriptors, or None.
-  """
-  class_vectors: np.ndarray
-  descriptor_embeds: np.ndarray | None = None
-  descriptor_mask: np.ndarray | None = None
-
-
-# A pytree, so that jitted functions take it as an argument.
-jax.tree_util.register_dataclass(ClassEmbeddings, data_fields=["class_vectors", "descriptor_embeds",
-                                                               "descriptor_mask"], meta_fields=[])
 
 
 class TextCache:
@@ -64,7 +35,7 @@ class TextCache:
 
   def __init__(self, checkpoint_id: str, directory: str = ""):
     self._checkpoint_id, self._directory = checkpoint_id, directory
-    self._memory: dict[str, ClassEmbeddings] = {}
+    self._memory: dict[str, ClassTexts] = {}
 
   def key(self, *parts) -> str:
     text = json.dumps([self._checkpoint_id, *parts], sort_keys=True)
@@ -73,10 +44,10 @@ class TextCache:
   def _path(self, key: str) -> str:
     return os.path.join(self._directory, f"{key}.npz")
 
-  def get(self, key: str) -> ClassEmbeddings | None:
+  def get(self, key: str) -> ClassTexts | None:
     if key not in self._memory and self._directory and self._on_every_host(workdir_files.exists(self._path(key))):
       with np.load(io.BytesIO(workdir_files.read_bytes(self._path(key)))) as stored:
-        self._memory[key] = ClassEmbeddings(**{k: stored[k] for k in stored.files})
+        self._memory[key] = ClassTexts(**{k: stored[k] for k in stored.files})
     return self._memory.get(key)
 
   @staticmethod
@@ -86,96 +57,96 @@ class TextCache:
       return found
     return bool(multihost_utils.process_allgather(np.array(found)).all())
 
-  def put(self, key: str, value: ClassEmbeddings) -> None:
+  def put(self, key: str, value: ClassTexts) -> None:
     self._memory[key] = value
     if self._directory and jax.process_index() == 0:
       arrays = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
                 if getattr(value, f.name) is not None}
-      stored = io.BytesIO()
-      np.savez(stored, **arrays)
-      workdir_files.replace_durably(self._path(key), stored.getvalue())
+      workdir_files.write_through(self._path(key), lambda f: np.savez(f, **arrays))
 
 
-def class_embeddings(model, runner: Runner, class_names: Sequence[str],
-                     descriptors: Mapping[str, Sequence[str]] | None = None,
-                     template_set: Sequence[str] = prompts.CLIP_TEMPLATES, *, renormalize: bool = True,
-                     whole_words: bool = False, cache: TextCache | None = None) -> ClassEmbeddings:
-  """Class vectors from prompts; with `descriptors`, also the per-class descriptor embeddings.
+def _prompts_of(prompt_set: str, name: str, described: Sequence[str] | None, template_set: Sequence[str],
+                whole_words: bool) -> list[str]:
+  """The texts of class `name` in `prompt_set`; a class without descriptors is described by its name."""
+  if prompt_set == "names":
+    return prompts.class_texts(name, template_set)
+  if prompt_set == "descriptions":
+    return prompts.class_texts(name, template_set, described, whole_words)
+  descriptors = list(described or [name])
+  return descriptors if prompt_set == "descriptors" else [", ".join(descriptors)]
 
-  A class missing from `descriptors` is prompted by name only and described by its name.
+
+def class_texts(model, runner: Runner, prompt_set: str, class_names: Sequence[str],
+                descriptors: Mapping[str, Sequence[str]] | None = None,
+                template_set: Sequence[str] = prompts.CLIP_TEMPLATES, *, renormalize: bool = True,
+                whole_words: bool = False, cache: TextCache | None = None) -> ClassTexts:
+  """The ClassTexts of one prompt set (heads.PROMPT_SETS) for `class_names`.
+
+  Args:
+    model, runner: the model and where it runs.
+    prompt_set: "names", "descriptions", "descriptors" or "joined".
+    class_names: the C classes.
+    descriptors: {class name: [descriptor, ...]}; needed by every set but "names".
+    template_set: the templates of "names" and "descriptions".
+    renormalize: re-normalize each class vector (the mean of its normalized prompt embeddings).
+    whole_words: pick each descriptor's connective by its first word (see prompts.connective).
+    cache: where class texts of the same weights are kept.
   """
   descriptors = dict(descriptors or {})
-  key = cache.key(list(class_names), descriptors, list(template_set), renormalize, whole_words) if cache else ""
+  templated = prompt_set in ("names", "descriptions")
+  key = cache.key(prompt_set, list(class_names), descriptors, list(template_set) if templated else [],
+                  renormalize, whole_words) if cache else ""
   cached = cache.get(key) if cache else None
   if cached is not None:
     return cached
-  texts, owner = [], []
-  for label, name in enumerate(class_names):
-    prompts_of_class = prompts.class_texts(name, template_set, descriptors.get(name), whole_words)
-    texts += prompts_of_class
-    owner += [label] * len(prompts_of_class)
-  sums = runner.encode_texts(model, texts, np.array(owner), len(class_names))
+  per_class = [_prompts_of(prompt_set, name, descriptors.get(name), template_set, whole_words)
+               for name in class_names]
+  owner = np.repeat(np.arange(len(class_names)), [len(texts) for texts in per_class])
+  texts = [text for class_prompts in per_class for text in class_prompts]
+  if prompt_set in heads_lib.PER_PROMPT_SETS:
+    flat = runner.encode_texts(model, texts)
+    width = max(len(class_prompts) for class_prompts in per_class)
+    embeds = np.zeros((len(class_names), width, flat.shape[1]), np.float32)
+    mask = np.arange(width)[None] < np.bincount(owner, minlength=len(class_names))[:, None]
+    embeds[mask] = flat
+    sums, result = embeds.sum(axis=1), ClassTexts(np.empty(0), embeds, mask)
+  else:
+    sums, result = runner.encode_texts(model, texts, owner, len(class_names)), ClassTexts(np.empty(0))
   vectors = sums / np.bincount(owner, minlength=len(class_names))[:, None]
   if renormalize:
     vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-  result = ClassEmbeddings(vectors.astype(np.float32))
-  if descriptors:
-    described = [list(descriptors.get(name) or [name]) for name in class_names]
-    width = max(len(d) for d in described)
-    flat = runner.encode_texts(model, [d for ds in described for d in ds])
-    embeds = np.zeros((len(class_names), width, flat.shape[1]), np.float32)
-    mask = np.zeros((len(class_names), width), bool)
-    offsets = np.cumsum([0] + [len(d) for d in described])
-    for label, ds in enumerate(described):
-      embeds[label, :len(ds)] = flat[offsets[label]:offsets[label + 1]]
-      mask[label, :len(ds)] = True
-    result = ClassEmbeddings(result.class_vectors, embeds, mask)
+  result.class_vectors = vectors.astype(np.float32)
   if cache:
     cache.put(key, result)
   return result
 
 
-def scores(global_embed: jax.Array, region_embed: jax.Array | None, text: ClassEmbeddings,
-           score: str = "global", alpha: float = 0.5) -> jax.Array:
-  """Class scores `[B, C]` from normalized `global_embed [B, E]` and `region_embed [B, Q, E]`."""
-  if score not in SCORES:
-    raise ValueError(f"score={score!r} must be one of {SCORES}")
-  global_scores = global_embed @ jnp.asarray(text.class_vectors).T
-  if score == "global":
-    return global_scores
-  if region_embed is None or text.descriptor_embeds is None:
-    raise ValueError(f"score={score!r} needs region embeddings (a GRAIN model) and descriptors")
-  similarity = jnp.einsum("bqe,cde->bqcd", region_embed, jnp.asarray(text.descriptor_embeds))
-  mask = jnp.asarray(text.descriptor_mask)[None, None]
-  if score.startswith("best"):
-    per_query = jnp.where(mask, similarity, 0.0).sum(-1) / jnp.maximum(mask.sum(-1), 1)
-    region_scores = per_query.max(axis=1)
-  else:
-    region_scores = jnp.where(mask, similarity, -jnp.inf).max(axis=-1).mean(axis=1)
-  if score in ("region", "best_region"):
-    return region_scores
-  return alpha * global_scores + (1 - alpha) * region_scores
-
-
 @functools.partial(nnx.jit, static_argnames=("heads", "alpha", "top_k"))
-def _top_classes(model, images, texts: tuple[ClassEmbeddings, ...], heads: tuple[str, ...],
-                 alpha: float, top_k: int) -> dict[str, jax.Array]:
-  """The `top_k` classes `[b, top_k]` of each head (a score mode over one ClassEmbeddings)."""
+def _top_classes(model, images, texts: dict[str, ClassTexts], heads: tuple[str, ...], alpha: float,
+                 top_k: int) -> dict[str, jax.Array]:
+  """The `top_k` classes `[b, top_k]` of each head."""
   embeds = image_embeddings(model, images)
-  return {head: jax.lax.top_k(scores(embeds["global"], embeds.get("region"), text, head.split("/")[-1], alpha),
-                              top_k)[1]
-          for head, text in zip(heads, texts)}
+  return {head: jax.lax.top_k(heads_lib.scores(head, embeds["global"], embeds.get("region"), texts, alpha), top_k)[1]
+          for head in heads}
 
 
-@functools.partial(nnx.jit, static_argnames=("score", "alpha"))
-def _all_scores(model, images, text: ClassEmbeddings, score: str, alpha: float) -> dict[str, jax.Array]:
+@functools.partial(nnx.jit, static_argnames=("head", "alpha"))
+def _all_scores(model, images, texts: dict[str, ClassTexts], head: str, alpha: float) -> dict[str, jax.Array]:
   embeds = image_embeddings(model, images)
-  return {"scores": scores(embeds["global"], embeds.get("region"), text, score, alpha)}
+  return {"scores": heads_lib.scores(head, embeds["global"], embeds.get("region"), texts, alpha)}
+
+
+def texts_for_heads(model, runner: Runner, heads: Sequence[str], class_names: Sequence[str],
+                    descriptors: Mapping[str, Sequence[str]] | None, template_set: Sequence[str],
+                    **options) -> dict[str, ClassTexts]:
+  """Prompt set -> ClassTexts for every prompt set the `heads` read (`options`: see class_texts)."""
+  return {prompt_set: class_texts(model, runner, prompt_set, class_names, descriptors, template_set, **options)
+          for prompt_set in heads_lib.prompt_sets(heads)}
 
 
 def classify(model, images, class_names: Sequence[str],
              descriptors: Mapping[str, Sequence[str]] | None = None, *, template_set: str = "clip",
-             score: str = "global", alpha: float = 0.5, renormalize: bool = True,
+             head: str = "names/global", alpha: float = 0.5, renormalize: bool = True,
              runner: Runner | None = None) -> np.ndarray:
   """Zero-shot class scores of a few images.
 
@@ -184,20 +155,25 @@ def classify(model, images, class_names: Sequence[str],
     images: preprocessed `[n, H, W, 3]` float32 (ImageNet-normalized, as `examples.load_image`
       makes), or a list of image files / encoded bytes / uint8 arrays.
     class_names: the C classes.
-    descriptors: {class name: [descriptor, ...]} (Menon & Vondrick format); None = names only.
+    descriptors: {class name: [descriptor, ...]} (Menon & Vondrick format); every head but
+      "names/global" reads them.
     template_set: "clip", "birds" or "photo" (grain_jax/data/prompts.py).
-    score: "global", "region" or "mixed" (region and mixed need descriptors and a GRAIN model).
-    alpha: weight of the global score in "mixed".
-    renormalize: re-normalize the mean of each class's prompt embeddings.
+    head: one of grain_jax.eval.heads.HEADS, e.g. "descriptions/global" (the paper's); region heads
+      need a GRAIN model.
+    alpha: weight of the global score in a mixed head.
+    renormalize: re-normalize each class vector.
     runner: where to run (default: the default device).
 
   Returns:
     `[n, C]` scores; the predicted class of image i is `class_names[argmax(scores[i])]`.
   """
+  heads_lib.check(head)
+  if heads_lib.needs_descriptors(head) and not descriptors:
+    raise ValueError(f"head {head!r} reads descriptors: pass descriptors")
   runner, model = runner or Runner(), eval_copy(model)
-  text = class_embeddings(model, runner, class_names, descriptors, prompts.templates(template_set),
+  texts = texts_for_heads(model, runner, (head,), class_names, descriptors, prompts.templates(template_set),
                           renormalize=renormalize)
-  return runner.map_image_array(_all_scores, model, load_images(model, images), text, score, alpha)["scores"]
+  return runner.map_image_array(_all_scores, model, load_images(model, images), texts, head, alpha)["scores"]
 
 
 def metrics(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -227,16 +203,12 @@ def metrics(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
   }
 
 
-def evaluate(model, runner: Runner, source, image_size: int, heads: Mapping[str, ClassEmbeddings],
-             class_names: Sequence[str], alpha: float = 0.5, num_confusions: int = 10) -> dict[str, dict]:
-  """Metrics of every head over a labelled source (`{"image", "label"}` elements).
-
-  `heads` maps a name ending in "/global", "/region" or "/mixed" (the score mode), e.g.
-  "names/global" or "descriptions/mixed", to its class embeddings; the images are encoded once.
-  """
-  names = tuple(heads)
+def evaluate(model, runner: Runner, source, image_size: int, texts: dict[str, ClassTexts],
+             heads: Sequence[str], class_names: Sequence[str], alpha: float = 0.5,
+             num_confusions: int = 10) -> dict[str, dict]:
+  """Metrics of every head over a labelled source (`{"image", "label"}` elements); the images are
+  encoded once. `texts` holds the prompt sets the heads read (`texts_for_heads`)."""
   top_k = min(5, len(class_names))
-  outputs = runner.map_images(_top_classes, model, source, image_size,
-                              tuple(heads[n] for n in names), names, alpha, top_k)
+  outputs = runner.map_images(_top_classes, model, source, image_size, texts, tuple(heads), alpha, top_k)
   labels = outputs["label"]
-  return {name: metrics(outputs[name], labels, class_names, num_confusions) for name in names}
+  return {head: metrics(outputs[head], labels, class_names, num_confusions) for head in heads}

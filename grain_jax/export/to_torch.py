@@ -16,7 +16,6 @@ Only the parameters are read from the checkpoint (not the optimizer state), into
 mesh and sharding; each parameter is then gathered to the host on its own.
 """
 
-import io
 import json
 import os
 
@@ -96,9 +95,8 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
            "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
   checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
                 for group, tensors in groups.items()}
-  pth = io.BytesIO()
-  torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), pth)
-  workdir_files.replace_durably(paths["pth"], pth.getvalue())
+  workdir_files.write_through(
+      paths["pth"], lambda f: torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), f))
   workdir_files.replace_durably(paths["safetensors"], save(
       {f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
       metadata={"config": json.dumps(metadata)}))

@@ -53,18 +53,28 @@ class DecoderLayer(nnx.Module):
                           fc2_bias_init=layers.torch_linear_init(cfg.mlp_dim), dropout=cfg.dropout)
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
+  def _self_attend(self, targets: jax.Array, query_pos: jax.Array) -> jax.Array:
+    normed = self.norm1(targets)
+    with_pos = normed + query_pos
+    return targets + self.dropout(self.self_attn(with_pos, with_pos, normed))
+
   def __call__(self, targets: jax.Array, memory: jax.Array, query_pos: jax.Array,
                memory_pos: jax.Array | None = None, position_in_values: bool = False) -> jax.Array:
     """targets `[B, Q+1, D]`, memory `[B, T, D]`, query_pos `[1 or B, Q+1, D]`, memory_pos `[1, T, D]`
     or None (the reference: memory keys carry no position) -> `[B, Q+1, D]`."""
-    normed = self.norm1(targets)
-    with_pos = normed + query_pos
-    targets = targets + self.dropout(self.self_attn(with_pos, with_pos, normed))
+    targets = self._self_attend(targets, query_pos)
     keys = memory if memory_pos is None else memory + memory_pos
     values = keys if position_in_values else memory
     targets = targets + self.dropout(self.multihead_attn(self.norm2(targets) + query_pos, keys, values))
     targets = targets + self.dropout(self.mlp(self.norm3(targets)))
     return constrain(targets, RESIDUAL)
+
+  def cross_attention(self, targets: jax.Array, memory: jax.Array, query_pos: jax.Array,
+                      memory_pos: jax.Array | None = None) -> jax.Array:
+    """The cross-attention weights `[B, heads, Q+1, T]` of `__call__` with the same inputs."""
+    targets = self._self_attend(targets, query_pos)
+    keys = memory if memory_pos is None else memory + memory_pos
+    return self.multihead_attn.weights(self.norm2(targets) + query_pos, keys)
 
 
 def _mlp_layer(fan_in: int, fan_out: int, names: tuple[str, str], rngs: nnx.Rngs, dtype) -> nnx.Linear:
@@ -190,29 +200,60 @@ class RegionQueryDecoder(nnx.Module):
     image_query = jnp.broadcast_to(query_pos[:, self.num_region_queries:], (boxes.shape[0], 1, query_pos.shape[-1]))
     return jnp.concatenate([regions, image_query], axis=1)
 
+  def _start(self, image_tokens: jax.Array, vit_pos_embed: jax.Array | None):
+    """The memory `[B, T, D]`, its position code (or None) and the zero targets `[B, Q+1, D]`."""
+    memory = self.pre_norm(self.proj(image_tokens))
+    targets = jnp.zeros((image_tokens.shape[0], self.num_region_queries + 1, self.query_embed.shape[-1]), self.dtype)
+    return memory, self._memory_pos(vit_pos_embed), targets
+
+  def _refine_step(self, memory: jax.Array, memory_pos: jax.Array | None):
+    """One layer of box refinement, for `LayerStack.scan`: carry (targets, box logits `[B, Q, 4]`) ->
+    outputs (normed hidden `[B, Q+1, D]`, boxes `[B, Q, 4]`)."""
+    queries = self.num_region_queries
+
+    def refine(layer, carry):
+      targets, box_logits = carry
+      targets = layer(targets, memory, self._query_pos(jax.nn.sigmoid(box_logits)), memory_pos,
+                      self.position_in_values)
+      hidden = self.norm(targets)
+      box_logits = box_logits + self.bbox_embed.logits(hidden[:, :queries])
+      # As in DAB-DETR, each layer learns its own correction: the next starts from a constant.
+      return (targets, jax.lax.stop_gradient(box_logits)), (hidden, jax.nn.sigmoid(box_logits))
+
+    return refine
+
+  def _anchor_start(self, batch: int) -> jax.Array:
+    return jnp.broadcast_to(self.anchors[None], (batch, self.num_region_queries, 4))
+
+  def last_layer_attention(self, image_tokens: jax.Array, vit_pos_embed: jax.Array | None = None) -> jax.Array:
+    """The last layer's cross-attention weights `[B, heads, Q+1, T]` over the image tokens (row Q: the
+    image query, the others the region queries), as `__call__` computes them."""
+    memory, memory_pos, targets = self._start(image_tokens, vit_pos_embed)
+    upto = self.layers.depth - 1
+    if self.anchors is None:
+      if upto:
+        targets = self.layers(targets, memory, self._query_pos(None), memory_pos, self.position_in_values, upto=upto)
+      query_pos = self._query_pos(None)
+    else:
+      carry = (targets, self._anchor_start(image_tokens.shape[0]))
+      if upto:
+        carry, _ = self.layers.scan(self._refine_step(memory, memory_pos), carry, upto=upto)
+      targets, box_logits = carry
+      query_pos = self._query_pos(jax.nn.sigmoid(box_logits))
+    return self.layers.view(-1).cross_attention(targets, memory, query_pos, memory_pos)
+
   def __call__(self, image_tokens: jax.Array, vit_pos_embed: jax.Array | None = None) -> DecoderOutputs:
     """image_tokens `[B, T, image_width]`; vit_pos_embed `[1, T, image_width]` (memory_position "vit")."""
-    memory = self.pre_norm(self.proj(image_tokens))
-    memory_pos = self._memory_pos(vit_pos_embed)
-    batch, queries = image_tokens.shape[0], self.num_region_queries
-    targets = jnp.zeros((batch, queries + 1, self.query_embed.shape[-1]), self.dtype)
+    memory, memory_pos, targets = self._start(image_tokens, vit_pos_embed)
+    queries = self.num_region_queries
     if self.anchors is None:
       per_layer = self.layers(targets, memory, self._query_pos(None), memory_pos, self.position_in_values,
                               keep_intermediates=True)
       hidden = self.norm(per_layer)
       boxes = self.bbox_embed(hidden[:, :, :queries])
     else:
-      def refine(layer, carry):
-        targets, box_logits = carry
-        targets = layer(targets, memory, self._query_pos(jax.nn.sigmoid(box_logits)), memory_pos,
-                        self.position_in_values)
-        hidden = self.norm(targets)
-        box_logits = box_logits + self.bbox_embed.logits(hidden[:, :queries])
-        # As in DAB-DETR, each layer learns its own correction: the next starts from a constant.
-        return (targets, jax.lax.stop_gradient(box_logits)), (hidden, jax.nn.sigmoid(box_logits))
-
-      start = jnp.broadcast_to(self.anchors[None], (batch, queries, 4))
-      _, (hidden, boxes) = self.layers.scan(refine, (targets, start))
+      start = self._anchor_start(image_tokens.shape[0])
+      _, (hidden, boxes) = self.layers.scan(self._refine_step(memory, memory_pos), (targets, start))
     regions, image_query = hidden[-1, :, :queries], hidden[-1, :, queries]
     return DecoderOutputs(
         region_embed=(regions @ self.obj_proj.astype(self.dtype)).astype(jnp.float32),

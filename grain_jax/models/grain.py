@@ -60,6 +60,15 @@ class GrainModel(nnx.Module):
     decoded = self.decoder(tokens, self.visual.pos_embed[...])
     return ImageOutputs(decoded.global_embed, decoded.region_embed, decoded.boxes)
 
+  def image_attention(self, images: jax.Array) -> jax.Array:
+    """`images [B, H, W, 3]` -> where the global embedding reads from, `[B, heads, R, 1 + N]` float32
+    over the ViT's tokens (CLS first): for GRAIN the last decoder layer's cross-attention of its Q
+    region queries and, last, its image query (R = Q + 1); for plain CLIP what the CLS token attends
+    to in the last ViT block (R = 1)."""
+    if self.kind == "clip":
+      return self.visual.last_block_attention(images)[:, :, :1]
+    return self.decoder.last_layer_attention(self.visual(images), self.visual.pos_embed[...])
+
   def encode_text(self, ids: jax.Array) -> jax.Array:
     """`ids [T, L]` int32 (L <= context length) -> `[T, E]` float32 (not normalized)."""
     return self.text(ids).astype(jnp.float32)

@@ -79,14 +79,15 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               qkv_init: Initializer, out_init: Initializer, qk_norm: bool = False,
-               norm_eps: float = 1e-6, dropout: float = 0.0):
+               qkv_init: Initializer, out_init: Initializer, qkv_bias_init: Initializer = zeros,
+               out_bias_init: Initializer = zeros, qk_norm: bool = False, norm_eps: float = 1e-6,
+               dropout: float = 0.0):
     head_dim = width // heads
     self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
     self.qkv_kernel = param(rngs, qkv_init, (width, 3, heads, head_dim), ("embed", "qkv", "heads", "kv"))
-    self.qkv_bias = param(rngs, zeros, (3, heads, head_dim), ("qkv", "heads", "kv"))
+    self.qkv_bias = param(rngs, qkv_bias_init, (3, heads, head_dim), ("qkv", "heads", "kv"))
     self.out_kernel = param(rngs, out_init, (heads, head_dim, width), ("heads", "kv", "embed"))
-    self.out_bias = param(rngs, zeros, (width,), ("embed",))
+    self.out_bias = param(rngs, out_bias_init, (width,), ("embed",))
     self.q_norm = layer_norm(head_dim, norm_eps, dtype, rngs, "kv") if qk_norm else None
     self.k_norm = layer_norm(head_dim, norm_eps, dtype, rngs, "kv") if qk_norm else None
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
@@ -95,6 +96,23 @@ class Attention(nnx.Module):
     """`[B, T, D]` -> `[B, T, n, heads, head_dim]` for the q/k/v entries selected by `which`."""
     kernel = gathered(self.qkv_kernel[:, which].astype(self.dtype), ("embed", "qkv", "heads", "kv"))
     return jnp.einsum("btd,dnhk->btnhk", x.astype(self.dtype), kernel) + self.qkv_bias[which].astype(self.dtype)
+
+  def _softmax(self, q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """`q [B, Tq, heads, kv]`, `k [B, Tk, heads, kv]` -> attention weights `[B, heads, Tq, Tk]`, float32."""
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
+    logits = logits * self.head_dim ** -0.5
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+  def weights(self, query_input: jax.Array, key_input: jax.Array | None = None) -> jax.Array:
+    """The attention weights `[B, heads, Tq, Tk]` (float32, each row sums to 1) of `__call__` with the
+    same inputs, before dropout (what attention maps show)."""
+    q = self._project(query_input, slice(0, 1))[:, :, 0]
+    k = self._project(query_input if key_input is None else key_input, slice(1, 2))[:, :, 0]
+    return self._softmax(q, k, None)
 
   def __call__(self, query_input: jax.Array, key_input: jax.Array | None = None,
                value_input: jax.Array | None = None, *, mask: jax.Array | None = None) -> jax.Array:
@@ -118,13 +136,7 @@ class Attention(nnx.Module):
         k = self._project(key_input, slice(1, 2))[:, :, 0]
         v = self._project(value_input, slice(2, 3))[:, :, 0]
     q, k, v = (constrain(t, ATTENTION_HEADS) for t in (q, k, v))
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
-    logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    logits = logits * self.head_dim ** -0.5
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = self.dropout(jax.nn.softmax(logits, axis=-1)).astype(self.dtype)
+    weights = self.dropout(self._softmax(q, k, mask)).astype(self.dtype)
     attended = jnp.einsum("bhqt,bthk->bqhk", weights, v)
     out_kernel = gathered(self.out_kernel.astype(self.dtype), ("heads", "kv", "embed"))
     return jnp.einsum("bqhk,hkd->bqd", attended, out_kernel) + self.out_bias.astype(self.dtype)

@@ -8,6 +8,10 @@ broadcast); with `all_pairs=True`, `[..., N, 4]` against `[..., M, 4]` gives `[.
 Zero-area boxes are legal (a sigmoid can output w = 0): every division is guarded so that values and
 gradients stay finite. By convention a ratio whose denominator is zero is zero, so two identical
 point boxes have IoU 0 and GIoU 0.
+
+`union_epsilon` is added to the union where IoU divides by it (not in GIoU's enclosing-box term):
+the authors' matcher and GIoU loss add 1e-4 (docs/reference_behaviour.md, "Losses"); 0 gives the
+exact ratio.
 """
 
 import jax.numpy as jnp
@@ -44,38 +48,40 @@ def _paired(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool):
   return boxes1, boxes2
 
 
-def _iou_and_union(boxes1: jnp.ndarray, boxes2: jnp.ndarray):
+def _iou_and_union(boxes1: jnp.ndarray, boxes2: jnp.ndarray, union_epsilon: float = 0.0):
   """IoU and union area of already paired (broadcastable) xyxy boxes."""
   overlap_low = jnp.maximum(boxes1[..., :2], boxes2[..., :2])
   overlap_high = jnp.minimum(boxes1[..., 2:], boxes2[..., 2:])
   intersection = area(jnp.concatenate([overlap_low, overlap_high], axis=-1))
   union = area(boxes1) + area(boxes2) - intersection
-  return _safe_divide(intersection, union), union
+  return _safe_divide(intersection, union + union_epsilon), union
 
 
-def iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False) -> jnp.ndarray:
+def iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False,
+        union_epsilon: float = 0.0) -> jnp.ndarray:
   """Intersection over union of (x1, y1, x2, y2) boxes.
 
   Args:
     boxes1: `[..., 4]`, or `[..., N, 4]` with `all_pairs`.
     boxes2: `[..., 4]`, or `[..., M, 4]` with `all_pairs`.
     all_pairs: score every box of `boxes1` against every box of `boxes2`.
+    union_epsilon: added to the union before dividing by it.
 
   Returns:
     `[...]` (broadcast leading shape), or `[..., N, M]` with `all_pairs`; values in [0, 1].
   """
-  return _iou_and_union(*_paired(boxes1, boxes2, all_pairs))[0]
+  return _iou_and_union(*_paired(boxes1, boxes2, all_pairs), union_epsilon)[0]
 
 
-def generalized_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray,
-                    all_pairs: bool = False) -> jnp.ndarray:
+def generalized_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False,
+                    union_epsilon: float = 0.0) -> jnp.ndarray:
   """Generalized IoU (Rezatofighi et al. 2019) of (x1, y1, x2, y2) boxes, in [-1, 1].
 
   IoU minus the fraction of the smallest enclosing box that the union leaves empty, so that disjoint
-  boxes still get a signal that pulls them together. Shapes as in `iou`.
+  boxes still get a signal that pulls them together. Shapes and `union_epsilon` as in `iou`.
   """
   boxes1, boxes2 = _paired(boxes1, boxes2, all_pairs)
-  overlap, union = _iou_and_union(boxes1, boxes2)
+  overlap, union = _iou_and_union(boxes1, boxes2, union_epsilon)
   enclosing_low = jnp.minimum(boxes1[..., :2], boxes2[..., :2])
   enclosing_high = jnp.maximum(boxes1[..., 2:], boxes2[..., 2:])
   enclosing = area(jnp.concatenate([enclosing_low, enclosing_high], axis=-1))

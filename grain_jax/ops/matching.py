@@ -32,7 +32,7 @@ MAX_ENUMERATED_MAPS = 720
 
 
 def matching_cost(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight: float,
-                  giou_weight: float) -> jnp.ndarray:
+                  giou_weight: float, union_epsilon: float = 0.0) -> jnp.ndarray:
   """Cost of assigning each query to each target: l1 * L1 - giou * GIoU (no class term).
 
   Args:
@@ -41,6 +41,7 @@ def matching_cost(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight:
       (`match` ignores their costs).
     l1_weight: weight of the L1 distance summed over the 4 coordinates.
     giou_weight: weight of the generalized IoU.
+    union_epsilon: added to the union in the GIoU's IoU (`box_ops.generalized_iou`).
 
   Returns:
     `[B, Q, T]` cost, not differentiable (the assignment is a constant for the losses).
@@ -49,7 +50,8 @@ def matching_cost(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight:
   target_boxes = jax.lax.stop_gradient(target_boxes).astype(jnp.float32)
   l1 = jnp.abs(pred_boxes[:, :, None, :] - target_boxes[:, None, :, :]).sum(-1)
   giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(pred_boxes),
-                                 box_ops.cxcywh_to_xyxy(target_boxes), all_pairs=True)
+                                 box_ops.cxcywh_to_xyxy(target_boxes), all_pairs=True,
+                                 union_epsilon=union_epsilon)
   return l1_weight * l1 - giou_weight * giou
 
 

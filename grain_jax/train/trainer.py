@@ -128,7 +128,7 @@ def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> T
   model.train()
   num_steps = config.train.num_steps
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = optim.make_optimizer(params, config.optim, num_steps)
+  tx = optim.make_optimizer(params, config.optim, num_steps, config.model)
   state = (abstract_state if abstract else init_state)(model, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   make_step = functools.partial(make_train_step, rest=rest, tx=tx, config=config,

@@ -9,7 +9,10 @@ way a kill leaves the old content or the new, and a file of the run (config.json
 that an earlier run wrote is kept under a numbered name, never overwritten.
 """
 
+import io
 import os
+from collections.abc import Callable
+from typing import IO
 
 import fsspec
 from etils import epath
@@ -113,6 +116,14 @@ def replace_durably(path: str, content: str | bytes) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(path + ".tmp", path)
+
+
+def write_through(path: str, write: Callable[[IO[bytes]], object]) -> None:
+  """Writes what `write(file)` writes into a file object (PIL, numpy, torch) to `path` as
+  `replace_durably` does."""
+  content = io.BytesIO()
+  write(content)
+  replace_durably(path, content.getvalue())
 
 
 def append_line(path: str, line: str) -> None:
