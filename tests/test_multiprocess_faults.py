@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_checkpoint import flip_bytes
+
 STEPS = 6
 HEARTBEAT_S = 20  # config.train.heartbeat_timeout_s's default
 TIMEOUT_S = 600
@@ -31,13 +33,15 @@ def launch(workdir: Path, *extra: str) -> subprocess.Popen:
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def finish(launcher: subprocess.Popen, status: int = 0) -> str:
+def finish(process: subprocess.Popen, status: int = 0) -> str:
+  """The output of `process` (a session of its own, output piped) once it has exited with `status`; on
+  a timeout its whole process group is killed."""
   try:
-    output, _ = launcher.communicate(timeout=TIMEOUT_S)
+    output, _ = process.communicate(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:
-    os.killpg(launcher.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     raise
-  assert launcher.returncode == status, output[-4000:]
+  assert process.returncode == status, output[-4000:]
   return output
 
 
@@ -107,11 +111,7 @@ def test_a_process_killed_during_a_save_stops_the_other_and_a_restart_resumes_bi
 def test_a_corrupt_newest_checkpoint_is_set_aside_once_and_both_resume_from_the_same_step(tmp_path, uninterrupted_run,
                                                                                           uninterrupted):
   shutil.copytree(uninterrupted_run, tmp_path, dirs_exist_ok=True)
-  state = tmp_path / "checkpoints" / str(STEPS) / "state"
-  largest = max((path for path in state.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
-  content = bytearray(largest.read_bytes())
-  content[len(content) // 2:len(content) // 2 + 64] = bytes(64)
-  largest.write_bytes(bytes(content))
+  flip_bytes(tmp_path / "checkpoints" / str(STEPS))
   output = finish(launch(tmp_path))
   assert output.count(f"restored the checkpoint at step {STEPS - 2}") == 2, output[-4000:]
   assert output.count("moved to") == 1
