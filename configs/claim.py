@@ -6,7 +6,7 @@
 The demo's GRAIN and plain CLIP, trained on the same captions (only GRAIN also reads the regions, which
 describe every object found with all its attributes), scored with the same texts and rules.
 `sweep`: every caption setting below x worlds 0-1 x seeds 0-1, 500 steps (half the demo's). `final`:
-the demo's caption setting, worlds 0-2 x seeds 0-2, 1000 steps. Each writes one table per setting to
+the demo's caption setting (`half_by_shape`), worlds 0-2 x seeds 0-2, 1000 steps. Each writes one table per setting to
 `comparison.md` (docs/results.md has the measured tables and what they show).
 """
 

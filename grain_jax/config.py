@@ -26,6 +26,16 @@ INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # The config's file and folder paths (read or written with the local file system's calls).
 PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
                "eval.descriptors_dir", "eval.places365_dir")
+# Counts of steps, intervals, batches and kept checkpoints: 0 would divide by zero, batch nothing or
+# keep nothing to resume from. (train.num_steps too, but for evaluating an imported model: see
+# _check_bounds.)
+AT_LEAST_ONE = ("train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.heartbeat_timeout_s", "data.batch_size", "data.read_threads",
+                "data.worker_buffer_size", "eval.batch_size", "eval.text_batch_size")
+# Rates, weights and counts where 0 means none or off.
+AT_LEAST_ZERO = ("optim.learning_rate", "optim.warmup_init", "optim.end_learning_rate", "optim.warmup_steps",
+                 "optim.weight_decay", "optim.grad_clip_norm", "data.num_workers", "eval.max_examples",
+                 "eval.num_pictures", "eval.fixed_box_records", "eval.num_confusions")
 
 
 class ConfigError(UserError, ValueError):
@@ -108,6 +118,20 @@ def _check_model(model) -> None:
            f"config.model.init_towers={towers} must be a non-empty subset of {INIT_TOWERS}")
   _require(not model.init_from or model.init_from.endswith(INIT_SUFFIXES),
            f"config.model.init_from={model.init_from!r} must be a {' / '.join(INIT_SUFFIXES)} file")
+
+
+def _check_bounds(config) -> None:
+  for fields, low in ((AT_LEAST_ONE, 1), (AT_LEAST_ZERO, 0)):
+    for field in fields:
+      section, name = field.split(".")
+      value = config[section][name]
+      _require(value >= low, f"config.{field}={value} must be at least {low}")
+  epochs = config.data.num_epochs
+  _require(epochs is None or epochs >= 1, f"config.data.num_epochs={epochs} must be at least 1 (None: repeat forever)")
+  steps = config.train.num_steps
+  evaluates_import = steps == 0 and bool(config.model.init_from) and config.experiment.evaluate
+  _require(steps >= 1 or evaluates_import, f"config.train.num_steps={steps} must be at least 1 (0 only evaluates a "
+           "model imported with config.model.init_from)")
 
 
 def _check_choices(config) -> None:
@@ -207,6 +231,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     section, name = field.split(".")
     check_local_path(config[section][name], f"config.{field}")
   _check_model(config.model)
+  _check_bounds(config)
   _check_choices(config)
   _require(0.0 <= config.data.max_bad_fraction < 1.0,
            f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")

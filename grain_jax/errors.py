@@ -1,5 +1,5 @@
-"""Errors a user causes and can fix, the check that refuses URLs as local paths, and how the command-line
-tools report such errors.
+"""Errors a user causes and can fix, the checks that refuse URLs as local paths and folders that
+cannot be written, and how the command-line tools report such errors.
 
 `python -m grain_jax.main`, `python -m grain_jax.data.convert` and `python -m grain_jax.annotate`
 print such an error as one message on stderr and exit with status 2, since a traceback would only hide
@@ -60,7 +60,39 @@ def check_local_path(path: str, name: str) -> None:
   else:
     how = "mount the storage as a file system and use the mounted path"
   raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes this through local paths only "
-                        f"(only --workdir may be a gs:// URL): {how}")
+                        f"(only --workdir and --output-dir may be gs:// URLs): {how}")
+
+
+def check_writable(path: str, name: str, why: str) -> None:
+  """Raises ArgumentError when the folder `path` (`name` says what it is, for the message) cannot be
+  written (a read-only file system, no permission); `why` says what to do. Nothing is written: a
+  folder still missing is judged by the nearest one that exists. A bucket's gs:// path is not judged
+  here (a bucket says whether it may be written only to a write): a training run's first write there
+  is its lock, which says so in one line (train/workdir_lock.py)."""
+  if is_url(path):
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.access(existing, os.W_OK):
+    raise ArgumentError(f"{name} {path} cannot be written ({existing} is read-only or not yours): {why}")
+
+
+def output_dir(given: str, workdir: str, default: str) -> str:
+  """Where a command that only reads `workdir` (evaluation, export) writes: `given` (--output-dir),
+  else `<workdir>/<default>`. Raises ArgumentError, saying how to name another, when it cannot be
+  written (an archived, read-only run)."""
+  if given:
+    check_writable(given, "--output-dir", "name a folder that can be written")
+    return given
+  path = os.path.join(workdir, default)
+  check_writable(path, "the output folder", "name another with --output-dir (a read-only, archived run, say)")
+  return path
+
+
+def tracebacks_wanted() -> bool:
+  """Whether GRAIN_JAX_TRACEBACK asks for tracebacks (any value but "" and "0")."""
+  return os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0")
 
 
 def run_command(body: Callable[[], object]) -> int:
@@ -71,7 +103,7 @@ def run_command(body: Callable[[], object]) -> int:
   try:
     body()
   except USER_ERRORS as error:
-    if os.environ.get(TRACEBACK_VARIABLE, "0") not in ("", "0"):
+    if tracebacks_wanted():
       raise
     print(f"error: {error}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS

@@ -16,12 +16,13 @@ import os
 import jax
 import numpy as np
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
+from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
 from grain_jax.train import trainer
-from grain_jax.train import workdir_files
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -35,13 +36,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return {"train": metrics, "eval": evaluation}
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`)."""
+def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
+  """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`),
+  writing into `out_dir` (default `workdir/eval`); reads `workdir` only, so a read-only (archived)
+  run and one that is training there can be evaluated."""
   validate(config, num_devices=jax.device_count(), evaluation_files=True)
+  out_dir = output_dir(out_dir, workdir, "eval")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     model, step = trainer.restore_model(config, workdir, mesh)
-  return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}")
+  return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}", out_dir=out_dir)
 
 
 def _head_rank(head: str) -> tuple:
@@ -98,7 +102,7 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
 
   Args:
     per_run: (arm, world, seed) -> rows (`headline_metrics`).
-    no_skill: metric -> what no skill scores there.
+    no_skill: metric -> what no skill scores there (the mean over the runs' worlds).
     arms, seeds, worlds: the runs' arm names, seeds and worlds (None: the config's one world).
   """
   metrics = list(dict.fromkeys(name for rows in per_run.values() for name in rows))
@@ -144,7 +148,7 @@ def arm_config(config, name: str, overrides, seed: int, world: int | None, share
 
 
 def _write(workdir: str, name: str, text: str) -> None:
-  workdir_files.replace_durably(os.path.join(workdir, name), text)
+  files.replace_durably(os.path.join(workdir, name), text)
 
 
 def run(config, workdir: str) -> dict:
@@ -164,7 +168,7 @@ def run(config, workdir: str) -> dict:
   names = [name for name, _ in arms]
   seeds = tuple(cfg.seeds) or (config.seed,)
   worlds = tuple(cfg.worlds) or (None,)
-  root = workdir_files.absolute(workdir)
+  root = files.absolute(workdir)
   # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
   # the first world and seed of every setting come first.
   runs = {}
@@ -176,15 +180,17 @@ def run(config, workdir: str) -> dict:
           runs[(setting, name, world, seed)] = (
               os.path.join(folder, f"{name}_seed{seed}"),
               arm_config(config, name, {**setting_overrides, **overrides}, seed, world, os.path.join(folder, "synthetic")))
-  per_run, no_skill = {}, {}
+  per_run, baselines = {}, {}
   for (setting, name, world, seed), (run_dir, run_config) in runs.items():
     where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
     print(f"\n=== {name}, seed {seed}{', ' + where if where else ''} ===", flush=True)
     rows, baseline = headline_metrics(train_and_evaluate(run_config, run_dir)["eval"])
     per_run[(setting, name, world, seed)] = rows
-    no_skill.setdefault(setting, {}).update(baseline)
+    for metric, value in baseline.items():  # fixed boxes and box shares differ from world to world
+      baselines.setdefault(setting, {}).setdefault(metric, []).append(value)
   tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
-                                      no_skill[setting], names, seeds, worlds)
+                                      {m: float(np.mean(v)) for m, v in baselines[setting].items()},
+                                      names, seeds, worlds)
             for setting, _ in settings}
   text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:

@@ -1,10 +1,12 @@
 """Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train|eval|export]`.
 
-Any config field can be overridden: `--config.train.num_steps=100`. The workdir is a local folder
-or a bucket's gs://BUCKET/PATH. Running again with the same workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
-one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a
-preemption notice (SIGTERM) saves a checkpoint first and exits with status 75
-(`grain_jax.train.preemption.PREEMPTED_STATUS`): run the same command again to resume.
+Any config field can be overridden: `--config.train.num_steps=100`. The workdir (and --output-dir)
+is a local folder or a bucket's gs://BUCKET/PATH. Running again with the same workdir resumes from
+its newest checkpoint. An error the user caused (grain_jax.errors) is printed as one message with
+exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a preemption notice
+(SIGTERM) saves a checkpoint first and exits with status 75
+(`grain_jax.train.preemption.PREEMPTED_STATUS`); a Ctrl-C during training saves too and exits with
+status 130 (a second Ctrl-C stops at once): run the same command again to resume.
 """
 
 import logging
@@ -17,16 +19,19 @@ from ml_collections import config_flags
 
 from grain_jax import errors
 from grain_jax import experiment
+from grain_jax import files
 from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
-from grain_jax.train import workdir_files
-from grain_jax.train.preemption import PREEMPTED_STATUS, Preempted
+from grain_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
                           "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
                           "export: the newest checkpoint to PyTorch files in workdir/export.")
+_OUTPUT_DIR = flags.DEFINE_string(
+    "output-dir", "", "--mode eval / export: write the results or the PyTorch files here instead of "
+    "<workdir>/eval or <workdir>/export (a read-only, archived workdir, say).")
 _EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
     "export-module-prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -90,27 +95,36 @@ def initialize_distributed(train_config) -> None:
 
 
 def quiet_orbax(record: logging.LogRecord) -> bool:
-  """Drops Orbax's per-save INFO chatter from the console; its warnings still show."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+  """Drops Orbax's per-save INFO chatter from the console; its warnings and errors still show, as one
+  line each: the error that stops a run says what failed (GRAIN_JAX_TRACEBACK=1 keeps their tracebacks)."""
+  if "orbax" not in record.pathname:
+    return True
+  if not errors.tracebacks_wanted():
+    record.exc_info, record.exc_text = None, None
+  return record.levelno >= logging.WARNING
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
-  workdir_files.check_workdir(_WORKDIR.value)
+  files.check_location(_WORKDIR.value, "--workdir")
+  files.check_location(_OUTPUT_DIR.value, "--output-dir")
+  if _OUTPUT_DIR.value and _MODE.value == "train":
+    raise errors.ArgumentError("--output-dir is for --mode eval and --mode export: training writes into --workdir")
   config = _CONFIG.value
   initialize_distributed(config.train)
   if _MODE.value == "eval":
-    experiment.evaluate_checkpoint(config, _WORKDIR.value)
+    experiment.evaluate_checkpoint(config, _WORKDIR.value, _OUTPUT_DIR.value)
   elif _MODE.value == "export":
-    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value)
+    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value,
+                               directory=_OUTPUT_DIR.value)
   else:
     try:
       experiment.run(config, _WORKDIR.value)
     except Preempted as preempted:
       logging.warning("%s", preempted)
-      return PREEMPTED_STATUS
+      return preempted.status
   return 0
 
 

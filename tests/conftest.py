@@ -11,6 +11,7 @@ import atexit
 import io
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -60,3 +61,30 @@ def tiny_tfds(tmp_path):
     return "grain_jax_tiny_tfds", data_dir
 
   return build
+
+
+@pytest.fixture
+def read_only():
+  """`read_only(folder)` makes `folder` read-only for this process until the test ends: by its mode
+  for a user, by a read-only bind mount for root (whom modes do not stop); skips where neither works."""
+  undo = []
+
+  def make(folder):
+    folder = str(folder)
+    if os.geteuid() != 0:
+      mode = os.stat(folder).st_mode
+      os.chmod(folder, 0o555)
+      undo.append(lambda: os.chmod(folder, mode))
+    else:
+      try:
+        mounted = subprocess.run(["mount", "--bind", "-o", "ro", folder, folder], capture_output=True).returncode == 0
+      except FileNotFoundError:
+        mounted = False
+      if not mounted:
+        pytest.skip("cannot make a read-only folder here (root without a bind mount)")
+      undo.append(lambda: subprocess.run(["umount", folder], check=True))
+    assert not os.access(folder, os.W_OK)
+
+  yield make
+  for step in reversed(undo):
+    step()

@@ -1,19 +1,23 @@
 """Checkpoints on a tiny state (no model): checksums, non-finite values, mismatches, what is moved aside
-and what is not, a kill during an asynchronous save."""
+and what is not, a kill during an asynchronous save and what it leaves, a save that fails."""
 
+import errno
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import grain
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from grain_jax.train.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMismatchError, CheckpointReadError,
-                                        NoReadableCheckpointError, UNREADABLE)
+                                        CheckpointSaveError, NoReadableCheckpointError, UNREADABLE)
 from grain_jax.train.step import TrainState
 
 
@@ -170,7 +174,9 @@ def test_a_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint
   """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
   assert result.returncode == -9, result.stderr[-2000:]
+  assert any(ocp.path.atomicity_types.TMP_DIR_SUFFIX in name for name in os.listdir(tmp_path))
   assert int(restore(tmp_path).step) == 1
+  assert sorted(os.listdir(tmp_path)) == ["1"]  # the unfinished save was removed
   save(tmp_path, state(2, value=5.0))
   np.testing.assert_array_equal(restore(tmp_path).params["w"], 5.0)
 
@@ -213,4 +219,58 @@ def test_restoring_the_parameters_verifies_their_checksums(tmp_path):
   checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=False, read_only=True)
   with pytest.raises(NoReadableCheckpointError, match="params/w"):
     checkpointer.restore_latest_params({name: jnp.zeros_like(value) for name, value in state(1).params.items()})
+  checkpointer.close()
+
+
+def test_folders_of_saves_that_never_committed_are_removed_by_a_writer_only(tmp_path, caplog):
+  save(tmp_path, state(1))
+  unfinished = tmp_path / f"2{ocp.path.atomicity_types.TMP_DIR_SUFFIX}-1733450000"
+  (unfinished / "state").mkdir(parents=True)
+  (unfinished / "state" / "data").write_bytes(b"x" * 2**20)
+  assert int(restore(tmp_path, read_only=True).step) == 1
+  assert unfinished.exists()  # evaluation beside a trainer must not touch its save in progress
+  with caplog.at_level(logging.WARNING):
+    assert int(restore(tmp_path).step) == 1
+  assert sorted(os.listdir(tmp_path)) == ["1"]
+  assert f"removed {unfinished} (1.0 MB): a save that never committed" in caplog.text
+
+
+def fill_the_disk_at(step: int, monkeypatch) -> None:
+  """Makes writing the checksums of step `step` fail as on a full disk."""
+  save_json = ocp.handlers.JsonCheckpointHandler._save_fn
+
+  async def fail(self, x, directory):
+    if os.path.basename(os.path.dirname(str(directory))).split(".")[0] == str(step):
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return await save_json(self, x, directory)
+
+  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", fail)
+
+
+@pytest.fixture
+def disk_full_at_step_2(monkeypatch):
+  fill_the_disk_at(2, monkeypatch)
+
+
+FAILED_SAVE = (r"^saving the checkpoint of step 2 in .* failed \(.*No space left on device.*\); training stopped; the "
+               r"newest committed checkpoint is step 1, where running the same command again resumes")
+
+
+def test_a_synchronous_save_that_fails_names_the_newest_committed_step(tmp_path, disk_full_at_step_2):
+  checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=False)
+  checkpointer.save(state(1), data())
+  with pytest.raises(CheckpointSaveError, match=FAILED_SAVE):
+    checkpointer.save(state(2), data())
+  checkpointer.close()
+
+
+def test_an_asynchronous_save_that_fails_is_reported_by_check(tmp_path, disk_full_at_step_2):
+  checkpointer = Checkpointer(str(tmp_path), keep=5, async_save=True)
+  checkpointer.save(state(1), data())
+  checkpointer.save(state(2), data())  # waits for step 1 to commit; step 2 fails in the background
+  with pytest.raises(CheckpointSaveError, match=FAILED_SAVE):
+    for _ in range(1000):
+      checkpointer.check()  # at once while the save is in progress
+      time.sleep(0.01)
+  checkpointer.check()  # reported once
   checkpointer.close()

@@ -2,7 +2,8 @@
 
 import pytest
 
-from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
+from grain_jax.config import (AT_LEAST_ONE, AT_LEAST_ZERO, ConfigError, apply_overrides, load_config, parse_arm,
+                              validate)
 from grain_jax.defaults import meshes, models
 
 
@@ -64,6 +65,28 @@ def test_bad_fields_are_named(mutate, field):
   with config.unlocked():
     mutate(config)
   with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("(", r"\(")):
+    validate(config)
+
+
+@pytest.mark.parametrize("field", [*AT_LEAST_ONE, *AT_LEAST_ZERO, "data.num_epochs", "train.num_steps"])
+def test_counts_rates_and_intervals_out_of_bounds_are_refused_in_one_line(field):
+  config = load_config("configs/base.py:tiny")
+  section, name = field.split(".")
+  low = 0 if field in AT_LEAST_ZERO else 1
+  config[section][name] = type(config[section][name] or 1)(low)
+  validate(config)  # the bound itself is allowed
+  config[section][name] = type(config[section][name])(low - 1)
+  with pytest.raises(ConfigError, match=rf"^config\.{section}\.{name}=-?\d+(\.0)? must be at least {low}( \(.*\))?$"):
+    validate(config)
+
+
+def test_zero_steps_only_evaluate_an_imported_model():
+  config = load_config("configs/base.py:tiny")
+  config.train.num_steps = 0
+  config.model.init_from = "exported/grain_clip.safetensors"
+  validate(config)
+  config.experiment.evaluate = False
+  with pytest.raises(ConfigError, match=r"num_steps=0 must be at least 1 \(0 only evaluates a model imported"):
     validate(config)
 
 

@@ -128,7 +128,7 @@ def test_a_url_is_refused_before_anything_is_written(inputs, capsys):
   assert convert.main(argv) == errors.USER_ERROR_STATUS
   assert capsys.readouterr().err == (
       "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes this through local paths "
-      "only (only --workdir may be a gs:// URL): "
+      "only (only --workdir and --output-dir may be gs:// URLs): "
       "mount the bucket (launch/mount_bucket.sh my-bucket mounts it at /gcs/my-bucket) and use "
       "/gcs/my-bucket/shards/cc3m\n")
   assert not os.path.exists("gs:")

@@ -197,3 +197,47 @@ def test_data_that_is_all_bad_stops_instead_of_hanging(tmp_path):
   iterator = iter(_dataset(_write(tmp_path, [b"garbage"] * NUM_RECORDS), num_epochs=None, global_batch_size=4))
   with pytest.raises(quality.BadDataError, match=r"shard-0000[0-2]\.array_record"):
     next(iterator)  # before: no batch ever filled, so this never returned
+
+
+def damage_shard(path: str, inside: bytes) -> set[int]:
+  """Flips 16 bytes of the ArrayRecord shard `path` where the bytes `inside` start (records are
+  stored uncompressed); returns the numbers of its records that no longer read."""
+  blob = bytearray(open(path, "rb").read())
+  start = blob.index(inside)
+  blob[start:start + 16] = bytes(b ^ 0xFF for b in blob[start:start + 16])
+  open(path, "wb").write(bytes(blob))
+  shard = grain.sources.ArrayRecordDataSource([path])
+  damaged = set()
+  for position in range(len(shard)):
+    try:
+      shard[position]
+    except RuntimeError:
+      damaged.add(position)
+  return damaged
+
+
+@pytest.fixture
+def damaged_data(tmp_path):
+  """The test records in shards of 6, the first shard's bytes of record 3 corrupted: (data dir, the
+  numbers of its records that do not read)."""
+  data_dir = _write(tmp_path, [records.serialize(_record(i)) for i in range(NUM_RECORDS)], shard_size=6)
+  damaged = damage_shard(os.path.join(data_dir, records.shard_name(0)), b"record 3")
+  assert damaged == {3}
+  return data_dir, damaged
+
+
+def test_records_of_a_corrupt_block_are_skipped_and_counted(damaged_data, caplog):
+  data_dir, damaged = damaged_data
+  iterator = iter(_dataset(data_dir, max_bad_fraction=0.5))
+  captions = _captions(iterator)
+  assert len(captions) == 2 * ((NUM_RECORDS - len(damaged)) // 2)  # batches of 2: the others all train
+  summary = iterator.stats.summary()
+  assert summary["seen"] == NUM_RECORDS and summary["skipped/damaged_record"] == len(damaged)
+  assert "skipping a damaged record" in caplog.text and "Corrupted Riegeli" in caplog.text
+
+
+def test_too_many_damaged_records_stop_naming_the_file_and_the_record(damaged_data):
+  iterator = iter(_dataset(damaged_data[0], num_epochs=None, max_bad_fraction=0.05))
+  with pytest.raises(quality.BadDataError, match=r"damaged_record at \S*/shard-00000\.array_record, record 3\)"):
+    for _ in range(200):
+      next(iterator)

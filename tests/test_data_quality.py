@@ -65,3 +65,18 @@ def test_stats_state_round_trip_and_merge():
   assert restored.summary() == stats.summary()
   restored.merge(stats.get_state())
   assert restored.summary()["seen"] == 4 and restored.summary()["skipped/corrupt_image"] == 2
+
+
+def test_the_first_skipped_record_of_each_reason_is_kept_and_named():
+  stats = quality.DataStats(max_bad_fraction=0.1, min_records=2)
+  stats.add([quality.DAMAGED_RECORD], skipped=True, file="s0", record="s0, record 7")
+  stats.add([quality.DAMAGED_RECORD], skipped=True, file="s1", record="s1, record 2")
+  merged = quality.DataStats()
+  merged.merge(stats.get_state())
+  assert merged.first_skipped == {quality.DAMAGED_RECORD: "s0, record 7"}
+  with pytest.raises(quality.BadDataError, match=r"the first of each reason: damaged_record at s0, record 7\)"):
+    stats.check()
+  older = {key: value for key, value in stats.get_state().items() if key != "first_skipped"}
+  restored = quality.DataStats()
+  restored.set_state(older)  # an iterator state saved before the locations were kept
+  assert restored.summary() == stats.summary() and restored.first_skipped == {}

@@ -43,9 +43,9 @@ def test_write_read_dataset_with_shards(tmp_path):
   assert manifest["count"] == 7
   assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
   assert list(records.read_records(str(tmp_path))) == [_record(i) for i in range(7)]
-  assert records.shard_of(str(tmp_path), manifest, 0).endswith("shard-00000.array_record")
-  assert records.shard_of(str(tmp_path), manifest, 3).endswith("shard-00001.array_record")
-  assert records.shard_of(str(tmp_path), manifest, 6).endswith("shard-00002.array_record")
+  assert records.record_location(str(tmp_path), manifest, 0) == (str(tmp_path / "shard-00000.array_record"), 0)
+  assert records.record_location(str(tmp_path), manifest, 4) == (str(tmp_path / "shard-00001.array_record"), 1)
+  assert records.record_location(str(tmp_path), manifest, 6) == (str(tmp_path / "shard-00002.array_record"), 0)
 
 
 def test_reader_validates_manifest(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from grain_jax import config as config_lib
 from grain_jax import errors
+from grain_jax import files
 from grain_jax.annotate import __main__ as annotate_cli
 from grain_jax.data import quality
 from grain_jax.data import records
@@ -18,7 +19,6 @@ from grain_jax.defaults import base
 from grain_jax.torch_format import from_torch
 from grain_jax.torch_format import layout
 from grain_jax.train import checkpoint
-from grain_jax.train import workdir_files
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", "configs/base.py:tiny"]
@@ -55,7 +55,7 @@ def test_run_command_prints_a_user_error_and_lets_others_through(capsys, monkeyp
 ])
 def test_urls_are_refused(path, hint):
   message = (f"--out={path!r} is a URL, but grain-jax reads and writes this through local paths only (only "
-             f"--workdir may be a gs:// URL): {hint}")
+             f"--workdir and --output-dir may be gs:// URLs): {hint}")
   with pytest.raises(errors.RemotePathError, match=f"^{re.escape(message)}$"):
     errors.check_local_path(path, "--out")
   for local in ("runs/a", "/gcs/my-bucket/runs/a", "gs:/not-a-url", ""):
@@ -64,11 +64,11 @@ def test_urls_are_refused(path, hint):
 
 @pytest.mark.parametrize("path", ["s3://bucket/x", "file:///tmp/x", "gs://", "gs:///runs"])
 def test_a_workdir_is_local_or_in_a_gcs_bucket(path):
-  with pytest.raises(errors.RemotePathError, match=re.escape(f"--workdir={path!r}: a workdir is a local path or a "
+  with pytest.raises(errors.RemotePathError, match=re.escape(f"--workdir={path!r}: it must be a local path or a "
                                                              "bucket's gs://BUCKET/PATH")):
-    workdir_files.check_workdir(path)
-  for workdir in ("runs/a", "/gcs/my-bucket/runs/a", "gs://my-bucket/runs/a", "gs://my-bucket"):
-    workdir_files.check_workdir(workdir)
+    files.check_location(path, "--workdir")
+  for workdir in ("runs/a", "/gcs/my-bucket/runs/a", "gs://my-bucket/runs/a", "gs://my-bucket", ""):
+    files.check_location(workdir, "--workdir")
 
 
 @pytest.mark.parametrize("field", config_lib.PATH_FIELDS)
@@ -112,22 +112,30 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
       "missing config file": (["--config", "configs/missing.py:tiny", "--workdir", str(tmp_path / "run")],
                               r"config file 'configs/missing.py' does not exist"),
       "url workdir": ([*TINY, "--workdir", "s3://my-bucket/runs/a"],
-                      r"--workdir='s3://my-bucket/runs/a': a workdir is a local path or a bucket's gs://BUCKET/PATH"),
+                      r"--workdir='s3://my-bucket/runs/a': it must be a local path or a bucket's gs://BUCKET/PATH"),
+      "url output dir": ([*TINY, "--workdir", str(tmp_path / "run_url_output"), "--mode", "eval", "--output-dir",
+                          "s3://my-bucket/eval"],
+                         r"--output-dir='s3://my-bucket/eval': it must be a local path or a bucket's gs://BUCKET/PATH"),
       "url in config": ([*TINY, "--workdir", str(tmp_path / "run"), "--config.data.train_dir=s3://bucket/x"],
                         r"config\.data\.train_dir='s3://bucket/x' is a URL"),
       "workdir under a file": ([*TINY, "--workdir", str(tmp_path / "a_file" / "run")],
                                r"Not a directory: '.*a_file/run'"),
-      "manifest not json": ([*TINY, "--workdir", str(tmp_path / "run"), f"--config.data.train_dir={data['not_json']}"],
+      "manifest not json": ([*TINY, "--workdir", str(tmp_path / "run_not_json"),
+                             f"--config.data.train_dir={data['not_json']}"],
                             r"not_json/manifest\.json is not valid JSON"),
-      "garbage shard": ([*TINY, "--workdir", str(tmp_path / "run"), f"--config.data.train_dir={data['garbage']}"],
+      "garbage shard": ([*TINY, "--workdir", str(tmp_path / "run_garbage"), f"--config.data.train_dir={data['garbage']}"],
                         r"garbage/shard-00000\.array_record is not a readable ArrayRecord file"),
+      "bound": ([*TINY, "--workdir", str(tmp_path / "run_bound"), "--config.train.keep_checkpoints=0"],
+                r"^error: config\.train\.keep_checkpoints=0 must be at least 1$"),
+      "output dir in training": ([*TINY, "--workdir", str(tmp_path / "run_output"), "--output-dir", str(tmp_path / "out")],
+                                 r"--output-dir is for --mode eval and --mode export"),
   }
 
 
 @pytest.fixture(scope="module")
 def main_results(tmp_path_factory):
   """Every case of _main_cases run by `python -m grain_jax.main`, all at once (mostly imports):
-  name -> (pattern, exit status, stderr)."""
+  name -> (pattern, exit status, stderr, workdir)."""
   tmp_path = tmp_path_factory.mktemp("main")
   cases = _main_cases(tmp_path)
   cases["traceback"] = (cases["unknown field"][0], "")
@@ -139,23 +147,33 @@ def main_results(tmp_path_factory):
   results = {}
   for name, process in processes.items():
     _, stderr = process.communicate(timeout=300)
-    results[name] = (cases[name][1], process.returncode, stderr)
+    args = cases[name][0]
+    results[name] = (cases[name][1], process.returncode, stderr, args[args.index("--workdir") + 1])
   assert not os.path.exists(os.path.join(REPOSITORY, "gs:"))
   return results
 
 
 @pytest.mark.parametrize("name", ["unknown field", "missing config file", "url workdir", "url in config",
-                                  "workdir under a file", "manifest not json", "garbage shard"])
+                                  "workdir under a file", "manifest not json", "garbage shard", "bound",
+                                  "output dir in training", "url output dir"])
 def test_main_reports_a_user_error_in_one_message(main_results, name):
-  pattern, status, stderr = main_results[name]
+  pattern, status, stderr, _ = main_results[name]
   assert status == errors.USER_ERROR_STATUS, stderr[-3000:]
   assert "Traceback" not in stderr
   message = stderr.rstrip("\n").splitlines()[-1]
   assert message.startswith("error: ") and re.search(pattern, message), stderr[-3000:]
 
 
+def test_a_run_that_fails_leaves_no_empty_workdir(main_results):
+  """Config errors stop before the workdir is made; data errors come after it was made, and the run
+  removes it again as long as it holds no file."""
+  for name in ("unknown field", "url in config", "manifest not json", "garbage shard", "bound", "output dir in training"):
+    workdir = main_results[name][3]
+    assert not os.path.exists(workdir), name
+
+
 def test_main_shows_the_traceback_when_asked(main_results):
-  _, status, stderr = main_results["traceback"]
+  _, status, stderr, _ = main_results["traceback"]
   assert status not in (0, errors.USER_ERROR_STATUS)
   assert "Traceback" in stderr and "config.model.decoder.dpth is not a known field" in stderr
 

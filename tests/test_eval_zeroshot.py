@@ -1,4 +1,4 @@
-"""The Python API on a tiny model: class embeddings, their cache, classify() and ground()."""
+"""The Python API on a tiny model: class embeddings, classify() and ground()."""
 
 import numpy as np
 import pytest
@@ -79,28 +79,6 @@ def test_class_vectors_are_means_of_prompt_embeddings_per_prompt_set(model, runn
   names_only = zeroshot.class_texts(model, runner, "names", CLASSES, None, TEMPLATES)
   np.testing.assert_allclose(names_only.class_vectors[0], normalize(
       _text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)), atol=1e-5)
-
-
-def test_text_cache_skips_the_text_tower_per_checkpoint(model, runner, tmp_path, monkeypatch):
-  cache = zeroshot.TextCache("step_100", str(tmp_path))
-  first = zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
-  assert len(list(tmp_path.glob("*.npz"))) == 1
-
-  def fail(*args, **kwargs):
-    raise AssertionError("the text tower ran although the embeddings were cached")
-
-  monkeypatch.setattr(runner, "encode_texts", fail)
-  again = zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES,
-                               cache=zeroshot.TextCache("step_100", str(tmp_path)))  # from disk
-  np.testing.assert_array_equal(again.class_vectors, first.class_vectors)
-  np.testing.assert_array_equal(again.prompt_mask, first.prompt_mask)
-  with pytest.raises(AssertionError, match="text tower ran"):
-    zeroshot.class_texts(model, runner, "descriptors", CLASSES, DESCRIPTORS, TEMPLATES,
-                         cache=zeroshot.TextCache("step_200", str(tmp_path)))
-  with pytest.raises(AssertionError, match="text tower ran"):
-    zeroshot.class_texts(model, runner, "descriptors", CLASSES[:2], DESCRIPTORS, TEMPLATES, cache=cache)
-  with pytest.raises(AssertionError, match="text tower ran"):
-    zeroshot.class_texts(model, runner, "joined", CLASSES, DESCRIPTORS, TEMPLATES, cache=cache)
 
 
 def test_classify_equals_scoring_by_hand(model, runner, images, image_outputs):

@@ -2,10 +2,12 @@
 
 A tiny GRAIN model with every parameter moved off its initial value (so a transposed or misplaced
 tensor shows) is saved as a real training checkpoint, exported through `--mode export`'s function
-onto a 2x2x2 (data, fsdp, tensor) mesh, and loaded by the twins with `strict=True`.
+onto a 2x2x2 (data, fsdp, tensor) mesh, and loaded by the twins with `strict=True`. A read-only
+(archived) run exports into the folder named by --output-dir.
 """
 
 import os
+import shutil
 
 import grain
 import jax
@@ -16,6 +18,7 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.data.tokenizer import tokenize
+from grain_jax.errors import ArgumentError
 from grain_jax.export import to_torch
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch, layout, param_tree
@@ -100,6 +103,19 @@ def test_export_writes_both_files_with_the_same_tensors(exported):
   assert flat.keys() == pth.keys()
   for key, value in pth.items():
     np.testing.assert_array_equal(flat[key], value, err_msg=key)
+
+
+def test_a_read_only_run_exports_into_the_output_dir(exported, tmp_path, read_only):
+  _, _, workdir, paths = exported
+  archived = tmp_path / "archived"
+  shutil.copytree(os.path.join(workdir, "checkpoints"), archived / "checkpoints")
+  read_only(archived)
+  with pytest.raises(ArgumentError, match=rf"^the output folder {archived}/export cannot be written .*--output-dir"):
+    to_torch.export_checkpoint(tiny_config(), str(archived))
+  out = to_torch.export_checkpoint(tiny_config(), str(archived), directory=str(tmp_path / "out"))
+  assert out == {kind: str(tmp_path / "out" / os.path.basename(path)) for kind, path in paths.items()}
+  assert open(out["safetensors"], "rb").read() == open(paths["safetensors"], "rb").read()
+  assert os.listdir(archived) == ["checkpoints"]
 
 
 def test_twins_reproduce_the_jax_model(exported):

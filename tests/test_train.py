@@ -1,5 +1,6 @@
-"""Training: exact resume, checkpoint fallback, a changed config, non-finite skipping, weight-decay mask,
-accumulation."""
+"""Training: exact resume, checkpoint fallback, a changed config, what stops a run before it writes (a
+config error, another run in the workdir, a checkpoint past num_steps) and during it (a failed save,
+the workdir deleted), non-finite skipping, weight-decay mask, accumulation."""
 
 import json
 import os
@@ -14,11 +15,12 @@ from flax import nnx
 from grain_jax.config import ConfigError, load_config
 from grain_jax.data import pipeline, text_packing
 from grain_jax.models.grain import build_model
-from grain_jax.train import optim, trainer
-from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from grain_jax.train import optim, trainer, workdir_lock
+from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, CheckpointSaveError
 from grain_jax.train.metrics_writer import MetricsWriter, drop_rows_after
 from grain_jax.train.step import TrainState, make_train_step, split_micro_batches
-from tests.test_checkpoint import flip_bytes
+from grain_jax.train.step_report import StepReport
+from tests.test_checkpoint import fill_the_disk_at, flip_bytes
 
 NUM_STEPS = 6
 
@@ -114,6 +116,66 @@ def test_a_checkpoint_of_another_model_stops_the_run_before_it_writes(runs, tmp_
     trainer.train(config, workdir)
   assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+
+
+def files_of(workdir) -> dict[str, float]:
+  """Every file under `workdir` with its modification time."""
+  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+          for root, _, names in os.walk(workdir) for name in names}
+
+
+@pytest.mark.parametrize("overrides", [dict(grad_accum_steps=3), dict(keep_checkpoints=0), dict(checkpoint_every=0)])
+def test_a_config_error_stops_the_run_before_it_makes_the_workdir(tmp_path, overrides):
+  with pytest.raises(ConfigError, match="|".join(f"config\\.train\\.{field}={value}" for field, value in overrides.items())):
+    trainer.train(train_config(**overrides), str(tmp_path / "run"))
+  assert os.listdir(tmp_path) == []
+
+
+def test_a_second_trainer_in_the_workdir_stops_before_it_writes(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs[0], workdir)
+  before = files_of(workdir)
+  with workdir_lock.held(workdir):
+    with pytest.raises(workdir_lock.WorkdirLockedError, match=f"holds the workdir {workdir} .*pid {os.getpid()}"):
+      trainer.train(train_config(num_steps=NUM_STEPS + 3), workdir)
+    assert {path: time for path, time in files_of(workdir).items() if not path.endswith("lock")} == before
+
+
+def test_num_steps_below_the_newest_checkpoint_is_refused_before_it_writes(runs, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(runs[0], workdir)
+  before = files_of(workdir)
+  with pytest.raises(ConfigError, match=rf"num_steps={NUM_STEPS - 1} is below the step of the newest checkpoint in "
+                                        rf".*, {NUM_STEPS}: nothing to train"):
+    trainer.train(train_config(num_steps=NUM_STEPS - 1), workdir)
+  assert files_of(workdir) == before
+
+
+def test_a_failed_asynchronous_save_stops_training_at_the_next_step(tmp_path, monkeypatch):
+  """A full disk while step 4 is saved in the background: the run stops within a step or two, naming
+  the cause and the newest committed step, instead of training on to the end."""
+  fill_the_disk_at(4, monkeypatch)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(CheckpointSaveError, match=r"^saving the checkpoint of step 4 in .* failed \(OSError: \[Errno 28\] "
+                                                r"No space left on device\); .*newest committed checkpoint is step 2"):
+    trainer.train(train_config(num_steps=40, checkpoint_every=2, async_checkpointing=True), workdir)
+  assert 4 <= max(metric_steps(workdir)) < 10
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:1] == ["2"]
+
+
+def test_a_workdir_deleted_under_the_trainer_stops_it_before_the_next_save(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  ended = StepReport.ended
+
+  def delete_the_workdir_after_step_1(self, step, *args):
+    ended(self, step, *args)
+    if step == 0:
+      shutil.rmtree(workdir)
+
+  monkeypatch.setattr(StepReport, "ended", delete_the_workdir_after_step_1)
+  with pytest.raises(workdir_lock.WorkdirLostError, match=r"lock was deleted while this run held it"):
+    trainer.train(train_config(num_steps=4, checkpoint_every=2), workdir)
+  assert not os.path.exists(workdir)  # no checkpoint written where no run will find it
 
 
 def test_a_changed_config_keeps_the_earlier_config_json(tmp_path):

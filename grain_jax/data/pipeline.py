@@ -1,9 +1,9 @@
 """The training input pipeline on Grain: record shards -> per-host batches of numpy arrays.
 
-  source (ArrayRecord) -> seeded global shuffle -> repeat -> decode + tokenize (lazily, only the
-  rows this host reads) -> this host's rows of each global batch (thread pool) -> skip / count
-  bad records -> batch [in num_workers processes when > 0] -> merge the counts, stop if too many
-  records are bad
+  source (ArrayRecord; a record whose bytes do not read is a bad record) -> seeded global shuffle
+  -> repeat -> decode + tokenize (lazily, only the rows this host reads) -> this host's rows of each
+  global batch (thread pool) -> skip / count bad records -> batch [in num_workers processes when
+  > 0] -> merge the counts, stop if too many records are bad
 
 The order and the random choices are those of the global dataset, so one process and several
 processes with the same global batch see the same global batches (as long as no record is skipped
@@ -92,7 +92,7 @@ class _BatchIterator(grain.DatasetIterator):
                source: str):
     super().__init__(parent)
     self._batch_size = batch_size
-    self._locate = locate  # record index -> shard file, to name it in errors
+    self._locate = locate  # record index -> (shard file, number in it), to name them in errors
     self._max_bad_fraction = max_bad_fraction
     self._source = source
 
@@ -107,7 +107,11 @@ class _BatchIterator(grain.DatasetIterator):
           raise
         return None, report.get_state()  # the last records, too few for a batch, still count
       skipped = example is None
-      report.add(reasons, skipped, self._locate(index) if skipped else "")
+      if skipped:
+        path, position = self._locate(index)
+        report.add(reasons, skipped, path, f"{path}, record {position}")
+      else:
+        report.add(reasons, skipped)
       if skipped:
         report.check()
       else:
@@ -204,7 +208,7 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
   dataset = _HostRows(dataset, process_index, process_count, global_batch_size // process_count)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                       prefetch_buffer_size=4 * read_threads))
-  locate = functools.partial(records.shard_of, data_dir, manifest)
+  locate = functools.partial(records.record_location, data_dir, manifest)
   dataset = _BatchDataset(dataset, global_batch_size // process_count, locate, max_bad_fraction, data_dir)
   if num_workers > 0:
     # Grain's worker processes read absl flags; programs that don't parse absl flags (pytest,

@@ -15,6 +15,7 @@ from grain_jax.errors import UserError
 
 # Reasons a record is skipped.
 UNREADABLE_RECORD = "unreadable_record"
+DAMAGED_RECORD = "damaged_record"        # the shard's bytes do not read (a corrupt block, a truncated chunk)
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 NON_UTF8_TEXT = "non_utf8_text"
@@ -109,6 +110,7 @@ class DataStats:
 
   The trainer logs `summary()`; `get_state()` / `set_state()` travel with the iterator state so
   that counts survive a restart; `merge()` adds the counts gathered elsewhere (a worker, a shard).
+  The first skipped record of each reason is kept by where it is (`first_skipped`), for the error.
   """
 
   def __init__(self, max_bad_fraction: float = 0.05, min_records: int = MIN_RECORDS, source: str = ""):
@@ -119,13 +121,17 @@ class DataStats:
     self.skipped = collections.Counter()
     self.fixed = collections.Counter()
     self.bad_by_file = collections.Counter()
+    self.first_skipped: dict[str, str] = {}
 
-  def add(self, reasons: Iterable[str], skipped: bool, file: str = "") -> None:
-    """Accounts one record: `reasons` are its skip reason or repairs; `file` where it lives."""
+  def add(self, reasons: Iterable[str], skipped: bool, file: str = "", record: str = "") -> None:
+    """Accounts one record: `reasons` are its skip reason or repairs; `file` where it lives and
+    `record` where in it (`"<file>, record 12"`)."""
     self.seen += 1
     if skipped:
       self.skipped.update(reasons)
       self.bad_by_file[file] += 1
+      for reason in reasons:
+        self.first_skipped.setdefault(reason, record or file)
     else:
       self.fixed.update(reasons)
 
@@ -138,10 +144,12 @@ class DataStats:
     if self.seen < self.min_records or self.num_skipped <= self.max_bad_fraction * self.seen:
       return
     worst, count = self.bad_by_file.most_common(1)[0]
+    first = "; ".join(f"{reason} at {where}" for reason, where in sorted(self.first_skipped.items()) if where)
     raise BadDataError(
         f"{self.num_skipped} of {self.seen} records read from {self.source or 'the dataset'} "
         f"were skipped as bad (more than max_bad_fraction={self.max_bad_fraction}); "
-        f"reasons {dict(self.skipped)}; {count} of them in {worst or 'the input'}. "
+        f"reasons {dict(self.skipped)}; {count} of them in {worst or 'the input'}"
+        f"{f' (the first of each reason: {first})' if first else ''}. "
         "Fix or re-convert the data, or raise config.data.max_bad_fraction.")
 
   def summary(self) -> dict[str, int]:
@@ -157,13 +165,16 @@ class DataStats:
     self.skipped.update(state["skipped"])
     self.fixed.update(state["fixed"])
     self.bad_by_file.update(state["bad_by_file"])
+    for reason, where in state.get("first_skipped", {}).items():
+      self.first_skipped.setdefault(reason, where)
 
   def get_state(self) -> dict[str, Any]:
     return {"seen": self.seen, "skipped": dict(self.skipped), "fixed": dict(self.fixed),
-            "bad_by_file": dict(self.bad_by_file)}
+            "bad_by_file": dict(self.bad_by_file), "first_skipped": dict(self.first_skipped)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.seen = int(state["seen"])
     self.skipped = collections.Counter(state["skipped"])
     self.fixed = collections.Counter(state["fixed"])
     self.bad_by_file = collections.Counter(state["bad_by_file"])
+    self.first_skipped = dict(state.get("first_skipped", {}))  # absent in states saved before it was kept

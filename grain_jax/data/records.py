@@ -12,10 +12,11 @@ Records are msgpack maps so that any tool can read them without this package.
 
 import dataclasses
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple, SupportsIndex
 
 import grain
 import msgpack
@@ -62,8 +63,20 @@ def serialize(record: Record) -> bytes:
   })
 
 
-def deserialize(data: bytes) -> Record:
+class DamagedRecord(NamedTuple):
+  """What `RecordSource` gives for a record whose bytes do not read: where it is and why."""
+  path: str
+  position: int  # the record's number in its shard
+  error: str
+
+  def __str__(self) -> str:
+    return f"{self.path}, record {self.position}: {self.error}"
+
+
+def deserialize(data: bytes | DamagedRecord) -> Record:
   """Parses a serialized record; raises quality.BadRecordError with the reason if it can't."""
+  if isinstance(data, DamagedRecord):
+    raise quality.BadRecordError(quality.DAMAGED_RECORD, str(data))
   try:
     fields = msgpack.unpackb(data)
   except UnicodeDecodeError as e:
@@ -170,11 +183,31 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   return manifest
 
 
-def data_source(data_dir: str, manifest: dict[str, Any]) -> grain.sources.ArrayRecordDataSource:
+class RecordSource:
+  """The records of a dataset's shards, concatenated (a Grain random-access source): the bytes of
+  record `index`, or a DamagedRecord (logged) where they do not read, so that a corrupt block of a
+  shard costs its records, counted as bad, and not the run."""
+
+  def __init__(self, shards: grain.sources.ArrayRecordDataSource, data_dir: str, manifest: dict[str, Any]):
+    self._shards, self._data_dir, self._manifest = shards, data_dir, manifest
+
+  def __len__(self) -> int:
+    return len(self._shards)
+
+  def __getitem__(self, index: SupportsIndex) -> bytes | DamagedRecord:
+    try:
+      return self._shards[index]
+    except (RuntimeError, OSError) as error:  # ArrayRecord's "Corrupted Riegeli/records file: ... at byte N"
+      damaged = DamagedRecord(*record_location(self._data_dir, self._manifest, int(index)), str(error))
+      logging.warning("skipping a damaged record: %s", damaged)
+      return damaged
+
+
+def data_source(data_dir: str, manifest: dict[str, Any]) -> RecordSource:
   """The records of the dataset's shards, concatenated; an unreadable shard is named in the error."""
   paths = shard_paths(data_dir, manifest)
   try:
-    return grain.sources.ArrayRecordDataSource(paths)
+    return RecordSource(grain.sources.ArrayRecordDataSource(paths), data_dir, manifest)
   except RuntimeError:
     # ArrayRecord's message does not say which file; opening them one by one finds it.
     for path in paths:
@@ -190,11 +223,11 @@ def shard_paths(data_dir: str, manifest: dict[str, Any]) -> list[str]:
   return [os.path.join(data_dir, s["file"]) for s in manifest["shards"] if s["count"]]
 
 
-def shard_of(data_dir: str, manifest: dict[str, Any], index: int) -> str:
-  """The shard file that holds record `index` of the concatenated dataset."""
+def record_location(data_dir: str, manifest: dict[str, Any], index: int) -> tuple[str, int]:
+  """(the shard file, the record's number in it) of record `index` of the concatenated dataset."""
   counts = [s["count"] for s in manifest["shards"] if s["count"]]
-  shard = int(np.searchsorted(np.cumsum(counts), index, side="right"))
-  return shard_paths(data_dir, manifest)[min(shard, len(counts) - 1)]
+  shard = min(int(np.searchsorted(np.cumsum(counts), index, side="right")), len(counts) - 1)
+  return shard_paths(data_dir, manifest)[shard], index - sum(counts[:shard])
 
 
 def read_records(data_dir: str) -> Iterable[Record]:

@@ -1,10 +1,11 @@
-"""Setup of Grain's data worker processes, so that they outlive a preemption notice and not their
-trainer.
+"""Setup of Grain's data worker processes, so that they outlive a preemption notice or a Ctrl-C and
+not their trainer.
 
 Launchers deliver a preemption notice (SIGTERM) to every process of the job: a TPU VM's process
-group, every process of a SLURM step, a Kubernetes container. The trainer answers by saving after a
-step (grain_jax/train/preemption.py), and with several processes it needs one more batch first, so
-its workers must not die of that signal: they ignore it. They still end with the trainer: on a
+group, every process of a SLURM step, a Kubernetes container; a terminal delivers a Ctrl-C (SIGINT)
+to every process of its foreground group. The trainer answers either by saving after a step
+(grain_jax/train/preemption.py), and it may need one more batch first, so its workers must not die
+of those signals: they ignore them. They still end with the trainer: on a
 normal exit Grain stops them (it closes its iterators before multiprocessing terminates daemon
 processes), and when the trainer dies without that (SIGKILL, os._exit) a watchdog thread in each
 worker sees it reparented and exits.
@@ -28,5 +29,6 @@ def init_worker(worker_index: int, worker_count: int) -> None:
   """Grain's `worker_init_fn`: run first in each worker process."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True,
                    name="exit_when_orphaned").start()

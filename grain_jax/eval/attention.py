@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.eval import grounding
 from grain_jax.eval.runner import Runner, image_embeddings
 from grain_jax.ops import boxes as box_ops
-from grain_jax.train import workdir_files
 
 
 def patch_maps(weights: jax.Array) -> jax.Array:
@@ -77,7 +77,7 @@ def _picture(image, boxes: np.ndarray, phrases, attention: np.ndarray, title: st
   for x, panel, label in ((0, truth, "true boxes"), (size + 8, overlay, title)):
     picture.paste(panel, (x, 16))
     ImageDraw.Draw(picture).text((x + 2, 2), label, fill="black", font=ImageFont.load_default())
-  workdir_files.write_through(path, lambda f: picture.save(f, format="PNG"))
+  files.write_through(path, lambda f: picture.save(f, format="PNG"))
   return path
 
 

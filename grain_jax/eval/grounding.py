@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.data import examples
 from grain_jax.data import quality
@@ -25,7 +26,6 @@ from grain_jax.data import records
 from grain_jax.eval.runner import Runner, embed_images, eval_copy, load_images
 from grain_jax.ops import boxes as box_ops
 from grain_jax.ops import localization
-from grain_jax.train import workdir_files
 
 # Box outline colours, one per region query (cycled).
 _COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -146,7 +146,7 @@ def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes:
     for x, panel, title in ((0, truth, "true boxes"), (size + gap, predicted, "predicted (chosen query)")):
       picture.paste(panel, (x, 16))
       ImageDraw.Draw(picture).text((x + 2, 2), title, fill="black", font=ImageFont.load_default())
-  workdir_files.write_through(path, lambda f: picture.save(f, format="PNG"))
+  files.write_through(path, lambda f: picture.save(f, format="PNG"))
   return path
 
 

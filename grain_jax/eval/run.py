@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.data import pipeline
 from grain_jax.data import prompts
@@ -26,10 +27,10 @@ from grain_jax.eval import heads as heads_lib
 from grain_jax.eval import probe
 from grain_jax.eval import protocol
 from grain_jax.eval import retrieval
+from grain_jax.eval import text_cache
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner, Subset, eval_copy, model_image_size, runner_from_config, spread
 from grain_jax.ops import localization
-from grain_jax.train import workdir_files
 
 
 def _subset_retrieval(data: eval_sets.RetrievalSet, keep: np.ndarray) -> eval_sets.RetrievalSet:
@@ -73,7 +74,7 @@ def _fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict | None:
 
 
 def _classification(model, runner: Runner, entry: str, config, workdir: str, settings: dict,
-                    cache: zeroshot.TextCache) -> dict:
+                    cache: text_cache.TextCache) -> dict:
   dataset = datasets.classification(entry, config, workdir)
   data, cfg = dataset.data, config.eval
   if dataset.alignment in ("mixed", "partial"):
@@ -169,7 +170,7 @@ def check_settings(cfg) -> None:
 
 
 def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
-                   checkpoint_id: str = "") -> dict:
+                   checkpoint_id: str = "", out_dir: str = "") -> dict:
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
 
   Args:
@@ -181,7 +182,9 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     workdir: the run's directory; results go to workdir/eval.
     mesh: the mesh the model lives on, or None for the default device.
     checkpoint_id: names the weights (e.g. the step); when set, class text embeddings are cached
-      under workdir/eval/text_cache and reused by later evaluations of the same weights.
+      under workdir/eval/text_cache, keyed by the text tower's weights (eval/text_cache.py), and
+      reused by later evaluations of the same weights.
+    out_dir: where results, pictures and the cache go instead of workdir/eval (a read-only workdir).
 
   Returns:
     {"model", "settings", "classification", "classification_average", "retrieval", "grounding", "attention",
@@ -192,9 +195,10 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   settings = protocol.settings(cfg)
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = out_dir or os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
-  cache = zeroshot.TextCache(checkpoint_id, os.path.join(out_dir, "text_cache") if checkpoint_id else "")
+  cache = text_cache.TextCache(model, heads_lib.ClassTexts,
+                               os.path.join(out_dir, "text_cache") if checkpoint_id else "")
   image_size = model_image_size(model)
   results = {
       "model": {"kind": model.kind, "checkpoint": checkpoint_id},
@@ -232,7 +236,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     name, path = datasets.probe(entry, config, workdir)
     results["probes"][name] = probe.evaluate(model, runner, path, image_size)
   if writer:
-    workdir_files.replace_durably(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
+    files.replace_durably(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     print(format_table(results), flush=True)
   return results
 

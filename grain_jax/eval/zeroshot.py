@@ -6,63 +6,18 @@ Without descriptors only "names/global" runs: classic CLIP zero-shot.
 """
 
 import collections
-import dataclasses
 import functools
-import hashlib
-import io
-import json
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from grain_jax.data import prompts
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
-from grain_jax.train import workdir_files
-
-
-class TextCache:
-  """Class embeddings of one checkpoint, kept per (class list, descriptors, prompts).
-
-  In memory always; also as .npz files under `directory` when one is given, so evaluating the
-  same checkpoint again skips the text tower. `checkpoint_id` must change whenever the weights do.
-  """
-
-  def __init__(self, checkpoint_id: str, directory: str = ""):
-    self._checkpoint_id, self._directory = checkpoint_id, directory
-    self._memory: dict[str, ClassTexts] = {}
-
-  def key(self, *parts) -> str:
-    text = json.dumps([self._checkpoint_id, *parts], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-  def _path(self, key: str) -> str:
-    return os.path.join(self._directory, f"{key}.npz")
-
-  def get(self, key: str) -> ClassTexts | None:
-    if key not in self._memory and self._directory and self._on_every_host(workdir_files.exists(self._path(key))):
-      with np.load(io.BytesIO(workdir_files.read_bytes(self._path(key)))) as stored:
-        self._memory[key] = ClassTexts(**{k: stored[k] for k in stored.files})
-    return self._memory.get(key)
-
-  @staticmethod
-  def _on_every_host(found: bool) -> bool:
-    # Hosts must agree: one that skipped the text tower would leave the others' collectives hanging.
-    if jax.process_count() == 1:
-      return found
-    return bool(multihost_utils.process_allgather(np.array(found)).all())
-
-  def put(self, key: str, value: ClassTexts) -> None:
-    self._memory[key] = value
-    if self._directory and jax.process_index() == 0:
-      arrays = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)
-                if getattr(value, f.name) is not None}
-      workdir_files.write_through(self._path(key), lambda f: np.savez(f, **arrays))
+from grain_jax.eval.text_cache import TextCache
 
 
 def _prompts_of(prompt_set: str, name: str, described: Sequence[str] | None, template_set: Sequence[str],

@@ -1,7 +1,7 @@
 """Export: the newest Orbax checkpoint of a run -> the reference's PyTorch checkpoint layout.
 
-`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix]` writes
-into `DIR/export/`:
+`python -m grain_jax.main --config C --workdir DIR --mode export [--export-module-prefix] [--output-dir OUT]`
+writes into `DIR/export/` (or OUT; DIR is only read):
   grain_clip.pth          `{'backbone_state_dict', 'state_dict', 'config', 'epoch', 'iteration'}` (no
                           `state_dict` for the plain-CLIP baseline), loadable with `strict=True` by
                           the reference's model classes and by `grain_jax.export.torch_modules`;
@@ -22,12 +22,13 @@ import os
 import jax
 from flax import nnx
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import validate
+from grain_jax.errors import output_dir
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
-from grain_jax.train import workdir_files
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
@@ -95,27 +96,28 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
            "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
   checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
                 for group, tensors in groups.items()}
-  workdir_files.write_through(
+  files.write_through(
       paths["pth"], lambda f: torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), f))
-  workdir_files.replace_durably(paths["safetensors"], save(
+  files.replace_durably(paths["safetensors"], save(
       {f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
       metadata={"config": json.dumps(metadata)}))
   return paths
 
 
-def export_checkpoint(config, workdir: str, module_prefix: bool = False) -> dict[str, str]:
-  """`--mode export`: the newest checkpoint in `workdir` -> `workdir/export/` (see the module doc)."""
+def export_checkpoint(config, workdir: str, module_prefix: bool = False, directory: str = "") -> dict[str, str]:
+  """`--mode export`: the newest checkpoint in `workdir` -> `directory` (default `workdir/export/`;
+  see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
   validate(config, num_devices=jax.device_count())
+  directory = output_dir(directory, workdir, "export")
   step, params = restore_params(config, workdir)
   state_dicts = layout.to_reference(param_tree.flatten(params), config.model, fetch=param_tree.to_host)
-  directory = os.path.join(workdir, "export")
   paths = {}
   if jax.process_index() == 0:
     message = extension_message(config.model)
     if message:
       print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
-    sizes = {kind: f"{workdir_files.size(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
+    sizes = {kind: f"{files.size(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
     print(f"exported step {step} of {checkpoint.checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
   return paths
 

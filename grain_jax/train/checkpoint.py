@@ -22,7 +22,11 @@ Orbax's barrier in it until that barrier times out.
 
 What a kill loses: the steps since the newest committed checkpoint. With synchronous saves that is
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
-save waits for it, so a kill loses at most 2 x `checkpoint_every` steps.
+save waits for it, so a kill loses at most 2 x `checkpoint_every` steps. A save cut short leaves a
+`<step>.orbax-checkpoint-tmp-*` folder, which a writable Checkpointer removes (logged): the workdir
+lock makes sure no other run is writing it. (In a gs:// workdir it leaves a `<step>` folder without
+Orbax's `commit_success.txt`, which is never restored and which a save of that step replaces.) A save that fails (a full disk) stops training at the
+next step (`check()`) with CheckpointSaveError, which names the newest committed checkpoint.
 """
 
 import logging
@@ -31,14 +35,14 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from grain_jax import files
+from grain_jax.checksums import checksums, leaf_checks, leaf_names, to_host
 from grain_jax.errors import UserError
-from grain_jax.train import workdir_files
+from grain_jax.processes import any_process
 from grain_jax.train.step import TrainState
 
 UNREADABLE = "unreadable"
@@ -59,18 +63,14 @@ class NoReadableCheckpointError(UserError, RuntimeError):
   """A directory holds checkpoints, and every one of them is corrupt."""
 
 
-def _path(key) -> str:
-  return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
-
-
-def _names(tree) -> list[str]:
-  """`"params/decoder/..."` of every leaf, in `jax.tree.leaves` order."""
-  return ["/".join(_path(key) for key in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+class CheckpointSaveError(UserError, RuntimeError):
+  """A checkpoint could not be written (a full disk, no permission): fixing the cause and running the
+  same command again resumes from the newest committed checkpoint."""
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
   """`{"params/decoder/...": shape}` of every leaf (arrays, ShapeDtypeStructs, Orbax ArrayMetadata)."""
-  return dict(zip(_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
+  return dict(zip(leaf_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
 
 
 def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]],
@@ -91,85 +91,88 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple
   return "; ".join(parts)
 
 
-def _bits(x: jax.Array) -> jax.Array:
-  """`x`'s bit pattern as uint32 values (an 8-byte type gives two per value)."""
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  if x.dtype.itemsize >= 4:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+def remove_unfinished_saves(directory: str) -> None:
+  """Removes (logged) the temporary folders of saves that never committed under `directory`
+  (process 0; the others wait for it). Only for the run that holds the workdir's lock.
 
-
-def _checksum(x: jax.Array) -> jax.Array:
-  """A uint32 checksum of `x`'s values: each value's bits mixed with its position, summed modulo 2**32.
-
-  The sum does not depend on the order of the additions, so every sharding and process count gives
-  the same checksum; the mixing (murmur3's finalizer) makes a changed or moved value change it.
-  """
-  bits = _bits(x)
-  strides = np.cumprod((1,) + bits.shape[:0:-1])[::-1] if bits.ndim else ()
-  index = sum((jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(int(stride) % 2**32)
-               for axis, stride in enumerate(strides)), jnp.zeros(bits.shape, jnp.uint32))
-  mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
-  mixed = (mixed ^ (mixed >> 13)) * jnp.uint32(0xC2B2AE35)
-  return jnp.sum(mixed ^ (mixed >> 16), dtype=jnp.uint32)
-
-
-@jax.jit
-def _leaf_checks(tree) -> tuple[jax.Array, jax.Array]:
-  """(checksum of every leaf `[n]` uint32, whether every floating value is finite)."""
-  leaves = jax.tree.leaves(tree)
-  finite = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-  return jnp.stack([_checksum(x) for x in leaves]), jnp.all(jnp.stack(finite)) if finite else jnp.array(True)
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The value of a result of `_leaf_checks` on this host, also when it spans several processes."""
-  return np.asarray(x if x.is_fully_addressable else multihost_utils.process_allgather(x, tiled=True))
-
-
-def checksums(tree) -> dict[str, int]:
-  """`{"params/decoder/...": checksum}` of every array of `tree` (a collective with several processes)."""
-  values, _ = _leaf_checks(tree)
-  return dict(zip(_names(tree), (int(v) for v in _to_host(values)), strict=True))
-
-
-def _any_process(flag: bool) -> bool:
-  """Whether `flag` is true on any process: every process then takes the same branch."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+  Such folders are those of a local (or mounted) directory: in a gs:// bucket Orbax writes a step's
+  objects under their final names and marks the step committed last (`commit_success.txt`), and a
+  step without that mark is never restored."""
+  suffix = ocp.path.atomicity_types.TMP_DIR_SUFFIX
+  if jax.process_index() == 0 and files.is_dir(directory):
+    for name in files.listdir(directory):
+      path = os.path.join(directory, name)
+      if suffix in name and files.is_dir(path):
+        size = files.tree_size(path) / 2**20
+        files.remove_tree(path)
+        logging.warning("removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path,
+                        size)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("grain_jax_checkpoint_unfinished_saves_removed")
 
 
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints: the absolute `<workdir>/checkpoints`."""
-  return os.path.join(workdir_files.absolute(workdir), "checkpoints")
+  return os.path.join(files.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:
   """Keeps the newest `keep` checkpoints of `TrainState` + data iterator under `directory`.
 
-  `read_only` (evaluation, export): a corrupt checkpoint is skipped, not moved aside.
+  `read_only` (evaluation, export): a corrupt checkpoint is skipped, not moved aside, and nothing
+  is removed; otherwise the folders of saves that never committed are removed first.
   """
 
   def __init__(self, directory: str, keep: int, async_save: bool = True, read_only: bool = False):
     self.directory = directory
     self.read_only = read_only
+    self._pending: int | None = None  # the step of the newest save not yet known to have committed
+    if not read_only:
+      remove_unfinished_saves(directory)
     self.manager = ocp.CheckpointManager(
         directory, item_names=("state", "data", CHECKSUMS),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              create=not read_only, read_only=read_only))
 
   def save(self, state: TrainState, data_iterator) -> None:
-    """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums."""
-    tree = state._asdict()
-    self.manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
-        **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
+    """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums,
+    once the previous save has committed.
+
+    Raises:
+      CheckpointSaveError when the previous save or this one (when synchronous) failed.
+    """
+    self.wait()
+    step, tree = int(state.step), state._asdict()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
+          **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
+    except Exception as error:  # noqa: BLE001 - whatever the storage raised, the run stops on one line
+      raise self._save_error(step, error) from error
+    self._pending = step
+
+  def check(self) -> None:
+    """Raises CheckpointSaveError when an asynchronous save has failed; returns at once while it is in
+    progress. Call at every step: a failed save stops the run at the step after it is known."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves have committed."""
-    self.manager.wait_until_finished()
+    """Blocks until pending asynchronous saves have committed; raises CheckpointSaveError when one failed."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # noqa: BLE001
+      raise self._save_error(step, error) from error
+
+  def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    self.manager.reload()  # the steps that committed, read from the directory
+    committed = self.manager.latest_step()
+    newest = (f"the newest committed checkpoint is step {committed}, where running the same command again resumes"
+              if committed is not None else "no checkpoint has committed in this workdir")
+    cause = " ".join(f"{type(error).__name__}: {error}".split())
+    return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed ({cause}); training "
+                               f"stopped; {newest} once the cause (a full disk, say) is fixed")
 
   def restore_latest(self, like: TrainState) -> TrainState | None:
     """The newest intact checkpoint's state restored into `like`'s shapes and shardings; None when
@@ -210,7 +213,7 @@ class Checkpointer:
           f"pipeline ({type(e).__name__}: {e}). config.data.num_workers or the number of processes "
           f"({jax.process_count()} now) differs from the run that saved it: run with the same values, or use a "
           "new --workdir. Nothing was moved.")
-    if _any_process(error is not None):
+    if any_process(error is not None):
       raise error or CheckpointMismatchError(f"another process could not restore the data position of step {step} "
                                              f"in {self.directory}; see its log")
 
@@ -225,15 +228,15 @@ class Checkpointer:
     for step in steps:
       outcome, restored = self._read(step, state_args, wanted)
       mismatch = isinstance(outcome, CheckpointMismatchError)
-      if _any_process(mismatch):
+      if any_process(mismatch):
         raise outcome if mismatch else CheckpointMismatchError(
             f"another process found that the checkpoint at step {step} in {self.directory} does not fit this "
             "config; see its log")
-      if _any_process(outcome is not None):
+      if any_process(outcome is not None):
         unread.append((step, outcome or "another process could not read it; see its log"))
         continue
       problem = self._corruption(step, *restored)
-      if _any_process(bool(problem)):
+      if any_process(bool(problem)):
         problem = problem or "another process found it corrupt"
         problems.append(f"step {step}: {problem}")
         self._set_aside(step, f"is corrupt ({problem})")
@@ -268,7 +271,7 @@ class Checkpointer:
           "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
           "that run's config) and set config.model.init_from to the exported .safetensors file."), ()
     items = dict(state=state_args)
-    if workdir_files.is_dir(os.path.join(step_dir, CHECKSUMS)):
+    if files.is_dir(os.path.join(step_dir, CHECKSUMS)):
       items[CHECKSUMS] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -286,17 +289,17 @@ class Checkpointer:
   def _corruption(self, step: int, state: dict, saved: dict | None) -> str:
     """What proves the restored `state` corrupt ("" = nothing): checksums that differ from the
     `saved` ones, or values that are not finite. A collective with several processes."""
-    values, finite = _leaf_checks(state)
-    names = _names(state)
+    values, finite = leaf_checks(state)
+    names = leaf_names(state)
     if saved is None:
       logging.warning("the checkpoint at step %d in %s has no %s (saved by an earlier grain_jax): only the "
                       "finiteness of its values is checked", step, self.directory, CHECKSUMS)
       differ = []
     else:
-      differ = [name for name, value in zip(names, _to_host(values), strict=True) if saved.get(name) != int(value)]
+      differ = [name for name, value in zip(names, to_host(values), strict=True) if saved.get(name) != int(value)]
     if differ:
       return f"{len(differ)} arrays do not match their {CHECKSUMS} ({', '.join(differ[:5])})"
-    return "" if bool(_to_host(finite)) else "it holds values that are not finite (NaN or inf)"
+    return "" if bool(to_host(finite)) else "it holds values that are not finite (NaN or inf)"
 
   def _set_aside(self, step: int, problem: str) -> None:
     """Logs that the checkpoint at `step` `problem` ("is corrupt (...)") and, unless read-only, moves
@@ -307,21 +310,23 @@ class Checkpointer:
     unreadable = os.path.join(self.directory, UNREADABLE)
     aside = os.path.join(unreadable, str(step))
     suffix = 1
-    while workdir_files.exists(aside):
+    while files.exists(aside):
       aside, suffix = os.path.join(unreadable, f"{step}.{suffix}"), suffix + 1
     if jax.process_index() == 0:
-      workdir_files.rename(self._step_dir(step), aside)
+      files.rename(self._step_dir(step), aside)
       # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
       logging.warning("checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
                       "them when they are no longer needed", step, self.directory, problem, aside, unreadable,
-                      len(workdir_files.listdir(unreadable)), workdir_files.tree_size(unreadable) / 2**20)
+                      len(files.listdir(unreadable)), files.tree_size(unreadable) / 2**20)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()
 
   def close(self) -> None:
-    self.wait()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def restore_params(workdir: str, like_params: Any) -> tuple[int, Any]:

@@ -17,7 +17,7 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
-from grain_jax.train import workdir_files
+from grain_jax import files
 
 
 def _step(line: str) -> int | None:
@@ -33,9 +33,9 @@ def _step(line: str) -> int | None:
 def drop_rows_after(path: str, step: int) -> None:
   """Rewrites the JSON-lines file `path` (atomically) without its rows whose "step" is past `step`,
   and without lines that are not rows (counted in a warning)."""
-  if not workdir_files.exists(path):
+  if not files.exists(path):
     return
-  lines = workdir_files.read_text(path).splitlines(keepends=True)
+  lines = files.read_text(path).splitlines(keepends=True)
   steps = [_step(line) for line in lines]
   kept = [line for line, row_step in zip(lines, steps) if row_step is not None and row_step <= step]
   unreadable = steps.count(None)
@@ -43,7 +43,7 @@ def drop_rows_after(path: str, step: int) -> None:
     logging.warning("%s: dropped %d lines that are not JSON rows with a step (a row cut short by a kill, or "
                     "garbage)", path, unreadable)
   if len(kept) < len(lines):
-    workdir_files.replace_durably(path, "".join(kept))
+    files.replace_durably(path, "".join(kept))
 
 
 class MetricsWriter:
@@ -55,9 +55,9 @@ class MetricsWriter:
     self.active = jax.process_index() == 0
     if self.active:
       self.path = os.path.join(workdir, "metrics.jsonl")
-      if first_step == 0 and workdir_files.exists(self.path) and workdir_files.size(self.path):
+      if first_step == 0 and files.exists(self.path) and files.size(self.path):
         logging.warning("this run starts from step 0: the earlier run's %s is now %s", self.path,
-                        workdir_files.keep_earlier(self.path))
+                        files.keep_earlier(self.path))
       drop_rows_after(self.path, first_step)
       self.summary = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -71,7 +71,7 @@ class MetricsWriter:
       scalars.update({f"data/skipped_{reason}": float(count) for reason, count in data_stats.skipped.items()})
     for name, value in scalars.items():
       self.summary.add_scalar(name, value, step)
-    workdir_files.append_line(self.path, json.dumps(dict(step=step, **scalars)) + "\n")
+    files.append_line(self.path, json.dumps(dict(step=step, **scalars)) + "\n")
     self.summary.flush()
 
   def close(self) -> None:

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import ConfigError, validate
 from grain_jax.data import pipeline
@@ -26,12 +27,13 @@ from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
 from grain_jax.train import preemption
+from grain_jax.train import workdir_files
+from grain_jax.train import workdir_lock
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step import TrainState, make_train_step
 from grain_jax.train.step_report import StepReport
-from grain_jax.train import workdir_files
 
 
 def text_groups(config, batch_shards: int) -> int:
@@ -167,12 +169,11 @@ def write_config(config, workdir: str) -> None:
   """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
   path = os.path.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2)
-  if workdir_files.exists(path):
-    if workdir_files.read_text(path) == text:
+  if files.exists(path):
+    if files.read_text(path) == text:
       return
-    logging.warning("the config differs from %s's; the earlier one is now %s", path,
-                    workdir_files.keep_earlier(path))
-  workdir_files.replace_durably(path, text)
+    logging.warning("the config differs from %s's; the earlier one is now %s", path, files.keep_earlier(path))
+  files.replace_durably(path, text)
 
 
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
@@ -180,26 +181,36 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
   in eval mode and the last logged metrics.
 
   `stop_at_step` ends this run early with a checkpoint (a time-limited job; the schedule still
-  spans `config.train.num_steps`, so a later run continues exactly). A checkpoint whose arrays do
-  not fit `config` stops the run (CheckpointMismatchError) before it writes anything into `workdir`
-  (the folder itself aside); one whose data position does not fit the input pipeline stops it once
-  the pipeline exists, after (re)generating the built-in synthetic data when its parameters changed
-  (a deterministic function of `config.data.synthetic`, so an earlier run's data can be made
-  again), and before config.json or metrics are written. `metrics.jsonl` rows past the restored
-  step are dropped, as those steps run again.
+  spans `config.train.num_steps`, so a later run continues exactly). A config error stops the run
+  before the workdir is made, and a run that fails leaves no empty workdir it made. The run holds
+  the workdir's lock (`workdir_lock`) while it trains: another training run there stops at once.
+  A checkpoint whose arrays do not fit `config`, or whose step is past `config.train.num_steps`,
+  stops the run (CheckpointMismatchError, ConfigError) before it writes anything into `workdir`;
+  one whose data position does not fit the input pipeline stops it once the pipeline exists, after
+  (re)generating the built-in synthetic data when its parameters changed (a deterministic function
+  of `config.data.synthetic`, so an earlier run's data can be made again), and before config.json
+  or metrics are written. `metrics.jsonl` rows past the restored step are dropped, as those steps
+  run again.
 
   Raises:
-    preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) arrived during training.
+    preemption.Preempted after saving a checkpoint, when a preemption notice (SIGTERM) or a Ctrl-C
+      (SIGINT) arrived during training.
+    checkpoint.CheckpointSaveError at the step after a save failed (a full disk, say).
+    workdir_lock.WorkdirLockedError when another run holds the workdir; WorkdirLostError when the
+      lock went away during the run (the workdir deleted under it).
   """
   validate(config, num_devices=jax.device_count())
-  workdir_files.makedirs(workdir)
-
-  # ---- Mesh -------------------------------------------------------------------------------
   mesh = sharding.make_mesh(config.mesh)
+  text_groups(config, sharding.batch_shards(mesh, config.sharding_rules))
+  with workdir_files.created(workdir), workdir_lock.held(workdir) as lock:
+    return _train(config, workdir, mesh, lock, stop_at_step)
+
+
+def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: int | None
+           ) -> tuple[nnx.Module, dict[str, float]]:
+  """`train` in a workdir that exists and whose lock this run holds."""
   rules = config.sharding_rules
   shards = sharding.batch_shards(mesh, rules)
-  text_groups(config, shards)
-
   with jax.set_mesh(mesh), sharding.axis_rules(rules):
     # ---- Model, optimizer state and update step, created sharded -----------------------------
     graphdef, rest, state, step_fn, flops_fn = build_training(config, mesh)
@@ -214,6 +225,13 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     restored = checkpointer.restore_latest(state)
     state = restored or state._replace(params=from_torch.initial_params(state.params, config.model))
     first_step = int(state.step)
+    if first_step > num_steps:
+      checkpointer.close()
+      raise ConfigError(f"config.train.num_steps={num_steps} is below the step of the newest checkpoint in "
+                        f"{checkpointer.directory}, {first_step}: nothing to train. Raise num_steps to train on, "
+                        "evaluate it with --mode eval, or use a new --workdir to train from step 0")
+    if first_step == num_steps:
+      logging.info("the newest checkpoint is at step %d = config.train.num_steps: nothing to train", first_step)
 
     # ---- Input --------------------------------------------------------------------------------
     data_iterator = iter(pipeline.train_dataset_from_config(config, pipeline.training_data_dir(config, workdir)))
@@ -230,26 +248,33 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     step_fn = CompiledStep(step_fn, flops_fn if peak is not None else None)
     report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps), peak)
     preempted = False
-    with preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator):
+    with (preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator), contextlib.closing(checkpointer),
+          contextlib.closing(report)):
       for step in range(first_step, last_step):
+        # A failed asynchronous save, or a workdir gone from under the run, stops it here.
+        checkpointer.check()
+        lock.check()
         report.started(step)
         batch = global_batch(pack_texts(next(data_iterator), config, shards), mesh)
         state, metrics = step_fn(state, batch)
-        report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
+        try:
+          report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
+        except FileNotFoundError:
+          lock.verify()  # a metrics row written into a workdir deleted under the run: say that instead
+          raise
         done = step + 1
         # Every process asks at every step (the processes agree on the step to stop at); a notice
         # reached at the last step changes nothing, as the run saves there and goes on to evaluate.
         preempted = notice.reached(done) and done < last_step
         if preempted or done % config.train.checkpoint_every == 0 or done == last_step:
+          lock.verify()
           checkpointer.save(state, data_iterator)
         if preempted:
           break
-      report.close()
-      checkpointer.close()
     if preempted:
-      if jax.process_index() == 0:
+      if jax.process_index() == 0 and not notice.interrupted:
         preemption.write_marker(workdir, done)
-      raise preemption.Preempted(done, workdir)
+      raise preemption.Preempted(done, workdir, notice.interrupted)
 
   model = nnx.merge(graphdef, state.params, rest)
   model.eval()
