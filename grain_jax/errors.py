@@ -1,5 +1,5 @@
-"""Errors a user causes and can fix, the checks that refuse URLs as paths and folders that cannot be
-written, and how the command-line tools report such errors.
+"""Errors a user causes and can fix, the checks that refuse URLs as local paths and folders that
+cannot be written, and how the command-line tools report such errors.
 
 `python -m grain_jax.main`, `python -m grain_jax.data.convert` and `python -m grain_jax.annotate`
 print such an error as one message on stderr and exit with status 2, since a traceback would only hide
@@ -37,13 +37,20 @@ USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, FileExistsError
                PermissionError)
 
 
+def is_url(path: str) -> bool:
+  """Whether `path` starts with a scheme such as `gs://`."""
+  return bool(_URL.match(path))
+
+
 def check_local_path(path: str, name: str) -> None:
   """Raises RemotePathError when `path` (the value of `name`, for the message) is a URL.
 
-  Every file is read and written with the local file system's calls: a URL would be taken for a
-  relative folder (`./gs:/bucket/...`). A bucket is used through a mount, as the launch scripts do.
+  For the paths other than the workdir (data shards, descriptor files, weights to start from, the
+  tools' inputs and outputs): they are read and written with the local file system's calls (Grain's
+  ArrayRecord reader among them), where a URL would be taken for a relative folder
+  (`./gs:/bucket/...`). A bucket is used through a mount, as the launch scripts do.
   """
-  if not _URL.match(path):
+  if not is_url(path):
     return
   scheme, _, rest = path.partition("://")
   if scheme == "gs":
@@ -52,13 +59,18 @@ def check_local_path(path: str, name: str) -> None:
            f"/gcs/{rest}")
   else:
     how = "mount the storage as a file system and use the mounted path"
-  raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes local paths only: {how}")
+  raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes this through local paths only "
+                        f"(only --workdir and --output-dir may be gs:// URLs): {how}")
 
 
 def check_writable(path: str, name: str, why: str) -> None:
   """Raises ArgumentError when the folder `path` (`name` says what it is, for the message) cannot be
   written (a read-only file system, no permission); `why` says what to do. Nothing is written: a
-  folder still missing is judged by the nearest one that exists."""
+  folder still missing is judged by the nearest one that exists. A bucket's gs:// path is not judged
+  here (a bucket says whether it may be written only to a write): a training run's first write there
+  is its lock, which says so in one line (train/workdir_lock.py)."""
+  if is_url(path):
+    return
   existing = os.path.abspath(path)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)

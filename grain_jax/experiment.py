@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.errors import output_dir
@@ -147,8 +148,7 @@ def arm_config(config, name: str, overrides, seed: int, world: int | None, share
 
 
 def _write(workdir: str, name: str, text: str) -> None:
-  with open(os.path.join(workdir, name), "w") as f:
-    f.write(text)
+  files.replace_durably(os.path.join(workdir, name), text)
 
 
 def run(config, workdir: str) -> dict:
@@ -168,7 +168,7 @@ def run(config, workdir: str) -> dict:
   names = [name for name, _ in arms]
   seeds = tuple(cfg.seeds) or (config.seed,)
   worlds = tuple(cfg.worlds) or (None,)
-  root = os.path.abspath(workdir)
+  root = files.absolute(workdir)
   # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
   # the first world and seed of every setting come first.
   runs = {}

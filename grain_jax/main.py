@@ -1,9 +1,10 @@
 """Command line: `python -m grain_jax.main --config configs/<x>.py[:arg] --workdir DIR [--mode train|eval|export]`.
 
-Any config field can be overridden: `--config.train.num_steps=100`. Running again with the same
-workdir resumes from its newest checkpoint. An error the user caused (grain_jax.errors) is printed as
-one message with exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a
-preemption notice (SIGTERM) saves a checkpoint first and exits with status 75
+Any config field can be overridden: `--config.train.num_steps=100`. The workdir (and --output-dir)
+is a local folder or a bucket's gs://BUCKET/PATH. Running again with the same workdir resumes from
+its newest checkpoint. An error the user caused (grain_jax.errors) is printed as one message with
+exit status 2; GRAIN_JAX_TRACEBACK=1 shows its traceback. A run stopped by a preemption notice
+(SIGTERM) saves a checkpoint first and exits with status 75
 (`grain_jax.train.preemption.PREEMPTED_STATUS`); a Ctrl-C during training saves too and exits with
 status 130 (a second Ctrl-C stops at once): run the same command again to resume.
 """
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 from grain_jax import errors
 from grain_jax import experiment
+from grain_jax import files
 from grain_jax.config import field_section, load_config
 from grain_jax.export import to_torch
 from grain_jax.train.preemption import Preempted
@@ -80,7 +82,8 @@ def initialize_distributed(train_config) -> None:
   """
   if not train_config.multiprocess:
     return
-  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s)
+  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s,
+                 initialization_timeout=train_config.initialization_timeout_s)
   if train_config.coordinator_address:
     jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
                                num_processes=train_config.num_processes, process_id=train_config.process_id,
@@ -105,8 +108,8 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.getLogger("absl").addFilter(quiet_orbax)
-  errors.check_local_path(_WORKDIR.value, "--workdir")
-  errors.check_local_path(_OUTPUT_DIR.value, "--output-dir")
+  files.check_location(_WORKDIR.value, "--workdir")
+  files.check_location(_OUTPUT_DIR.value, "--output-dir")
   if _OUTPUT_DIR.value and _MODE.value == "train":
     raise errors.ArgumentError("--output-dir is for --mode eval and --mode export: training writes into --workdir")
   config = _CONFIG.value

@@ -13,6 +13,7 @@
 # save at the same step and stop too, and the launcher returns 75 once all have. A SIGTERM to the
 # launcher is passed on to every process; Ctrl-C stops them.
 set -euo pipefail
+bash_major=5 bash_minor=1  # wait -n -p
 # shellcheck source=launch/lib.sh
 source "$(dirname "$0")/lib.sh"
 
@@ -33,6 +34,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -gt 0 ]] || { echo "missing the arguments of grain_jax.main after --" >&2; usage; }
+refuse_dry_run_after_separator "$@"
 [[ "$processes" =~ ^[1-9][0-9]*$ ]] || { echo "--processes must be a positive integer, got '$processes'" >&2; exit 2; }
 [[ "$devices_per_process" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--devices-per-process must be a positive integer, got '$devices_per_process'" >&2; exit 2; }

@@ -30,6 +30,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -gt 0 ]] || { echo "missing the arguments of grain_jax.main after --" >&2; usage; }
+refuse_dry_run_after_separator "$@"
 for count in nodes gpus_per_node cpus_per_gpu; do
   [[ "${!count}" =~ ^[1-9][0-9]*$ ]] ||
     { echo "--${count//_/-} must be a positive integer, got '${!count}'" >&2; exit 2; }

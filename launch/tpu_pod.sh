@@ -8,11 +8,13 @@
 #   create  bring the slice up: reuse it when READY (ACTIVE), wait while it is being created,
 #           queued or repaired, delete and recreate it when preempted (SUSPENDED, FAILED for a
 #           queued resource); stop with an error on any state it does not know
-#   setup   copy the project (or clone --repo at --git-ref) to every worker, install the pinned
-#           requirements with jax[tpu] (launch/install.sh), mount --bucket at /gcs/BUCKET
+#   setup   copy the project (or clone --repo at --git-ref) to every worker, in place of the copy
+#           there (its .venv is kept), install the pinned requirements with jax[tpu]
+#           (launch/install.sh), mount --bucket at /gcs/BUCKET
 #   run     start `python -m grain_jax.main --config CONFIG --workdir WORKDIR` on every worker
 #           (launch/tpu_worker.sh: one log per worker, copied to WORKDIR/logs/RUN/worker-I.log
-#           when it ends; when one worker's trainer fails the others stop)
+#           when it ends; when one worker's trainer fails the others stop; when a worker cannot
+#           start, those that did are stopped)
 #   logs    follow worker 0's log (--worker N for another)
 #   stop    stop the trainers (their whole process groups) and free the TPUs
 #   status  the slice's state and each worker's trainer: running, or its exit status
@@ -66,6 +68,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 extra_args=("$@")
+refuse_dry_run_after_separator "$@"
 
 [[ -n "$name" ]] || { echo "--name is required" >&2; exit 2; }
 [[ -n "$zone" ]] || { echo "--zone is required" >&2; exit 2; }
@@ -87,6 +90,11 @@ if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi
 require_local_path --workdir "$workdir"
+# What `run` needs is checked before `up` creates a slice that it could not use.
+if [[ "$command_name" == up || "$command_name" == run ]]; then
+  [[ -n "$workdir" ]] || { echo "$command_name needs --workdir or --bucket" >&2; exit 2; }
+  [[ -n "$config" ]] || { echo "no recipe preset for --accelerator $accelerator; pass --config" >&2; exit 2; }
+fi
 
 location=(--zone "$zone")
 [[ -z "$project" ]] || location+=(--project "$project")
@@ -226,30 +234,37 @@ archive_checkout() {  # archive_checkout PATH
   )
 }
 
+# The project lands in a new folder that then replaces the old copy, so files deleted from the
+# project do not linger there; the environment that launch/install.sh made is moved over.
 setup() {
-  local fetch
+  local fetch new="$remote_dir.new"
   if [[ -n "$repo" ]]; then
-    fetch="rm -rf $remote_dir && $(show git clone --quiet "$repo" "$remote_dir") && $(show git -C "$remote_dir" checkout --quiet "$git_ref")"
+    fetch="rm -rf $new && $(show git clone --quiet "$repo" "$new") && $(show git -C "$new" checkout --quiet "$git_ref")"
   else
     # Global: the trap that removes it once copied (or on any failure) runs after setup returns.
     archive="${TMPDIR:-/tmp}/grain-jax-$name.tar.gz"
     trap 'rm -f "$archive"' EXIT
     archive_checkout "$archive"
     run gcloud compute tpus tpu-vm scp "$archive" "$name:grain-jax.tar.gz" "${location[@]}" --worker=all
-    fetch="mkdir -p $remote_dir && tar xzf grain-jax.tar.gz -C $remote_dir"
+    fetch="rm -rf $new && mkdir $new && tar xzf grain-jax.tar.gz -C $new"
   fi
+  fetch="$fetch && if [ -d $remote_dir/.venv ]; then mv $remote_dir/.venv $new/; fi && rm -rf $remote_dir && mv $new $remote_dir"
   local mount=""
   [[ -z "$bucket" ]] || mount=" && $(show bash launch/mount_bucket.sh "$bucket")"
   on_workers all "$fetch && cd $remote_dir && bash launch/install.sh tpu$mount"
 }
 
+# A worker that cannot start (no project there, a trainer still running) would leave the others
+# waiting for it in jax.distributed.initialize: those that started are stopped.
 start_training() {
-  [[ -n "$workdir" ]] || { echo "run needs --workdir or --bucket" >&2; exit 2; }
-  [[ -n "$config" ]] || { echo "no recipe preset for --accelerator $accelerator; pass --config" >&2; exit 2; }
   local run_id main_command
   run_id="$(date -u +%Y%m%d-%H%M%S)"
   main_command="$(show .venv/bin/python -m grain_jax.main --config "$config" --workdir "$workdir" "${extra_args[@]}")"
-  on_workers all "cd $remote_dir && $(show bash launch/tpu_worker.sh start --workdir "$workdir" --run "$run_id") -- $main_command"
+  if ! on_workers all "cd $remote_dir && $(show bash launch/tpu_worker.sh start --workdir "$workdir" --run "$run_id") -- $main_command"; then
+    echo "a worker could not start run $run_id (see above); stopping the workers that did" >&2
+    stop_training
+    exit 1
+  fi
   echo "started run $run_id on every worker of $name; follow with: $0 logs --name $name --zone $zone" >&2
 }
 

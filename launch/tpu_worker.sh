@@ -19,6 +19,9 @@
 # stop ends the trainer's whole process group (SIGTERM, SIGKILL 30 s later) and frees the TPU:
 # processes still holding /dev/accel* or /dev/vfio/*, and /tmp/libtpu_lockfile.
 # status prints this worker's line: running, exited with status S, or not started.
+# The pid files in ~/grain-jax-run outlive a reboot (a maintenance event), after which their pids may
+# belong to unrelated processes: each holds the boot's id and the process's start time as well, and a
+# pid is signalled or waited for only while that very process runs.
 set -euo pipefail
 shopt -s nullglob
 # shellcheck source=launch/lib.sh
@@ -43,6 +46,22 @@ alive() {  # alive PID
   { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
   read -r -a fields <<<"${line##*) }"
   [[ "${fields[0]}" != Z ]]
+}
+
+# "PID BOOT_ID START_TIME": what tells this process from a later one with the same pid.
+identity() {  # identity PID
+  local line fields
+  { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+  read -r -a fields <<<"${line##*) }"
+  echo "$1 $(cat /proc/sys/kernel/random/boot_id) ${fields[19]}"  # field 22 of stat: the start time
+}
+
+# The pid recorded in FILE while the process it was recorded for is alive; fails otherwise.
+recorded_pid() {  # recorded_pid FILE
+  local pid="" rest=""
+  { read -r pid rest <"$1"; } 2>/dev/null || true
+  [[ "$pid" =~ ^[0-9]+$ && "$(identity "$pid")" == "$pid $rest" ]] && alive "$pid" || return 1
+  echo "$pid"
 }
 
 group_alive() {  # group_alive PGID
@@ -87,7 +106,9 @@ supervise() {
   # stopping the group leaves nothing behind on the TPU.
   setsid "$@" >"$state/train.log" 2>&1 </dev/null &
   trainer=$!
-  echo "$trainer" >"$state/trainer.pid"
+  # Whole or not at all: `stop` may read it at any moment.
+  identity "$trainer" >"$state/trainer.pid.new"
+  mv "$state/trainer.pid.new" "$state/trainer.pid"
   # Bash runs the trap once `wait -n` below returns; the loop then goes on waiting for the trainer.
   trap 'touch "$state/sigterm"; kill -TERM -- "-$trainer" 2>/dev/null || true' TERM
   while :; do
@@ -139,7 +160,7 @@ start() {
   [[ -n "$workdir" && -n "$run" && $# -gt 0 ]] ||
     { echo "usage: launch/tpu_worker.sh start --workdir DIR --run ID -- COMMAND..." >&2; exit 2; }
   require_local_path --workdir "$workdir"
-  if [[ -e "$state/supervisor.pid" ]] && alive "$(cat "$state/supervisor.pid")"; then
+  if recorded_pid "$state/supervisor.pid" >/dev/null; then
     echo "worker $(worker_index): a trainer is still running; stop it first" >&2
     exit 1
   fi
@@ -147,19 +168,25 @@ start() {
   mkdir -p "$state"
   echo "$run" >"$state/run"
   setsid bash "$0" supervise "$workdir" "$run" "$@" >"$state/supervisor.log" 2>&1 </dev/null &
-  echo "$!" >"$state/supervisor.pid"
+  identity "$!" >"$state/supervisor.pid.new"
+  mv "$state/supervisor.pid.new" "$state/supervisor.pid"
 }
 
 stop() {
-  local supervisor
-  # Once a status is recorded the trainer is gone and its pid may belong to another process.
-  if [[ -e "$state/trainer.pid" && ! -e "$state/status" ]]; then
+  local trainer supervisor
+  # A supervisor started a moment ago (a worker's `start` just before) records its trainer at once.
+  if supervisor="$(recorded_pid "$state/supervisor.pid")"; then
+    for _ in {1..50}; do
+      [[ ! -e "$state/trainer.pid" ]] || break
+      sleep 0.1
+    done
+  fi
+  if trainer="$(recorded_pid "$state/trainer.pid")"; then
     touch "$state/stop_requested"
-    stop_group "$(cat "$state/trainer.pid")"
+    stop_group "$trainer"
     # The supervisor records the status and copies the log once the trainer is gone.
-    supervisor="$(cat "$state/supervisor.pid")"
     for _ in {1..100}; do
-      alive "$supervisor" || break
+      if [[ -z "$supervisor" ]] || ! alive "$supervisor"; then break; fi
       sleep 0.1
     done
   fi
@@ -171,7 +198,7 @@ stop() {
 }
 
 status() {
-  local index run
+  local index run trainer
   index="$(worker_index)"
   if [[ ! -e "$state/run" ]]; then
     echo "worker $index: not started"
@@ -182,8 +209,8 @@ status() {
     local note
     note="$(cat "$state/note")"
     echo "worker $index: exited with status $(cat "$state/status") (run $run)${note:+; $note}"
-  elif [[ -e "$state/trainer.pid" ]] && alive "$(cat "$state/trainer.pid")"; then
-    echo "worker $index: running (run $run, pid $(cat "$state/trainer.pid"))"
+  elif trainer="$(recorded_pid "$state/trainer.pid")"; then
+    echo "worker $index: running (run $run, pid $trainer)"
   else
     echo "worker $index: ended without recording a status (run $run); see $state/supervisor.log"
   fi

@@ -127,7 +127,8 @@ def test_a_url_is_refused_before_anything_is_written(inputs, capsys):
   argv[argv.index("--out") + 1] = "gs://my-bucket/shards/cc3m"
   assert convert.main(argv) == errors.USER_ERROR_STATUS
   assert capsys.readouterr().err == (
-      "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes local paths only: "
+      "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes this through local paths "
+      "only (only --workdir and --output-dir may be gs:// URLs): "
       "mount the bucket (launch/mount_bucket.sh my-bucket mounts it at /gcs/my-bucket) and use "
       "/gcs/my-bucket/shards/cc3m\n")
   assert not os.path.exists("gs:")

@@ -11,6 +11,7 @@ import pytest
 
 from grain_jax import config as config_lib
 from grain_jax import errors
+from grain_jax import files
 from grain_jax.annotate import __main__ as annotate_cli
 from grain_jax.data import quality
 from grain_jax.data import records
@@ -53,11 +54,21 @@ def test_run_command_prints_a_user_error_and_lets_others_through(capsys, monkeyp
     ("file:///tmp/x", "mount the storage as a file system and use the mounted path"),
 ])
 def test_urls_are_refused(path, hint):
-  message = f"--workdir={path!r} is a URL, but grain-jax reads and writes local paths only: {hint}"
+  message = (f"--out={path!r} is a URL, but grain-jax reads and writes this through local paths only (only "
+             f"--workdir and --output-dir may be gs:// URLs): {hint}")
   with pytest.raises(errors.RemotePathError, match=f"^{re.escape(message)}$"):
-    errors.check_local_path(path, "--workdir")
+    errors.check_local_path(path, "--out")
   for local in ("runs/a", "/gcs/my-bucket/runs/a", "gs:/not-a-url", ""):
-    errors.check_local_path(local, "--workdir")
+    errors.check_local_path(local, "--out")
+
+
+@pytest.mark.parametrize("path", ["s3://bucket/x", "file:///tmp/x", "gs://", "gs:///runs"])
+def test_a_workdir_is_local_or_in_a_gcs_bucket(path):
+  with pytest.raises(errors.RemotePathError, match=re.escape(f"--workdir={path!r}: it must be a local path or a "
+                                                             "bucket's gs://BUCKET/PATH")):
+    files.check_location(path, "--workdir")
+  for workdir in ("runs/a", "/gcs/my-bucket/runs/a", "gs://my-bucket/runs/a", "gs://my-bucket", ""):
+    files.check_location(workdir, "--workdir")
 
 
 @pytest.mark.parametrize("field", config_lib.PATH_FIELDS)
@@ -100,8 +111,11 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
                         r"config\.model\.decoder: anchor_queries, .*depth, "),
       "missing config file": (["--config", "configs/missing.py:tiny", "--workdir", str(tmp_path / "run")],
                               r"config file 'configs/missing.py' does not exist"),
-      "url workdir": ([*TINY, "--workdir", "gs://my-bucket/runs/a"],
-                      r"--workdir='gs://my-bucket/runs/a' is a URL, .* use /gcs/my-bucket/runs/a"),
+      "url workdir": ([*TINY, "--workdir", "s3://my-bucket/runs/a"],
+                      r"--workdir='s3://my-bucket/runs/a': it must be a local path or a bucket's gs://BUCKET/PATH"),
+      "url output dir": ([*TINY, "--workdir", str(tmp_path / "run_url_output"), "--mode", "eval", "--output-dir",
+                          "s3://my-bucket/eval"],
+                         r"--output-dir='s3://my-bucket/eval': it must be a local path or a bucket's gs://BUCKET/PATH"),
       "url in config": ([*TINY, "--workdir", str(tmp_path / "run"), "--config.data.train_dir=s3://bucket/x"],
                         r"config\.data\.train_dir='s3://bucket/x' is a URL"),
       "workdir under a file": ([*TINY, "--workdir", str(tmp_path / "a_file" / "run")],
@@ -141,7 +155,7 @@ def main_results(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["unknown field", "missing config file", "url workdir", "url in config",
                                   "workdir under a file", "manifest not json", "garbage shard", "bound",
-                                  "output dir in training"])
+                                  "output dir in training", "url output dir"])
 def test_main_reports_a_user_error_in_one_message(main_results, name):
   pattern, status, stderr, _ = main_results[name]
   assert status == errors.USER_ERROR_STATUS, stderr[-3000:]

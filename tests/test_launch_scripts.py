@@ -1,6 +1,7 @@
 """The launch scripts: shellcheck-clean, and --dry-run prints the commands they would run."""
 
 import glob
+import os
 import shlex
 import shutil
 import subprocess
@@ -127,20 +128,53 @@ def test_gke_xpk_creates_the_cluster_and_submits_the_workload():
   assert attach[:4] == ["xpk", "storage", "attach", "my-data-b"] and option(attach, "--type") == "gcsfuse"
   assert option(attach, "--bucket") == "My_Data.b" and option(attach, "--mount-point") == "/gcs/My_Data.b"
   assert option(attach, "--auto-mount") == "true"
-  [submit] = dry_run("launch/gke_xpk.sh", "run", *location, "--", "--config.train.num_steps=10")
+  [submit] = dry_run("launch/gke_xpk.sh", "run", *location, "--base-image", "gcr.io/p/deps:1", "--",
+                     "--config.train.num_steps=10")
   assert submit[:3] == ["xpk", "workload", "create"] and option(submit, "--workload") == "grain"
-  assert option(submit, "--max-restarts") == "10" and option(submit, "--base-docker-image") == "python:3.11"
-  install, main = option(submit, "--command").split(" && ")
-  assert install == "bash launch/install.sh tpu"
-  # exec: the SIGTERM that ends a pod reaches Python, not a shell.
-  assert shlex.split(main) == ["exec", ".venv/bin/python", "-m", "grain_jax.main", "--config",
-                               "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir", "/gcs/My_Data.b/runs/grain",
-                               "--config.train.num_steps=10"]
+  assert option(submit, "--max-restarts") == "10" and option(submit, "--base-docker-image") == "gcr.io/p/deps:1"
+  # The image holds the dependencies: the pod installs nothing, and exec lets the SIGTERM that ends a pod
+  # reach Python, not a shell.
+  assert shlex.split(option(submit, "--command")) == [
+      "exec", "python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128", "--workdir",
+      "/gcs/My_Data.b/runs/grain", "--config.train.num_steps=10"]
 
 
-@pytest.mark.parametrize("command, expected", [("status", ["workload", "list"]), ("delete", ["workload", "delete"]),
-                                               ("delete-cluster", ["cluster", "delete"])])
-def test_gke_xpk_manages_the_workload(command, expected):
+def xpk_restart_codes(flag: str) -> set[int]:
+  """The exit statuses on which xpk's JobSet restarts, given --restart-on-exit-codes FLAG: xpk's own
+  parsing (xpk/commands/workload.py, get_restart_exit_codes), defaults 42 and 127-255 included."""
+  codes = {42, *range(127, 256)}
+  for item in flag.split(","):
+    start, _, end = item.strip().partition("-")
+    codes.update(range(int(start), int(end or start) + 1))
+  return codes
+
+
+def test_gke_xpk_restarts_a_preempted_or_crashed_pod_and_gives_it_time_to_save():
+  """xpk restarts only on 42 and 127-255 unless told more: the trainer's 75 (saved on SIGTERM) and a
+  crash's 1 would end the job for good. A user error (2) fails the same way on every try."""
+  [submit] = dry_run("launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image",
+                     "i")
+  codes = xpk_restart_codes(option(submit, "--restart-on-exit-codes"))
+  assert {1, 75, 137, 143} <= codes and 2 not in codes and 0 not in codes
+  assert option(submit, "--termination-grace-period-seconds") == "300"  # xpk's default is 30
+  [submit] = dry_run("launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image",
+                     "i", "--grace-seconds", "600")
+  assert option(submit, "--termination-grace-period-seconds") == "600"
+
+
+def test_the_gke_image_holds_the_pinned_requirements():
+  """launch/Dockerfile installs the same files, and the same jax pin, as launch/install.sh tpu."""
+  dockerfile = Path("launch/Dockerfile").read_text()
+  assert "COPY requirements.txt requirements-tpu.txt /tmp/requirements/" in dockerfile
+  assert "-r /tmp/requirements/requirements.txt -r /tmp/requirements/requirements-tpu.txt" in dockerfile
+  assert "jax[tpu]==$(sed -n 's/^jax==//p' /tmp/requirements/requirements.txt)" in dockerfile
+  assert "jax[$extra]==$(sed -n 's/^jax==//p' requirements.txt)" in Path("launch/install.sh").read_text()
+
+
+@pytest.mark.parametrize("command", ["status", "delete", "delete-cluster"])
+def test_gke_xpk_manages_the_workload(command):
+  expected = {"status": ["workload", "list"], "delete": ["workload", "delete"],
+              "delete-cluster": ["cluster", "delete"]}[command]
   [xpk] = dry_run("launch/gke_xpk.sh", command, "--cluster", "c", "--zone", "z", "--name", "w")
   assert xpk[:3] == ["xpk", *expected] and option(xpk, "--cluster") == "c"
   assert command == "delete-cluster" or "w" in xpk
@@ -150,9 +184,15 @@ def test_gke_xpk_rejects_bad_input():
   result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--zone", "z", "--dry-run"], capture_output=True,
                           text=True)
   assert result.returncode == 2 and "--cluster is required" in result.stderr
-  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--workdir", "gs://b/r",
+  result = subprocess.run(["bash", "launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--bucket", "b",
                            "--dry-run"], capture_output=True, text=True)
-  assert result.returncode == 2 and "--workdir gs://b/r: a URL" in result.stderr
+  assert result.returncode == 2 and "run needs --base-image" in result.stderr
+
+
+def test_gke_xpk_passes_a_bucket_url_workdir_to_the_trainer():
+  [submit] = dry_run("launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--workdir", "gs://b/r",
+                     "--base-image", "i")
+  assert shlex.split(option(submit, "--command"))[-2:] == ["--workdir", "gs://b/r"]
 
 
 def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
@@ -164,7 +204,7 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   shutil.copy(".dockerignore", root)
   (root / "shards" / "big.array_record").write_bytes(b"x" * 2_000_000)
   command = ["bash", str(root / "launch" / "gke_xpk.sh"), "run", "--cluster", "c", "--zone", "z", "--bucket", "b",
-             "--max-archive-mb", "1", "--dry-run"]
+             "--base-image", "i", "--max-archive-mb", "1", "--dry-run"]
   result = subprocess.run(command, capture_output=True, text=True, timeout=60)
   assert result.returncode == 0 and result.stdout.startswith("xpk workload create"), result.stderr
   (root / "photos").mkdir()
@@ -175,12 +215,67 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   assert ".dockerignore" in result.stderr
 
 
+# Each launcher with arguments that would run for real, and the tool it would run.
+LAUNCHERS = [
+    ("launch/gke_xpk.sh", ["run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"], "xpk"),
+    ("launch/tpu_pod.sh", ["delete", "--name", "p", "--zone", "z"], "gcloud"),
+    ("launch/slurm_gpu.sh", [], "sbatch"),
+    ("launch/local_multiprocess.sh", ["--port", "1234"], "python"),
+]
+
+
+@pytest.mark.parametrize("script, args, tool", LAUNCHERS)
+def test_a_dry_run_after_the_separator_is_refused(tmp_path, script, args, tool):
+  """After `--` the flag would reach grain_jax.main, and the launcher would run everything for real."""
+  ran = tmp_path / "ran"
+  (tmp_path / tool).write_text(f'#!/bin/sh\ntouch "{ran}"\n')
+  (tmp_path / tool).chmod(0o755)
+  result = subprocess.run(["bash", script, *args, "--", "--workdir", "/w", "--dry-run"],
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin", "PYTHON": str(tmp_path / "python")},
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2, result.stderr
+  assert "--dry-run after -- would go to grain_jax.main" in result.stderr
+  assert not ran.exists()
+
+
+def test_an_old_bash_is_refused_with_a_clear_message():
+  result = subprocess.run(["bash", "-c", "source launch/lib.sh && require_bash 99 0 && echo went-on"],
+                          capture_output=True, text=True)
+  assert result.returncode == 2 and not result.stdout
+  assert "needs bash 99.0 or newer, and this is bash " in result.stderr and "brew install bash" in result.stderr
+
+
+OLD_BASH = os.environ.get("GRAIN_JAX_OLD_BASH", "")
+
+
+@pytest.mark.skipif(not OLD_BASH, reason="set GRAIN_JAX_OLD_BASH to a bash 3.2 (macOS's /bin/bash, or one built "
+                                         "from bash-3.2's source) to run the launch scripts under it")
+@pytest.mark.parametrize("script, args, needed", [
+    ("launch/gke_xpk.sh", ["run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"], "4.4"),
+    ("launch/tpu_pod.sh", ["up", "--name", "p", "--zone", "z", "--bucket", "b"], "4.4"),
+    ("launch/slurm_gpu.sh", ["--", "--workdir", "/w"], "4.4"),
+    ("launch/local_multiprocess.sh", ["--", "--workdir", "/w"], "5.1"),
+])
+def test_the_laptop_scripts_stop_on_macos_bash(script, args, needed):
+  """macOS's bash 3.2 lacks `${x@Q}`, `${x,,}` and empty arrays under `set -u`: without the check the
+  scripts died halfway with "unbound variable"."""
+  result = subprocess.run([OLD_BASH, script, *args, "--dry-run"], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and not result.stdout, result.stdout + result.stderr
+  assert result.stderr.startswith(f"{script} needs bash {needed} or newer, and this is bash 3.2"), result.stderr
+
+
+def run_mount_bucket(tmp_path: Path, path: str = f"{Path('tests/fakes').resolve()}:/usr/bin:/bin",
+                     **env: str) -> subprocess.CompletedProcess:
+  """`launch/mount_bucket.sh gs://my-bucket` with the fakes (gcsfuse, sudo, mountpoint) on PATH."""
+  env = {"PATH": path, "FAKE_GCSFUSE_LOG": str(tmp_path / "gcsfuse.log"), "FAKE_SUDO_LOG": str(tmp_path / "sudo.log"),
+         **env}
+  return subprocess.run(["bash", "launch/mount_bucket.sh", "gs://my-bucket"], env=env, capture_output=True,
+                        text=True, timeout=60)
+
+
 def mount_bucket(tmp_path: Path) -> list[str]:
   """The gcsfuse command `launch/mount_bucket.sh gs://my-bucket` runs (a fake gcsfuse logs it), split into words."""
-  env = {"PATH": f"{Path('tests/fakes').resolve()}:/usr/bin:/bin", "FAKE_GCSFUSE_LOG": str(tmp_path / "gcsfuse.log"),
-         "FAKE_SUDO_LOG": str(tmp_path / "sudo.log")}
-  result = subprocess.run(["bash", "launch/mount_bucket.sh", "gs://my-bucket"], env=env, capture_output=True,
-                          text=True, timeout=60)
+  result = run_mount_bucket(tmp_path)
   assert result.returncode == 0, result.stderr
   [mount] = [shlex.split(line) for line in (tmp_path / "gcsfuse.log").read_text().splitlines()]
   return mount
@@ -188,12 +283,47 @@ def mount_bucket(tmp_path: Path) -> list[str]:
 
 def test_the_bucket_is_mounted_so_that_checkpoints_commit_and_hosts_agree(tmp_path):
   """Orbax commits a checkpoint by renaming a folder, which gcsfuse refuses by default on a flat bucket;
-  a metadata cache would let a host list a shared folder as it was earlier."""
+  a metadata cache would let a host list a shared folder as it was earlier; with streaming writes (on by
+  default since gcsfuse 3.0) fsync no longer uploads a new file, so the TensorBoard events, open the whole
+  run, would reach the bucket only at its end."""
   mount = mount_bucket(tmp_path)
   assert mount[-2:] == ["my-bucket", "/gcs/my-bucket"]
-  assert {"--implicit-dirs", "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0"} <= set(mount)
+  assert {"--implicit-dirs", "--metadata-cache-ttl-secs=0", "--metadata-cache-negative-ttl-secs=0",
+          "--enable-streaming-writes=false"} <= set(mount)
   [limit] = [flag for flag in mount if flag.startswith("--rename-dir-limit=")]
   assert int(limit.split("=")[1]) >= 10_000  # a checkpoint's files, with room
+
+
+@pytest.mark.parametrize("version, mounted", [("2.7.1", False), ("2.8.0", True), ("3.11.2", True),
+                                              ("10.0.0", True)])
+def test_a_gcsfuse_older_than_the_options_is_refused(tmp_path, version, mounted):
+  """metadata-cache-negative-ttl-secs and enable-streaming-writes came with gcsfuse 2.8.0; an older one
+  refuses them and the bucket does not mount."""
+  result = run_mount_bucket(tmp_path, FAKE_GCSFUSE_VERSION=version)
+  assert (result.returncode == 0) == mounted, result.stderr
+  assert (tmp_path / "gcsfuse.log").exists() == mounted
+  if not mounted:
+    assert "gcsfuse 2.8.0 or newer is needed" in result.stderr and f"version {version}" in result.stderr
+
+
+def test_installing_gcsfuse_waits_for_the_dpkg_lock(tmp_path):
+  """unattended-upgrades holds the dpkg lock on a freshly booted worker: apt-get must wait for it."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for tool in ("mountpoint", "curl"):
+    (bin_dir / tool).write_text("#!/bin/sh\n")
+    (bin_dir / tool).chmod(0o755)
+  (bin_dir / "lsb_release").write_text("#!/bin/sh\necho jammy\n")
+  # The fake sudo logs each command; `apt-get install` "installs" the fake gcsfuse.
+  (bin_dir / "sudo").write_text(f'#!/bin/sh\necho "$*" >>"{tmp_path}/sudo.log"\n'
+                                f'case "$*" in *" install "*) ln -s {Path("tests/fakes/gcsfuse").resolve()} '
+                                f'{bin_dir}/gcsfuse ;; esac\ncat >/dev/null\n')
+  (bin_dir / "sudo").chmod(0o755)
+  result = run_mount_bucket(tmp_path, path=f"{bin_dir}:/usr/bin:/bin")
+  assert result.returncode == 0, result.stderr
+  apt = [shlex.split(line) for line in (tmp_path / "sudo.log").read_text().splitlines() if line.startswith("apt-get")]
+  assert [command[3] for command in apt] == ["update", "install"]
+  assert all(command[1:3] == ["-o", "DPkg::Lock::Timeout=900"] for command in apt)
 
 
 def test_gke_pods_mount_the_bucket_with_the_tpu_vm_options(tmp_path):

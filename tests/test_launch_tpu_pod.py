@@ -218,7 +218,7 @@ def test_a_preemption_notice_reaches_the_trainers_which_save_and_do_not_fail(pod
     assert time.monotonic() < deadline
     time.sleep(0.05)
   for index in range(2):
-    os.kill(int((pod.worker_home(index) / "grain-jax-run" / "supervisor.pid").read_text()), signal.SIGTERM)
+    os.kill(int((pod.worker_home(index) / "grain-jax-run" / "supervisor.pid").read_text().split()[0]), signal.SIGTERM)
   lines = pod.wait_for_status("worker 0: exited with status 75", "worker 1: exited with status 75")
   assert all(line.endswith("; saved a checkpoint on a preemption notice (SIGTERM to this worker)") for line in lines)
   [run_logs] = (pod.workdir / "logs").iterdir()
@@ -236,7 +236,8 @@ def test_status_before_any_run_and_without_a_project(pod):
 
 
 def test_a_bucket_url_is_no_workdir(pod):
-  """A gs:// workdir would become a local folder named `gs:`; the launcher and the worker refuse it."""
+  """The supervisors share logs and failure files through the file system: a gs:// workdir would become
+  a local folder named `gs:`; the launcher and the worker refuse it."""
   pod.script_states("READY")
   result = pod.run("run", "--workdir", "gs://b/run", "--config", "configs/base.py:tiny")
   assert result.returncode == 2 and "--workdir gs://b/run: a URL" in result.stderr
@@ -245,7 +246,7 @@ def test_a_bucket_url_is_no_workdir(pod):
                            "true"], cwd=pod.worker_home(0) / "grain-jax",
                           env={**pod.env, "HOME": str(pod.worker_home(0)), "FAKE_WORKER_INDEX": "0"},
                           capture_output=True, text=True, timeout=60)
-  assert worker.returncode == 2 and "local paths only" in worker.stderr
+  assert worker.returncode == 2 and "give the bucket's mount such as /gcs/BUCKET" in worker.stderr
   assert not list(pod.worker_home(0).rglob("gs:"))
 
 
@@ -283,14 +284,82 @@ def test_a_failed_copy_leaves_no_archive(pod, tmp_path):
   root = checkout(tmp_path / "checkout")
   (root / "README.md").write_text("small\n")
   result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
-                          env=pod.env, capture_output=True, text=True, timeout=60)
-  assert result.returncode != 0 and pod.gcloud_calls("scp")  # the fake gcloud refuses scp
+                          env={**pod.env, "FAKE_SCP_FAILS": "1"}, capture_output=True, text=True, timeout=60)
+  assert result.returncode != 0 and pod.gcloud_calls("scp")
   assert not list(tmp_path.glob("grain-jax-*.tar.gz"))
 
 
 def test_data_and_runs_are_not_shipped():
-  paths = ["shards/cc12m/shard-00000.array_record", "runs/demo/metrics.jsonl", "photos/shard-00001.array_record"]
+  paths = ["shards/cc12m/shard-00000.array_record", "runs/demo/metrics.jsonl", "photos/shard-00001.array_record",
+           "grain-jax-1234.log"]
   result = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
   assert result.stdout.split() == paths
   dockerignore = (REPO / ".dockerignore").read_text().split()
-  assert {"runs", "shards", "**/*.array_record", ".venv", ".git"} <= set(dockerignore)
+  assert {"runs", "shards", "**/*.array_record", ".venv", ".git", "grain-jax-*.log"} <= set(dockerignore)
+
+
+def test_a_stale_pid_after_a_reboot_is_not_signalled(pod):
+  """A maintenance reboot leaves ~/grain-jax-run behind, and its pids may now be unrelated processes':
+  stop must not signal them, and start must not take them for a running trainer."""
+  unrelated = subprocess.Popen(["sleep", "600"], start_new_session=True)
+  try:
+    state = pod.worker_home(0) / "grain-jax-run"
+    state.mkdir()
+    (state / "run").write_text("earlier\n")
+    for name, recorded in [("trainer.pid", f"{unrelated.pid} an-earlier-boot 12345"),
+                           ("supervisor.pid", f"{unrelated.pid}")]:  # as the format before boot ids
+      (state / name).write_text(recorded + "\n")
+    assert pod.run("stop").returncode == 0
+    assert alive(unrelated.pid)
+    assert pod.status_lines()[0].startswith("worker 0: ended without recording a status (run earlier)")
+    pod.script_states("READY")
+    result = pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny")
+    assert result.returncode == 0, result.stderr
+    pod.wait_for_status("worker 0: running", "worker 1: running")
+    assert pod.run("stop").returncode == 0
+    assert alive(unrelated.pid)
+  finally:
+    unrelated.kill()
+    unrelated.wait()
+
+
+def test_up_without_a_workdir_creates_no_slice(pod):
+  pod.script_states("ERROR:NOT_FOUND")
+  result = pod.run("up")
+  assert result.returncode == 2 and "up needs --workdir or --bucket" in result.stderr
+  assert not pod.gcloud_log.read_text()
+
+
+def test_workers_that_started_are_stopped_when_another_cannot_start(pod):
+  """Worker 1 has no project: worker 0's trainer would wait for it in jax.distributed.initialize."""
+  (pod.worker_home(1) / "grain-jax" / "launch").unlink()
+  pod.script_states("READY")
+  result = pod.run("run", "--workdir", str(pod.workdir), "--config", "configs/base.py:tiny")
+  assert result.returncode == 1 and "a worker could not start run" in result.stderr
+  lines = pod.status_lines()
+  assert lines[0].startswith("worker 0: exited") and lines[0].endswith("stopped by launch/tpu_worker.sh stop"), lines
+  assert not any(alive(pid) for pid in trainer_pids(pod, 2))
+
+
+def test_setup_replaces_the_workers_copy_and_keeps_its_environment(pod, tmp_path):
+  """Extracting over the old copy left files deleted from the project behind; .venv is kept."""
+  root = tmp_path / "checkout"
+  (root / "launch").mkdir(parents=True)
+  subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+  for script in (REPO / "launch").iterdir():
+    if script.name != "install.sh":
+      (root / "launch" / script.name).symlink_to(script)
+  (root / "launch" / "install.sh").write_text('touch "$HOME/installed-$1"\n')
+  (root / "README.md").write_text("new\n")
+  old = pod.worker_home(0) / "grain-jax"
+  (old / "deleted_since.py").write_text("old\n")
+  (old / ".venv" / "marker").write_text("kept\n")
+  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
+                          env=pod.env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  for index in range(2):
+    copy = pod.worker_home(index) / "grain-jax"
+    assert (copy / "README.md").read_text() == "new\n" and not (copy / "deleted_since.py").exists()
+    home = pod.worker_home(index)
+    assert (home / "installed-tpu").exists() and not (home / "grain-jax.new").exists()
+  assert (old / ".venv" / "marker").read_text() == "kept\n"

@@ -29,7 +29,7 @@ from jax.experimental import multihost_utils
 from grain_jax.main import initialize_distributed
 initialize_distributed(ml_collections.ConfigDict(dict(
     multiprocess=True, coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2,
-    process_id=int(sys.argv[1]), heartbeat_timeout_s={HEARTBEAT_S})))
+    process_id=int(sys.argv[1]), heartbeat_timeout_s={HEARTBEAT_S}, initialization_timeout_s=int(sys.argv[3]))))
 multihost_utils.sync_global_devices("started")
 print("started", flush=True)
 if sys.argv[1] == "0":
@@ -123,15 +123,29 @@ def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
   assert [line["step"] for line in metrics(workdir)] == list(range(1, saved + 1))
 
 
-def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):
+def free_port() -> str:
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
-    port = str(probe.getsockname()[1])
+    return str(probe.getsockname()[1])
+
+
+def test_a_process_whose_peer_never_joins_stops_after_the_initialization_timeout():
+  """config.train.initialization_timeout_s reaches jax.distributed.initialize (pods that start far apart
+  need more than JAX's 300 s)."""
+  started = time.monotonic()
+  alone = subprocess.run([sys.executable, "-c", PEER, "0", free_port(), "3"], capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"), timeout=120)
+  assert alone.returncode != 0 and "started" not in alone.stdout
+  assert time.monotonic() - started < 60
+
+
+def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):
+  port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
   logs = [open(tmp_path / f"process{index}.log", "w") for index in range(2)]
-  survivor = subprocess.Popen([sys.executable, "-c", PEER, "0", port], env=env, stdout=logs[0],
+  survivor = subprocess.Popen([sys.executable, "-c", PEER, "0", port, "300"], env=env, stdout=logs[0],
                               stderr=subprocess.STDOUT)
-  peer = subprocess.Popen([sys.executable, "-c", PEER, "1", port], env=env, stdout=subprocess.PIPE,
+  peer = subprocess.Popen([sys.executable, "-c", PEER, "1", port, "300"], env=env, stdout=subprocess.PIPE,
                           stderr=logs[1], text=True)
   try:
     # Gloo prints to stdout as well; an empty line is the end: the peer failed to start.

@@ -1,7 +1,8 @@
-"""Every `python -m grain_jax.main` command in README.md and in the config files' headers, launched
-directly or through a launch script, passes `validate` as the run would call it (descriptor files
-included when it evaluates). Folders under the bucket's or cluster's mount (/gcs/..., /shared/...) are
-placeholders: a descriptors folder there stands for one holding every file the config reads."""
+"""Every `python -m grain_jax.main` command in README.md, docs/scale_and_launch.md and the config
+files' headers, launched directly or through a launch script, passes `validate` as the run would call
+it (descriptor files included when it evaluates). Folders under the bucket's or cluster's mount
+(/gcs/..., /shared/...) are placeholders: a descriptors folder there stands for one holding every file
+the config reads."""
 
 import json
 import pathlib
@@ -15,7 +16,7 @@ from grain_jax.config import apply_overrides, load_config, parse_arm, validate
 from grain_jax.eval import datasets
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.py"))]
+DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "scale_and_launch.md", *sorted((ROOT / "configs").glob("*.py"))]
 # How each kind of command starts; the launch scripts pass the words after `--` on to grain_jax.main.
 STARTS = ("python -m grain_jax.main ", "launch/tpu_pod.sh up ", "launch/gke_xpk.sh run ", "launch/slurm_gpu.sh ")
 PLACEHOLDER = re.compile(r"^/(gcs|shared)/")

@@ -27,6 +27,14 @@ HOLD = textwrap.dedent("""
 """)
 
 
+def until(condition, what: str, timeout_s: float = 30) -> None:
+  """Returns once `condition()` holds; fails after `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
+    time.sleep(0.02)
+
+
 def write_record(workdir, **record):
   with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
     json.dump(record, f)
@@ -77,10 +85,7 @@ def test_the_heartbeat_notices_a_deleted_workdir(tmp_path):
   lock.check()
   assert lock.record["heartbeat"] > first  # it beats
   shutil.rmtree(workdir)
-  deadline = time.monotonic() + 10
-  while not lock.lost:
-    assert time.monotonic() < deadline
-    time.sleep(0.02)
+  until(lambda: lock.lost, "lost lock")
   with pytest.raises(WorkdirLostError, match=r"lock was deleted while this run held it .*workdir deleted"):
     lock.check()
   lock.release()

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from grain_jax import errors
 from grain_jax.data import records
 from grain_jax.data import synthetic_scenes as scenes
 
@@ -195,6 +196,10 @@ def for_config(config, workdir: str) -> dict[str, str]:
   need not share a filesystem, and none waits on another.
   """
   out_dir = config.data.synthetic_dir or os.path.join(workdir, "synthetic")
+  if errors.is_url(out_dir):
+    raise errors.RemotePathError(
+        f"the built-in synthetic data would be written to {out_dir}, but its ArrayRecord shards are read by Grain "
+        "from local paths only: with a gs:// --workdir, set config.data.synthetic_dir to a local folder")
   if jax.process_count() > 1:
     out_dir = os.path.join(out_dir, f"process{jax.process_index()}")
   return ensure(out_dir, **config.data.synthetic)

@@ -126,6 +126,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # default: 100). Heartbeats come from a background thread: long compilations and saves do not
       # delay them.
       heartbeat_timeout_s=20,
+      # Seconds jax.distributed.initialize() waits for every process to join (JAX's default): the
+      # processes of a job that start further apart than this (slow image pulls, installs) fail.
+      initialization_timeout_s=300,
   ))
 
   # What `python -m grain_jax.main` runs (see grain_jax/experiment.py).

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.eval import grounding
 from grain_jax.eval.runner import Runner, image_embeddings
@@ -76,8 +77,7 @@ def _picture(image, boxes: np.ndarray, phrases, attention: np.ndarray, title: st
   for x, panel, label in ((0, truth, "true boxes"), (size + 8, overlay, title)):
     picture.paste(panel, (x, 16))
     ImageDraw.Draw(picture).text((x + 2, 2), label, fill="black", font=ImageFont.load_default())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  picture.save(path)
+  files.write_through(path, lambda f: picture.save(f, format="PNG"))
   return path
 
 

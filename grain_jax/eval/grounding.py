@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.data import examples
 from grain_jax.data import quality
@@ -145,8 +146,7 @@ def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes:
     for x, panel, title in ((0, truth, "true boxes"), (size + gap, predicted, "predicted (chosen query)")):
       picture.paste(panel, (x, 16))
       ImageDraw.Draw(picture).text((x + 2, 2), title, fill="black", font=ImageFont.load_default())
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  picture.save(path)
+  files.write_through(path, lambda f: picture.save(f, format="PNG"))
   return path
 
 

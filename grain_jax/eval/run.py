@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from grain_jax import files
 from grain_jax.data import eval_sets
 from grain_jax.data import pipeline
 from grain_jax.data import prompts
@@ -235,9 +236,7 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     name, path = datasets.probe(entry, config, workdir)
     results["probes"][name] = probe.evaluate(model, runner, path, image_size)
   if writer:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    files.replace_durably(os.path.join(out_dir, "results.json"), json.dumps(results, indent=1))
     print(format_table(results), flush=True)
   return results
 

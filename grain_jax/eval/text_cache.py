@@ -6,9 +6,10 @@ cache is keyed by both: a fingerprint of the text tower (each parameter's checks
 and the texts' settings. Other weights at the same step (a run started again from step 0 in the
 same workdir, say) never reuse an entry.
 
-Entries live in memory and, when a directory is given, as `<key>.npz` files there, written by
-process 0 atomically (a kill leaves no partial entry under the final name). An entry that does not
-read (a truncated file) is computed again, with a warning, and replaced.
+Entries live in memory and, when a directory is given, as `<key>.npz` files there (a local folder or
+a bucket's gs:// path, through grain_jax.files), written by process 0 atomically (a kill leaves no
+partial entry under the final name). An entry that does not read (a truncated file) is computed
+again, with a warning, and replaced.
 """
 
 import dataclasses
@@ -23,8 +24,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from grain_jax import files
 from grain_jax.checksums import checksums
-from grain_jax.files import replace_durably
 from grain_jax.processes import every_process
 
 # What a damaged .npz raises: a cut-off archive, a bad member, garbage bytes, fields of another type.
@@ -73,10 +74,10 @@ class TextCache:
 
   def _load(self, key: str):
     path = self._path(key)
-    if not os.path.exists(path):
+    if not files.exists(path):
       return None
     try:
-      with np.load(path) as stored:
+      with np.load(io.BytesIO(files.read_bytes(path))) as stored:
         return self._value_type(**{name: stored[name] for name in stored.files})
     except _UNREADABLE as error:
       logging.warning("the text cache entry %s does not read (%s: %s): computing it again", path,
@@ -86,9 +87,6 @@ class TextCache:
   def put(self, key: str, value) -> None:
     self._memory[key] = value
     if self._directory and jax.process_index() == 0:
-      os.makedirs(self._directory, exist_ok=True)
       arrays = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)
                 if getattr(value, field.name) is not None}
-      buffer = io.BytesIO()
-      np.savez(buffer, **arrays)
-      replace_durably(self._path(key), buffer.getvalue())
+      files.write_through(self._path(key), lambda f: np.savez(f, **arrays))

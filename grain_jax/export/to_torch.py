@@ -22,6 +22,7 @@ import os
 import jax
 from flax import nnx
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.errors import output_dir
@@ -85,20 +86,21 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
     import torch
   except ImportError:
     raise ImportError(TORCH_MISSING) from None
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
   prefix = layout.MODULE_PREFIX if module_prefix else ""
   names = layout.group_names(metadata["model"])
   groups = {names[name]: {prefix + key: value for key, value in state_dict.items()}
             for name, state_dict in state_dicts.items() if state_dict}
-  os.makedirs(directory, exist_ok=True)
   paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
            "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
   checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
                 for group, tensors in groups.items()}
-  torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), paths["pth"])
-  save_file({f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
-            paths["safetensors"], metadata={"config": json.dumps(metadata)})
+  files.write_through(
+      paths["pth"], lambda f: torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), f))
+  files.replace_durably(paths["safetensors"], save(
+      {f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
+      metadata={"config": json.dumps(metadata)}))
   return paths
 
 
@@ -115,7 +117,7 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False, directo
     if message:
       print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
-    sizes = {kind: f"{os.path.getsize(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
+    sizes = {kind: f"{files.size(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
     print(f"exported step {step} of {checkpoint.checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
   return paths
 

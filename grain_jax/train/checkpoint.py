@@ -24,13 +24,13 @@ What a kill loses: the steps since the newest committed checkpoint. With synchro
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
 save waits for it, so a kill loses at most 2 x `checkpoint_every` steps. A save cut short leaves a
 `<step>.orbax-checkpoint-tmp-*` folder, which a writable Checkpointer removes (logged): the workdir
-lock makes sure no other run is writing it. A save that fails (a full disk) stops training at the
+lock makes sure no other run is writing it. (In a gs:// workdir it leaves a `<step>` folder without
+Orbax's `commit_success.txt`, which is never restored and which a save of that step replaces.) A save that fails (a full disk) stops training at the
 next step (`check()`) with CheckpointSaveError, which names the newest committed checkpoint.
 """
 
 import logging
 import os
-import shutil
 from typing import Any
 
 import grain
@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from grain_jax import files
 from grain_jax.checksums import checksums, leaf_checks, leaf_names, to_host
 from grain_jax.errors import UserError
 from grain_jax.processes import any_process
@@ -90,29 +91,29 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple
   return "; ".join(parts)
 
 
-def _size_mb(directory: str) -> float:
-  return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(directory)
-             for name in names) / 2**20
-
-
 def remove_unfinished_saves(directory: str) -> None:
   """Removes (logged) the temporary folders of saves that never committed under `directory`
-  (process 0; the others wait for it). Only for the run that holds the workdir's lock."""
+  (process 0; the others wait for it). Only for the run that holds the workdir's lock.
+
+  Such folders are those of a local (or mounted) directory: in a gs:// bucket Orbax writes a step's
+  objects under their final names and marks the step committed last (`commit_success.txt`), and a
+  step without that mark is never restored."""
   suffix = ocp.path.atomicity_types.TMP_DIR_SUFFIX
-  if jax.process_index() == 0 and os.path.isdir(directory):
-    for name in sorted(os.listdir(directory)):
+  if jax.process_index() == 0 and files.is_dir(directory):
+    for name in files.listdir(directory):
       path = os.path.join(directory, name)
-      if suffix in name and os.path.isdir(path):
-        size = _size_mb(path)
-        shutil.rmtree(path)
-        logging.warning("removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path, size)
+      if suffix in name and files.is_dir(path):
+        size = files.tree_size(path) / 2**20
+        files.remove_tree(path)
+        logging.warning("removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path,
+                        size)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("grain_jax_checkpoint_unfinished_saves_removed")
 
 
 def checkpoint_dir(workdir: str) -> str:
   """Where a run keeps its checkpoints: the absolute `<workdir>/checkpoints`."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(files.absolute(workdir), "checkpoints")
 
 
 class Checkpointer:
@@ -270,7 +271,7 @@ class Checkpointer:
           "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
           "that run's config) and set config.model.init_from to the exported .safetensors file."), ()
     items = dict(state=state_args)
-    if os.path.isdir(os.path.join(step_dir, CHECKSUMS)):
+    if files.is_dir(os.path.join(step_dir, CHECKSUMS)):
       items[CHECKSUMS] = ocp.args.JsonRestore()
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -309,15 +310,14 @@ class Checkpointer:
     unreadable = os.path.join(self.directory, UNREADABLE)
     aside = os.path.join(unreadable, str(step))
     suffix = 1
-    while os.path.exists(aside):
+    while files.exists(aside):
       aside, suffix = os.path.join(unreadable, f"{step}.{suffix}"), suffix + 1
     if jax.process_index() == 0:
-      os.makedirs(unreadable, exist_ok=True)
-      os.rename(self._step_dir(step), aside)
+      files.rename(self._step_dir(step), aside)
       # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
       logging.warning("checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
                       "them when they are no longer needed", step, self.directory, problem, aside, unreadable,
-                      len(os.listdir(unreadable)), _size_mb(unreadable))
+                      len(files.listdir(unreadable)), files.tree_size(unreadable) / 2**20)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()

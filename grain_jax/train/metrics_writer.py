@@ -4,9 +4,10 @@ A resumed run first drops the `metrics.jsonl` rows past the step it resumed from
 again and write their rows anew. (TensorBoard shows the newest value of a repeated step.) A run
 that starts from step 0 without a checkpoint keeps an earlier run's rows as `metrics.<n>.jsonl`.
 
-Each row is fsynced, and the TensorBoard events are flushed (tensorboardX fsyncs its file) at every
-row: on a gcsfuse mount a file reaches the bucket only on fsync or close, so without it a run's
-metrics would show up in the bucket only when it ends.
+Each row is appended and the file closed, and the TensorBoard events are flushed (tensorboardX fsyncs
+its file, or uploads it to a gs:// workdir) at every row: on a gcsfuse mount a file reaches the bucket
+only on close (or on fsync, with streaming writes off), so a run's metrics would otherwise show up in
+the bucket only when it ends, and a hard kill would lose them.
 """
 
 import json
@@ -16,8 +17,7 @@ import os
 import jax
 from tensorboardX import SummaryWriter
 
-from grain_jax.files import replace_durably
-from grain_jax.train.workdir_files import keep_earlier
+from grain_jax import files
 
 
 def _step(line: str) -> int | None:
@@ -33,10 +33,9 @@ def _step(line: str) -> int | None:
 def drop_rows_after(path: str, step: int) -> None:
   """Rewrites the JSON-lines file `path` (atomically) without its rows whose "step" is past `step`,
   and without lines that are not rows (counted in a warning)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return
-  with open(path) as f:
-    lines = f.readlines()
+  lines = files.read_text(path).splitlines(keepends=True)
   steps = [_step(line) for line in lines]
   kept = [line for line, row_step in zip(lines, steps) if row_step is not None and row_step <= step]
   unreadable = steps.count(None)
@@ -44,7 +43,7 @@ def drop_rows_after(path: str, step: int) -> None:
     logging.warning("%s: dropped %d lines that are not JSON rows with a step (a row cut short by a kill, or "
                     "garbage)", path, unreadable)
   if len(kept) < len(lines):
-    replace_durably(path, "".join(kept))
+    files.replace_durably(path, "".join(kept))
 
 
 class MetricsWriter:
@@ -55,12 +54,12 @@ class MetricsWriter:
     checkpoint was restored, and an earlier run's metrics.jsonl is then kept as metrics.<n>.jsonl."""
     self.active = jax.process_index() == 0
     if self.active:
-      path = os.path.join(workdir, "metrics.jsonl")
-      if first_step == 0 and os.path.exists(path) and os.path.getsize(path):
-        logging.warning("this run starts from step 0: the earlier run's %s is now %s", path, keep_earlier(path))
-      drop_rows_after(path, first_step)
+      self.path = os.path.join(workdir, "metrics.jsonl")
+      if first_step == 0 and files.exists(self.path) and files.size(self.path):
+        logging.warning("this run starts from step 0: the earlier run's %s is now %s", self.path,
+                        files.keep_earlier(self.path))
+      drop_rows_after(self.path, first_step)
       self.summary = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(path, "a")
 
   def write(self, step: int, metrics: dict[str, float], data_stats=None) -> None:
     """`data_stats`: the pipeline's DataStats; its skips per reason are logged as `data/...`."""
@@ -72,12 +71,9 @@ class MetricsWriter:
       scalars.update({f"data/skipped_{reason}": float(count) for reason, count in data_stats.skipped.items()})
     for name, value in scalars.items():
       self.summary.add_scalar(name, value, step)
-    self.jsonl.write(json.dumps(dict(step=step, **scalars)) + "\n")
-    self.jsonl.flush()
-    os.fsync(self.jsonl.fileno())
+    files.append_line(self.path, json.dumps(dict(step=step, **scalars)) + "\n")
     self.summary.flush()
 
   def close(self) -> None:
     if self.active:
       self.summary.close()
-      self.jsonl.close()

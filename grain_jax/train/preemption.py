@@ -31,7 +31,7 @@ import threading
 import jax
 from jax.experimental import multihost_utils
 
-from grain_jax.files import replace_durably
+from grain_jax import files
 
 # EX_TEMPFAIL of sysexits.h: a temporary failure, the run should be started again.
 PREEMPTED_STATUS = 75
@@ -44,15 +44,12 @@ MARKER = "preempted"
 
 def write_marker(workdir: str, step: int) -> None:
   """`<workdir>/preempted` holding `step`: the run saved that step on a notice and stopped."""
-  replace_durably(os.path.join(workdir, MARKER), f"{step}\n")
+  files.replace_durably(os.path.join(workdir, MARKER), f"{step}\n")
 
 
 def remove_marker(workdir: str) -> None:
   """A run trains again: the previous one's notice is dealt with."""
-  try:
-    os.remove(os.path.join(workdir, MARKER))
-  except FileNotFoundError:
-    pass
+  files.remove(os.path.join(workdir, MARKER))
 
 
 class Preempted(Exception):

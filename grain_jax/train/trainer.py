@@ -18,11 +18,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import ConfigError, validate
 from grain_jax.data import pipeline
 from grain_jax.data import text_packing
-from grain_jax.files import replace_durably
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
@@ -169,12 +169,11 @@ def write_config(config, workdir: str) -> None:
   """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
   path = os.path.join(workdir, "config.json")
   text = config.to_json_best_effort(indent=2)
-  if os.path.exists(path):
-    with open(path) as f:
-      if f.read() == text:
-        return
-    logging.warning("the config differs from %s's; the earlier one is now %s", path, workdir_files.keep_earlier(path))
-  replace_durably(path, text)
+  if files.exists(path):
+    if files.read_text(path) == text:
+      return
+    logging.warning("the config differs from %s's; the earlier one is now %s", path, files.keep_earlier(path))
+  files.replace_durably(path, text)
 
 
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
@@ -258,7 +257,11 @@ def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: in
         report.started(step)
         batch = global_batch(pack_texts(next(data_iterator), config, shards), mesh)
         state, metrics = step_fn(state, batch)
-        report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
+        try:
+          report.ended(step, state, metrics, step_fn.last_flops, data_iterator.stats)
+        except FileNotFoundError:
+          lock.verify()  # a metrics row written into a workdir deleted under the run: say that instead
+          raise
         done = step + 1
         # Every process asks at every step (the processes agree on the step to stop at); a notice
         # reached at the last step changes nothing, as the run saves there and goes on to evaluate.
