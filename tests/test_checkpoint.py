@@ -1,7 +1,6 @@
 """Checkpoints on a tiny state (no model): checksums, non-finite values, mismatches, what is moved aside
 and what is not, a kill during an asynchronous save and what it leaves, a save that fails."""
 
-import errno
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import fill_the_disk_at, flip_bytes
 from grain_jax.train.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMismatchError, CheckpointReadError,
                                         CheckpointSaveError, NoReadableCheckpointError, UNREADABLE)
 from grain_jax.train.step import TrainState
@@ -52,17 +52,6 @@ def restore(directory, like=None, read_only=False, iterator=None):
     checkpointer.restore_data(int(restored.step), iterator or data())
   checkpointer.close()
   return restored
-
-
-def flip_bytes(step_dir):
-  """Flips 64 bytes in the middle of the checkpoint's largest array data file."""
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-           for name in names if os.path.basename(root) == "d"]
-  path = max(files, key=os.path.getsize)
-  blob = bytearray(open(path, "rb").read())
-  middle = len(blob) // 2
-  blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
-  open(path, "wb").write(bytes(blob))
 
 
 def test_a_save_holds_the_checksums_of_its_arrays(tmp_path):
@@ -162,7 +151,7 @@ def test_only_unreadable_checkpoints_stop_the_run(tmp_path):
 def test_a_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint(tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, sys
-      sys.path.insert(0, {os.getcwd()!r})
+      sys.path[:0] = [{os.getcwd()!r}, {os.path.join(os.getcwd(), 'tests')!r}]
       from tests.test_checkpoint import Checkpointer, data, state
       import jax.numpy as jnp
       checkpointer = Checkpointer({str(tmp_path)!r}, keep=5, async_save=True)
@@ -233,18 +222,6 @@ def test_folders_of_saves_that_never_committed_are_removed_by_a_writer_only(tmp_
     assert int(restore(tmp_path).step) == 1
   assert sorted(os.listdir(tmp_path)) == ["1"]
   assert f"removed {unfinished} (1.0 MB): a save that never committed" in caplog.text
-
-
-def fill_the_disk_at(step: int, monkeypatch) -> None:
-  """Makes writing the checksums of step `step` fail as on a full disk."""
-  save_json = ocp.handlers.JsonCheckpointHandler._save_fn
-
-  async def fail(self, x, directory):
-    if os.path.basename(os.path.dirname(str(directory))).split(".")[0] == str(step):
-      raise OSError(errno.ENOSPC, "No space left on device")
-    return await save_json(self, x, directory)
-
-  monkeypatch.setattr(ocp.handlers.JsonCheckpointHandler, "_save_fn", fail)
 
 
 @pytest.fixture

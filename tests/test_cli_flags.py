@@ -10,6 +10,8 @@ import pytest
 
 from grain_jax.bench import __main__ as bench_cli
 
+pytestmark = pytest.mark.integration
+
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "grain_jax"
 # absl's definitions; `config` is the config file, whose fields (`--config.train.num_steps`) keep their names.
 ABSL_DEFINES = {"DEFINE_string", "DEFINE_bool", "DEFINE_boolean", "DEFINE_integer", "DEFINE_float", "DEFINE_enum",

@@ -1,35 +1,28 @@
 """Record -> example: image preprocessing, caption choice, top-k regions, text ids."""
 
-import io
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import png_bytes
 from grain_jax.data import examples
 from grain_jax.data import quality
 from grain_jax.data import records
 from grain_jax.data import tokenizer
 
 
-def _png(width=40, height=20, color=(255, 0, 0)) -> bytes:
-  out = io.BytesIO()
-  Image.new("RGB", (width, height), color).save(out, "PNG")
-  return out.getvalue()
-
-
 def _record(regions=(), caption="alt text", mllm="rich caption") -> records.Record:
-  return records.Record("k", _png(), caption, mllm, tuple(regions))
+  return records.Record("k", png_bytes(), caption, mllm, tuple(regions))
 
 
 def test_load_image_squashes_and_normalizes(tmp_path):
-  image = examples.load_image(_png(40, 20, (255, 0, 0)), 16)
+  image = examples.load_image(png_bytes(40, 20, (255, 0, 0)), 16)
   assert image.shape == (16, 16, 3) and image.dtype == np.float32
   expected = (np.array([1.0, 0.0, 0.0]) - examples.IMAGENET_MEAN) / examples.IMAGENET_STD
   np.testing.assert_allclose(image[8, 8], expected, atol=1e-5)
   path = tmp_path / "a.png"
-  path.write_bytes(_png())
-  np.testing.assert_allclose(examples.load_image(str(path), 16), examples.load_image(_png(), 16))
+  path.write_bytes(png_bytes())
+  np.testing.assert_allclose(examples.load_image(str(path), 16), examples.load_image(png_bytes(), 16))
   gray = examples.load_image(np.full((5, 7), 255, np.uint8), 16)
   np.testing.assert_allclose(gray[0, 0], (1 - examples.IMAGENET_MEAN) / examples.IMAGENET_STD,
                              atol=1e-5)
@@ -37,7 +30,7 @@ def test_load_image_squashes_and_normalizes(tmp_path):
 
 @pytest.mark.parametrize("image, reason", [
     (b"not an image", quality.CORRUPT_IMAGE),
-    (_png()[:40], quality.CORRUPT_IMAGE),
+    (png_bytes()[:40], quality.CORRUPT_IMAGE),
     ("/nonexistent/image.png", quality.MISSING_IMAGE),
 ])
 def test_load_image_bad(image, reason):

@@ -1,6 +1,5 @@
 """The Grain training pipeline: batches, host sharding, determinism, checkpoints, bad records."""
 
-import io
 import os
 import subprocess
 import sys
@@ -10,8 +9,8 @@ from etils import epath
 import grain
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import png_bytes
 from grain_jax.data import pipeline
 from grain_jax.data import quality
 from grain_jax.data import records
@@ -22,9 +21,7 @@ NUM_RECORDS = 12
 
 
 def _png(i: int) -> bytes:
-  out = io.BytesIO()
-  Image.new("RGB", (24, 16), (20 * i % 256, 100, 50)).save(out, "PNG")
-  return out.getvalue()
+  return png_bytes(24, 16, (20 * i % 256, 100, 50))
 
 
 def _record(i: int) -> records.Record:

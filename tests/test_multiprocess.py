@@ -14,11 +14,14 @@ import time
 import numpy as np
 import pytest
 
+from conftest import TIMEOUT_S, finish
+
+pytestmark = pytest.mark.integration
+
 ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", "--config.train.num_steps=3",
         "--config.train.log_every=1", "--config.experiment.evaluate=False", "--config.optim.warmup_steps=1",
         "--config.data.synthetic.num_train=32", "--config.data.synthetic.images_per_class=1",
         "--config.data.synthetic.num_retrieval=2", "--config.data.synthetic.num_grounding=2"]
-TIMEOUT_S = 600
 HEARTBEAT_S = 5
 # One of two processes started by `grain_jax.main.initialize_distributed` (argv: process id, port);
 # process 0 then waits at a barrier that process 1, killed by the test, never reaches.
@@ -41,14 +44,8 @@ time.sleep({TIMEOUT_S})
 def run(command: list[str], env: dict[str, str]) -> None:
   """Runs `command` in its own process group; on timeout the whole group (the launcher's
   training processes too) is killed."""
-  process = subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
-  try:
-    output, _ = process.communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    os.killpg(process.pid, signal.SIGKILL)
-    raise
-  assert process.returncode == 0, output[-3000:]
+  finish(subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, start_new_session=True))
 
 
 def launch_two(workdir: str, *extra: str) -> None:

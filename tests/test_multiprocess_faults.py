@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_checkpoint import flip_bytes
+from conftest import TIMEOUT_S, finish, flip_bytes
+
+pytestmark = pytest.mark.integration
 
 STEPS = 6
 HEARTBEAT_S = 20  # config.train.heartbeat_timeout_s's default
-TIMEOUT_S = 600
 ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", f"--config.train.num_steps={STEPS}",
         "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.experiment.evaluate=False",
         "--config.optim.warmup_steps=1", "--config.data.synthetic.num_train=32",
@@ -31,18 +32,6 @@ def launch(workdir: Path, *extra: str) -> subprocess.Popen:
   return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2",
                            "--", *ARGS, *extra, "--workdir", str(workdir)], env=dict(os.environ, PYTHON=sys.executable),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def finish(process: subprocess.Popen, status: int = 0) -> str:
-  """The output of `process` (a session of its own, output piped) once it has exited with `status`; on
-  a timeout its whole process group is killed."""
-  try:
-    output, _ = process.communicate(timeout=TIMEOUT_S)
-  except subprocess.TimeoutExpired:
-    os.killpg(process.pid, signal.SIGKILL)
-    raise
-  assert process.returncode == status, output[-4000:]
-  return output
 
 
 def checksums(workdir: Path, step: int = STEPS) -> dict:

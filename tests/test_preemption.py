@@ -25,6 +25,8 @@ from grain_jax.train.preemption import INTERRUPTED_STATUS, PREEMPTED_STATUS, Pre
 from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step_report import StepReport
 
+pytestmark = pytest.mark.integration
+
 OVERRIDES = dict(data=dict(batch_size=8, num_workers=1, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2,
                                                         num_grounding=2)),
                  train=dict(num_steps=1000, log_every=1, checkpoint_every=1000, peak_flops_per_device=1e12),

@@ -15,6 +15,8 @@ import pytest
 from grain_jax.config import apply_overrides, load_config, parse_arm, validate
 from grain_jax.eval import datasets
 
+pytestmark = pytest.mark.integration
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "scale_and_launch.md", *sorted((ROOT / "configs").glob("*.py"))]
 # How each kind of command starts; the launch scripts pass the words after `--` on to grain_jax.main.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import fill_the_disk_at, flip_bytes
 from grain_jax.config import ConfigError, load_config
 from grain_jax.data import pipeline, text_packing
 from grain_jax.models.grain import build_model
@@ -20,7 +21,8 @@ from grain_jax.train.checkpoint import Checkpointer, CheckpointMismatchError, Ch
 from grain_jax.train.metrics_writer import MetricsWriter, drop_rows_after
 from grain_jax.train.step import TrainState, make_train_step, split_micro_batches
 from grain_jax.train.step_report import StepReport
-from tests.test_checkpoint import fill_the_disk_at, flip_bytes
+
+pytestmark = pytest.mark.integration
 
 NUM_STEPS = 6
 

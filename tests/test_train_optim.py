@@ -1,6 +1,5 @@
 """The weight-decay rules: ours by rank, the authors' by the PyTorch names their parameters have."""
 
-import numpy as np
 import pytest
 from flax import nnx
 

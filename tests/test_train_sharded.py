@@ -9,6 +9,8 @@ from grain_jax.config import load_config
 from grain_jax.data import pipeline, synthetic
 from grain_jax.train import trainer
 
+pytestmark = pytest.mark.integration
+
 NUM_STEPS = 3
 
 

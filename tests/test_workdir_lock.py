@@ -9,30 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 
+from conftest import LOCK_HOLDER, until
 from grain_jax.errors import ArgumentError
 from grain_jax.train import workdir_files, workdir_lock
 from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError
 
-HOLD = textwrap.dedent("""
-    import sys, time
-    from grain_jax.train import workdir_lock
-    workdir_lock.acquire(sys.argv[1])
-    print("held", flush=True)
-    time.sleep(600)
-""")
-
-
-def until(condition, what: str, timeout_s: float = 30) -> None:
-  """Returns once `condition()` holds; fails after `timeout_s`."""
-  deadline = time.monotonic() + timeout_s
-  while not condition():
-    assert time.monotonic() < deadline, f"no {what} after {timeout_s} s"
-    time.sleep(0.02)
 
 
 def write_record(workdir, **record):
@@ -41,7 +26,7 @@ def write_record(workdir, **record):
 
 
 def test_a_second_run_is_refused_naming_the_holder_and_takes_over_once_it_is_killed(tmp_path, caplog):
-  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
     assert holder.stdout.readline() == "held\n"
