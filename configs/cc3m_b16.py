@@ -10,7 +10,7 @@ gpu_2x8_h100 (default), tpu_v4_32, tpu_v5e_64 or tpu_v5p_128. Epochs are counted
 pairs of CC3M's training split; with fewer downloaded images set `--config.train.num_steps` (35
 epochs) and `--config.optim.warmup_steps` (1). The run evaluates on the tfds sets prepared in
 `config.eval.tfds_data_dir` with the descriptor files of `config.eval.descriptors_dir` and Places365's
-full-size images in `config.eval.places365_dir` (see grain_jax/eval/README.md), and stops before
+full-size images in `config.eval.places365_dir` (see docs/evaluation.md), and stops before
 training when one is missing;
 `--config.experiment.evaluate=False` trains without them.
 """

@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   config.experiment.arms = ("grain", "clip: model.kind=clip")
   config.experiment.seeds = tuple(range(int(arg or 1)))
 
-  # A decoder that localizes within the demo's budget (README, "Grounding"): the grounding options,
+  # A decoder that localizes within the demo's budget (docs/grounding.md): the grounding options,
   # and 6 layers (the reference's depth) 128 wide instead of tiny's 2 x 64.
   base.use_grounding_options(config)
   config.model.decoder.update(depth=6, width=128, mlp_dim=256)

@@ -124,7 +124,7 @@ def class_names(args: argparse.Namespace) -> tuple[list[str], str]:
   spec = datasets.TFDS_DATASETS[args.dataset]
   if not spec.readable_labels:
     raise ArgumentError(f"--dataset={args.dataset}: its tfds labels are ids, so its class names are known only "
-                        f"from its published descriptor file ({spec.descriptors_file}, see grain_jax/eval/README.md); "
+                        f"from its published descriptor file ({spec.descriptors_file}, see docs/evaluation.md); "
                         "to describe another class list use --classes")
   return datasets.registry_class_names(args.dataset), args.name or spec.descriptors_file
 

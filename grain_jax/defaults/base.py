@@ -194,7 +194,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tfds_data_dir="",          # where `tfds build` prepared the tfds sets; "" = tfds's default
       places365_dir="",          # torchvision's Places365 download (small=False) that places365:full reads
       descriptors_dir="",        # Menon & Vondrick descriptor JSONs (descriptors_cifar10.json, ...;
-                                 # grain_jax/eval/README.md says where each comes from)
+                                 # docs/evaluation.md says where each comes from)
       allow_missing_descriptors=False,  # a tfds set without its descriptor file: False = refuse before
                                  # training; True = evaluate it with class names only (no description
                                  # heads, so the paper's mean of 11 is not reported)
@@ -230,7 +230,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def use_grounding_options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Sets the decoder options and losses that make the region queries localize (README "Grounding"):
+  """Sets the decoder options and losses that make the region queries localize (docs/grounding.md):
   a learned position code on the image tokens the decoder reads, in its keys and values; no decoder
   dropout; every decoder layer's boxes supervised; each description trained to pick its own query.
   The reference decoder has none of them. Returns `config`, changed in place."""

@@ -19,8 +19,8 @@ KINDS = ("grain", "grain_grounded", "clip")
 GLOBAL_BATCH = 2048
 EPOCHS = 35
 
-# Per mesh preset: what fits B/16 at the global batch in device memory (README "Training at
-# scale" has the memory table that backs these choices: python -m grain_jax.bench memory).
+# Per mesh preset: what fits B/16 at the global batch in device memory (docs/performance.md, "Memory
+# per device", has the table that backs these choices: python -m grain_jax.bench memory).
 FITS = {
     "gpu_2x8_h100": dict(remat=False, grad_accum_steps=1),
     "tpu_v4_32": dict(remat=True, grad_accum_steps=1),
@@ -65,7 +65,7 @@ def get_recipe_config(num_train_images: int, arg: str | None):
                       log_every=100, checkpoint_every=500, keep_checkpoints=3)
 
   # The paper's 11 zero-shot sets as the authors evaluate them (tfds, prepare them first, and Places365's
-  # full-size images in config.eval.places365_dir; see grain_jax/eval/README.md) and ImageNet, with the
+  # full-size images in config.eval.places365_dir; see docs/evaluation.md) and ImageNet, with the
   # authors' zero-shot protocol for every kind, so that they compare; retrieval needs the Karpathy files:
   # --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
   config.eval.update(classification=(*AUTHORS_PAPER_SETS, "imagenet"), retrieval=(), grounding=(), probes=(),

@@ -209,7 +209,7 @@ def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_dat
              "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release")
     raise FileNotFoundError(f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
                             f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
-                            "(grain_jax/eval/README.md says where each file comes from)")
+                            "(docs/evaluation.md says where each file comes from)")
 
 
 def _with_descriptors(name: str, data: eval_sets.ClassificationSet, path: str, labels_are_ids: bool = False,
