@@ -42,8 +42,6 @@ from grain_jax import main as grain_main
 from grain_jax.config import apply_overrides, load_config, parse_arm, validate
 from grain_jax.eval import datasets
 
-pytestmark = pytest.mark.integration
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
