@@ -22,7 +22,7 @@ from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
-from grain_jax.train import trainer
+from grain_jax.train import checkpoint, trainer
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -44,7 +44,7 @@ def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
   out_dir = output_dir(out_dir, workdir, "eval")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
-    model, step = trainer.restore_model(config, workdir, mesh)
+    model, step = checkpoint.restore_model(config, workdir, mesh)
   return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}", out_dir=out_dir)
 
 

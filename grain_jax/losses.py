@@ -22,6 +22,7 @@ from grain_jax import sharding
 from grain_jax.ops import boxes as box_ops
 from grain_jax.ops import localization
 from grain_jax.ops import matching
+from grain_jax.ops.normalize import l2_normalize
 
 # Logit of an excluded negative: far below any real logit (|logit| <= 100), yet finite so that a
 # row with nothing to compare against still has finite gradients.
@@ -29,11 +30,6 @@ _EXCLUDED = -1e9
 # Metrics only a model with region queries has (0 for the plain-CLIP baseline).
 REGION_METRICS = ("loss_l1", "loss_giou", "loss_rd", "loss_dq", "match_cost", "rd_accuracy", "dq_accuracy",
                   "box_spread_ratio")
-
-
-def _normalize(x: jnp.ndarray) -> jnp.ndarray:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
 
 
 def image_caption_loss(image_embed: jnp.ndarray, text_embed: jnp.ndarray,
@@ -48,7 +44,7 @@ def image_caption_loss(image_embed: jnp.ndarray, text_embed: jnp.ndarray,
   Returns:
     Scalar: mean of the image->text and text->image cross-entropies.
   """
-  logits = jnp.exp(logit_scale) * _normalize(image_embed) @ _normalize(text_embed).T
+  logits = jnp.exp(logit_scale) * l2_normalize(image_embed) @ l2_normalize(text_embed).T
   # Subtracting the positive logit first keeps log(1 + small) accurate in float32.
   diagonal = jnp.diagonal(logits)
   image_to_text = jax.nn.logsumexp(logits - diagonal[:, None], axis=1)
@@ -110,8 +106,8 @@ def _region_description_sums(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
   """Every matched region of these `[b, ...]` rows against every valid description of the same rows:
   float32 scalars (sum of cross-entropies, number right, number of matched regions)."""
   matched = _matched(target_valid, query_of_target).reshape(-1)
-  regions = _normalize(_per_target(region_embed, query_of_target)).reshape(matched.size, -1)
-  descriptions = _normalize(jnp.where(target_valid[..., None], desc_embed, 0.0)).reshape(matched.size, -1)
+  regions = l2_normalize(_per_target(region_embed, query_of_target)).reshape(matched.size, -1)
+  descriptions = l2_normalize(jnp.where(target_valid[..., None], desc_embed, 0.0)).reshape(matched.size, -1)
   valid, text_id = target_valid.reshape(-1), desc_text_id.reshape(-1)
   logits = jnp.exp(logit_scale) * regions @ descriptions.T
   own = jnp.eye(matched.size, dtype=bool)
@@ -179,8 +175,8 @@ def description_query_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, t
     `(loss, accuracy)` scalars over matched descriptions (0 when nothing is matched).
   """
   matched = _matched(target_valid, query_of_target)
-  descriptions = _normalize(jnp.where(target_valid[..., None], desc_embed, 0.0))
-  logits = jnp.exp(logit_scale) * jnp.einsum("bte,bqe->btq", descriptions, _normalize(region_embed))
+  descriptions = l2_normalize(jnp.where(target_valid[..., None], desc_embed, 0.0))
+  logits = jnp.exp(logit_scale) * jnp.einsum("bte,bqe->btq", descriptions, l2_normalize(region_embed))
   own_logit = jnp.take_along_axis(logits, jnp.maximum(query_of_target, 0)[..., None], axis=-1)[..., 0]
   cross_entropy = jax.nn.logsumexp(logits - own_logit[..., None], axis=-1)
   correct = logits.max(-1) <= own_logit

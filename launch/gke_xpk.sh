@@ -77,7 +77,6 @@ refuse_dry_run_after_separator "$@"
   { echo "--grace-seconds must be a positive integer, got '$grace_seconds'" >&2; exit 2; }
 [[ "$max_archive_mb" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--max-archive-mb must be a positive integer, got '$max_archive_mb'" >&2; exit 2; }
-[[ -n "$config" ]] || config="$(recipe_config "$accelerator")"
 if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi
@@ -110,6 +109,7 @@ create_cluster() {
 
 submit() {
   [[ -n "$workdir" ]] || { echo "run needs --workdir or --bucket" >&2; exit 2; }
+  [[ -n "$config" ]] || config="$(recipe_config "$accelerator")"
   [[ -n "$config" ]] || { echo "no recipe preset for --accelerator $accelerator; pass --config" >&2; exit 2; }
   [[ -n "$base_image" ]] ||
     { echo "run needs --base-image: the image built from launch/Dockerfile (see docs/scale_and_launch.md)" >&2; exit 2; }

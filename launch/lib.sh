@@ -83,13 +83,25 @@ refuse_dry_run_after_separator() {  # refuse_dry_run_after_separator ARGS...
   done
 }
 
-# The recipe preset for a slice type, the default of --config (nothing for other types).
+# The checkout's root, found while this file is sourced: the scripts may cd before they ask.
+checkout_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# FIELD (mesh_preset, runtime_version) of a Cloud TPU accelerator type from the hardware table,
+# grain_jax/hardware.py; an empty line where the table has none. The table needs only the standard
+# library, so any python3 reads it: $PYTHON, default python3. Exits with status 1 when it cannot.
+hardware_fact() {  # hardware_fact ACCELERATOR FIELD
+  local python="${PYTHON:-python3}"
+  (cd "$checkout_root" && "$python" -m grain_jax.hardware "$1" "$2") || {
+    echo "$python could not read $2 of $1 from grain_jax/hardware.py; set PYTHON to a python3 (3.7 or newer)" >&2
+    exit 1
+  }
+}
+
+# The recipe preset for a slice type, the default of --config (nothing for types without a preset).
 recipe_config() {  # recipe_config ACCELERATOR
-  case "$1" in
-    v4-32) echo "configs/cc12m_b16.py:grain,tpu_v4_32" ;;
-    v5litepod-64) echo "configs/cc12m_b16.py:grain,tpu_v5e_64" ;;
-    v5p-128) echo "configs/cc12m_b16.py:grain,tpu_v5p_128" ;;
-  esac
+  local preset
+  preset="$(hardware_fact "$1" mesh_preset)" || return
+  [[ -z "$preset" ]] || echo "configs/cc12m_b16.py:grain,$preset"
 }
 
 # The gcsfuse options that make a workdir work on the bucket's mount, one a line, without their

@@ -21,7 +21,8 @@
 #   delete  delete the slice (or the queued resource)
 # Options:
 #   --accelerator TYPE   v4-32 | v5litepod-64 | v5p-128 | ... (default v5p-128)
-#   --version RUNTIME    TPU software version (default: the one for the accelerator's generation)
+#   --version RUNTIME    TPU software version (default: the one for the accelerator's generation, from
+#                        grain_jax/hardware.py)
 #   --project ID         gcloud project (default: gcloud's configured one)
 #   --spot               spot capacity (can be preempted at any time; `up` again resumes)
 #   --preemptible        preemptible TPU VM: the older kind of spot, always stopped after 24 hours
@@ -76,16 +77,14 @@ refuse_dry_run_after_separator "$@"
 [[ "$max_archive_mb" =~ ^[1-9][0-9]*$ ]] ||
   { echo "--max-archive-mb must be a positive integer, got '$max_archive_mb'" >&2; exit 2; }
 [[ "${capacity[*]}" != --preemptible ]] || ! $queued || { echo "--queued takes --spot, not --preemptible" >&2; exit 2; }
-if [[ -z "$version" ]]; then
-  case "$accelerator" in
-    v4-*) version="tpu-ubuntu2204-base" ;;
-    v5litepod-*) version="v2-alpha-tpuv5-lite" ;;
-    v5p-*) version="v2-alpha-tpuv5" ;;
-    v6e-*) version="v2-alpha-tpuv6e" ;;
-    *) echo "no default --version for --accelerator $accelerator; pass --version" >&2; exit 2 ;;
-  esac
+# The defaults from the hardware table, read only by the commands that use them.
+if [[ -z "$version" && ("$command_name" == up || "$command_name" == create) ]]; then
+  version="$(hardware_fact "$accelerator" runtime_version)"
+  [[ -n "$version" ]] || { echo "no default --version for --accelerator $accelerator; pass --version" >&2; exit 2; }
 fi
-[[ -n "$config" ]] || config="$(recipe_config "$accelerator")"
+if [[ -z "$config" && ("$command_name" == up || "$command_name" == run) ]]; then
+  config="$(recipe_config "$accelerator")"
+fi
 if [[ -z "$workdir" && -n "$bucket" ]]; then
   workdir="/gcs/$bucket/runs/$name"
 fi

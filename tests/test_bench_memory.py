@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from grain_jax.defaults import meshes
 from grain_jax import sharding
 from grain_jax.bench import memory
 from grain_jax.config import load_config
+from grain_jax.hardware import MACHINES
 from grain_jax.train import trainer
 
 FSDP = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1}
@@ -57,27 +57,26 @@ def test_arguments_are_the_state_and_batch_shards():
 
 
 def test_hardware_comes_from_the_mesh_preset_in_the_config_argument():
-  assert memory.hardware_for("configs/cc12m_b16.py:grain,tpu_v5e_64")["devices"] == 64
-  assert memory.hardware_for("configs/base.py:b16,gpu_2x8_h100")["memory_gib"] == 79.6
+  assert memory.hardware_for("configs/cc12m_b16.py:grain,tpu_v5e_64").devices == 64
+  assert memory.hardware_for("configs/base.py:b16,gpu_2x8_h100").memory_gib == 79.6
   assert memory.hardware_for("configs/base.py:tiny") is None
 
 
 def test_tpu_topologies_have_the_presets_device_counts():
-  for name, hardware in meshes.HARDWARE.items():
-    if "tpu_topology" in hardware:
-      chips = np.prod([int(size) for size in hardware["tpu_topology"].split(":")[1].split("x")])
-      assert chips == hardware["devices"], name
+  for name, machine in MACHINES.items():
+    if machine.tpu_topology:
+      chips = np.prod([int(size) for size in machine.tpu_topology.split(":")[1].split("x")])
+      assert chips == machine.devices, name
       has_libtpu = importlib.util.find_spec("libtpu") is not None
-      assert memory.tpu_topology(hardware) == (hardware["tpu_topology"] if has_libtpu else None)
-  assert memory.tpu_topology(meshes.HARDWARE["gpu_2x8_h100"]) is None
+      assert memory.tpu_topology(machine) == (machine.tpu_topology if has_libtpu else None)
+  assert memory.tpu_topology(MACHINES["gpu_2x8_h100"]) is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="needs the TPU extra: pip install -r requirements-tpu.txt")
 def test_tpu_hardware_compiles_with_the_tpu_compiler_deviceless():
   overrides = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "model.kind": "clip", "data.batch_size": 16}
-  row = memory.analyze_in_subprocess("configs/base.py:tiny", dict(devices=4, tpu_topology="v5p:2x2x1"), overrides,
-                                     with_collectives=True)
+  row = memory.analyze_in_subprocess("configs/base.py:tiny", 4, "v5p:2x2x1", overrides, with_collectives=True)
   assert row["compiler"].startswith("TPU v5p:2x2x1") and row["devices"] == 4
   # FSDP on 4 chips: the weights are all-gathered in the forward pass.
   assert any(c["op"] == "all-gather" and not c["backward"] for c in row["collectives"])

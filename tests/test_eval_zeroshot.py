@@ -10,7 +10,8 @@ from grain_jax.data import prompts
 from grain_jax.eval import grounding
 from grain_jax.eval import heads
 from grain_jax.eval import zeroshot
-from grain_jax.eval.runner import Runner, normalize
+from grain_jax.eval.runner import Runner
+from grain_jax.ops.normalize import l2_normalize
 from grain_jax.models.grain import build_model
 
 CLASSES = ["red circle", "blue square", "striped triangle"]
@@ -40,14 +41,14 @@ def images():
 
 @nnx.jit
 def _encode_text(model, ids):
-  return normalize(model.encode_text(ids))
+  return l2_normalize(model.encode_text(ids))
 
 
 @pytest.fixture(scope="module")
 def image_outputs(model, images):
   """The model's own outputs on `images`, computed directly (normalized embeddings)."""
   outputs = nnx.jit(lambda m, x: m.encode_image(x))(model, np.stack([examples.load_image(i, 32) for i in images]))
-  return normalize(outputs.global_embed), normalize(outputs.region_embed), outputs.boxes[-1]
+  return l2_normalize(outputs.global_embed), l2_normalize(outputs.region_embed), outputs.boxes[-1]
 
 
 def _text(model, texts):
@@ -77,7 +78,7 @@ def test_class_vectors_are_means_of_prompt_embeddings_per_prompt_set(model, runn
   assert text.prompt_embeds is None and joined.prompt_mask.all()
   assert (np.linalg.norm(raw.class_vectors, axis=1) < 1 - 1e-3).all()
   names_only = zeroshot.class_texts(model, runner, "names", CLASSES, None, TEMPLATES)
-  np.testing.assert_allclose(names_only.class_vectors[0], normalize(
+  np.testing.assert_allclose(names_only.class_vectors[0], l2_normalize(
       _text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)), atol=1e-5)
 
 

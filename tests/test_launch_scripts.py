@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from grain_jax.hardware import CHIPS, MACHINES
+
 pytestmark = pytest.mark.integration
 
 SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch") + glob.glob("tests/fakes/*"))
@@ -56,6 +58,51 @@ def test_tpu_pod_up_creates_copies_installs_and_runs_on_every_worker():
   assert shlex.split(worker)[:7] == ["cd", "grain-jax", "&&", "bash", "launch/tpu_worker.sh", "start", "--workdir"]
   assert shlex.split(main) == [".venv/bin/python", "-m", "grain_jax.main", "--config", "configs/cc12m_b16.py:grain,tpu_v5p_128",
                   "--workdir", "/gcs/my-bucket/runs/grain", "--config.train.num_steps=10"]
+
+
+@pytest.mark.parametrize("preset", [name for name, machine in MACHINES.items() if machine.accelerator])
+def test_tpu_pod_defaults_are_the_hardware_tables(preset):
+  accelerator = MACHINES[preset].accelerator
+  location = ["--name", "n", "--zone", "z", "--accelerator", accelerator]
+  [create] = find(dry_run("launch/tpu_pod.sh", "create", *location), "gcloud", "compute", "tpus", "tpu-vm", "create")
+  assert option(create, "--version") == CHIPS[MACHINES[preset].chip].runtime_version
+  start = find(dry_run("launch/tpu_pod.sh", "run", *location, "--workdir", "/gcs/b/r"), "gcloud", "compute", "tpus")
+  assert f"--config configs/cc12m_b16.py:grain,{preset} " in option(start[-1], "--command")
+
+
+def test_the_launch_scripts_read_the_hardware_table_and_hold_no_copy(tmp_path):
+  """The scripts beside a copy of grain_jax/hardware.py whose v5p facts are changed print the changed
+  values; no launch file names a runtime version or a TPU mesh preset itself."""
+  shutil.copytree("launch", tmp_path / "launch")
+  (tmp_path / "grain_jax").mkdir()
+  shutil.copy("grain_jax/__init__.py", tmp_path / "grain_jax")
+  table = Path("grain_jax/hardware.py").read_text()
+  changes = ('CHIPS["TPU v5p"] = dataclasses.replace(CHIPS["TPU v5p"], runtime_version="runtime-of-the-table")\n'
+             'MACHINES["preset_of_the_table"] = MACHINES.pop("tpu_v5p_128")\n\n')
+  entry = 'if __name__ == "__main__":'
+  assert table.count(entry) == 1
+  (tmp_path / "grain_jax" / "hardware.py").write_text(table.replace(entry, changes + entry))
+  facts = [chip.runtime_version for chip in CHIPS.values() if chip.runtime_version]
+  facts += [name for name, machine in MACHINES.items() if machine.accelerator]
+  for path in Path("launch").iterdir():
+    assert not [fact for fact in facts if fact in path.read_text()], path
+  tpu_pod, gke_xpk = str(tmp_path / "launch" / "tpu_pod.sh"), str(tmp_path / "launch" / "gke_xpk.sh")
+  location = ["--name", "n", "--zone", "z", "--accelerator", "v5p-128"]
+  [create] = find(dry_run(tpu_pod, "create", *location), "gcloud", "compute", "tpus", "tpu-vm", "create")
+  assert option(create, "--version") == "runtime-of-the-table"
+  start = find(dry_run(tpu_pod, "run", *location, "--workdir", "/gcs/b/r"), "gcloud", "compute", "tpus")[-1]
+  assert "--config configs/cc12m_b16.py:grain,preset_of_the_table " in option(start, "--command")
+  [submit] = find(dry_run(gke_xpk, "run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"), "xpk")
+  main = shlex.split(option(submit, "--command"))
+  assert option(main, "--config") == "configs/cc12m_b16.py:grain,preset_of_the_table"
+
+
+def test_a_launch_without_python_says_what_to_set(tmp_path):
+  result = subprocess.run(["bash", "launch/tpu_pod.sh", "create", "--name", "n", "--zone", "z", "--dry-run"],
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "missing")}, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 1 and "set PYTHON to a python3" in result.stderr
+  assert "gcloud compute tpus tpu-vm create" not in result.stdout + result.stderr
 
 
 def test_tpu_pod_queued_resources_and_git_install():
@@ -202,7 +249,8 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   root = tmp_path / "checkout"
   (root / "shards").mkdir(parents=True)
   subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-  (root / "launch").symlink_to(Path("launch").resolve())
+  for folder in ("launch", "grain_jax"):
+    (root / folder).symlink_to(Path(folder).resolve())
   shutil.copy(".dockerignore", root)
   (root / "shards" / "big.array_record").write_bytes(b"x" * 2_000_000)
   command = ["bash", str(root / "launch" / "gke_xpk.sh"), "run", "--cluster", "c", "--zone", "z", "--bucket", "b",

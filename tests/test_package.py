@@ -25,7 +25,7 @@ EXTRA_MODULES = {"export/torch_modules.py": "export", "bench/_reference_step.py"
 PIN_FILES = {None: "requirements.txt", "export": "requirements-export.txt",
              "annotate": "requirements-annotate.txt", "test": "requirements.txt"}
 # Subpackages and modules of grain_jax, lowest first: each imports only from those before it.
-LAYERS = ("errors", "processes", "files", "checksums", "sharding", "ops", "data", "models", "losses", "torch_format", "eval", "defaults",
+LAYERS = ("errors", "hardware", "processes", "files", "checksums", "sharding", "ops", "data", "models", "losses", "torch_format", "eval", "defaults",
           "config", "train", "export", "experiment", "annotate", "bench", "main")
 
 

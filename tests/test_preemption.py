@@ -1,10 +1,9 @@
 """A preemption notice: a training process whose process group (it and its data workers) gets SIGTERM
 saves at the step it reached, marks the workdir, and exits with status 75; resuming goes on from
 that step with none lost. A Ctrl-C (SIGINT to the group) saves too and exits with 130, and a second
-one stops the process at once. And the per-step report's MFU."""
+one stops the process at once."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -12,18 +11,15 @@ import sys
 import textwrap
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from grain_jax.config import ConfigError, load_config, validate
+from grain_jax.config import load_config
 from grain_jax.train import preemption
 from grain_jax.train import trainer
 from grain_jax.train.preemption import INTERRUPTED_STATUS, PREEMPTED_STATUS, PreemptionNotice
-from grain_jax.train.device_peak import peak_for
-from grain_jax.train.step_report import StepReport
 
 pytestmark = pytest.mark.integration
 
@@ -147,33 +143,3 @@ def test_a_ctrl_c_is_caught_only_while_training_and_a_second_one_stops_at_once()
   """)
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
   assert result.returncode == -signal.SIGINT and result.stdout == "saving\n", result.stderr[-2000:]
-
-
-def test_mfu_is_the_window_s_flops_over_the_devices_peak(tmp_path):
-  """Against the throughput the same window gives: mfu = images/s / batch x FLOPs per step / peak."""
-  config = ml_collections.ConfigDict(dict(
-      train=dict(log_every=3, profile_steps=(), num_steps=3), data=dict(batch_size=4)))
-  report = StepReport(config, str(tmp_path), first_step=0, last_step=3, skipped_before=0.0, peak_flops=2e9)
-  state = ml_collections.ConfigDict(dict(skipped_steps=0))
-  for step, flops in enumerate([3e6, 5e6, 4e6]):
-    report.ended(step, state, {"loss": np.float32(1.0)}, flops, None)
-  report.close()
-  row = report.last_metrics
-  steps_per_second = row["images_per_second"] / 4
-  np.testing.assert_allclose(row["mfu"], steps_per_second * 4e6 / (jax.device_count() * 2e9), rtol=1e-9)
-  assert rows(tmp_path)[-1]["mfu"] == row["mfu"]
-
-
-def test_an_unknown_device_logs_no_mfu_and_says_so(caplog):
-  with caplog.at_level(logging.INFO):
-    assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0)), "a new chip") is None
-  assert "no mfu" in caplog.text and "a new chip" in caplog.text
-  assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=5e14)), "TPU v4") == 5e14
-  assert peak_for(ml_collections.ConfigDict(dict(peak_flops_per_device=0.0)), "TPU v4") == 275e12
-
-
-def test_a_negative_peak_is_refused():
-  config = load_config("configs/base.py:tiny")
-  config.train.peak_flops_per_device = -1.0
-  with pytest.raises(ConfigError, match="config.train.peak_flops_per_device=-1.0"):
-    validate(config)

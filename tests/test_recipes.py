@@ -6,7 +6,8 @@ import math
 import pytest
 
 from grain_jax.config import load_config, validate
-from grain_jax.defaults import meshes, recipe
+from grain_jax.defaults import recipe
+from grain_jax.hardware import MACHINES
 
 RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}
 
@@ -15,7 +16,7 @@ RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}
 @pytest.mark.parametrize("kind", recipe.KINDS)
 @pytest.mark.parametrize("mesh", sorted(recipe.FITS))
 def test_recipe_has_the_papers_hyperparameters(path, kind, mesh):
-  devices = meshes.HARDWARE[mesh]["devices"]
+  devices = MACHINES[mesh].devices
   config = validate(load_config(f"{path}:{kind},{mesh}"), num_devices=devices)
   assert config.model.kind == ("grain" if kind == "grain_grounded" else kind) and config.model.preset == "b16"
   grounded = kind == "grain_grounded"

@@ -12,8 +12,8 @@ memory. Each config compiles in its own process:
   so an XLA:CPU mesh of that size stands in for the machines.
 The `compiler` column says which one produced each row.
 
-The device count and memory come from the mesh preset named in the config argument
-(`grain_jax/defaults/meshes.py` HARDWARE, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
+The device count and memory come from the machine of the mesh preset named in the config argument
+(`grain_jax/hardware.py` MACHINES, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
 `--devices` and `--memory-gib`.
 """
 
@@ -33,16 +33,16 @@ from grain_jax import sharding
 from grain_jax.bench import _hlo
 from grain_jax.bench.step import synthetic_batch
 from grain_jax.config import load_config, validate
-from grain_jax.defaults import meshes
+from grain_jax.hardware import MACHINES, Machine
 from grain_jax.train import trainer
 
 GIB = 2 ** 30
 
 
-def hardware_for(config_spec: str) -> dict | None:
-  """The HARDWARE entry of the mesh preset named in `config_spec`'s argument, or None."""
+def hardware_for(config_spec: str) -> Machine | None:
+  """The machine of the mesh preset named in `config_spec`'s argument, or None."""
   names = config_spec.partition(":")[2].split(",")
-  return next((meshes.HARDWARE[name] for name in names if name in meshes.HARDWARE), None)
+  return next((MACHINES[name] for name in names if name in MACHINES), None)
 
 
 def abstract_batch(config, mesh):
@@ -57,11 +57,11 @@ def abstract_batch(config, mesh):
           for key, value in one.items()}
 
 
-def tpu_topology(hardware: dict) -> str | None:
-  """The deviceless TPU topology to compile `hardware` for, or None (not a TPU, or no libtpu here)."""
-  if "tpu_topology" not in hardware or importlib.util.find_spec("libtpu") is None:
+def tpu_topology(machine: Machine) -> str | None:
+  """The deviceless TPU topology to compile for `machine`, or None (none listed, or no libtpu here)."""
+  if not machine.tpu_topology or importlib.util.find_spec("libtpu") is None:
     return None
-  return hardware["tpu_topology"]
+  return machine.tpu_topology
 
 
 def compile_step(config, topology: str | None = None):
@@ -108,14 +108,13 @@ def analyze(config_spec: str, overrides: dict, topology: str | None = None, with
   return row
 
 
-def analyze_in_subprocess(config_spec: str, hardware: dict, overrides: dict, with_collectives: bool = False,
-                          hlo_path: str | None = None) -> dict:
-  """`analyze` in a fresh process: for `hardware`'s TPU topology when libtpu is installed, else on
-  a CPU backend with `hardware["devices"]` devices."""
-  topology = tpu_topology(hardware)
+def analyze_in_subprocess(config_spec: str, devices: int, topology: str | None, overrides: dict,
+                          with_collectives: bool = False, hlo_path: str | None = None) -> dict:
+  """`analyze` in a fresh process: for the TPU slice `topology` (deviceless; `tpu_topology`) when
+  given, else on a CPU backend with `devices` devices."""
   # libtpu takes a machine-wide lock unless told that several processes may load it (here they
   # only compile).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(hardware["devices"]), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   command = [sys.executable, "-m", "grain_jax.bench.memory", "--worker", "--config", config_spec,
              "--overrides", json.dumps(overrides)]
   command += ["--topology", topology] if topology else []
@@ -148,7 +147,7 @@ def table(rows: list[dict]) -> str:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
   """The flags `memory` and `collectives` share."""
   parser.add_argument("--config", action="append", required=True, help="config path.py[:arg]; repeatable")
-  parser.add_argument("--devices", type=int, help="device count (default: the config's hardware preset)")
+  parser.add_argument("--devices", type=int, help="device count (default: the config's mesh preset's machine)")
   parser.add_argument("--grad-accum-steps", type=int, help="override config.train.grad_accum_steps")
   parser.add_argument("--xla-cpu", action="store_true",
                       help="compile with XLA:CPU even where the TPU compiler applies (for comparison)")
@@ -165,20 +164,18 @@ def analyze_configs(parser: argparse.ArgumentParser, args, with_collectives: boo
   overrides = {} if args.grad_accum_steps is None else {"train.grad_accum_steps": args.grad_accum_steps}
   rows = []
   for spec in args.config:
-    hardware = dict(hardware_for(spec) or {})
-    if args.devices:
-      hardware = dict(devices=args.devices)
-    if "devices" not in hardware:
-      parser.error(f"--config {spec} names no hardware preset of grain_jax/defaults/meshes.py HARDWARE; pass --devices")
-    if args.xla_cpu:
-      hardware.pop("tpu_topology", None)
+    machine = None if args.devices else hardware_for(spec)
+    if machine is None and not args.devices:
+      parser.error(f"--config {spec} names no mesh preset of grain_jax/hardware.py MACHINES; pass --devices")
+    devices = args.devices or machine.devices
+    topology = None if machine is None or args.xla_cpu else tpu_topology(machine)
     hlo_path = None
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)
       hlo_path = os.path.join(args.hlo_dir, re.sub(r"[^\w.,-]+", "_", spec) + ".hlo.txt")
-    row = analyze_in_subprocess(spec, hardware, overrides, with_collectives, hlo_path)
-    row.update(config=spec, hardware=hardware.get("device", f"{hardware['devices']} devices"),
-               memory_gib=getattr(args, "memory_gib", None) or hardware.get("memory_gib"))
+    row = analyze_in_subprocess(spec, devices, topology, overrides, with_collectives, hlo_path)
+    row.update(config=spec, hardware=machine.chip if machine else f"{devices} devices",
+               memory_gib=getattr(args, "memory_gib", None) or (machine.memory_gib if machine else None))
     rows.append(row)
     print(f"{spec}: {row['compiler']}, {row['total'] / GIB:.2f} GiB per device", file=sys.stderr, flush=True)
   return rows
@@ -188,7 +185,7 @@ def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m grain_jax.bench memory", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   add_config_flags(parser)
-  parser.add_argument("--memory-gib", type=float, help="memory per device (default: the hardware preset's)")
+  parser.add_argument("--memory-gib", type=float, help="memory per device (default: the mesh preset's machine's)")
   args = parser.parse_args(argv)
   if args.worker:
     print(json.dumps(analyze(args.config[0], json.loads(args.overrides), args.topology, args.with_collectives,

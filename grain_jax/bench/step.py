@@ -5,8 +5,9 @@ Times the full jitted step (image tower, decoder, one text-tower pass on caption
 image, matching for every supervised layer, the three losses, backward, AdamW) on one device, and
 compares its model FLOP/s (the step's matmuls, counted from its jaxpr, so scanned and unrolled
 layer stacks count alike) with the machine's measured float32 matmul rate and, on a device whose
-bf16 peak is known (config.train.peak_flops_per_device, else grain_jax/train/device_peak.py), with
-that peak (MFU). Model FLOPs leave out the forward pass that remat computes again.
+bf16 peak is known (config.train.peak_flops_per_device, else grain_jax/hardware.py), with
+that peak (MFU; the arithmetic is grain_jax/train/throughput.py's, as in training's metrics). Model
+FLOPs leave out the forward pass that remat computes again.
 
 `--reference true` also times the reference implementation's step, rebuilt in PyTorch from the same
 parameters on the same batch (see `_reference_step.py`; needs requirements-export.txt), and prints
@@ -24,12 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grain_jax import sharding
-from grain_jax.train.flops import matmul_flops
 from grain_jax.config import load_config, validate
 from grain_jax.data.tokenizer import EOT_ID, SOT_ID
 from grain_jax.torch_format import layout, param_tree
-from grain_jax.train import trainer
-from grain_jax.train.device_peak import model_flops_utilization, peak_for
+from grain_jax.train import throughput, trainer
+from grain_jax.train.flops import matmul_flops
 
 
 def token_ids(rng: np.random.Generator, count: int, words: int) -> np.ndarray:
@@ -57,7 +57,8 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
-  """Measured float32 matmul rate of the default device."""
+  """Measured float32 matmul rate of the default device, FLOP/s: the median of `repeats` products
+  of two `[n, n]` matrices, 2 n^3 FLOPs each."""
   a = jnp.ones((n, n), jnp.float32)
   product = jax.jit(lambda x: x @ x)
   product(a).block_until_ready()
@@ -66,7 +67,7 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     product(a).block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times)
+  return throughput.per_second(2 * n ** 3, statistics.median(times))
 
 
 def _spread(times: list[float]) -> str:
@@ -138,16 +139,17 @@ def main(argv: list[str]) -> int:
         f"({1 - real / packed['text_tokens'].size:.0%} padding), one pass of the text tower")
   print(f"compile: {compile_s:.1f} s")
   print(f"step: {_spread(times)}")
-  print(f"throughput: {args.batch / step_s:.1f} images/s")
+  print(f"throughput: {throughput.per_second(args.batch, step_s):.1f} images/s")
   print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G, {flops / args.batch / 1e9:.2f} G per image; "
-        f"achieved {flops / step_s / 1e9:.1f} GFLOP/s")
-  print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; utilization {flops / step_s / peak:.1%}")
-  bf16_peak = peak_for(config.train, device.device_kind)
+        f"achieved {throughput.per_second(flops, step_s) / 1e9:.1f} GFLOP/s")
+  print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; "
+        f"utilization {throughput.model_flops_utilization(flops, step_s, 1, peak):.1%}")
+  bf16_peak = throughput.peak_flops_per_device(device.device_kind, config.train.peak_flops_per_device)
   if bf16_peak is None:
     print(f"MFU: no bf16 peak known for a {device.device_kind!r} device")
   else:
     print(f"MFU (of the {device.device_kind}'s bf16 peak, {bf16_peak / 1e12:.0f} TFLOP/s): "
-          f"{model_flops_utilization(flops, step_s, 1, bf16_peak):.1%}")
+          f"{throughput.model_flops_utilization(flops, step_s, 1, bf16_peak):.1%}")
   print(f"loss {float(metrics['loss']):.3f} (finite: {bool(np.isfinite(float(metrics['loss'])))})")
   if reference:
     ratios = [theirs / ours for theirs, ours in zip(reference_times, times)]

@@ -2,6 +2,6 @@
 
   base.py    every field, documented, with the paper's defaults (what `grain_jax.config.validate` checks)
   models.py  model presets: tiny, small, b16, l14
-  meshes.py  mesh presets and the hardware behind the fixed-size ones
+  meshes.py  mesh presets (the machines behind the fixed-size ones: grain_jax/hardware.py)
   recipe.py  the paper's training recipe for a dataset size (configs/cc3m_b16.py, configs/cc12m_b16.py)
 """

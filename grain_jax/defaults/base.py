@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                  # steps (<= 1 x when False)
       profile_steps=(),          # (first, last) step of a profiler trace written to workdir/profile; () = off
       # bf16 peak FLOP/s of one device, for the mfu metric; 0 = from the table of known devices
-      # (grain_jax/train/device_peak.py: TPU v4/v5e/v5p/v6e, H100 SXM, H200); neither: no mfu.
+      # (grain_jax/hardware.py: TPU v4/v5e/v5p/v6e, H100 SXM, H200); neither: no mfu.
       peak_flops_per_device=0.0,
       multiprocess=False,        # call jax.distributed.initialize() (auto-detected on TPU and SLURM)
       coordinator_address="",    # host:port of process 0 when not auto-detected

@@ -27,8 +27,6 @@ from collections.abc import Mapping, Sequence
 
 from grain_jax.errors import BadFileError
 
-PAIRINGS = ("name", "position", "missing")
-
 
 def without_initial_folder(name: str) -> str:
   """SUN397's and Places365's labels sit in a folder named by their initial: "/a/abbey" -> "abbey"."""
@@ -50,7 +48,8 @@ def unqualified(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-  """One class's descriptors: its label's name, the file's key for it (None: missing), and how."""
+  """One class's descriptors: its label's name, the file's key for it (None: missing), and how
+  (`how`: "name", "position" or "missing", as the module doc describes)."""
   label_name: str
   key: str | None
   how: str

@@ -23,11 +23,7 @@ from grain_jax import sharding
 from grain_jax.data import eval_sets
 from grain_jax.data import examples
 from grain_jax.models.text import truncate_to_bucket
-
-
-def normalize(x: jax.Array) -> jax.Array:
-  """L2-normalizes the last axis (zero vectors stay zero)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+from grain_jax.ops.normalize import l2_normalize
 
 
 def model_image_size(model) -> int:
@@ -54,7 +50,7 @@ def load_images(model, images) -> np.ndarray:
 
 @nnx.jit
 def _encode_text(model, ids: jax.Array) -> jax.Array:
-  return normalize(model.encode_text(ids))
+  return l2_normalize(model.encode_text(ids))
 
 
 def image_embeddings(model, images: jax.Array) -> dict[str, jax.Array]:
@@ -64,9 +60,9 @@ def image_embeddings(model, images: jax.Array) -> dict[str, jax.Array]:
   last decoder layer's "boxes" `[b, Q, 4]` (cxcywh).
   """
   outputs = model.encode_image(images)
-  embeddings = {"global": normalize(outputs.global_embed)}
+  embeddings = {"global": l2_normalize(outputs.global_embed)}
   if outputs.region_embed is not None:
-    embeddings.update(region=normalize(outputs.region_embed), boxes=outputs.boxes[-1])
+    embeddings.update(region=l2_normalize(outputs.region_embed), boxes=outputs.boxes[-1])
   return embeddings
 
 

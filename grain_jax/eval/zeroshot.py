@@ -18,6 +18,7 @@ from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
 from grain_jax.eval.text_cache import TextCache
+from grain_jax.ops.normalize import l2_normalize
 
 
 def _prompts_of(prompt_set: str, name: str, described: Sequence[str] | None, template_set: Sequence[str],
@@ -69,7 +70,7 @@ def class_texts(model, runner: Runner, prompt_set: str, class_names: Sequence[st
     sums, result = runner.encode_texts(model, texts, owner, len(class_names)), ClassTexts(np.empty(0))
   vectors = sums / np.bincount(owner, minlength=len(class_names))[:, None]
   if renormalize:
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    vectors = np.asarray(l2_normalize(vectors))
   result.class_vectors = vectors.astype(np.float32)
   if cache:
     cache.put(key, result)

@@ -26,20 +26,11 @@ from grain_jax import files
 from grain_jax import sharding
 from grain_jax.config import validate
 from grain_jax.errors import output_dir
-from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
 
 EXPORT_NAME = "grain_clip"
 TORCH_MISSING = "exporting to PyTorch needs torch: pip install -r requirements-export.txt"
-
-
-def restore_params(config, workdir: str) -> tuple[int, nnx.State]:
-  """`(step, params)` of the newest intact checkpoint in `workdir` (parameters only), sharded by the
-  config; raises as `checkpoint.restore_params` does."""
-  mesh = sharding.make_mesh(config.mesh)
-  return checkpoint.restore_params(workdir, sharding.abstract_params(
-      nnx.state(nnx.eval_shape(lambda: build_model(config.model, 0)), nnx.Param), mesh, config.sharding_rules))
 
 
 def export_metadata(config, step: int) -> dict:
@@ -109,8 +100,9 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False, directo
   see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
   validate(config, num_devices=jax.device_count())
   directory = output_dir(directory, workdir, "export")
-  step, params = restore_params(config, workdir)
-  state_dicts = layout.to_reference(param_tree.flatten(params), config.model, fetch=param_tree.to_host)
+  model, step = checkpoint.restore_model(config, workdir, sharding.make_mesh(config.mesh))
+  state_dicts = layout.to_reference(param_tree.flatten(nnx.state(model, nnx.Param)), config.model,
+                                    fetch=param_tree.to_host)
   paths = {}
   if jax.process_index() == 0:
     message = extension_message(config.model)

@@ -12,7 +12,6 @@ QuickGELU) is a different architecture from our image tower and is refused with 
 TorchScript archives (OpenAI's released `.pt`) must first be saved as a plain state dict.
 """
 
-import json
 import os
 from typing import NamedTuple
 
@@ -144,11 +143,3 @@ def _import(checkpoint: TorchCheckpoint, path: str, params, model_config, towers
   shapes = {key: leaf.shape for key, leaf in param_tree.flatten(params).items()}
   values = layout.from_reference(state_dicts, shapes, model_config, towers=towers, source=path)
   return param_tree.replace(params, values)
-
-
-def exported_config(path: str) -> dict:
-  """The `config` entry of our export (`{"model": ..., "step": ...}`) from its `.safetensors` header."""
-  from safetensors import safe_open
-
-  with safe_open(path, framework="numpy") as handle:
-    return json.loads(handle.metadata()["config"])

@@ -20,6 +20,9 @@ With several processes, all of them agree on each outcome (an all-gather) before
 a decision; only a failure inside Orbax's own restore on some processes alone leaves the others at
 Orbax's barrier in it until that barrier times out.
 
+Evaluation and export restore a model with `restore_model`: its parameters alone, from a workdir
+they only read.
+
 What a kill loses: the steps since the newest committed checkpoint. With synchronous saves that is
 at most `checkpoint_every` steps. An asynchronous save commits while training goes on, and the next
 save waits for it, so a kill loses at most 2 x `checkpoint_every` steps. A save cut short leaves a
@@ -31,17 +34,19 @@ next step (`check()`) with CheckpointSaveError, which names the newest committed
 
 import logging
 import os
-from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from grain_jax import files
+from grain_jax import sharding
 from grain_jax.checksums import checksums, leaf_checks, leaf_names, to_host
 from grain_jax.errors import UserError
+from grain_jax.models.grain import build_model
 from grain_jax.processes import any_process
 from grain_jax.train.step import TrainState
 
@@ -329,20 +334,30 @@ class Checkpointer:
       self.manager.close()
 
 
-def restore_params(workdir: str, like_params: Any) -> tuple[int, Any]:
-  """`(step, params)` of the newest intact checkpoint in `<workdir>/checkpoints`, in the shapes and
-  shardings of `like_params` (an nnx.State of arrays or ShapeDtypeStructs). Only the parameters are
-  read and verified, not the optimizer state. A corrupt checkpoint is skipped (logged), not moved.
+def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
+  """The model of the newest intact checkpoint in `<workdir>/checkpoints` (a local folder or gs://),
+  in eval mode with its parameters sharded over `mesh` by `config.sharding_rules`, and its step: what
+  evaluation and export read. Only the parameters are read and verified, not the optimizer state
+  (twice their size with AdamW). The workdir is only read: a corrupt checkpoint is skipped (logged),
+  not moved, so this runs beside a training run there or on a read-only copy.
 
   Raises:
-    FileNotFoundError naming the directory when it holds no checkpoint.
+    FileNotFoundError naming the workdir when it holds no checkpoint.
     CheckpointMismatchError, CheckpointReadError, NoReadableCheckpointError as
-      `Checkpointer.restore_latest` does.
+      `Checkpointer.restore_latest` does (each names the checkpoints' folder in the workdir).
   """
+  abstract = sharding.create_abstract(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
+  graphdef, like_params, rest = nnx.split(abstract, nnx.Param, ...)
   directory = checkpoint_dir(workdir)
   checkpointer = Checkpointer(directory, keep=1, async_save=False, read_only=True)
-  restored = checkpointer.restore_latest_params(like_params)
-  checkpointer.close()
+  try:
+    restored = checkpointer.restore_latest_params(like_params)
+  finally:
+    checkpointer.close()
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  return restored
+    raise FileNotFoundError(f"--workdir {workdir} holds no checkpoint ({directory} has none): give the workdir "
+                            "of a training run, or train there first")
+  step, params = restored
+  model = nnx.merge(graphdef, params, rest)
+  model.eval()
+  return model, step

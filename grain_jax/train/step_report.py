@@ -3,8 +3,8 @@ utilization, the skipped-update warning, the progress bar and the metrics rows.
 
 Every `log_every` steps (and at the last one) it fetches the step's metrics and adds, over the steps
 since the previous row: `images_per_second`, `skipped_steps_total` and, where the device's bf16 peak
-is known (`device_peak.peak_for`: `config.train.peak_flops_per_device` or the device's), `mfu`: the step's model FLOPs
-(its matmuls) per second over the peak of all devices.
+is known (`config.train.peak_flops_per_device`, else `grain_jax/hardware.py`'s), `mfu`: the steps' model
+FLOPs (their matmuls) per second over the peak of all devices (`throughput`).
 """
 
 import logging
@@ -14,7 +14,7 @@ import time
 import jax
 import tqdm
 
-from grain_jax.train.device_peak import model_flops_utilization
+from grain_jax.train import throughput
 from grain_jax.train.metrics_writer import MetricsWriter
 
 BAR_FIELDS = ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "box_spread_ratio", "images_per_second", "mfu")
@@ -22,18 +22,21 @@ BAR_FIELDS = ("loss", "loss_ic", "loss_l1", "loss_giou", "loss_rd", "box_spread_
 
 class StepReport:
   """Call `started(step)` before and `ended(step, state, metrics, flops, data_stats)` after each
-  step, `close()` at the end; `last_metrics` holds the latest logged row."""
+  step, `close()` at the end; `last_metrics` holds the latest logged row. `peak_flops`: one device's
+  bf16 peak (FLOP/s), None where it is not known and no mfu is logged (said once in the log)."""
 
-  def __init__(self, config, workdir: str, first_step: int, last_step: int, skipped_before: float,
-               peak_flops: float | None):
-    """`skipped_before`: the restored state's count of skipped updates; `peak_flops`: one device's
-    bf16 peak (FLOP/s), None to log no mfu."""
+  def __init__(self, config, workdir: str, first_step: int, last_step: int, skipped_before: float):
+    """`skipped_before`: the restored state's count of skipped updates."""
     self.log_every = config.train.log_every
     self.batch_size = config.data.batch_size
     self.profile = tuple(config.train.profile_steps)
     self.profile_dir = os.path.join(workdir, "profile")
     self.last_step = last_step
-    self.peak_flops = peak_flops
+    device_kind = jax.devices()[0].device_kind
+    self.peak_flops = throughput.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
+    if self.peak_flops is None:
+      logging.info("no mfu: the bf16 peak of a %r device is not known (set config.train.peak_flops_per_device "
+                   "to log it)", device_kind)
     self.writer = MetricsWriter(workdir, first_step)
     self.bar = tqdm.tqdm(total=config.train.num_steps, initial=first_step, desc="train", unit="step",
                          disable=jax.process_index() != 0, dynamic_ncols=True)
@@ -64,9 +67,10 @@ class StepReport:
   def _log(self, done: int, state, metrics, data_stats) -> None:
     row = {name: float(value) for name, value in jax.device_get(metrics).items()}
     elapsed = time.perf_counter() - self.window_start
-    row["images_per_second"] = self.window_steps * self.batch_size / elapsed
+    row["images_per_second"] = throughput.per_second(self.window_steps * self.batch_size, elapsed)
     if self.peak_flops is not None and self.window_flops:
-      row["mfu"] = model_flops_utilization(self.window_flops, elapsed, jax.device_count(), self.peak_flops)
+      row["mfu"] = throughput.model_flops_utilization(self.window_flops, elapsed, jax.device_count(),
+                                                      self.peak_flops)
     row["skipped_steps_total"] = float(state.skipped_steps)
     self.writer.write(done, row, data_stats)
     self.bar.set_postfix({name: f"{row[name]:.3g}" for name in BAR_FIELDS if name in row})

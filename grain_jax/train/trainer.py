@@ -29,9 +29,8 @@ from grain_jax.train import optim
 from grain_jax.train import preemption
 from grain_jax.train import workdir_files
 from grain_jax.train import workdir_lock
-from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir, restore_params
+from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
-from grain_jax.train.device_peak import peak_for
 from grain_jax.train.step import TrainState, make_train_step
 from grain_jax.train.step_report import StepReport
 
@@ -152,19 +151,6 @@ def _without_remat(config) -> nnx.GraphDef:
   return nnx.split(model, nnx.Param, ...)[0]
 
 
-def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Module, int]:
-  """The model of the newest intact checkpoint in `workdir`, sharded over `mesh`, in eval mode,
-  and its step; see `checkpoint.restore_params`. Call under `jax.set_mesh(mesh)` and
-  `sharding.axis_rules(config.sharding_rules)`.
-  """
-  abstract = sharding.create_abstract(lambda: build_model(config.model, config.seed), mesh, config.sharding_rules)
-  graphdef, like_params, rest = nnx.split(abstract, nnx.Param, ...)
-  step, params = restore_params(workdir, like_params)
-  model = nnx.merge(graphdef, params, rest)
-  model.eval()
-  return model, step
-
-
 def write_config(config, workdir: str) -> None:
   """Writes `workdir/config.json`; an earlier, different one is kept as `config.<n>.json`."""
   path = os.path.join(workdir, "config.json")
@@ -244,9 +230,9 @@ def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: in
 
     # ---- Loop ---------------------------------------------------------------------------------
     last_step = num_steps if stop_at_step is None else min(stop_at_step, num_steps)
-    peak = peak_for(config.train, jax.devices()[0].device_kind)
-    step_fn = CompiledStep(step_fn, flops_fn if peak is not None else None)
-    report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps), peak)
+    report = StepReport(config, workdir, first_step, last_step, float(state.skipped_steps))
+    # Counting a step's FLOPs traces it again: only where they make an mfu.
+    step_fn = CompiledStep(step_fn, flops_fn if report.peak_flops is not None else None)
     preempted = False
     with (preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator), contextlib.closing(checkpointer),
           contextlib.closing(report)):
