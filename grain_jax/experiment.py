@@ -22,6 +22,7 @@ from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
 from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
+from grain_jax.eval.table import headline_metrics
 from grain_jax.train import trainer
 
 
@@ -48,46 +49,6 @@ def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
   return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}", out_dir=out_dir)
 
 
-def _head_rank(head: str) -> tuple:
-  """The paper's head first, then the heads every model can run, then those that need region queries."""
-  return head != heads_lib.PAPER_HEAD, heads_lib.needs_regions(head), heads_lib.HEADS.index(head)
-
-
-def headline_metrics(evaluation: dict) -> tuple[dict[str, float], dict[str, float]]:
-  """The comparison's rows (%), and what no skill scores on each where that is known.
-
-  Rows: top-1 per set and head (the paper's head first), retrieval R@1 both ways (no skill: one
-  image in N), grounding recall of the chosen and the best query (no skill: the image-blind fixed
-  boxes), the boxes' spread across images (no skill: 0), the attention rows (no skill: a uniform
-  map) and the linear probes (no skill: always the most common value).
-  """
-  rows, no_skill = {}, {}
-  for name, result in evaluation["classification"].items():
-    for head in sorted(result["heads"], key=_head_rank):
-      rows[f"{name} top-1 ({head})"] = result["heads"][head]["top1"]
-      no_skill[f"{name} top-1 ({head})"] = result["chance_top1"]
-  for name, result in evaluation["retrieval"].items():
-    for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
-      rows[f"{name} {label} R@1"] = result[direction]["R@1"]
-      no_skill[f"{name} {label} R@1"] = 100 / result["num_images"]
-  for name, result in evaluation["grounding"].items():
-    if "recall" not in result:
-      continue
-    at = f"@{result['iou_threshold']:g}"
-    chosen, best = f"{name} grounding recall{at} (chosen query)", f"{name} grounding recall{at} (best query)"
-    spread = f"{name} grounding box spread (% of the true boxes')"
-    rows.update({chosen: result["recall"], best: result["any_query_recall"], spread: 100 * result["conditioning_ratio"]})
-    no_skill[spread] = 0.0
-    fixed = result.get("fixed_box_baseline")
-    if fixed:
-      no_skill.update({chosen: fixed["single_box_recall"], best: fixed["best_of_k_recall"]})
-  for section in ("attention", "probes"):
-    for name, result in evaluation.get(section, {}).items():
-      rows.update({f"{name} {key}": value for key, value in result["rows"].items()})
-      no_skill.update({f"{name} {key}": value for key, value in result["no_skill"].items()})
-  return rows, no_skill
-
-
 def _mean_std(values: list[float], signed: bool = False) -> str:
   if not values:
     return "n/a"
@@ -101,7 +62,7 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
   worlds and seeds; with two arms their difference paired by (world, seed), overall and per world.
 
   Args:
-    per_run: (arm, world, seed) -> rows (`headline_metrics`).
+    per_run: (arm, world, seed) -> rows (`grain_jax.eval.table.headline_metrics`).
     no_skill: metric -> what no skill scores there (the mean over the runs' worlds).
     arms, seeds, worlds: the runs' arm names, seeds and worlds (None: the config's one world).
   """

@@ -22,9 +22,10 @@ from grain_jax import config as config_module
 from grain_jax import experiment
 from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.errors import BadFileError
+from grain_jax.eval import classification
 from grain_jax.eval import datasets
 from grain_jax.eval import descriptors
-from grain_jax.eval import run
+from grain_jax.eval import table as eval_table
 
 READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
 # The settings run_evaluation writes into results (format_table reads them).
@@ -343,25 +344,25 @@ def test_the_average_says_which_sets_each_head_covers():
   results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
              for n in datasets.PAPER_AVERAGE}
   results["imagenet"] = _set_result("imagenet", {"names/global": 1.0})
-  complete = run._average(results)
+  complete = classification.average(results)
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   for head in ("names/global", "descriptions/global"):
     assert complete["top1"][head] == pytest.approx(
         np.mean([results[n]["heads"][head]["top1"] for n in datasets.PAPER_AVERAGE]))
   del results["sun397"]["heads"]["descriptions/global"]  # sun397 evaluated without its file
-  partial = run._average(results)
+  partial = classification.average(results)
   assert partial["paper_metric"] == ["names/global"]
   assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
   assert partial["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
-  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
-                            "retrieval": {}, "grounding": {}})
+  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
+                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
   rows = [line.split() for line in table.splitlines()]
   assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
   assert ["partial", "mean", "(10", "of", "11)", "top1", "descriptions/global",
           f"{partial['top1']['descriptions/global']:.2f}"] in rows
   del results["cifar10"]
-  assert run._average(results)["paper_metric"] == [] and run._average(results)["missing"] == ["cifar10"]
+  assert classification.average(results)["paper_metric"] == [] and classification.average(results)["missing"] == ["cifar10"]
 
 
 def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_description_heads():
@@ -369,15 +370,15 @@ def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_descriptio
   names = [{"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in datasets.PAPER_AVERAGE]
   results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
              for n in names}
-  complete = run._average(results)  # the authors' SUN397 and Places365 count as those sets
+  complete = classification.average(results)  # the authors' SUN397 and Places365 count as those sets
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   results["caltech101"]["alignment"] = "partial"  # e.g. a Caltech-101 file without classes 4 to 11
-  average = run._average(results)
+  average = classification.average(results)
   assert average["partially_paired"] == ["caltech101"] and average["paper_metric"] == ["names/global"]
   others = [n for n in names if n != "caltech101"]
   assert average["covers"]["descriptions/global"] == others and average["covers"]["names/global"] == names
   assert average["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others]))
-  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
-                            "retrieval": {}, "grounding": {}})
+  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
+                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
   assert "partial mean (10 of 11)  top1 descriptions/global" in table
