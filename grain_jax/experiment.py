@@ -18,7 +18,7 @@ import numpy as np
 
 from grain_jax import files
 from grain_jax import sharding
-from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
+from grain_jax.config import comparison_runs
 from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
@@ -27,8 +27,7 @@ from grain_jax.train import trainer
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`; `run` has
-  validated `config` (with its evaluation files)."""
+  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`."""
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
@@ -41,7 +40,6 @@ def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
   """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`),
   writing into `out_dir` (default `workdir/eval`); reads `workdir` only, so a read-only (archived)
   run and one that is training there can be evaluated."""
-  validate(config, num_devices=jax.device_count(), evaluation_files=True)
   out_dir = output_dir(out_dir, workdir, "eval")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
@@ -94,17 +92,15 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
   return "\n".join(lines)
 
 
-def arm_config(config, name: str, overrides, seed: int, world: int | None, shared_data: str):
-  """The validated config of one run: the arm's (and setting's) overrides, `seed`, the synthetic `world`
-  (None: the config's own), the shared data."""
-  run_config = apply_overrides(config, overrides, f"config.experiment arm/setting {name!r}")
+def arm_config(run_config, seed: int, world: int | None, shared_data: str):
+  """The config of one run of a comparison: its arm's (`comparison_runs`) with `seed`, the synthetic
+  `world` (None: the config's own) and the shared data."""
+  run_config = run_config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.seed = seed
-    run_config.experiment.update(arms=(), seeds=(), worlds=(), settings=())
     if world is not None:
       run_config.data.synthetic.seed = world
     run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
-  validate(run_config, num_devices=jax.device_count(), evaluation_files=True)
   return run_config
 
 
@@ -113,34 +109,27 @@ def _write(workdir: str, name: str, text: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs what `config.experiment` asks for; returns the results. Every run's config, descriptor files
-  included when it will evaluate, is validated before the first one trains."""
+  """Runs what `config.experiment` asks for; returns the results. `config` is validated, and with it
+  every run's config (`grain_jax.config.validate` checks each of `comparison_runs`)."""
   cfg = config.experiment
   if not cfg.arms:
-    if cfg.worlds or cfg.settings:
-      raise ConfigError("config.experiment.worlds and .settings vary the runs of a comparison: set config.experiment.arms")
-    if cfg.evaluate:  # a missing descriptor file stops the run before training, not after
-      validate(config, evaluation_files=True)
     return train_and_evaluate(config, workdir)
-  if not cfg.evaluate:
-    raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
-  arms = [parse_arm(entry) for entry in cfg.arms]
-  settings = [parse_arm(entry, "settings") for entry in cfg.settings] or [("", {})]
-  names = [name for name, _ in arms]
+  arm_configs = comparison_runs(config)
+  settings = list(dict.fromkeys(setting for setting, _ in arm_configs))
+  names = list(dict.fromkeys(name for _, name in arm_configs))
   seeds = tuple(cfg.seeds) or (config.seed,)
   worlds = tuple(cfg.worlds) or (None,)
   root = files.absolute(workdir)
-  # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
-  # the first world and seed of every setting come first.
+  # Settings vary fastest, so that the first world and seed of every setting come first.
   runs = {}
   for world in worlds:
     for seed in seeds:
-      for setting, setting_overrides in settings:
+      for setting in settings:
         folder = os.path.join(root, setting, "" if world is None else f"world{world}")
-        for name, overrides in arms:
+        for name in names:
           runs[(setting, name, world, seed)] = (
               os.path.join(folder, f"{name}_seed{seed}"),
-              arm_config(config, name, {**setting_overrides, **overrides}, seed, world, os.path.join(folder, "synthetic")))
+              arm_config(arm_configs[(setting, name)], seed, world, os.path.join(folder, "synthetic")))
   per_run, baselines = {}, {}
   for (setting, name, world, seed), (run_dir, run_config) in runs.items():
     where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
@@ -152,7 +141,7 @@ def run(config, workdir: str) -> dict:
   tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
                                       {m: float(np.mean(v)) for m, v in baselines[setting].items()},
                                       names, seeds, worlds)
-            for setting, _ in settings}
+            for setting in settings}
   text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:
     _write(workdir, "comparison.json", json.dumps(

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from grain_jax.defaults import meshes
 from grain_jax import sharding
 from grain_jax.bench import memory
 from grain_jax.config import load_config
+from grain_jax.config import meshes
 from grain_jax.train import trainer
 
 FSDP = {"mesh.data": 2, "mesh.fsdp": 4, "mesh.tensor": 1}

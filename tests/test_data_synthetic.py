@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from grain_jax.config import base
 from grain_jax.data import records
 from grain_jax.data import synthetic
 from grain_jax.data import synthetic_scenes
-from grain_jax.defaults import base
 from grain_jax.eval import datasets
 from grain_jax.eval import sets
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grain_jax import config as config_module
 from grain_jax import experiment
-from grain_jax.config import ConfigError, load_config, validate
+from grain_jax import main
+from grain_jax.config import ConfigError, eval_rules, load_config, validate
 from grain_jax.errors import BadFileError
 from grain_jax.eval import classification
 from grain_jax.eval import datasets
@@ -170,12 +170,12 @@ def test_imagenet_file_in_another_order_is_refused(tmp_path):
   keys += [f"extra {i}" for i in range(1000 - len(keys))]
   in_order = {key: [f"feature of {key}"] for key in keys}
   (tmp_path / "descriptors_imagenet.json").write_text(json.dumps(in_order))
-  datasets.check_descriptors(("imagenet", "imagenet_v2"), str(tmp_path), allow_missing=False)
+  eval_rules.check_descriptors(("imagenet", "imagenet_v2"), str(tmp_path), allow_missing=False)
   order = list(range(1000))
   random.Random(1).shuffle(order)
   (tmp_path / "descriptors_imagenet.json").write_text(json.dumps({keys[i]: in_order[keys[i]] for i in order}))
   with pytest.raises(BadFileError, match=r"descriptors_imagenet.json: its keys are not in label order"):
-    datasets.check_descriptors(("imagenet",), str(tmp_path), allow_missing=False)
+    eval_rules.check_descriptors(("imagenet",), str(tmp_path), allow_missing=False)
   with pytest.raises(ConfigError, match=r"descriptors_imagenet.json: its keys are not in label order"):
     validate(_eval_config(("imagenet",), str(tmp_path)), evaluation_files=True)
 
@@ -306,11 +306,11 @@ def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
 def test_a_run_that_will_evaluate_stops_before_training(tmp_path):
   config = _eval_config(("food101",), str(tmp_path))
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
-    experiment.run(config, str(tmp_path / "run"))
+    main.run(config, "train", str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
   config.experiment.arms = ("grain", "clip: model.kind=clip")
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
-    experiment.run(config, str(tmp_path / "arms"))
+    main.run(config, "train", str(tmp_path / "arms"))
   assert not os.path.exists(tmp_path / "arms")
 
 
@@ -323,14 +323,14 @@ def test_descriptor_files_are_checked_once_per_run(arms, tmp_path, monkeypatch):
   config = _eval_config(("food101",), str(tmp_path), allow_missing=True)
   config.experiment.arms = arms
   checked = []
-  monkeypatch.setattr(config_module, "check_descriptors", lambda *args: checked.append(args))
+  monkeypatch.setattr(eval_rules, "check_descriptors", lambda *args: checked.append(args))
 
   def train(config, workdir):
     raise _Trained(workdir)
 
   monkeypatch.setattr(experiment.trainer, "train", train)
   with pytest.raises(_Trained):
-    experiment.run(config, str(tmp_path / "run"))
+    main.run(config, "train", str(tmp_path / "run"))
   assert len(checked) == max(len(arms), 1)
 
 

@@ -117,16 +117,6 @@ def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatc
   assert batch["label"][:3].tolist() == [int(i) % 2 for i in np.round(red / 100)]
 
 
-def test_unknown_entries_fail_clearly():
-  config = types.SimpleNamespace(data=types.SimpleNamespace(synthetic_dir=""))
-  with pytest.raises(ValueError, match="'imagenet3' is not a dataset"):
-    datasets.classification("imagenet3", config, "/tmp")
-  with pytest.raises(ValueError, match="karpathy:JSON:IMAGE_ROOT"):
-    datasets.retrieval("flickr", config, "/tmp")
-  with pytest.raises(ValueError, match="json:PATH"):
-    datasets.grounding("refcoco", config, "/tmp")
-
-
 def test_grounding_assignment_iou_and_picture(tmp_path):
   phrases = np.eye(3, 4, dtype=np.float32)
   regions = np.eye(4, dtype=np.float32)[[2, 0, 1, 3]]  # query 1 holds phrase 0's direction

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from grain_jax import experiment
+from grain_jax import main
 from grain_jax.config import ConfigError, load_config
 from grain_jax.errors import ArgumentError
 from grain_jax.eval import table as eval_table
@@ -56,7 +57,7 @@ def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
   trained = []
   monkeypatch.setattr(experiment, "train_and_evaluate", lambda config, workdir: trained.append(workdir))
   with pytest.raises(ConfigError, match="kind"):
-    experiment.run(config, str(tmp_path))
+    main.run(config, "train", str(tmp_path))
   assert trained == [] and os.listdir(tmp_path) == []
 
 

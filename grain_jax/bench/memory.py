@@ -13,7 +13,7 @@ memory. Each config compiles in its own process:
 The `compiler` column says which one produced each row.
 
 The device count and memory come from the mesh preset named in the config argument
-(`grain_jax/defaults/meshes.py` HARDWARE, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
+(`grain_jax/config/meshes.py` HARDWARE, e.g. `configs/cc12m_b16.py:grain,tpu_v5p_128`), or from
 `--devices` and `--memory-gib`.
 """
 
@@ -33,7 +33,7 @@ from grain_jax import sharding
 from grain_jax.bench import _hlo
 from grain_jax.bench.step import synthetic_batch
 from grain_jax.config import load_config, validate
-from grain_jax.defaults import meshes
+from grain_jax.config import meshes
 from grain_jax.train import trainer
 
 GIB = 2 ** 30
@@ -72,7 +72,7 @@ def compile_step(config, topology: str | None = None):
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   else:
     devices = jax.devices()
-  validate(config, num_devices=len(devices))
+  validate(config, num_devices=len(devices), training=True)
   mesh = sharding.make_mesh(config.mesh, devices)
   # Built outside the mesh: a deviceless mesh compiles but cannot run the eager parts of building.
   training = trainer.build_training(config, mesh, abstract=True)
@@ -169,7 +169,7 @@ def analyze_configs(parser: argparse.ArgumentParser, args, with_collectives: boo
     if args.devices:
       hardware = dict(devices=args.devices)
     if "devices" not in hardware:
-      parser.error(f"--config {spec} names no hardware preset of grain_jax/defaults/meshes.py HARDWARE; pass --devices")
+      parser.error(f"--config {spec} names no hardware preset of grain_jax/config/meshes.py HARDWARE; pass --devices")
     if args.xla_cpu:
       hardware.pop("tpu_topology", None)
     hlo_path = None

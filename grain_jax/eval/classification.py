@@ -99,7 +99,8 @@ def average(classification: dict) -> dict:
   covers = {h: [r["name"] for r in members if counted(r, h)] for h in heads}
   top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if counted(r, h)])) for h in heads if covers[h]}
   evaluated = {datasets.paper_set(r["name"]) for r in members}
+  paper = set(datasets.PAPER_AVERAGE)
   return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
           "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated], "covers": covers, "top1": top1,
           "partially_paired": partial,
-          "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= set(datasets.PAPER_AVERAGE)]}
+          "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= paper]}

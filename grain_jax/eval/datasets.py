@@ -15,6 +15,8 @@ Classification entries:
                     PATH/classes.txt and PATH/descriptors.json (read and paired as a registry set's)
 Retrieval entries: `synthetic`, or `karpathy:JSON:IMAGE_ROOT` (Flickr30k / MSCOCO Karpathy test).
 Grounding entries: `synthetic`, or `json:PATH` ({"images": [{"file", "regions": [...]}]}).
+Probe entries: `synthetic`, or `json:PATH` (a probe.json, grain_jax/eval/probe.py).
+The resolvers below take entries that grain_jax/config/eval_rules.py has checked.
 
 Class names are the dataset's own (tfds label names, in label order) made readable, or for CIFAR
 the shipped lists in grain_jax/eval/class_lists (tfds learns their names only when preparing them,
@@ -89,6 +91,10 @@ VARIANTS = {
 }
 # The paper's 11 as the authors evaluate them.
 AUTHORS_PAPER_SETS = tuple({"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in PAPER_AVERAGE)
+
+
+# The built-in synthetic classification splits (entries "synthetic/<split>").
+SYNTHETIC_SPLITS = ("attributes", "novel")
 
 
 def spec_of(entry: str) -> TfdsDataset | None:
@@ -173,7 +179,7 @@ def id_class_names(spec: TfdsDataset, tfds_data_dir: str = "", source=None) -> l
   return None if names is None else [[name] if name else [] for name in names]
 
 
-def _check_id_file(path: str, keys: list[str], num_classes: int, known: list[list[str]] | None) -> None:
+def check_id_file(path: str, keys: list[str], num_classes: int, known: list[list[str]] | None) -> None:
   """An id-labelled set's file: one key per class (`descriptors.pair`), in label order where the
   classes' names are `known` (`descriptors.check_order`); errors name the file."""
   try:
@@ -182,34 +188,6 @@ def _check_id_file(path: str, keys: list[str], num_classes: int, known: list[lis
       descriptor_files.check_order(keys, known)
   except ValueError as error:
     raise type(error)(f"{path}: {error}") from None
-
-
-def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_data_dir: str = "") -> None:
-  """Raises a UserError naming the file unless every registry set among `names` has a descriptor file
-  in `descriptors_dir` in the right format (for sets labelled by ids: one key per class, in label order
-  where the classes' names are known without evaluating: ImageNet's; CUB's when prepared in
-  `tfds_data_dir`); with `allow_missing`, sets whose labels are words may go without one (they get
-  names-only prompts)."""
-  for name in names:
-    spec = spec_of(name)
-    if spec is None:
-      continue
-    path = descriptors_path(name, descriptors_dir)
-    if path and os.path.exists(path):
-      raw, _ = descriptor_files.read(path)
-      if not spec.readable_labels:
-        known = id_class_names(spec, tfds_data_dir)
-        _check_id_file(path, list(raw), len(registry_class_names(name) if known is None else known), known)
-      continue
-    if allow_missing and spec.readable_labels:
-      continue
-    where = (f"write it with `python -m grain_jax.annotate descriptors --dataset {name} --out DIR`, or set "
-             "config.eval.allow_missing_descriptors=True to evaluate it with class names only"
-             if spec.readable_labels else
-             "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release")
-    raise FileNotFoundError(f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
-                            f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
-                            "(grain_jax/eval/README.md says where each file comes from)")
 
 
 def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels_are_ids: bool = False,
@@ -222,7 +200,7 @@ def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels
     return Classification(name, sets.ClassificationSet(data.class_names, {}, data.source), "none", in_average)
   raw, digest = descriptor_files.read(path)
   if labels_are_ids:
-    _check_id_file(path, list(raw), len(data.class_names), known)
+    check_id_file(path, list(raw), len(data.class_names), known)
   pairs = descriptor_files.pair(list(raw), data.class_names, labels_are_ids)
   names = descriptor_files.prompt_names(pairs)
   paired = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
@@ -233,15 +211,14 @@ def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels
 
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
                         source=None, places365_dir: str = "") -> Classification:
-  """A registry dataset or variant, its descriptor file checked by `check_descriptors` (config.validate
-  with `evaluation_files`) beforehand; `source` replaces the `tfds.data_source` call (tests);
+  """A registry dataset or variant, its descriptor file checked beforehand (grain_jax/config/eval_rules.py,
+  `check_descriptors`); `source` replaces the `tfds.data_source` call (tests);
   `places365_dir` is torchvision's Places365 download (`places365:full`)."""
   spec = spec_of(name)
   if spec.reader == "places365_full":
     data = sets.places365_full(places365_dir)
   elif source is None:
-    data = sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
-                                         drop_classes=spec.drop_classes)
+    data = sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None, drop_classes=spec.drop_classes)
   else:
     data = sets.from_tfds_source(source, drop_classes=spec.drop_classes)
   data.class_names = registry_class_names(name, data.class_names)
@@ -257,62 +234,8 @@ def folder_classification(root: str, name: str = "") -> Classification:
                            os.path.join(root, "descriptors.json"))
 
 
-SYNTHETIC_SPLITS = ("attributes", "novel")
-
-
-def check_classification(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a classification entry (reads nothing)."""
-  if entry.startswith("synthetic/"):
-    ok = entry.split("/", 1)[1] in SYNTHETIC_SPLITS
-  elif entry.startswith("folder:"):
-    ok = bool(entry.split(":", 1)[1])
-  else:
-    ok = spec_of(entry) is not None
-  if not ok:
-    raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
-                     f"{sorted(TFDS_DATASETS)}, {', '.join(VARIANTS)}, "
-                     f"{', '.join('synthetic/' + s for s in SYNTHETIC_SPLITS)} or folder:PATH")
-
-
-def check_places365_dir(names, places365_dir: str) -> None:
-  """Raises FileNotFoundError naming config.eval.places365_dir unless it holds torchvision's Places365
-  download when `names` has `places365:full`."""
-  if "places365:full" not in names:
-    return
-  needed = ("categories_places365.txt", "places365_val.txt", "val_large")
-  absent = [n for n in needed if not places365_dir or not os.path.exists(os.path.join(places365_dir, n))]
-  if absent:
-    raise FileNotFoundError(f"config.eval.classification has 'places365:full' but config.eval.places365_dir="
-                            f"{places365_dir!r} lacks {', '.join(absent)}: torchvision.datasets.Places365(DIR, "
-                            "split='val', small=False, download=True) writes them")
-
-
-def check_retrieval(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a retrieval entry (reads nothing)."""
-  kind, _, rest = entry.partition(":")
-  json_path, _, image_root = rest.partition(":")
-  if entry != "synthetic" and (kind != "karpathy" or not json_path or not image_root):
-    raise ValueError(f"config.eval.retrieval entry {entry!r} must be 'synthetic' or "
-                     "'karpathy:JSON:IMAGE_ROOT'")
-
-
-def check_grounding(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a grounding entry (reads nothing)."""
-  kind, _, path = entry.partition(":")
-  if entry != "synthetic" and (kind != "json" or not path):
-    raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
-
-
-def check_probe(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a probe entry (reads nothing)."""
-  kind, _, path = entry.partition(":")
-  if entry != "synthetic" and (kind != "json" or not path):
-    raise ValueError(f"config.eval.probes entry {entry!r} must be 'synthetic' or 'json:PATH'")
-
-
 def probe(entry: str, config, workdir: str) -> tuple[str, str]:
   """Resolves one `config.eval.probes` entry to (name, path of its probe.json)."""
-  check_probe(entry)
   if entry == "synthetic":
     return "synthetic", os.path.join(synthetic.for_config(config, workdir)["probe"], "probe.json")
   path = entry.partition(":")[2]
@@ -321,7 +244,6 @@ def probe(entry: str, config, workdir: str) -> tuple[str, str]:
 
 def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
-  check_classification(entry)
   if entry.startswith("synthetic/"):
     return folder_classification(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]], entry)
   if entry.startswith("folder:"):
@@ -332,7 +254,6 @@ def classification(entry: str, config, workdir: str) -> Classification:
 
 def retrieval(entry: str, config, workdir: str) -> tuple[str, sets.RetrievalSet]:
   """Resolves one `config.eval.retrieval` entry to (name, set)."""
-  check_retrieval(entry)
   if entry == "synthetic":
     root = synthetic.for_config(config, workdir)["retrieval"]
     return "synthetic", sets.karpathy(os.path.join(root, "captions.json"), root)
@@ -343,9 +264,8 @@ def retrieval(entry: str, config, workdir: str) -> tuple[str, sets.RetrievalSet]
 
 def grounding(entry: str, config, workdir: str) -> tuple[str, sets.GroundingSet]:
   """Resolves one `config.eval.grounding` entry to (name, set)."""
-  check_grounding(entry)
   if entry == "synthetic":
     return "synthetic", sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
-                                                         "grounding.json"))
+                                                    "grounding.json"))
   path = entry.partition(":")[2]
   return os.path.splitext(os.path.basename(path))[0], sets.grounding(path)

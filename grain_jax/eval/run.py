@@ -14,9 +14,7 @@ import os
 import jax
 
 from grain_jax import files
-from grain_jax.eval import datasets
 from grain_jax.eval import heads as heads_lib
-from grain_jax.eval import prompts
 from grain_jax.eval import protocol
 from grain_jax.eval import text_cache
 from grain_jax.eval.classification import average
@@ -26,26 +24,14 @@ from grain_jax.eval.runner import eval_copy, runner_from_config
 from grain_jax.eval.table import format_table
 
 
-def check_settings(cfg) -> None:
-  """Raises ValueError naming the field unless the protocol, every head and entry and the template set
-  exist; reads no data (config.validate runs this before training)."""
-  settings = protocol.settings(cfg)
-  if settings["templates"] not in prompts.TEMPLATE_SETS:
-    raise ValueError(f"config.eval.templates={settings['templates']!r} must be one of {sorted(prompts.TEMPLATE_SETS)}")
-  for entries, check in ((cfg.classification, datasets.check_classification), (cfg.retrieval, datasets.check_retrieval),
-                         (cfg.grounding, datasets.check_grounding), (cfg.probes, datasets.check_probe)):
-    for entry in entries:
-      check(entry)
-
-
 def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
                    checkpoint_id: str = "", out_dir: str = "") -> dict:
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
 
   Args:
-    config: the full config (`eval`, `model`, `sharding_rules`, `data.synthetic`), its descriptor files
-      checked by `config.validate(config, evaluation_files=True)`: without a file an id-labelled set
-      (CUB, ImageNet) would be prompted with its ids.
+    config: the full config (`eval`, `model`, `sharding_rules`, `data.synthetic`), validated with its
+      evaluation files (`grain_jax.config.validate(config, evaluation_files=True)`): without a descriptor
+      file an id-labelled set (CUB, ImageNet) would be prompted with its ids.
     model: a GrainModel, sharded over `mesh` when one is given (evaluated with dropout off; the
       object itself is left as it is, so training can go on with it).
     workdir: the run's directory; results go to workdir/eval.
@@ -60,7 +46,6 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
     "probes"}.
   """
   cfg = config.eval
-  check_settings(cfg)  # fail on a bad setting before any work
   settings = protocol.settings(cfg)
   model = eval_copy(model)
   runner = runner_from_config(config, mesh)

@@ -24,7 +24,6 @@ from flax import nnx
 
 from grain_jax import files
 from grain_jax import sharding
-from grain_jax.config import validate
 from grain_jax.errors import output_dir
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
@@ -107,7 +106,6 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
 def export_checkpoint(config, workdir: str, module_prefix: bool = False, directory: str = "") -> dict[str, str]:
   """`--mode export`: the newest checkpoint in `workdir` -> `directory` (default `workdir/export/`;
   see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
-  validate(config, num_devices=jax.device_count())
   directory = output_dir(directory, workdir, "export")
   step, params = restore_params(config, workdir)
   state_dicts = layout.to_reference(param_tree.flatten(params), config.model, fetch=param_tree.to_host)
