@@ -5,7 +5,7 @@
       --config.eval.tfds_data_dir=/gcs/BUCKET/tfds --config.eval.descriptors_dir=/gcs/BUCKET/descriptors \
       --config.eval.places365_dir=/gcs/BUCKET/places365
 
-The argument is `<grain|grain_grounded|clip>[,<mesh>]` (see grain_jax/defaults/recipe.py) with mesh
+The argument is `<grain|grain_grounded|clip>[,<mesh>]` (see grain_jax/config/recipe.py) with mesh
 gpu_2x8_h100 (default), tpu_v4_32, tpu_v5e_64 or tpu_v5p_128. Epochs are counted on the 3,318,333
 pairs of CC3M's training split; with fewer downloaded images set `--config.train.num_steps` (35
 epochs) and `--config.optim.warmup_steps` (1). The run evaluates on the tfds sets prepared in
@@ -15,7 +15,7 @@ training when one is missing;
 `--config.experiment.evaluate=False` trains without them.
 """
 
-from grain_jax.defaults import recipe
+from grain_jax.config import recipe
 
 NUM_TRAIN_IMAGES = 3_318_333
 

@@ -8,7 +8,7 @@ descriptions), retrieval and grounding, and prints one table. `configs/demo.py:3
 `--config.data.synthetic.seed=1` draws another synthetic world.
 """
 
-from grain_jax.defaults import base
+from grain_jax.config import base
 
 
 def get_config(arg: str | None = None):

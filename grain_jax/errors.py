@@ -24,6 +24,10 @@ class ArgumentError(UserError, ValueError):
   """A command-line argument that cannot work, or an output folder written with other arguments."""
 
 
+class ConfigError(UserError, ValueError):
+  """A config field is unknown, has the wrong type, or holds an impossible value (grain_jax/config/)."""
+
+
 class BadFileError(UserError, ValueError):
   """An input file is not what it should be: not JSON, not an ArrayRecord or a safetensors file."""
 

@@ -18,16 +18,16 @@ import numpy as np
 
 from grain_jax import files
 from grain_jax import sharding
-from grain_jax.config import ConfigError, apply_overrides, parse_arm, validate
+from grain_jax.config import comparison_runs
 from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
 from grain_jax.eval.run import run_evaluation
+from grain_jax.eval.table import headline_metrics
 from grain_jax.train import checkpoint, trainer
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`; `run` has
-  validated `config` (with its evaluation files)."""
+  """Trains `config` in `workdir`, then evaluates it when `config.experiment.evaluate`."""
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
@@ -40,52 +40,11 @@ def evaluate_checkpoint(config, workdir: str, out_dir: str = "") -> dict:
   """Evaluates the newest checkpoint in `workdir` on every set of `config.eval` (`--mode eval`),
   writing into `out_dir` (default `workdir/eval`); reads `workdir` only, so a read-only (archived)
   run and one that is training there can be evaluated."""
-  validate(config, num_devices=jax.device_count(), evaluation_files=True)
   out_dir = output_dir(out_dir, workdir, "eval")
   mesh = sharding.make_mesh(config.mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     model, step = checkpoint.restore_model(config, workdir, mesh)
   return run_evaluation(config, model, workdir, mesh, checkpoint_id=f"step{step}", out_dir=out_dir)
-
-
-def _head_rank(head: str) -> tuple:
-  """The paper's head first, then the heads every model can run, then those that need region queries."""
-  return head != heads_lib.PAPER_HEAD, heads_lib.needs_regions(head), heads_lib.HEADS.index(head)
-
-
-def headline_metrics(evaluation: dict) -> tuple[dict[str, float], dict[str, float]]:
-  """The comparison's rows (%), and what no skill scores on each where that is known.
-
-  Rows: top-1 per set and head (the paper's head first), retrieval R@1 both ways (no skill: one
-  image in N), grounding recall of the chosen and the best query (no skill: the image-blind fixed
-  boxes), the boxes' spread across images (no skill: 0), the attention rows (no skill: a uniform
-  map) and the linear probes (no skill: always the most common value).
-  """
-  rows, no_skill = {}, {}
-  for name, result in evaluation["classification"].items():
-    for head in sorted(result["heads"], key=_head_rank):
-      rows[f"{name} top-1 ({head})"] = result["heads"][head]["top1"]
-      no_skill[f"{name} top-1 ({head})"] = result["chance_top1"]
-  for name, result in evaluation["retrieval"].items():
-    for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
-      rows[f"{name} {label} R@1"] = result[direction]["R@1"]
-      no_skill[f"{name} {label} R@1"] = 100 / result["num_images"]
-  for name, result in evaluation["grounding"].items():
-    if "recall" not in result:
-      continue
-    at = f"@{result['iou_threshold']:g}"
-    chosen, best = f"{name} grounding recall{at} (chosen query)", f"{name} grounding recall{at} (best query)"
-    spread = f"{name} grounding box spread (% of the true boxes')"
-    rows.update({chosen: result["recall"], best: result["any_query_recall"], spread: 100 * result["conditioning_ratio"]})
-    no_skill[spread] = 0.0
-    fixed = result.get("fixed_box_baseline")
-    if fixed:
-      no_skill.update({chosen: fixed["single_box_recall"], best: fixed["best_of_k_recall"]})
-  for section in ("attention", "probes"):
-    for name, result in evaluation.get(section, {}).items():
-      rows.update({f"{name} {key}": value for key, value in result["rows"].items()})
-      no_skill.update({f"{name} {key}": value for key, value in result["no_skill"].items()})
-  return rows, no_skill
 
 
 def _mean_std(values: list[float], signed: bool = False) -> str:
@@ -101,7 +60,7 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
   worlds and seeds; with two arms their difference paired by (world, seed), overall and per world.
 
   Args:
-    per_run: (arm, world, seed) -> rows (`headline_metrics`).
+    per_run: (arm, world, seed) -> rows (`grain_jax.eval.table.headline_metrics`).
     no_skill: metric -> what no skill scores there (the mean over the runs' worlds).
     arms, seeds, worlds: the runs' arm names, seeds and worlds (None: the config's one world).
   """
@@ -133,17 +92,15 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
   return "\n".join(lines)
 
 
-def arm_config(config, name: str, overrides, seed: int, world: int | None, shared_data: str):
-  """The validated config of one run: the arm's (and setting's) overrides, `seed`, the synthetic `world`
-  (None: the config's own), the shared data."""
-  run_config = apply_overrides(config, overrides, f"config.experiment arm/setting {name!r}")
+def arm_config(run_config, seed: int, world: int | None, shared_data: str):
+  """The config of one run of a comparison: its arm's (`comparison_runs`) with `seed`, the synthetic
+  `world` (None: the config's own) and the shared data."""
+  run_config = run_config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.seed = seed
-    run_config.experiment.update(arms=(), seeds=(), worlds=(), settings=())
     if world is not None:
       run_config.data.synthetic.seed = world
     run_config.data.synthetic_dir = run_config.data.synthetic_dir or shared_data
-  validate(run_config, num_devices=jax.device_count(), evaluation_files=True)
   return run_config
 
 
@@ -152,34 +109,27 @@ def _write(workdir: str, name: str, text: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-  """Runs what `config.experiment` asks for; returns the results. Every run's config, descriptor files
-  included when it will evaluate, is validated before the first one trains."""
+  """Runs what `config.experiment` asks for; returns the results. `config` is validated, and with it
+  every run's config (`grain_jax.config.validate` checks each of `comparison_runs`)."""
   cfg = config.experiment
   if not cfg.arms:
-    if cfg.worlds or cfg.settings:
-      raise ConfigError("config.experiment.worlds and .settings vary the runs of a comparison: set config.experiment.arms")
-    if cfg.evaluate:  # a missing descriptor file stops the run before training, not after
-      validate(config, evaluation_files=True)
     return train_and_evaluate(config, workdir)
-  if not cfg.evaluate:
-    raise ConfigError("config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
-  arms = [parse_arm(entry) for entry in cfg.arms]
-  settings = [parse_arm(entry, "settings") for entry in cfg.settings] or [("", {})]
-  names = [name for name, _ in arms]
+  arm_configs = comparison_runs(config)
+  settings = list(dict.fromkeys(setting for setting, _ in arm_configs))
+  names = list(dict.fromkeys(name for _, name in arm_configs))
   seeds = tuple(cfg.seeds) or (config.seed,)
   worlds = tuple(cfg.worlds) or (None,)
   root = files.absolute(workdir)
-  # Every config is built first, so a typo in the last arm costs no run. Settings vary fastest, so that
-  # the first world and seed of every setting come first.
+  # Settings vary fastest, so that the first world and seed of every setting come first.
   runs = {}
   for world in worlds:
     for seed in seeds:
-      for setting, setting_overrides in settings:
+      for setting in settings:
         folder = os.path.join(root, setting, "" if world is None else f"world{world}")
-        for name, overrides in arms:
+        for name in names:
           runs[(setting, name, world, seed)] = (
               os.path.join(folder, f"{name}_seed{seed}"),
-              arm_config(config, name, {**setting_overrides, **overrides}, seed, world, os.path.join(folder, "synthetic")))
+              arm_config(arm_configs[(setting, name)], seed, world, os.path.join(folder, "synthetic")))
   per_run, baselines = {}, {}
   for (setting, name, world, seed), (run_dir, run_config) in runs.items():
     where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
@@ -191,7 +141,7 @@ def run(config, workdir: str) -> dict:
   tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
                                       {m: float(np.mean(v)) for m, v in baselines[setting].items()},
                                       names, seeds, worlds)
-            for setting, _ in settings}
+            for setting in settings}
   text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:
     _write(workdir, "comparison.json", json.dumps(

@@ -1,6 +1,6 @@
 """The hardware table: the chips grain-jax knows, and the machines behind the fixed-size mesh presets.
 
-The one home of these facts. The mesh presets (`grain_jax/defaults/meshes.py`), the MFU's peak
+The one home of these facts. The mesh presets (`grain_jax/config/meshes.py`), the MFU's peak
 (`grain_jax/train/throughput.py`), `python -m grain_jax.bench memory` and the launch scripts read
 them here; the scripts ask `python -m grain_jax.hardware ACCELERATOR FIELD` (`launch/lib.sh`).
 

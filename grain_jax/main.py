@@ -14,13 +14,14 @@ import re
 import sys
 
 import jax
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from grain_jax import errors
 from grain_jax import experiment
 from grain_jax import files
-from grain_jax.config import field_section, load_config
+from grain_jax.config import field_section, load_config, validate
 from grain_jax.export import to_torch
 from grain_jax.train.preemption import Preempted
 
@@ -40,9 +41,24 @@ _OVERRIDE_FLAG = re.compile(r"--?config\.(?P<field>[^=]+)")
 _HELP_FLAGS = ("-h", "-?", "--help", "--helpshort", "--helpfull", "--helpxml")
 
 
-def check_config_flags(args: list[str]) -> None:
-  """Raises ConfigError for a --config file that does not exist or a --config.FIELD it does not have.
+class _LoadedConfig(flags.ArgumentParser):
+  """--config's parser: the config `check_config_flags` loaded, so that absl does not run the file again."""
 
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def parse(self, argument: str) -> ml_collections.ConfigDict:
+    self.config.lock()  # as config_flags' lock_config=True: an override cannot add a field
+    return self.config
+
+  def flag_type(self) -> str:
+    return "config object"
+
+
+def check_config_flags(args: list[str]) -> ml_collections.ConfigDict | None:
+  """The config the --config file gives (None without --config: absl says that it is required).
+
+  Raises ConfigError for a --config file that does not exist or a --config.FIELD it does not have:
   ml_collections reports either with a traceback, and a field without its full path; this runs before
   it parses the flags, on the same file.
   """
@@ -52,17 +68,20 @@ def check_config_flags(args: list[str]) -> None:
     if match:
       spec = match["spec"] if match["spec"] is not None else next(iter(args[index + 1:]), None)
   if spec is None:
-    return  # absl says that --config is required
+    return None
   config = load_config(spec)
   for arg in args:
     match = _OVERRIDE_FLAG.match(arg)
     if match:
       field_section(config, match["field"], "command line")
+  return config
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing (its own errors print the usage), after check_config_flags."""
-  check_config_flags(argv[1:])
+  """absl's parsing (its own errors print the usage), after check_config_flags; the config file runs once."""
+  config = check_config_flags(argv[1:])
+  if config is not None:
+    flags.FLAGS[_CONFIG.name].parser = _LoadedConfig(config)
   try:
     return app.parse_flags_with_usage(argv)
   except SystemExit as stop:
@@ -104,6 +123,25 @@ def quiet_orbax(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING
 
 
+def run(config: ml_collections.ConfigDict, mode: str, workdir: str, output_dir: str = "",
+        export_module_prefix: bool = False) -> int:
+  """Validates `config` for `mode` (the run's one validation: the layers below take it as valid), then
+  trains (and evaluates, per `config.experiment`), evaluates or exports; returns the exit status."""
+  validate(config, num_devices=jax.device_count(), training=mode == "train",
+           evaluation_files=mode == "eval" or mode == "train" and config.experiment.evaluate)
+  if mode == "eval":
+    experiment.evaluate_checkpoint(config, workdir, output_dir)
+  elif mode == "export":
+    to_torch.export_checkpoint(config, workdir, module_prefix=export_module_prefix, directory=output_dir)
+  else:
+    try:
+      experiment.run(config, workdir)
+    except Preempted as preempted:
+      logging.warning("%s", preempted)
+      return preempted.status
+  return 0
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -114,18 +152,7 @@ def main(argv: list[str]) -> int:
     raise errors.ArgumentError("--output-dir is for --mode eval and --mode export: training writes into --workdir")
   config = _CONFIG.value
   initialize_distributed(config.train)
-  if _MODE.value == "eval":
-    experiment.evaluate_checkpoint(config, _WORKDIR.value, _OUTPUT_DIR.value)
-  elif _MODE.value == "export":
-    to_torch.export_checkpoint(config, _WORKDIR.value, module_prefix=_EXPORT_MODULE_PREFIX.value,
-                               directory=_OUTPUT_DIR.value)
-  else:
-    try:
-      experiment.run(config, _WORKDIR.value)
-    except Preempted as preempted:
-      logging.warning("%s", preempted)
-      return preempted.status
-  return 0
+  return run(config, _MODE.value, _WORKDIR.value, _OUTPUT_DIR.value, _EXPORT_MODULE_PREFIX.value)
 
 
 if __name__ == "__main__":

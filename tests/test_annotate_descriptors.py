@@ -16,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers", reason="comes with transformers")
 from grain_jax import errors
 from grain_jax.annotate import __main__ as cli
 from grain_jax.annotate import descriptors
+from grain_jax.config import eval_rules
 from grain_jax.eval import datasets
 from grain_jax.eval import descriptors as descriptor_files
 
@@ -83,7 +84,7 @@ def test_a_registry_set_gets_a_file_evaluation_pairs_by_name(tmp_path, tiny_llm)
   assert any(written.values())  # the random model's answers do hold features
   raw, _ = descriptor_files.read(str(path))
   assert {p.how for p in descriptor_files.pair(list(raw), names)} == {"name"}
-  datasets.check_descriptors(("cifar10",), str(tmp_path), allow_missing=False)
+  eval_rules.check_descriptors(("cifar10",), str(tmp_path), allow_missing=False)
 
 
 def test_resumes_from_the_finished_classes_and_refuses_other_settings(tmp_path, tiny_llm, monkeypatch):

@@ -2,9 +2,9 @@
 
 import pytest
 
-from grain_jax.config import (AT_LEAST_ONE, AT_LEAST_ZERO, ConfigError, apply_overrides, load_config, parse_arm,
-                              validate)
-from grain_jax.defaults import meshes, models
+from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
+from grain_jax.config import meshes, models
+from grain_jax.config.validation import AT_LEAST_ONE, AT_LEAST_ZERO
 
 
 @pytest.mark.parametrize("preset", models.PRESETS)
@@ -34,7 +34,7 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_a_config_file_can_build_on_base(tmp_path):
   path = tmp_path / "mine.py"
-  path.write_text("from grain_jax.defaults import base\n\ndef get_config():\n"
+  path.write_text("from grain_jax.config import base\n\ndef get_config():\n"
                   "  config = base.get_config('tiny')\n  config.loss.region = 0.5\n  return config\n")
   assert validate(load_config(str(path))).loss.region == 0.5
 
@@ -59,6 +59,7 @@ def test_a_config_file_can_build_on_base(tmp_path):
     (lambda c: c.eval.__setattr__("classification", ("synthetic/novl",)), "entry 'synthetic/novl'"),
     (lambda c: c.eval.__setattr__("retrieval", ("karpathy:test.json",)), "config.eval.retrieval entry"),
     (lambda c: c.eval.__setattr__("grounding", ("jsn:boxes.json",)), "config.eval.grounding entry"),
+    (lambda c: c.eval.__setattr__("probes", ("probe.json",)), "config.eval.probes entry 'probe.json'"),
 ])
 def test_bad_fields_are_named(mutate, field):
   config = load_config("configs/base.py:tiny")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes
+from grain_jax.config import base
 from grain_jax.data import pipeline
 from grain_jax.data import quality
 from grain_jax.data import records
 from grain_jax.data import workers
-from grain_jax.defaults import base
 
 NUM_RECORDS = 12
 

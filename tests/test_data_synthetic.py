@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from grain_jax.data import eval_sets
+from grain_jax.config import base
 from grain_jax.data import records
 from grain_jax.data import synthetic
 from grain_jax.data import synthetic_scenes
-from grain_jax.defaults import base
 from grain_jax.eval import datasets
+from grain_jax.eval import sets
 
 SMALL = dict(num_train=24, image_size=32, num_attribute_classes=4, num_novel_classes=3,
              images_per_class=2, num_retrieval=5, num_grounding=5)
@@ -68,14 +68,14 @@ def test_image_folder_splits(generated):
 
 def test_retrieval_and_grounding_splits(generated):
   _, paths = generated
-  retrieval = eval_sets.karpathy(os.path.join(paths["retrieval"], "captions.json"),
+  retrieval = sets.karpathy(os.path.join(paths["retrieval"], "captions.json"),
                                  paths["retrieval"])
   assert len(retrieval.source) == SMALL["num_retrieval"]
   assert len(retrieval.captions) == 2 * SMALL["num_retrieval"]
   expected = np.repeat(np.arange(SMALL["num_retrieval"]), 2)
   np.testing.assert_array_equal(retrieval.caption_image, expected)
   assert all(os.path.exists(s["image"]) for s in retrieval.source)
-  grounding = eval_sets.grounding(os.path.join(paths["grounding"], "grounding.json"))
+  grounding = sets.grounding(os.path.join(paths["grounding"], "grounding.json"))
   assert len(grounding.source) == SMALL["num_grounding"]
   for phrases, boxes in zip(grounding.phrases, grounding.boxes):
     assert boxes.shape == (len(phrases), 4) and len(set(phrases)) == len(phrases)

@@ -13,9 +13,10 @@ from grain_jax import config as config_lib
 from grain_jax import errors
 from grain_jax import files
 from grain_jax.annotate import __main__ as annotate_cli
+from grain_jax.config import base
+from grain_jax.config import validation
 from grain_jax.data import quality
 from grain_jax.data import records
-from grain_jax.defaults import base
 from grain_jax.torch_format import from_torch
 from grain_jax.torch_format import layout
 from grain_jax.train import checkpoint
@@ -71,7 +72,7 @@ def test_a_workdir_is_local_or_in_a_gcs_bucket(path):
     files.check_location(workdir, "--workdir")
 
 
-@pytest.mark.parametrize("field", config_lib.PATH_FIELDS)
+@pytest.mark.parametrize("field", validation.PATH_FIELDS)
 def test_validate_refuses_a_url_in_a_path_field(field):
   config = base.get_config("tiny")
   section, name = field.split(".")

@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes
-from grain_jax import config as config_module
 from grain_jax import experiment
-from grain_jax.config import ConfigError, load_config, validate
+from grain_jax import main
+from grain_jax.config import ConfigError, eval_rules, load_config, validate
 from grain_jax.errors import BadFileError
+from grain_jax.eval import classification
 from grain_jax.eval import datasets
 from grain_jax.eval import descriptors
-from grain_jax.eval import run
+from grain_jax.eval import table as eval_table
 
 READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
 # The settings run_evaluation writes into results (format_table reads them).
@@ -169,12 +170,12 @@ def test_imagenet_file_in_another_order_is_refused(tmp_path):
   keys += [f"extra {i}" for i in range(1000 - len(keys))]
   in_order = {key: [f"feature of {key}"] for key in keys}
   (tmp_path / "descriptors_imagenet.json").write_text(json.dumps(in_order))
-  datasets.check_descriptors(("imagenet", "imagenet_v2"), str(tmp_path), allow_missing=False)
+  eval_rules.check_descriptors(("imagenet", "imagenet_v2"), str(tmp_path), allow_missing=False)
   order = list(range(1000))
   random.Random(1).shuffle(order)
   (tmp_path / "descriptors_imagenet.json").write_text(json.dumps({keys[i]: in_order[keys[i]] for i in order}))
   with pytest.raises(BadFileError, match=r"descriptors_imagenet.json: its keys are not in label order"):
-    datasets.check_descriptors(("imagenet",), str(tmp_path), allow_missing=False)
+    eval_rules.check_descriptors(("imagenet",), str(tmp_path), allow_missing=False)
   with pytest.raises(ConfigError, match=r"descriptors_imagenet.json: its keys are not in label order"):
     validate(_eval_config(("imagenet",), str(tmp_path)), evaluation_files=True)
 
@@ -302,11 +303,11 @@ def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
 def test_a_run_that_will_evaluate_stops_before_training(tmp_path):
   config = _eval_config(("food101",), str(tmp_path))
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
-    experiment.run(config, str(tmp_path / "run"))
+    main.run(config, "train", str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
   config.experiment.arms = ("grain", "clip: model.kind=clip")
   with pytest.raises(ConfigError, match="descriptors_food101.json"):
-    experiment.run(config, str(tmp_path / "arms"))
+    main.run(config, "train", str(tmp_path / "arms"))
   assert not os.path.exists(tmp_path / "arms")
 
 
@@ -319,14 +320,14 @@ def test_descriptor_files_are_checked_once_per_run(arms, tmp_path, monkeypatch):
   config = _eval_config(("food101",), str(tmp_path), allow_missing=True)
   config.experiment.arms = arms
   checked = []
-  monkeypatch.setattr(config_module, "check_descriptors", lambda *args: checked.append(args))
+  monkeypatch.setattr(eval_rules, "check_descriptors", lambda *args: checked.append(args))
 
   def train(config, workdir):
     raise _Trained(workdir)
 
   monkeypatch.setattr(experiment.trainer, "train", train)
   with pytest.raises(_Trained):
-    experiment.run(config, str(tmp_path / "run"))
+    main.run(config, "train", str(tmp_path / "run"))
   assert len(checked) == max(len(arms), 1)
 
 
@@ -340,25 +341,25 @@ def test_the_average_says_which_sets_each_head_covers():
   results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
              for n in datasets.PAPER_AVERAGE}
   results["imagenet"] = _set_result("imagenet", {"names/global": 1.0})
-  complete = run._average(results)
+  complete = classification.average(results)
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   for head in ("names/global", "descriptions/global"):
     assert complete["top1"][head] == pytest.approx(
         np.mean([results[n]["heads"][head]["top1"] for n in datasets.PAPER_AVERAGE]))
   del results["sun397"]["heads"]["descriptions/global"]  # sun397 evaluated without its file
-  partial = run._average(results)
+  partial = classification.average(results)
   assert partial["paper_metric"] == ["names/global"]
   assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
   assert partial["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
-  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
-                            "retrieval": {}, "grounding": {}})
+  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
+                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
   rows = [line.split() for line in table.splitlines()]
   assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
   assert ["partial", "mean", "(10", "of", "11)", "top1", "descriptions/global",
           f"{partial['top1']['descriptions/global']:.2f}"] in rows
   del results["cifar10"]
-  assert run._average(results)["paper_metric"] == [] and run._average(results)["missing"] == ["cifar10"]
+  assert classification.average(results)["paper_metric"] == [] and classification.average(results)["missing"] == ["cifar10"]
 
 
 def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_description_heads():
@@ -366,15 +367,15 @@ def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_descriptio
   names = [{"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in datasets.PAPER_AVERAGE]
   results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
              for n in names}
-  complete = run._average(results)  # the authors' SUN397 and Places365 count as those sets
+  complete = classification.average(results)  # the authors' SUN397 and Places365 count as those sets
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   results["caltech101"]["alignment"] = "partial"  # e.g. a Caltech-101 file without classes 4 to 11
-  average = run._average(results)
+  average = classification.average(results)
   assert average["partially_paired"] == ["caltech101"] and average["paper_metric"] == ["names/global"]
   others = [n for n in names if n != "caltech101"]
   assert average["covers"]["descriptions/global"] == others and average["covers"]["names/global"] == names
   assert average["top1"]["descriptions/global"] == pytest.approx(
       np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others]))
-  table = run.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
-                            "retrieval": {}, "grounding": {}})
+  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
+                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
   assert "partial mean (10 of 11)  top1 descriptions/global" in table

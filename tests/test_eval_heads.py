@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import unit_rows
+from grain_jax.config import ConfigError, eval_rules
 from grain_jax.eval import heads
 from grain_jax.eval import protocol
 from grain_jax.eval.heads import ClassTexts
@@ -76,9 +77,9 @@ def test_a_protocol_fills_what_the_config_leaves_open_and_names_departures():
   changed = protocol.settings(_eval_section(protocol="authors", templates="clip", renormalize=False))
   assert changed["templates"] == "clip" and changed["departures"] == {"templates": "clip"}
   assert protocol.settings(_eval_section())["heads"] == heads.HEADS
-  with pytest.raises(ValueError, match="config.eval.protocol='paper' must be one of"):
-    protocol.settings(_eval_section(protocol="paper"))
-  with pytest.raises(ValueError, match="config.eval.heads: unknown head 'names/region'"):
-    protocol.settings(_eval_section(heads=("names/region",)))
-  with pytest.raises(ValueError, match=r"config.eval.alpha=1.5 must be in \[0, 1\]"):
-    protocol.settings(_eval_section(alpha=1.5))
+  with pytest.raises(ConfigError, match="config.eval.protocol='paper' must be one of"):
+    eval_rules.check_settings(_eval_section(protocol="paper"))
+  with pytest.raises(ConfigError, match="config.eval.heads: unknown head 'names/region'"):
+    eval_rules.check_settings(_eval_section(heads=("names/region",)))
+  with pytest.raises(ConfigError, match=r"config.eval.alpha=1.5 must be in \[0, 1\]"):
+    eval_rules.check_settings(_eval_section(alpha=1.5))

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import unit_rows
-from grain_jax.data import eval_sets
 from grain_jax.eval import datasets
 from grain_jax.eval import grounding
+from grain_jax.eval import pictures
 from grain_jax.eval import retrieval
+from grain_jax.eval import sets
 from grain_jax.eval import zeroshot
 from grain_jax.ops import localization
 
@@ -105,21 +106,11 @@ def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatc
                                                               "golden retriever": ["golden fur"]}))
   tiny = datasets.tfds_classification("tiny", tfds_dir, str(tmp_path))
   assert tiny.data.class_names == ["tabby cat", "golden retriever"] and tiny.alignment == "name"
-  batch = next(iter(eval_sets.image_batches(tiny.data.source, 16, 4, 0, 1)))
+  batch = next(iter(sets.image_batches(tiny.data.source, 16, 4, 0, 1)))
   assert batch["image"].shape == (4, 16, 16, 3) and batch["valid"].tolist() == [True] * 3 + [False]
   red = (batch["image"][:3, 0, 0, 0] * 0.229 + 0.485) * 255  # example i is red 100 * i, label i % 2
   assert sorted(np.round(red / 100).astype(int).tolist()) == [0, 1, 2]
   assert batch["label"][:3].tolist() == [int(i) % 2 for i in np.round(red / 100)]
-
-
-def test_unknown_entries_fail_clearly():
-  config = types.SimpleNamespace(data=types.SimpleNamespace(synthetic_dir=""))
-  with pytest.raises(ValueError, match="'imagenet3' is not a dataset"):
-    datasets.classification("imagenet3", config, "/tmp")
-  with pytest.raises(ValueError, match="karpathy:JSON:IMAGE_ROOT"):
-    datasets.retrieval("flickr", config, "/tmp")
-  with pytest.raises(ValueError, match="json:PATH"):
-    datasets.grounding("refcoco", config, "/tmp")
 
 
 def test_grounding_assignment_iou_and_picture(tmp_path):
@@ -132,11 +123,11 @@ def test_grounding_assignment_iou_and_picture(tmp_path):
   boxes = np.array([[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1]], np.float32)
   np.testing.assert_allclose(grounding.box_iou(boxes, boxes[[0, 0]]), [1.0, 0.0], atol=1e-6)
   image = np.full((20, 30, 3), 90, np.uint8)
-  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g.png"), size=64)
+  path = pictures.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g.png"), size=64)
   picture = np.asarray(Image.open(path))
   assert picture.shape == (64, 64, 3) and (picture != 90).any()
   # With the truth: two panels (true boxes, predicted), a title strip above them.
-  path = grounding.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g2.png"),
+  path = pictures.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g2.png"),
                         true_boxes=boxes[::-1], other_boxes=boxes[:1], size=64)
   picture = np.asarray(Image.open(path))
   assert picture.shape == (64 + 16, 2 * 64 + 8, 3)

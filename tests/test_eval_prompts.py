@@ -2,7 +2,7 @@
 
 import pytest
 
-from grain_jax.data import prompts
+from grain_jax.eval import prompts
 
 
 @pytest.mark.parametrize("descriptor, expected", [

@@ -11,7 +11,7 @@ from PIL import Image
 
 from grain_jax.config import load_config, validate
 from grain_jax.data import examples
-from grain_jax.data import prompts
+from grain_jax.eval import prompts
 from grain_jax.eval import protocol
 from grain_jax.eval import run
 from grain_jax.eval import zeroshot

@@ -14,6 +14,7 @@ from grain_jax.config import load_config, validate
 from grain_jax.data import synthetic
 from grain_jax.eval import datasets
 from grain_jax.eval import run
+from grain_jax.eval import table as eval_table
 from grain_jax.models.grain import build_model
 
 
@@ -77,7 +78,7 @@ def test_results_json_table_and_pictures(single_device):
   assert set(probes["rows"]) == set(probes["no_skill"]) == {
       f"probe {a} ({e})" for a in ("size", "pattern", "color", "shape") for e in ("global", "region")}
   assert probes["num_images"] == 6 and all(0 <= v <= 100 for v in probes["rows"].values())
-  table = run.format_table(results)
+  table = eval_table.format_table(results)
   assert table.startswith("protocol ours, templates=photo, heads=(")
   for row in ("top1 descriptions/global (paper)", "top1 mixed/region",
               "top1 chance", "i->t R@1/5/10", "box recall@0.5", "box conditioning ratio",

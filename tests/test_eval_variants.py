@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from grain_jax.config import ConfigError, load_config, validate
-from grain_jax.data import eval_sets
-from grain_jax.defaults import recipe
+from grain_jax.config import eval_rules, recipe
 from grain_jax.eval import datasets
+from grain_jax.eval import sets
 
 
 def torchvision_places365(root, labels):
@@ -33,7 +33,7 @@ def test_places365_full_reads_torchvision_download_and_pairs_its_descriptors(tmp
   assert places.name == "places365:full" and places.in_average and places.alignment == "name"
   assert places.data.class_names == ["airfield", "bakery shop", "church outdoor"]
   assert [places.data.source[i]["label"] for i in range(4)] == [2, 0, 1, 1]
-  batch = next(iter(eval_sets.image_batches(places.data.source, 16, 4, 0, 1)))
+  batch = next(iter(sets.image_batches(places.data.source, 16, 4, 0, 1)))
   assert batch["image"].shape == (4, 16, 16, 3) and batch["label"].tolist() == [2, 0, 1, 1]
 
 
@@ -62,11 +62,13 @@ def test_sun397_all_joins_the_three_random_splits_into_every_image():
 
 
 def test_variants_are_entries_and_count_as_their_set():
-  for entry in ("sun397:all", "places365:full"):
-    datasets.check_classification(entry)
-    assert datasets.paper_set(entry) in datasets.PAPER_AVERAGE
-  with pytest.raises(ValueError, match=r"'sun397:full' is not a dataset: .*sun397:all, places365:full"):
-    datasets.check_classification("sun397:full")
+  section = load_config("configs/base.py:tiny").eval
+  section.classification = ("sun397:all", "places365:full")
+  eval_rules.check_entries(section)
+  assert all(datasets.paper_set(entry) in datasets.PAPER_AVERAGE for entry in section.classification)
+  section.classification = ("sun397:full",)
+  with pytest.raises(ConfigError, match=r"'sun397:full' is not a dataset: .*sun397:all, places365:full"):
+    eval_rules.check_entries(section)
   assert set(datasets.AUTHORS_PAPER_SETS) == set(datasets.PAPER_AVERAGE) - {"sun397", "places365"} | set(datasets.VARIANTS)
 
 

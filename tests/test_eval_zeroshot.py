@@ -6,9 +6,9 @@ from flax import nnx
 
 from grain_jax.config import load_config
 from grain_jax.data import examples
-from grain_jax.data import prompts
 from grain_jax.eval import grounding
 from grain_jax.eval import heads
+from grain_jax.eval import prompts
 from grain_jax.eval import zeroshot
 from grain_jax.eval.runner import Runner
 from grain_jax.ops.normalize import l2_normalize

@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 
 from grain_jax import experiment
+from grain_jax import main
 from grain_jax.config import ConfigError, load_config
 from grain_jax.errors import ArgumentError
+from grain_jax.eval import table as eval_table
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer, workdir_lock
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
@@ -48,7 +50,7 @@ def test_arms_are_trained_evaluated_and_compared(tmp_path):
   grain_config.experiment.arms = ()
   grain_config.data.synthetic_dir = str(tmp_path / "synthetic")
   evaluation = experiment.evaluate_checkpoint(grain_config, str(tmp_path / "grain_seed0"))
-  assert experiment.headline_metrics(evaluation)[0] == rows["grain_seed0"]
+  assert eval_table.headline_metrics(evaluation)[0] == rows["grain_seed0"]
 
 
 def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
@@ -57,14 +59,14 @@ def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
   trained = []
   monkeypatch.setattr(experiment, "train_and_evaluate", lambda config, workdir: trained.append(workdir))
   with pytest.raises(ConfigError, match="kind"):
-    experiment.run(config, str(tmp_path))
+    main.run(config, "train", str(tmp_path))
   assert trained == [] and os.listdir(tmp_path) == []
 
 
 def _evaluation(top1: float) -> dict:
   return {"classification": {"novel": {"chance_top1": 25.0, "heads": {"descriptors/region": {"top1": top1 + 5},
                                                                        "descriptions/global": {"top1": top1}}}},
-          "retrieval": {}, "grounding": {}}
+          "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}}
 
 
 def test_worlds_and_settings_lay_out_runs_and_pair_differences(tmp_path, monkeypatch):

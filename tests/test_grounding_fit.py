@@ -8,11 +8,11 @@ trainer and grounds phrases through the public `grounding.ground`.
 import numpy as np
 import pytest
 
+from grain_jax.config import base
 from grain_jax.config import load_config
 from grain_jax.data import examples
 from grain_jax.data import records
 from grain_jax.data import synthetic_scenes as scenes
-from grain_jax.defaults import base
 from grain_jax.eval import grounding
 from grain_jax.train import trainer
 

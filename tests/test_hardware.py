@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from grain_jax import hardware
-from grain_jax.defaults import meshes, recipe
+from grain_jax.config import meshes, recipe
 from grain_jax.hardware import CHIPS, MACHINES
 
 # Cloud TPU accelerator types count TensorCores for v4 and v5p (2 per chip, which JAX runs as one

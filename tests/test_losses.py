@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from grain_jax import losses
 from grain_jax import sharding
 from grain_jax.bench import _hlo
-from grain_jax.defaults import base
+from grain_jax.config import base
 
 B, Q, T, L, E = 4, 5, 5, 3, 8
 

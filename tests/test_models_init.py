@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from grain_jax.defaults import models
+from grain_jax.config import models
 from grain_jax.models.vit import VisionTransformer
 
 

@@ -25,7 +25,7 @@ EXTRA_MODULES = {"export/torch_modules.py": "export", "bench/_reference_step.py"
 PIN_FILES = {None: "requirements.txt", "export": "requirements-export.txt",
              "annotate": "requirements-annotate.txt", "test": "requirements.txt"}
 # Subpackages and modules of grain_jax, lowest first: each imports only from those before it.
-LAYERS = ("errors", "hardware", "processes", "files", "checksums", "sharding", "ops", "data", "models", "losses", "torch_format", "eval", "defaults",
+LAYERS = ("errors", "hardware", "processes", "files", "checksums", "sharding", "ops", "data", "models", "losses", "torch_format", "eval",
           "config", "train", "export", "experiment", "annotate", "bench", "main")
 
 
@@ -151,15 +151,24 @@ def test_layers_import_only_from_below():
   assert not upward, upward
 
 
+def _exported(package: pathlib.Path) -> list[str]:
+  """The names a package's `__init__.py` lists in `__all__`."""
+  init = package / "__init__.py"
+  for node in ast.parse(init.read_text()).body if init.is_file() else []:
+    if isinstance(node, ast.Assign) and any(getattr(target, "id", "") == "__all__" for target in node.targets):
+      return list(ast.literal_eval(node.value))
+  return []
+
+
 def _names_a_missing_module(dotted: str) -> bool:
-  """Whether `grain_jax.a.b...` runs into a name that is neither a subpackage nor a module before it
-  reaches a module (after a module come its attributes)."""
+  """Whether `grain_jax.a.b...` runs into a name that is neither a subpackage, a module nor a name the
+  package exports before it reaches a module (after a module come its attributes)."""
   path = REPOSITORY
   for part in dotted.split("."):
     if (path / part).is_dir():
       path = path / part
     else:
-      return not (path / f"{part}.py").is_file()
+      return not ((path / f"{part}.py").is_file() or part in _exported(path))
   return False
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from grain_jax.config import load_config, validate
-from grain_jax.defaults import recipe
+from grain_jax.config import recipe
 from grain_jax.hardware import MACHINES
 
 RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}

@@ -13,7 +13,8 @@ import pytest
 from flax import nnx
 
 from conftest import fill_the_disk_at, flip_bytes
-from grain_jax.config import ConfigError, load_config
+from grain_jax import main
+from grain_jax.config import ConfigError, load_config, validate
 from grain_jax.data import pipeline, text_packing
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer, workdir_lock
@@ -129,7 +130,7 @@ def files_of(workdir) -> dict[str, float]:
 @pytest.mark.parametrize("overrides", [dict(grad_accum_steps=3), dict(keep_checkpoints=0), dict(checkpoint_every=0)])
 def test_a_config_error_stops_the_run_before_it_makes_the_workdir(tmp_path, overrides):
   with pytest.raises(ConfigError, match="|".join(f"config\\.train\\.{field}={value}" for field, value in overrides.items())):
-    trainer.train(train_config(**overrides), str(tmp_path / "run"))
+    main.run(train_config(**overrides), "train", str(tmp_path / "run"))
   assert os.listdir(tmp_path) == []
 
 
@@ -299,8 +300,9 @@ def test_texts_are_packed_per_device_and_micro_batch_and_bad_splits_are_refused(
   packed = trainer.pack_texts(raw_batch(), config, batch_shards=2)  # 4 groups of 2 examples
   for key, value in text_packing.pack_batch(raw_batch(), 4, 77).items():
     np.testing.assert_array_equal(packed[key], value, err_msg=key)
+  config.mesh.update(data=-1)
   with pytest.raises(ConfigError, match=r"batch_size=8 does not split into 3 batch shards x .*grad_accum_steps=2"):
-    trainer.text_groups(config, 3)
+    validate(config, num_devices=3, training=True)
   six = {key: value[:6] for key, value in raw_batch().items()}
   with pytest.raises(ConfigError, match="holds 6 examples of each batch, not a multiple of the 4"):
     trainer.pack_texts(six, config, batch_shards=1)

@@ -11,7 +11,7 @@ from grain_jax.bench.step import synthetic_batch
 from grain_jax.data import text_packing
 from grain_jax.train import trainer
 from grain_jax.train.flops import dot_general_flops, matmul_flops
-from grain_jax.defaults.base import get_config
+from grain_jax.config.base import get_config
 from grain_jax.models.grain import build_model
 
 

@@ -72,7 +72,7 @@ def compile_step(config, topology: str | None = None):
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   else:
     devices = jax.devices()
-  validate(config, num_devices=len(devices))
+  validate(config, num_devices=len(devices), training=True)
   mesh = sharding.make_mesh(config.mesh, devices)
   # Built outside the mesh: a deviceless mesh compiles but cannot run the eager parts of building.
   training = trainer.build_training(config, mesh, abstract=True)

@@ -11,7 +11,8 @@ renormalized over the patch grid. On a grounding set (images with true boxes) tw
 The global maps are scored against the union of the image's boxes; GRAIN's region queries, each
 phrase's chosen query (as grounding chooses it) against that phrase's own box. A map that ignores the
 image (uniform) scores the share of patches inside the boxes on both: that is the no-skill row.
-A patch is inside a box when its centre is.
+A patch is inside a box when its centre is. `AttentionMaps` is the evaluation kind: one set per
+`config.eval.grounding` entry when `config.eval.attention_maps`.
 """
 
 import os
@@ -23,9 +24,11 @@ from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
 from grain_jax import files
-from grain_jax.data import eval_sets
+from grain_jax.eval import datasets
 from grain_jax.eval import grounding
-from grain_jax.eval.runner import Runner, image_embeddings
+from grain_jax.eval import pictures
+from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row, scored_compared, scored_rows
+from grain_jax.eval.runner import Runner, image_embeddings, model_image_size, spread
 from grain_jax.ops import boxes as box_ops
 
 
@@ -66,9 +69,9 @@ def map_scores(maps: np.ndarray, target: np.ndarray) -> dict[str, float]:
 def _picture(image, boxes: np.ndarray, phrases, attention: np.ndarray, title: str, path: str, size: int = 384) -> str:
   """True boxes beside the attention map laid over the image, as a PNG at `path`."""
   grid = int(np.sqrt(attention.size))
-  source = grounding.to_pil(image).convert("RGB").resize((size, size), Image.BICUBIC)
+  source = pictures.to_pil(image).convert("RGB").resize((size, size), Image.BICUBIC)
   truth = source.copy()
-  grounding.draw_labelled(truth, boxes, phrases)
+  pictures.draw_labelled(truth, boxes, phrases)
   heat = (255 * attention.reshape(grid, grid) / max(attention.max(), 1e-12)).astype(np.uint8)
   heat = Image.fromarray(heat).resize((size, size), Image.NEAREST)
   red = Image.merge("RGB", (heat, Image.new("L", heat.size), Image.new("L", heat.size)))
@@ -81,36 +84,57 @@ def _picture(image, boxes: np.ndarray, phrases, attention: np.ndarray, title: st
   return path
 
 
-def evaluate(model, runner: Runner, data: eval_sets.GroundingSet, image_size: int, picture_dir: str = "",
-             num_pictures: int = 0) -> dict:
+class AttentionMaps(Evaluator):
   """Pointing and mass of the global embedding's map (and of each phrase's chosen region query for
-  GRAIN) over a grounding set, in %.
+  GRAIN) over one grounding set, in %."""
 
-  Returns:
-    {"rows": {metric: %}, "no_skill": {metric: % of a uniform map}, "grid", "num_images",
-     "num_phrases", "pictures"}: pictures of the first `num_pictures` images (true boxes beside
-     the global map) written into `picture_dir`.
-  """
-  outputs = runner.map_images(_maps, model, data.source, image_size)
-  maps = outputs["maps"]                         # [N, R, P]
-  grid = int(round(np.sqrt(maps.shape[-1])))
-  union = np.stack([inside(b, grid).any(axis=0) for b in data.boxes])  # [N, P]
-  global_maps = maps[:, -1]                      # GRAIN's image query is its last row; CLIP has one row
-  scores = {"global": map_scores(global_maps, union)}
-  if model.kind == "grain":
-    phrase_image = np.repeat(np.arange(len(data.phrases)), [len(p) for p in data.phrases])
-    phrase_embeds = runner.encode_texts(model, [p for ps in data.phrases for p in ps])
-    query, _ = grounding.assign(phrase_embeds, outputs["region"][phrase_image])
-    own = inside(np.concatenate(data.boxes).reshape(-1, 4), grid)
-    scores["chosen query"] = map_scores(maps[phrase_image, query], own)
-  title = "where the image query reads" if model.kind == "grain" else "where CLS reads"
-  pictures = [_picture(data.source[i]["image"], data.boxes[i], data.phrases[i], global_maps[i], title,
-                       os.path.join(picture_dir, f"attention_{i}.png"))
-              for i in range(min(num_pictures, len(data.phrases)) if picture_dir else 0)]
-  target = {"global": "true boxes", "chosen query": "own box"}
-  rows = {f"attention {key} in {target[which]} ({which})": values[key]
-          for which, values in scores.items() for key in ("pointing", "mass")}
-  uniform = {f"attention {key} in {target[which]} ({which})": values["uniform"]
-             for which, values in scores.items() for key in ("pointing", "mass")}
-  return {"rows": rows, "no_skill": uniform, "grid": grid, "num_images": len(data.source),
-          "num_phrases": int(sum(len(p) for p in data.phrases)), "pictures": pictures}
+  section = "attention"
+
+  @staticmethod
+  def entries(eval_config) -> tuple[str, ...]:
+    return tuple(eval_config.grounding) if eval_config.attention_maps else ()
+
+  def __init__(self, entry: str, context: Context):
+    self.context = context
+    self.name, data = datasets.grounding(entry, context.config, context.workdir)
+    self.data = grounding.subset(data, spread(len(data.source), context.config.eval.max_examples))
+
+  def run(self, model, runner: Runner) -> dict:
+    """{"rows": {metric: %}, "no_skill": {metric: % of a uniform map}, "grid", "num_images",
+    "num_phrases", "pictures"}: pictures of the first `config.eval.num_pictures` images (true boxes
+    beside the global map)."""
+    data = self.data
+    outputs = runner.map_images(_maps, model, data.source, model_image_size(model))
+    maps = outputs["maps"]                         # [N, R, P]
+    grid = int(round(np.sqrt(maps.shape[-1])))
+    union = np.stack([inside(b, grid).any(axis=0) for b in data.boxes])  # [N, P]
+    global_maps = maps[:, -1]                      # GRAIN's image query is its last row; CLIP has one row
+    scores = {"global": map_scores(global_maps, union)}
+    if model.kind == "grain":
+      phrase_image = np.repeat(np.arange(len(data.phrases)), [len(p) for p in data.phrases])
+      phrase_embeds = runner.encode_texts(model, [p for ps in data.phrases for p in ps])
+      query, _ = grounding.assign(phrase_embeds, outputs["region"][phrase_image])
+      own = inside(np.concatenate(data.boxes).reshape(-1, 4), grid)
+      scores["chosen query"] = map_scores(maps[phrase_image, query], own)
+    title = "where the image query reads" if model.kind == "grain" else "where CLS reads"
+    picture_dir = self.context.picture_dir(self.section, self.name)
+    num_pictures = min(self.context.config.eval.num_pictures, len(data.phrases)) if picture_dir else 0
+    drawn = [_picture(data.source[i]["image"], data.boxes[i], data.phrases[i], global_maps[i], title,
+                      os.path.join(picture_dir, f"attention_{i}.png"))
+             for i in range(num_pictures)]
+    target = {"global": "true boxes", "chosen query": "own box"}
+    rows = {f"attention {key} in {target[which]} ({which})": values[key]
+            for which, values in scores.items() for key in ("pointing", "mass")}
+    uniform = {f"attention {key} in {target[which]} ({which})": values["uniform"]
+               for which, values in scores.items() for key in ("pointing", "mass")}
+    return {"rows": rows, "no_skill": uniform, "grid": grid, "num_images": len(data.source),
+            "num_phrases": int(sum(len(p) for p in data.phrases)), "pictures": drawn}
+
+  @staticmethod
+  def table_rows(results: dict) -> list[Row]:
+    return scored_rows(results["attention"])
+
+  @staticmethod
+  def compared(results: dict) -> list[Compared]:
+    """Every row (no skill: a uniform map)."""
+    return scored_compared(results["attention"])

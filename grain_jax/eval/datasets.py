@@ -15,14 +15,16 @@ Classification entries:
                     PATH/classes.txt and PATH/descriptors.json (read and paired as a registry set's)
 Retrieval entries: `synthetic`, or `karpathy:JSON:IMAGE_ROOT` (Flickr30k / MSCOCO Karpathy test).
 Grounding entries: `synthetic`, or `json:PATH` ({"images": [{"file", "regions": [...]}]}).
+Probe entries: `synthetic`, or `json:PATH` (a probe.json, grain_jax/eval/probe.py).
+The resolvers below take entries that grain_jax/config/eval_rules.py has checked.
 
 Class names are the dataset's own (tfds label names, in label order) made readable, or for CIFAR
-the shipped lists in grain_jax/data/class_lists (tfds learns their names only when preparing them,
+the shipped lists in grain_jax/eval/class_lists (tfds learns their names only when preparing them,
 so they cannot be checked without the data otherwise). Descriptor files are paired with them class
 by class (grain_jax/eval/descriptors.py); ImageNet's and CUB's tfds labels are ids, so their
 classes take the file's keys in order, as the reference does for every dataset, and a file whose keys
 are in another order is refused (`descriptors.check_order`, against CUB's `label_name`s and the WordNet
-names of ImageNet's wnids shipped in grain_jax/data/class_lists/imagenet_wnids.txt).
+names of ImageNet's wnids shipped in grain_jax/eval/class_lists/imagenet_wnids.txt).
 """
 
 import dataclasses
@@ -32,9 +34,9 @@ import logging
 import os
 import re
 
-from grain_jax.data import eval_sets
 from grain_jax.data import synthetic
 from grain_jax.eval import descriptors as descriptor_files
+from grain_jax.eval import sets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class TfdsDataset:
   descriptors_file: str      # the Menon & Vondrick release's name for it
   in_average: bool = True    # one of the paper's 11 datasets
   readable_labels: bool = True  # False: tfds labels are ids; class names come from the descriptors
-  class_list: str = ""       # grain_jax/data/class_lists/<this>: names in label order, for sets
+  class_list: str = ""       # grain_jax/eval/class_lists/<this>: names in label order, for sets
                              # whose tfds label names are only known once prepared
   drop_classes: tuple[str, ...] = ()  # tfds label names left out, with their images
   reader: str = "tfds"       # "places365_full": torchvision's download in config.eval.places365_dir
@@ -91,6 +93,10 @@ VARIANTS = {
 AUTHORS_PAPER_SETS = tuple({"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in PAPER_AVERAGE)
 
 
+# The built-in synthetic classification splits (entries "synthetic/<split>").
+SYNTHETIC_SPLITS = ("attributes", "novel")
+
+
 def spec_of(entry: str) -> TfdsDataset | None:
   """The registry set (or variant) an entry names; None for other entries."""
   return TFDS_DATASETS.get(entry) or VARIANTS.get(entry)
@@ -108,8 +114,8 @@ def readable(label: str) -> str:
 
 
 def class_list(file_name: str) -> list[str]:
-  """A class-name list shipped in grain_jax/data/class_lists (one name a line, in label order)."""
-  text = importlib.resources.files("grain_jax.data").joinpath("class_lists", file_name).read_text()
+  """A class-name list shipped in grain_jax/eval/class_lists (one name a line, in label order)."""
+  text = importlib.resources.files("grain_jax.eval").joinpath("class_lists", file_name).read_text()
   return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -122,7 +128,7 @@ def _read_json(path: str) -> dict:
 class Classification:
   """A resolved classification entry."""
   name: str
-  data: eval_sets.ClassificationSet  # class_names / descriptors already paired
+  data: sets.ClassificationSet  # class_names / descriptors already paired
   alignment: str                      # how descriptors met class names ("none" without any; see
                                       # descriptors.summary)
   in_average: bool = False
@@ -165,15 +171,15 @@ def id_class_names(spec: TfdsDataset, tfds_data_dir: str = "", source=None) -> l
   if not spec.example_names:
     return None
   if source is None:
-    names = eval_sets.tfds_example_class_names(spec.tfds_name, spec.split, tfds_data_dir or None, spec.example_names)
+    names = sets.tfds_example_class_names(spec.tfds_name, spec.split, tfds_data_dir or None, spec.example_names)
   elif spec.example_names in source.dataset_info.features:
-    names = eval_sets.example_class_names(source, spec.example_names, len(source.dataset_info.features["label"].names))
+    names = sets.example_class_names(source, spec.example_names, len(source.dataset_info.features["label"].names))
   else:
     names = None
   return None if names is None else [[name] if name else [] for name in names]
 
 
-def _check_id_file(path: str, keys: list[str], num_classes: int, known: list[list[str]] | None) -> None:
+def check_id_file(path: str, keys: list[str], num_classes: int, known: list[list[str]] | None) -> None:
   """An id-labelled set's file: one key per class (`descriptors.pair`), in label order where the
   classes' names are `known` (`descriptors.check_order`); errors name the file."""
   try:
@@ -184,66 +190,37 @@ def _check_id_file(path: str, keys: list[str], num_classes: int, known: list[lis
     raise type(error)(f"{path}: {error}") from None
 
 
-def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_data_dir: str = "") -> None:
-  """Raises a UserError naming the file unless every registry set among `names` has a descriptor file
-  in `descriptors_dir` in the right format (for sets labelled by ids: one key per class, in label order
-  where the classes' names are known without evaluating: ImageNet's; CUB's when prepared in
-  `tfds_data_dir`); with `allow_missing`, sets whose labels are words may go without one (they get
-  names-only prompts)."""
-  for name in names:
-    spec = spec_of(name)
-    if spec is None:
-      continue
-    path = descriptors_path(name, descriptors_dir)
-    if path and os.path.exists(path):
-      raw, _ = descriptor_files.read(path)
-      if not spec.readable_labels:
-        known = id_class_names(spec, tfds_data_dir)
-        _check_id_file(path, list(raw), len(registry_class_names(name) if known is None else known), known)
-      continue
-    if allow_missing and spec.readable_labels:
-      continue
-    where = (f"write it with `python -m grain_jax.annotate descriptors --dataset {name} --out DIR`, or set "
-             "config.eval.allow_missing_descriptors=True to evaluate it with class names only"
-             if spec.readable_labels else
-             "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release")
-    raise FileNotFoundError(f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
-                            f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
-                            "(docs/evaluation.md says where each file comes from)")
-
-
-def _with_descriptors(name: str, data: eval_sets.ClassificationSet, path: str, labels_are_ids: bool = False,
+def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels_are_ids: bool = False,
                       in_average: bool = False, known: list[list[str]] | None = None) -> Classification:
   """Set `name` with the descriptor file at `path` paired with its classes (descriptors.pair; with id
   labels in the order the classes' `known` names give, when known) and recorded (descriptors.record),
   or by class names only when there is no file there (logged)."""
   if not path or not os.path.exists(path):
     logging.warning("%s: no descriptor file %s, evaluated with class names only", name, path or "(no folder set)")
-    return Classification(name, eval_sets.ClassificationSet(data.class_names, {}, data.source), "none", in_average)
+    return Classification(name, sets.ClassificationSet(data.class_names, {}, data.source), "none", in_average)
   raw, digest = descriptor_files.read(path)
   if labels_are_ids:
-    _check_id_file(path, list(raw), len(data.class_names), known)
+    check_id_file(path, list(raw), len(data.class_names), known)
   pairs = descriptor_files.pair(list(raw), data.class_names, labels_are_ids)
   names = descriptor_files.prompt_names(pairs)
   paired = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
   info = descriptor_files.record(path, digest, pairs, raw)
-  return Classification(name, eval_sets.ClassificationSet(names, paired, data.source), info["alignment"],
+  return Classification(name, sets.ClassificationSet(names, paired, data.source), info["alignment"],
                         in_average, info)
 
 
 def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
                         source=None, places365_dir: str = "") -> Classification:
-  """A registry dataset or variant, its descriptor file checked by `check_descriptors` (config.validate
-  with `evaluation_files`) beforehand; `source` replaces the `tfds.data_source` call (tests);
+  """A registry dataset or variant, its descriptor file checked beforehand (grain_jax/config/eval_rules.py,
+  `check_descriptors`); `source` replaces the `tfds.data_source` call (tests);
   `places365_dir` is torchvision's Places365 download (`places365:full`)."""
   spec = spec_of(name)
   if spec.reader == "places365_full":
-    data = eval_sets.places365_full(places365_dir)
+    data = sets.places365_full(places365_dir)
   elif source is None:
-    data = eval_sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None,
-                                         drop_classes=spec.drop_classes)
+    data = sets.tfds_classification(spec.tfds_name, spec.split, tfds_data_dir or None, drop_classes=spec.drop_classes)
   else:
-    data = eval_sets.from_tfds_source(source, drop_classes=spec.drop_classes)
+    data = sets.from_tfds_source(source, drop_classes=spec.drop_classes)
   data.class_names = registry_class_names(name, data.class_names)
   known = None if spec.readable_labels else id_class_names(spec, tfds_data_dir, source)
   return _with_descriptors(name, data, descriptors_path(name, descriptors_dir), not spec.readable_labels,
@@ -251,68 +228,14 @@ def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str
 
 
 def folder_classification(root: str, name: str = "") -> Classification:
-  """An image folder (eval_sets.image_folder) with its optional root/descriptors.json; `name`
+  """An image folder (sets.image_folder) with its optional root/descriptors.json; `name`
   defaults to the folder's."""
-  return _with_descriptors(name or os.path.basename(os.path.normpath(root)), eval_sets.image_folder(root),
+  return _with_descriptors(name or os.path.basename(os.path.normpath(root)), sets.image_folder(root),
                            os.path.join(root, "descriptors.json"))
-
-
-SYNTHETIC_SPLITS = ("attributes", "novel")
-
-
-def check_classification(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a classification entry (reads nothing)."""
-  if entry.startswith("synthetic/"):
-    ok = entry.split("/", 1)[1] in SYNTHETIC_SPLITS
-  elif entry.startswith("folder:"):
-    ok = bool(entry.split(":", 1)[1])
-  else:
-    ok = spec_of(entry) is not None
-  if not ok:
-    raise ValueError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
-                     f"{sorted(TFDS_DATASETS)}, {', '.join(VARIANTS)}, "
-                     f"{', '.join('synthetic/' + s for s in SYNTHETIC_SPLITS)} or folder:PATH")
-
-
-def check_places365_dir(names, places365_dir: str) -> None:
-  """Raises FileNotFoundError naming config.eval.places365_dir unless it holds torchvision's Places365
-  download when `names` has `places365:full`."""
-  if "places365:full" not in names:
-    return
-  needed = ("categories_places365.txt", "places365_val.txt", "val_large")
-  absent = [n for n in needed if not places365_dir or not os.path.exists(os.path.join(places365_dir, n))]
-  if absent:
-    raise FileNotFoundError(f"config.eval.classification has 'places365:full' but config.eval.places365_dir="
-                            f"{places365_dir!r} lacks {', '.join(absent)}: torchvision.datasets.Places365(DIR, "
-                            "split='val', small=False, download=True) writes them")
-
-
-def check_retrieval(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a retrieval entry (reads nothing)."""
-  kind, _, rest = entry.partition(":")
-  json_path, _, image_root = rest.partition(":")
-  if entry != "synthetic" and (kind != "karpathy" or not json_path or not image_root):
-    raise ValueError(f"config.eval.retrieval entry {entry!r} must be 'synthetic' or "
-                     "'karpathy:JSON:IMAGE_ROOT'")
-
-
-def check_grounding(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a grounding entry (reads nothing)."""
-  kind, _, path = entry.partition(":")
-  if entry != "synthetic" and (kind != "json" or not path):
-    raise ValueError(f"config.eval.grounding entry {entry!r} must be 'synthetic' or 'json:PATH'")
-
-
-def check_probe(entry: str) -> None:
-  """Raises ValueError naming `entry` unless it is a probe entry (reads nothing)."""
-  kind, _, path = entry.partition(":")
-  if entry != "synthetic" and (kind != "json" or not path):
-    raise ValueError(f"config.eval.probes entry {entry!r} must be 'synthetic' or 'json:PATH'")
 
 
 def probe(entry: str, config, workdir: str) -> tuple[str, str]:
   """Resolves one `config.eval.probes` entry to (name, path of its probe.json)."""
-  check_probe(entry)
   if entry == "synthetic":
     return "synthetic", os.path.join(synthetic.for_config(config, workdir)["probe"], "probe.json")
   path = entry.partition(":")[2]
@@ -321,7 +244,6 @@ def probe(entry: str, config, workdir: str) -> tuple[str, str]:
 
 def classification(entry: str, config, workdir: str) -> Classification:
   """Resolves one `config.eval.classification` entry."""
-  check_classification(entry)
   if entry.startswith("synthetic/"):
     return folder_classification(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]], entry)
   if entry.startswith("folder:"):
@@ -330,22 +252,20 @@ def classification(entry: str, config, workdir: str) -> Classification:
                              places365_dir=config.eval.places365_dir)
 
 
-def retrieval(entry: str, config, workdir: str) -> tuple[str, eval_sets.RetrievalSet]:
+def retrieval(entry: str, config, workdir: str) -> tuple[str, sets.RetrievalSet]:
   """Resolves one `config.eval.retrieval` entry to (name, set)."""
-  check_retrieval(entry)
   if entry == "synthetic":
     root = synthetic.for_config(config, workdir)["retrieval"]
-    return "synthetic", eval_sets.karpathy(os.path.join(root, "captions.json"), root)
+    return "synthetic", sets.karpathy(os.path.join(root, "captions.json"), root)
   json_path, _, image_root = entry.partition(":")[2].partition(":")
   name = _read_json(json_path).get("dataset") or os.path.splitext(os.path.basename(json_path))[0]
-  return name, eval_sets.karpathy(json_path, image_root)
+  return name, sets.karpathy(json_path, image_root)
 
 
-def grounding(entry: str, config, workdir: str) -> tuple[str, eval_sets.GroundingSet]:
+def grounding(entry: str, config, workdir: str) -> tuple[str, sets.GroundingSet]:
   """Resolves one `config.eval.grounding` entry to (name, set)."""
-  check_grounding(entry)
   if entry == "synthetic":
-    return "synthetic", eval_sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
-                                                         "grounding.json"))
+    return "synthetic", sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
+                                                    "grounding.json"))
   path = entry.partition(":")[2]
-  return os.path.splitext(os.path.basename(path))[0], eval_sets.grounding(path)
+  return os.path.splitext(os.path.basename(path))[0], sets.grounding(path)

@@ -5,30 +5,29 @@ query's box from the last decoder layer. On a set with true boxes, box recall is
 phrases whose box overlaps the truth with IoU >= threshold. Next to it stand the diagnostics a
 decoder that ignores the image cannot pass (grain_jax/ops/localization.py): how much the boxes move
 between images, and what the best image-blind boxes, fitted on the training targets, score.
-GRAIN models only: the plain-CLIP baseline has no region queries.
+GRAIN models only: the plain-CLIP baseline has no region queries. `Grounding` is the evaluation kind:
+one set per `config.eval.grounding` entry.
 """
 
 import collections
-import io
 import itertools
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
-from grain_jax import files
-from grain_jax.data import eval_sets
 from grain_jax.data import examples
+from grain_jax.data import pipeline
 from grain_jax.data import quality
 from grain_jax.data import records
-from grain_jax.eval.runner import Runner, embed_images, eval_copy, load_images
+from grain_jax.eval import datasets
+from grain_jax.eval import pictures
+from grain_jax.eval import sets
+from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row
+from grain_jax.eval.runner import Runner, Subset, embed_images, eval_copy, load_images, model_image_size, spread
 from grain_jax.ops import boxes as box_ops
 from grain_jax.ops import localization
-
-# Box outline colours, one per region query (cycled).
-_COLORS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
 
 
 def assign(phrase_embeds: np.ndarray, region_embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,78 +75,9 @@ def ground(model, image, phrases: Sequence[str], runner: Runner | None = None,
   placed = [{"phrase": p, "query": int(q), "box": regions["boxes"][0, q].tolist(), "score": float(s[q])}
             for p, q, s in zip(phrases, query, similarity)]
   if picture:
-    draw(image, np.array([p["box"] for p in placed]), [f"{p['phrase']} ({p['score']:.2f})" for p in placed],
+    pictures.draw(image, np.array([p["box"] for p in placed]), [f"{p['phrase']} ({p['score']:.2f})" for p in placed],
          picture)
   return placed
-
-
-def to_pil(image) -> Image.Image:
-  if isinstance(image, np.ndarray) and image.dtype == np.float32:  # preprocessed: undo the normalization
-    image = np.clip((image * examples.IMAGENET_STD + examples.IMAGENET_MEAN) * 255, 0, 255).astype(np.uint8)
-  if isinstance(image, np.ndarray):
-    return Image.fromarray(image)
-  return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-
-
-def _to_pixels(boxes: np.ndarray, size: int) -> list[list[float]]:
-  return (np.asarray(box_ops.cxcywh_to_xyxy(np.asarray(boxes, np.float32))) * size).reshape(-1, 4).tolist()
-
-
-def draw_labelled(canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str],
-                   other_boxes: np.ndarray | None = None) -> None:
-  """Draws `boxes [N, 4]` cxcywh in colour i with `labels[i]` above box i, over `other_boxes` as
-  thin grey outlines."""
-  pen, font, size = ImageDraw.Draw(canvas), ImageFont.load_default(), canvas.size[0]
-  for box in [] if other_boxes is None else _to_pixels(other_boxes, size):
-    pen.rectangle(box, outline="#b0b0b0", width=1)
-  placed = []  # label rectangles so far: labels of boxes that coincide stack instead of hiding
-  for i, (box, label) in enumerate(zip(_to_pixels(boxes, size), labels)):
-    x1, y1, x2, y2 = box
-    color = _COLORS[i % len(_COLORS)]
-    pen.rectangle((x1, y1, x2, y2), outline=color, width=3)
-    left, top, right, bottom = pen.textbbox((0, 0), label, font=font)
-    width, height = right - left + 4, bottom - top + 4
-    x = max(0, min(x1, size - width))  # the label stays inside the picture
-    y = max(0, y1 - height)  # above the box, or inside it at the top edge
-    while any(x < r[2] and r[0] < x + width and y < r[3] and r[1] < y + height for r in placed):
-      y += height
-    placed.append((x, y, x + width, y + height))
-    pen.rectangle(placed[-1], fill=color)
-    pen.text((x + 2 - left, y + 2 - top), label, fill="white", font=font)
-
-
-def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes: np.ndarray | None = None,
-         true_labels: Sequence[str] | None = None, other_boxes: np.ndarray | None = None, size: int = 384) -> str:
-  """Writes a PNG of `image` with labelled boxes; returns its path.
-
-  Args:
-    image: an image file, encoded bytes, uint8 `[h, w, 3]` or preprocessed float32 (drawn
-      squashed to `size`, as the model sees it, so normalized boxes land where the model put them).
-    boxes: `[N, 4]` normalized cxcywh, drawn in colour with `labels[i]` above box i.
-    labels: N captions.
-    path: the PNG to write (its folder is created).
-    true_boxes: `[N, 4]` normalized cxcywh of the same N phrases, or None. When given, the picture
-      has two panels: the true boxes on the left, `boxes` on the right, each phrase in one colour.
-    true_labels: N captions of the true boxes (default: `labels`).
-    other_boxes: `[M, 4]` further predicted boxes (e.g. the region queries no phrase chose), drawn
-      thin and grey under `boxes`.
-    size: side of each panel in pixels.
-  """
-  source = to_pil(image).convert("RGB").resize((size, size), Image.BICUBIC)
-  predicted = source.copy()
-  draw_labelled(predicted, boxes, labels, other_boxes)
-  if true_boxes is None:
-    picture = predicted
-  else:
-    truth = source.copy()
-    draw_labelled(truth, true_boxes, labels if true_labels is None else true_labels)
-    gap = 8
-    picture = Image.new("RGB", (2 * size + gap, size + 16), "white")
-    for x, panel, title in ((0, truth, "true boxes"), (size + gap, predicted, "predicted (chosen query)")):
-      picture.paste(panel, (x, 16))
-      ImageDraw.Draw(picture).text((x + 2, 2), title, fill="black", font=ImageFont.load_default())
-  files.write_through(path, lambda f: picture.save(f, format="PNG"))
-  return path
 
 
 def training_boxes(data_dir: str, num_regions: int, max_records: int) -> np.ndarray:
@@ -181,7 +111,7 @@ def fixed_box_baseline(fixed_boxes: np.ndarray, true_boxes: np.ndarray, iou_thre
 def box_metrics(image_boxes: np.ndarray, phrase_image: np.ndarray, chosen_query: np.ndarray,
                 true_boxes: np.ndarray, iou_threshold: float = 0.5,
                 fixed_boxes: np.ndarray | None = None) -> dict:
-  """The grounding metrics of predicted boxes (what `evaluate` reports, pictures aside).
+  """The grounding metrics of predicted boxes (what `Grounding.run` reports, pictures aside).
 
   Args:
     image_boxes: `[N, Q, 4]` every region query's box on each of N images (cxcywh).
@@ -221,25 +151,110 @@ def box_metrics(image_boxes: np.ndarray, phrase_image: np.ndarray, chosen_query:
   return results
 
 
-def evaluate(model, runner: Runner, data: eval_sets.GroundingSet, image_size: int,
-             iou_threshold: float = 0.5, picture_dir: str = "", num_pictures: int = 0,
-             fixed_boxes: np.ndarray | None = None) -> dict:
-  """Box recall and localization diagnostics over a grounding set (`box_metrics`), and "pictures":
-  the first `num_pictures` images, true boxes beside each phrase's chosen box (the other queries'
-  boxes in grey), written into `picture_dir`."""
-  _require_regions(model)
-  regions = runner.map_images(embed_images, model, data.source, image_size)
-  phrase_image = np.repeat(np.arange(len(data.phrases)), [len(p) for p in data.phrases])
-  phrase_embeds = runner.encode_texts(model, [p for ps in data.phrases for p in ps])
-  query, similarity = assign(phrase_embeds, regions["region"][phrase_image])  # all images at once
-  pictures = []
-  for i in range(min(num_pictures, len(data.phrases)) if picture_dir else 0):
-    mine = np.flatnonzero(phrase_image == i)
-    unchosen = np.setdiff1d(np.arange(regions["boxes"].shape[1]), query[mine])
-    labels = [f"{data.phrases[i][j]} ({similarity[p, query[p]]:.2f})" for j, p in enumerate(mine)]
-    pictures.append(draw(data.source[i]["image"], regions["boxes"][i, query[mine]], labels,
-                         os.path.join(picture_dir, f"grounding_{i}.png"), true_boxes=data.boxes[i],
-                         true_labels=data.phrases[i], other_boxes=regions["boxes"][i, unchosen]))
-  true = np.concatenate(data.boxes).reshape(-1, 4)
-  return dict(box_metrics(regions["boxes"], phrase_image, query, true, iou_threshold, fixed_boxes),
-              pictures=pictures)
+def subset(data: sets.GroundingSet, keep: np.ndarray) -> sets.GroundingSet:
+  """The images `keep` of a grounding set."""
+  return sets.GroundingSet(Subset(data.source, keep), [data.phrases[i] for i in keep], [data.boxes[i] for i in keep])
+
+
+def fitted_fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict | None:
+  """The grounding set `entry`'s image-blind baseline boxes, fitted on the training data's boxes
+  (once per data directory, kept in `fitted`): {"boxes" [K, 4], "fitted_on_boxes", "data_dir"}, or
+  None (logged) when `config.eval.fixed_box_records` is 0 or there is no training data to fit on."""
+  cfg = config.eval
+  if not cfg.fixed_box_records:
+    return None
+  if not config.data.train_dir and entry != "synthetic":
+    logging.warning("grounding %s: no fixed-box baseline without config.data.train_dir (the training data)", entry)
+    return None
+  data_dir = pipeline.training_data_dir(config, workdir)
+  if data_dir not in fitted:
+    num_regions = config.model.decoder.num_region_queries
+    try:
+      boxes = training_boxes(data_dir, num_regions, cfg.fixed_box_records)
+    except (OSError, ValueError) as error:
+      logging.warning("grounding: no fixed-box baseline, the training data in %s cannot be read: %s", data_dir, error)
+      boxes = np.zeros((0, 4), np.float32)
+    if not len(boxes):
+      logging.warning("grounding: no fixed-box baseline, %s holds no region boxes", data_dir)
+    fitted[data_dir] = None if not len(boxes) else {
+        "boxes": localization.fit_fixed_boxes(boxes, num_regions, cfg.iou_threshold),
+        "fitted_on_boxes": int(len(boxes)), "data_dir": data_dir}
+  return fitted[data_dir]
+
+
+class Grounding(Evaluator):
+  """Box recall and localization diagnostics (`box_metrics`) over one grounding set, beside the
+  image-blind fixed boxes fitted on the training data; GRAIN models only (the plain-CLIP baseline's
+  result says it was skipped)."""
+
+  section = "grounding"
+
+  @staticmethod
+  def entries(eval_config) -> tuple[str, ...]:
+    return tuple(eval_config.grounding)
+
+  def __init__(self, entry: str, context: Context):
+    self.entry, self.context = entry, context
+    self.name, data = datasets.grounding(entry, context.config, context.workdir)
+    self.data = subset(data, spread(len(data.source), context.config.eval.max_examples))
+
+  def run(self, model, runner: Runner) -> dict:
+    """`box_metrics`, with "fixed_box_baseline" (where fitted) and "pictures": the first
+    `config.eval.num_pictures` images, true boxes beside each phrase's chosen box (the other queries'
+    boxes in grey)."""
+    if model.kind != "grain":
+      return {"skipped": "the plain-CLIP baseline has no region queries"}
+    context, data = self.context, self.data
+    cfg = context.config.eval
+    fixed = fitted_fixed_boxes(context.config, context.workdir, self.entry, context.fitted_boxes)
+    regions = runner.map_images(embed_images, model, data.source, model_image_size(model))
+    phrase_image = np.repeat(np.arange(len(data.phrases)), [len(p) for p in data.phrases])
+    phrase_embeds = runner.encode_texts(model, [p for ps in data.phrases for p in ps])
+    query, similarity = assign(phrase_embeds, regions["region"][phrase_image])  # all images at once
+    picture_dir = context.picture_dir(self.section, self.name)
+    drawn = []
+    for i in range(min(cfg.num_pictures, len(data.phrases)) if picture_dir else 0):
+      mine = np.flatnonzero(phrase_image == i)
+      unchosen = np.setdiff1d(np.arange(regions["boxes"].shape[1]), query[mine])
+      labels = [f"{data.phrases[i][j]} ({similarity[p, query[p]]:.2f})" for j, p in enumerate(mine)]
+      drawn.append(pictures.draw(data.source[i]["image"], regions["boxes"][i, query[mine]], labels,
+                                 os.path.join(picture_dir, f"grounding_{i}.png"), true_boxes=data.boxes[i],
+                                 true_labels=data.phrases[i], other_boxes=regions["boxes"][i, unchosen]))
+    true = np.concatenate(data.boxes).reshape(-1, 4)
+    result = dict(box_metrics(regions["boxes"], phrase_image, query, true, cfg.iou_threshold,
+                              None if fixed is None else fixed["boxes"]), pictures=drawn)
+    if fixed is not None:
+      result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
+    return result
+
+  @staticmethod
+  def table_rows(results: dict) -> list[Row]:
+    rows = []
+    for name, r in results["grounding"].items():
+      if "skipped" in r:
+        rows.append(Row(name, "grounding", r["skipped"]))
+        continue
+      rows.append(Row(name, f"box recall@{r['iou_threshold']:g} (any query)",
+                      f"{r['recall']:.1f} ({r['any_query_recall']:.1f})"))
+      rows.append(Row(name, "box conditioning ratio", f"{r['conditioning_ratio']:.2f}"))
+      if "fixed_box_baseline" in r:
+        fixed = r["fixed_box_baseline"]
+        rows.append(Row(name, "fixed boxes recall (best of k)",
+                        f"{fixed['single_box_recall']:.1f} ({fixed['best_of_k_recall']:.1f})"))
+    return rows
+
+  @staticmethod
+  def compared(results: dict) -> list[Compared]:
+    """Recall of the chosen and the best query (no skill: the image-blind fixed boxes, where fitted)
+    and the boxes' spread across images (no skill: 0)."""
+    rows = []
+    for name, r in results["grounding"].items():
+      if "recall" not in r:
+        continue
+      at, fixed = f"@{r['iou_threshold']:g}", r.get("fixed_box_baseline")
+      rows += [Compared(f"{name} grounding recall{at} (chosen query)", r["recall"],
+                        fixed["single_box_recall"] if fixed else None),
+               Compared(f"{name} grounding recall{at} (best query)", r["any_query_recall"],
+                        fixed["best_of_k_recall"] if fixed else None),
+               Compared(f"{name} grounding box spread (% of the true boxes')", 100 * r["conditioning_ratio"], 0.0)]
+    return rows

@@ -5,7 +5,8 @@ embedding a model has is probed for every attribute (size, pattern, color, shape
 embedding (GRAIN's image query, CLIP's CLS), and for GRAIN the region query whose box overlaps the
 object most (chosen by the box, not by any text, so the probe reads what the region learned from the
 image). A multinomial logistic regression is fitted on the even images and scored (top-1 %) on the odd
-ones; no skill is always answering the training half's most common value.
+ones; no skill is always answering the training half's most common value. `Probes` is the evaluation
+kind: one set per `config.eval.probes` entry.
 """
 
 import json
@@ -14,8 +15,10 @@ import os
 import numpy as np
 from scipy import optimize
 
+from grain_jax.eval import datasets
 from grain_jax.eval import grounding
-from grain_jax.eval.runner import Runner, embed_images
+from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row, scored_compared, scored_rows
+from grain_jax.eval.runner import Runner, embed_images, model_image_size
 from grain_jax.ops import boxes as box_ops
 
 ATTRIBUTES = ("size", "pattern", "color", "shape")
@@ -70,25 +73,42 @@ def fit_and_score(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
   return 100 * float((predicted == test_labels).mean())
 
 
-def evaluate(model, runner: Runner, path: str, image_size: int) -> dict:
-  """Probe accuracies (%) of every embedding of `model` for every attribute on the probe set at `path`.
+class Probes(Evaluator):
+  """Probe accuracies (%) of every embedding of a model for every attribute on one probe set."""
 
-  Returns:
-    {"rows": {"probe <attribute> (<embedding>)": %}, "no_skill": {same keys: %}, "num_images"}.
-  """
-  sources, true_boxes, values = read(path)
-  outputs = runner.map_images(embed_images, model, sources, image_size)
-  embeddings = {"global": outputs["global"]}
-  if "region" in outputs:
-    ious = grounding.box_iou(outputs["boxes"], true_boxes[:, None])           # [N, Q]
-    embeddings["region"] = outputs["region"][np.arange(len(sources)), ious.argmax(1)]
-  train, test = np.arange(0, len(sources), 2), np.arange(1, len(sources), 2)
-  rows, no_skill = {}, {}
-  for attribute in ATTRIBUTES:
-    names, labels = np.unique(values[attribute], return_inverse=True)
-    majority = np.bincount(labels[train], minlength=len(names)).argmax()
-    for which, embeds in embeddings.items():
-      key = f"probe {attribute} ({which})"
-      rows[key] = fit_and_score(embeds[train], labels[train], embeds[test], labels[test], len(names))
-      no_skill[key] = 100 * float((labels[test] == majority).mean())
-  return {"rows": rows, "no_skill": no_skill, "num_images": len(sources)}
+  section = "probes"
+
+  @staticmethod
+  def entries(eval_config) -> tuple[str, ...]:
+    return tuple(eval_config.probes)
+
+  def __init__(self, entry: str, context: Context):
+    self.name, self.path = datasets.probe(entry, context.config, context.workdir)
+
+  def run(self, model, runner: Runner) -> dict:
+    """{"rows": {"probe <attribute> (<embedding>)": %}, "no_skill": {same keys: %}, "num_images"}."""
+    sources, true_boxes, values = read(self.path)
+    outputs = runner.map_images(embed_images, model, sources, model_image_size(model))
+    embeddings = {"global": outputs["global"]}
+    if "region" in outputs:
+      ious = grounding.box_iou(outputs["boxes"], true_boxes[:, None])           # [N, Q]
+      embeddings["region"] = outputs["region"][np.arange(len(sources)), ious.argmax(1)]
+    train, test = np.arange(0, len(sources), 2), np.arange(1, len(sources), 2)
+    rows, no_skill = {}, {}
+    for attribute in ATTRIBUTES:
+      names, labels = np.unique(values[attribute], return_inverse=True)
+      majority = np.bincount(labels[train], minlength=len(names)).argmax()
+      for which, embeds in embeddings.items():
+        key = f"probe {attribute} ({which})"
+        rows[key] = fit_and_score(embeds[train], labels[train], embeds[test], labels[test], len(names))
+        no_skill[key] = 100 * float((labels[test] == majority).mean())
+    return {"rows": rows, "no_skill": no_skill, "num_images": len(sources)}
+
+  @staticmethod
+  def table_rows(results: dict) -> list[Row]:
+    return scored_rows(results["probes"])
+
+  @staticmethod
+  def compared(results: dict) -> list[Compared]:
+    """Every row (no skill: always the most common value)."""
+    return scored_compared(results["probes"])

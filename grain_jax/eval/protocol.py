@@ -21,25 +21,14 @@ PROTOCOLS = {
 
 
 def settings(cfg) -> dict:
-  """The effective settings of the eval section `cfg`: its protocol's, with the fields `cfg` sets.
+  """The effective settings of the eval section `cfg` (checked by grain_jax/config/eval_rules.py): its
+  protocol's, with the fields `cfg` sets.
 
   Returns:
     {"protocol", "templates", "renormalize", "heads", "alpha", "departures": {field: value}}.
-
-  Raises:
-    ValueError naming the field for an unknown protocol or head, or an alpha outside [0, 1].
   """
-  if cfg.protocol not in PROTOCOLS:
-    raise ValueError(f"config.eval.protocol={cfg.protocol!r} must be one of {sorted(PROTOCOLS)}")
   chosen = dict(PROTOCOLS[cfg.protocol])
   departures = {field: cfg[field] for field in FIELDS if cfg[field] is not None and cfg[field] != chosen[field]}
   chosen.update(departures)
   chosen["heads"] = tuple(chosen["heads"])
-  for head in chosen["heads"]:
-    try:
-      heads_lib.check(head)
-    except ValueError as error:
-      raise ValueError(f"config.eval.heads: {error}") from None
-  if not 0 <= chosen["alpha"] <= 1:
-    raise ValueError(f"config.eval.alpha={chosen['alpha']} must be in [0, 1]")
   return {"protocol": cfg.protocol, **chosen, "departures": departures}

@@ -2,15 +2,18 @@
 
 image -> text: an image counts as found at K when any of its captions ranks in the top K.
 text -> image: a caption counts when its image ranks in the top K. Ranks count the candidates
-scoring strictly higher, so ties are resolved in the query's favour.
+scoring strictly higher, so ties are resolved in the query's favour. `Retrieval` is the evaluation
+kind: one set per `config.eval.retrieval` entry.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 
-from grain_jax.data import eval_sets
-from grain_jax.eval.runner import Runner, embed_images
+from grain_jax.eval import datasets
+from grain_jax.eval import sets
+from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row
+from grain_jax.eval.runner import Runner, Subset, embed_images, model_image_size, spread
 
 RECALL_AT = (1, 5, 10)
 
@@ -57,8 +60,43 @@ def recalls(image_ranks: np.ndarray, text_ranks: np.ndarray, ks: Sequence[int] =
   return result
 
 
-def evaluate(model, runner: Runner, data: eval_sets.RetrievalSet, image_size: int) -> dict:
-  """Recall@1/5/10 both ways over a retrieval set."""
-  image_embeds = runner.map_images(embed_images, model, data.source, image_size)["global"]
-  text_embeds = runner.encode_texts(model, data.captions)
-  return recalls(*ranks(image_embeds, text_embeds, np.asarray(data.caption_image)))
+def subset(data: sets.RetrievalSet, keep: np.ndarray) -> sets.RetrievalSet:
+  """The images `keep` of a retrieval set with their captions (images renumbered)."""
+  new_index = np.full(len(data.source), -1, np.int32)
+  new_index[keep] = np.arange(len(keep))
+  captions = [(c, new_index[i]) for c, i in zip(data.captions, data.caption_image) if new_index[i] >= 0]
+  return sets.RetrievalSet(Subset(data.source, keep), [c for c, _ in captions],
+                           np.array([i for _, i in captions], np.int32))
+
+
+class Retrieval(Evaluator):
+  """Recall@1/5/10 both ways over one retrieval set."""
+
+  section = "retrieval"
+
+  @staticmethod
+  def entries(eval_config) -> tuple[str, ...]:
+    return tuple(eval_config.retrieval)
+
+  def __init__(self, entry: str, context: Context):
+    self.name, data = datasets.retrieval(entry, context.config, context.workdir)
+    self.data = subset(data, spread(len(data.source), context.config.eval.max_examples))
+
+  def run(self, model, runner: Runner) -> dict:
+    """`recalls` of the set's images and captions."""
+    image_embeds = runner.map_images(embed_images, model, self.data.source, model_image_size(model))["global"]
+    text_embeds = runner.encode_texts(model, self.data.captions)
+    return recalls(*ranks(image_embeds, text_embeds, np.asarray(self.data.caption_image)))
+
+  @staticmethod
+  def table_rows(results: dict) -> list[Row]:
+    return [Row(name, f"{short} R@1/5/10", "/".join(f"{v:.1f}" for v in r[direction].values()))
+            for name, r in results["retrieval"].items()
+            for direction, short in (("image_to_text", "i->t"), ("text_to_image", "t->i"))]
+
+  @staticmethod
+  def compared(results: dict) -> list[Compared]:
+    """R@1 both ways (no skill: one image in N)."""
+    return [Compared(f"{name} {label} R@1", r[direction]["R@1"], 100 / r["num_images"])
+            for name, r in results["retrieval"].items()
+            for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image"))]

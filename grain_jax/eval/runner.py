@@ -20,8 +20,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from grain_jax import sharding
-from grain_jax.data import eval_sets
 from grain_jax.data import examples
+from grain_jax.eval import sets
 from grain_jax.models.text import truncate_to_bucket
 from grain_jax.ops.normalize import l2_normalize
 
@@ -161,7 +161,7 @@ class Runner:
       raise ValueError("an eval set without examples")
     per_host = self._round(self.batch_size) // jax.process_count()
     parts, pending = [], None
-    for batch in eval_sets.image_batches(source, image_size, per_host, num_threads=self.num_threads):
+    for batch in sets.image_batches(source, image_size, per_host, num_threads=self.num_threads):
       images = self._from_host_slices(batch.pop("image"))
       with self.context():
         outputs = fn(model, images, *args)

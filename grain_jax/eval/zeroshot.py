@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from grain_jax.data import prompts
 from grain_jax.eval import heads as heads_lib
+from grain_jax.eval import prompts
 from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner, eval_copy, image_embeddings, load_images
 from grain_jax.eval.text_cache import TextCache
@@ -113,7 +113,7 @@ def classify(model, images, class_names: Sequence[str],
     class_names: the C classes.
     descriptors: {class name: [descriptor, ...]} (Menon & Vondrick format); every head but
       "names/global" reads them.
-    template_set: "clip", "birds" or "photo" (grain_jax/data/prompts.py).
+    template_set: "clip", "birds" or "photo" (grain_jax/eval/prompts.py).
     head: one of grain_jax.eval.heads.HEADS, e.g. "descriptions/global" (the paper's); region heads
       need a GRAIN model.
     alpha: weight of the global score in a mixed head.

@@ -24,7 +24,6 @@ from flax import nnx
 
 from grain_jax import files
 from grain_jax import sharding
-from grain_jax.config import validate
 from grain_jax.errors import output_dir
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
@@ -98,7 +97,6 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
 def export_checkpoint(config, workdir: str, module_prefix: bool = False, directory: str = "") -> dict[str, str]:
   """`--mode export`: the newest checkpoint in `workdir` -> `directory` (default `workdir/export/`;
   see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
-  validate(config, num_devices=jax.device_count())
   directory = output_dir(directory, workdir, "export")
   model, step = checkpoint.restore_model(config, workdir, sharding.make_mesh(config.mesh))
   state_dicts = layout.to_reference(param_tree.flatten(nnx.state(model, nnx.Param)), config.model,

@@ -123,22 +123,6 @@ def _anchor_init(key, shape, dtype=jnp.float32):
   return jax.scipy.special.logit(jax.random.uniform(key, shape, dtype, low, high))
 
 
-def check_options(cfg) -> None:
-  """Raises ValueError naming the `config.model.decoder` field when the options do not fit together."""
-  field = "config.model.decoder"
-  if cfg.memory_position not in MEMORY_POSITIONS:
-    raise ValueError(f"{field}.memory_position={cfg.memory_position!r} must be one of {MEMORY_POSITIONS}")
-  if cfg.position_in_values and cfg.memory_position == "none":
-    raise ValueError(f"{field}.position_in_values=True needs a {field}.memory_position")
-  if cfg.anchor_queries and not cfg.box_refinement:
-    raise ValueError(f"{field}.anchor_queries=True needs {field}.box_refinement=True")
-  sine = [f"memory_position={cfg.memory_position!r}"] if cfg.memory_position == "sine" else []
-  sine += ["anchor_queries=True"] if cfg.anchor_queries else []
-  if sine and cfg.width % 4:
-    raise ValueError(f"{field}.width={cfg.width} must be divisible by 4 for the sine codes of "
-                     f"{field}.{' and '.join(sine)}")
-
-
 class RegionQueryDecoder(nnx.Module):
   """ViT tokens `[B, T, image_width]` -> DecoderOutputs (embeddings in float32).
 
@@ -152,11 +136,11 @@ class RegionQueryDecoder(nnx.Module):
       correction to the previous layer's box (in logit space), which the next layer starts from.
     anchor_queries: with box_refinement, the positional query of each region query is also an MLP of
       the sine code of its current box, so cross-attention looks where the box is.
+  `cfg` is `config.model.decoder`, its options checked together by grain_jax/config/validation.py.
   """
 
   def __init__(self, cfg, image_cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                scan: bool = False, remat: bool = False):
-    check_options(cfg)
     width, queries = cfg.width, cfg.num_region_queries
     self.num_region_queries, self.dtype, self.memory_position = queries, dtype, cfg.memory_position
     self.position_in_values = cfg.position_in_values

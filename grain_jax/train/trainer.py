@@ -20,9 +20,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grain_jax import files
 from grain_jax import sharding
-from grain_jax.config import ConfigError, validate
 from grain_jax.data import pipeline
 from grain_jax.data import text_packing
+from grain_jax.errors import ConfigError
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch
 from grain_jax.train import optim
@@ -37,12 +37,8 @@ from grain_jax.train.step_report import StepReport
 
 def text_groups(config, batch_shards: int) -> int:
   """Into how many groups the global batch's texts are packed: one per device holding distinct rows
-  and micro-batch. Raises ConfigError when the batch does not split so."""
-  groups = batch_shards * config.train.grad_accum_steps
-  if config.data.batch_size % groups:
-    raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not split into {batch_shards} "
-                      f"batch shards x config.train.grad_accum_steps={config.train.grad_accum_steps} micro-batches")
-  return groups
+  and micro-batch (`grain_jax.config.validate(..., training=True)` has checked that the batch splits so)."""
+  return batch_shards * config.train.grad_accum_steps
 
 
 def pack_texts(batch: dict[str, np.ndarray], config, batch_shards: int) -> dict[str, np.ndarray]:
@@ -163,12 +159,13 @@ def write_config(config, workdir: str) -> None:
 
 
 def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Module, dict[str, float]]:
-  """Trains (resuming from the newest intact checkpoint in `workdir/checkpoints`); returns the model
-  in eval mode and the last logged metrics.
+  """Trains `config` (validated: `grain_jax.config.validate(config, jax.device_count(), training=True)`),
+  resuming from the newest intact checkpoint in `workdir/checkpoints`; returns the model in eval mode
+  and the last logged metrics.
 
   `stop_at_step` ends this run early with a checkpoint (a time-limited job; the schedule still
-  spans `config.train.num_steps`, so a later run continues exactly). A config error stops the run
-  before the workdir is made, and a run that fails leaves no empty workdir it made. The run holds
+  spans `config.train.num_steps`, so a later run continues exactly). A run that fails leaves no
+  empty workdir it made. The run holds
   the workdir's lock (`workdir_lock`) while it trains: another training run there stops at once.
   A checkpoint whose arrays do not fit `config`, or whose step is past `config.train.num_steps`,
   stops the run (CheckpointMismatchError, ConfigError) before it writes anything into `workdir`;
@@ -185,9 +182,7 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     workdir_lock.WorkdirLockedError when another run holds the workdir; WorkdirLostError when the
       lock went away during the run (the workdir deleted under it).
   """
-  validate(config, num_devices=jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
-  text_groups(config, sharding.batch_shards(mesh, config.sharding_rules))
   with workdir_files.created(workdir), workdir_lock.held(workdir) as lock:
     return _train(config, workdir, mesh, lock, stop_at_step)
 

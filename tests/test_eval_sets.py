@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grain_jax.data import eval_sets
 from grain_jax.data import examples
 from grain_jax.errors import BadFileError
 from grain_jax.eval import datasets
+from grain_jax.eval import sets
 
 
 def _folder(root, classes=("red thing", "blue thing"), per_class=3):
@@ -25,15 +25,15 @@ def _folder(root, classes=("red thing", "blue thing"), per_class=3):
 
 def test_image_folder(tmp_path):
   root = _folder(tmp_path)
-  unlisted = eval_sets.image_folder(str(root))  # no class list: sorted folders
+  unlisted = sets.image_folder(str(root))  # no class list: sorted folders
   assert unlisted.class_names == ["blue thing", "red thing"] and unlisted.descriptors == {}
   (root / "classes.txt").write_text("red thing\nblue thing\n")
-  listed = eval_sets.image_folder(str(root))
+  listed = sets.image_folder(str(root))
   assert listed.class_names == ["red thing", "blue thing"]
   assert [s["label"] for s in listed.source] == [0, 0, 0, 1, 1, 1]
   (root / "classes.txt").write_text("red thing\ngreen thing\n")
   with pytest.raises(FileNotFoundError, match="green thing"):
-    eval_sets.image_folder(str(root))
+    sets.image_folder(str(root))
 
 
 def test_a_folder_s_descriptors_are_read_paired_and_recorded_as_a_registry_set_s(tmp_path):
@@ -57,10 +57,10 @@ def test_a_folder_s_descriptors_are_read_paired_and_recorded_as_a_registry_set_s
 
 
 def test_image_batches_pad_and_shard_over_hosts(tmp_path):
-  source = eval_sets.image_folder(str(_folder(tmp_path, per_class=5))).source  # 10 images
+  source = sets.image_folder(str(_folder(tmp_path, per_class=5))).source  # 10 images
   seen = []
   for host in range(2):
-    batches = list(eval_sets.image_batches(source, 16, batch_size=2, process_index=host,
+    batches = list(sets.image_batches(source, 16, batch_size=2, process_index=host,
                                            process_count=2))
     assert len(batches) == 3  # 5 images per host, padded to 6
     batch = batches[-1]
@@ -70,15 +70,15 @@ def test_image_batches_pad_and_shard_over_hosts(tmp_path):
     labels = [int(l) for b in batches for l, v in zip(b["label"], b["valid"]) if v]
     assert labels == [source[i]["label"] for i in seen[-5:]]
   assert sorted(seen) == list(range(10))
-  first = next(iter(eval_sets.image_batches(source, 16, 2, 0, 1)))
+  first = next(iter(sets.image_batches(source, 16, 2, 0, 1)))
   np.testing.assert_allclose(first["image"][0], examples.load_image(source[0]["image"], 16))
 
 
 def test_tfds_classification(tmp_path, tiny_tfds):
   name, tfds_dir = tiny_tfds(["red_square", "blue_circle"], [40 * i for i in range(5)])
-  dataset = eval_sets.tfds_classification(name, "test", tfds_dir)
+  dataset = sets.tfds_classification(name, "test", tfds_dir)
   assert dataset.class_names == ["red square", "blue circle"] and dataset.descriptors == {}
-  batch = next(iter(eval_sets.image_batches(dataset.source, 8, 8, 0, 1)))
+  batch = next(iter(sets.image_batches(dataset.source, 8, 8, 0, 1)))
   assert batch["valid"].tolist() == [True] * 5 + [False] * 3
   # tfds stores examples in its own order: image i (red = 40 i) has label i % 2.
   red = batch["image"][:5, 0, 0, 0] * examples.IMAGENET_STD[0] + examples.IMAGENET_MEAN[0]
@@ -96,9 +96,9 @@ def test_tfds_source_adapter():
 
   images = np.random.default_rng(0).integers(0, 255, (3, 10, 14, 3), dtype=np.uint8)
   source = FakeSource({"image": images[i], "label": np.int64(i % 2), "id": "x"} for i in range(3))
-  dataset = eval_sets.from_tfds_source(source)
+  dataset = sets.from_tfds_source(source)
   assert dataset.class_names == ["golden retriever", "tabby cat"]
   assert len(dataset.source) == 3 and dataset.source[1]["label"] == 1
-  batch = next(iter(eval_sets.image_batches(dataset.source, 8, 4, 0, 1)))
+  batch = next(iter(sets.image_batches(dataset.source, 8, 4, 0, 1)))
   assert batch["label"].tolist() == [0, 1, 0, 0] and batch["valid"].tolist() == [True] * 3 + [False]
   np.testing.assert_allclose(batch["image"][2], examples.load_image(images[2], 8))

@@ -12,7 +12,7 @@ our training choices) or `clip` (the plain-CLIP baseline, trained as `grain`), m
 
 import math
 
-from grain_jax.defaults import base
+from grain_jax.config import base
 from grain_jax.eval.datasets import AUTHORS_PAPER_SETS
 
 KINDS = ("grain", "grain_grounded", "clip")

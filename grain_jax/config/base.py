@@ -8,7 +8,7 @@ one as a config file). The argument picks the model preset (`tiny`, `small`, `b1
 
 import ml_collections
 
-from grain_jax.defaults import meshes, models
+from grain_jax.config import meshes, models
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
