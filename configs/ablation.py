@@ -17,8 +17,10 @@ DEMO = pathlib.Path(__file__).with_name("demo.py")
 
 # The authors' decoder and losses: no position code on the image tokens, dropout 0.1, last layer's
 # boxes only, no description -> query loss.
-REFERENCE = ("model.decoder.memory_position=none; model.decoder.position_in_values=False; "
-             "model.decoder.dropout=0.1; loss.aux_layers=False; loss.description_to_query=0.0")
+REFERENCE = (
+  "model.decoder.memory_position=none; model.decoder.position_in_values=False; "
+  "model.decoder.dropout=0.1; loss.aux_layers=False; loss.description_to_query=0.0"
+)
 
 
 def get_config(arg: str | None = None):
@@ -26,15 +28,15 @@ def get_config(arg: str | None = None):
   # Measured (docs/grounding.md) with captions that name every object with all its attributes.
   config.data.synthetic.update(caption_objects=1.0, caption_attributes=1.0)
   config.experiment.arms = (
-      f"reference: {REFERENCE}",
-      f"memory_learned: {REFERENCE}; model.decoder.memory_position=learned",
-      f"memory_sine: {REFERENCE}; model.decoder.memory_position=sine",
-      f"memory_vit: {REFERENCE}; model.decoder.memory_position=vit",
-      f"memory_learned_in_values: {REFERENCE}; model.decoder.memory_position=learned; "
-      "model.decoder.position_in_values=True",
-      f"anchor_refinement: {REFERENCE}; model.decoder.box_refinement=True; model.decoder.anchor_queries=True",
-      f"all_layer_boxes_no_dropout: {REFERENCE}; loss.aux_layers=True; model.decoder.dropout=0.0",
-      f"description_to_query: {REFERENCE}; loss.description_to_query=1.0",
-      "demo",
+    f"reference: {REFERENCE}",
+    f"memory_learned: {REFERENCE}; model.decoder.memory_position=learned",
+    f"memory_sine: {REFERENCE}; model.decoder.memory_position=sine",
+    f"memory_vit: {REFERENCE}; model.decoder.memory_position=vit",
+    f"memory_learned_in_values: {REFERENCE}; model.decoder.memory_position=learned; "
+    "model.decoder.position_in_values=True",
+    f"anchor_refinement: {REFERENCE}; model.decoder.box_refinement=True; model.decoder.anchor_queries=True",
+    f"all_layer_boxes_no_dropout: {REFERENCE}; loss.aux_layers=True; model.decoder.dropout=0.0",
+    f"description_to_query: {REFERENCE}; loss.description_to_query=1.0",
+    "demo",
   )
   return config

@@ -20,17 +20,18 @@ DEMO = pathlib.Path(__file__).with_name("demo.py")
 # How much the MLLM caption says (data.synthetic.caption_objects / caption_attributes); the alt-text
 # (data.mllm_caption_prob of the steps use the MLLM caption instead) is the same in all.
 CAPTION_SETTINGS = {
-    "rich": "data.synthetic.caption_objects=1.0; data.synthetic.caption_attributes=1.0",
-    "shape_and_one": "data.synthetic.caption_objects=1.0; data.synthetic.caption_attributes=0.5",
-    "half_by_shape": "data.synthetic.caption_objects=0.5; data.synthetic.caption_attributes=0.25",
+  "rich": "data.synthetic.caption_objects=1.0; data.synthetic.caption_attributes=1.0",
+  "shape_and_one": "data.synthetic.caption_objects=1.0; data.synthetic.caption_attributes=0.5",
+  "half_by_shape": "data.synthetic.caption_objects=0.5; data.synthetic.caption_attributes=0.25",
 }
 
 
 def get_config(arg: str | None = None):
   config = load_config(str(DEMO))
   if arg == "sweep":
-    config.experiment.update(settings=tuple(f"{name}: {fields}" for name, fields in CAPTION_SETTINGS.items()),
-                             worlds=(0, 1), seeds=(0, 1))
+    config.experiment.update(
+      settings=tuple(f"{name}: {fields}" for name, fields in CAPTION_SETTINGS.items()), worlds=(0, 1), seeds=(0, 1)
+    )
     config.train.update(num_steps=500, checkpoint_every=500)
   elif arg == "final":
     config.experiment.update(worlds=(0, 1, 2), seeds=(0, 1, 2))

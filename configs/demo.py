@@ -24,8 +24,7 @@ def get_config(arg: str | None = None):
 
   config.data.batch_size = 64
   # Eval sets large enough that 5 points is beyond their sampling noise (binomial std <= 2.5 points).
-  config.data.synthetic.update(image_size=64, num_train=4096, images_per_class=50, num_retrieval=300,
-                               num_grounding=300)
+  config.data.synthetic.update(image_size=64, num_train=4096, images_per_class=50, num_retrieval=300, num_grounding=300)
   # The paper's premise: the MLLM caption mentions half the objects and names each by its shape only,
   # while the regions describe every object found with all its attributes (docs/results.md: the only
   # caption setting of the sweep in which GRAIN leads CLIP).

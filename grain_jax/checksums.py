@@ -36,8 +36,13 @@ def _checksum(x: jax.Array) -> jax.Array:
   """
   bits = _bits(x)
   strides = np.cumprod((1,) + bits.shape[:0:-1])[::-1] if bits.ndim else ()
-  index = sum((jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(int(stride) % 2**32)
-               for axis, stride in enumerate(strides)), jnp.zeros(bits.shape, jnp.uint32))
+  index = sum(
+    (
+      jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(int(stride) % 2**32)
+      for axis, stride in enumerate(strides)
+    ),
+    jnp.zeros(bits.shape, jnp.uint32),
+  )
   mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
   mixed = (mixed ^ (mixed >> 13)) * jnp.uint32(0xC2B2AE35)
   return jnp.sum(mixed ^ (mixed >> 16), dtype=jnp.uint32)

@@ -37,8 +37,7 @@ class RemotePathError(UserError, ValueError):
 
 
 # Besides the project's own errors: paths that are missing, not folders, already files, or forbidden.
-USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError,
-               PermissionError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError)
 
 
 def is_url(path: str) -> bool:
@@ -59,12 +58,13 @@ def check_local_path(path: str, name: str) -> None:
   scheme, _, rest = path.partition("://")
   if scheme == "gs":
     bucket = rest.split("/", 1)[0]
-    how = (f"mount the bucket (launch/mount_bucket.sh {bucket} mounts it at /gcs/{bucket}) and use "
-           f"/gcs/{rest}")
+    how = f"mount the bucket (launch/mount_bucket.sh {bucket} mounts it at /gcs/{bucket}) and use /gcs/{rest}"
   else:
     how = "mount the storage as a file system and use the mounted path"
-  raise RemotePathError(f"{name}={path!r} is a URL, but grain-jax reads and writes this through local paths only "
-                        f"(only --workdir and --output-dir may be gs:// URLs): {how}")
+  raise RemotePathError(
+    f"{name}={path!r} is a URL, but grain-jax reads and writes this through local paths only "
+    f"(only --workdir and --output-dir may be gs:// URLs): {how}"
+  )
 
 
 def check_writable(path: str, name: str, why: str) -> None:

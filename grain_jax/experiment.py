@@ -16,8 +16,7 @@ import os
 import jax
 import numpy as np
 
-from grain_jax import files
-from grain_jax import sharding
+from grain_jax import files, sharding
 from grain_jax.config import comparison_runs
 from grain_jax.errors import output_dir
 from grain_jax.eval import heads as heads_lib
@@ -31,8 +30,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model, metrics = trainer.train(config, workdir)
   if not config.experiment.evaluate:
     return {"train": metrics}
-  evaluation = run_evaluation(config, model, workdir, sharding.make_mesh(config.mesh),
-                              checkpoint_id=f"step{config.train.num_steps}")
+  evaluation = run_evaluation(
+    config, model, workdir, sharding.make_mesh(config.mesh), checkpoint_id=f"step{config.train.num_steps}"
+  )
   return {"train": metrics, "eval": evaluation}
 
 
@@ -54,8 +54,9 @@ def _mean_std(values: list[float], signed: bool = False) -> str:
   return mean + (f" +- {np.std(values):.1f}" if len(values) > 1 else "")
 
 
-def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str, float], arms, seeds,
-                     worlds=(None,)) -> str:
+def comparison_table(
+  per_run: dict[tuple, dict[str, float]], no_skill: dict[str, float], arms, seeds, worlds=(None,)
+) -> str:
   """Markdown table: one row per metric; what no skill scores; one column per arm, `mean +- std` over
   worlds and seeds; with two arms their difference paired by (world, seed), overall and per world.
 
@@ -82,12 +83,18 @@ def comparison_table(per_run: dict[tuple, dict[str, float]], no_skill: dict[str,
     no_skill_cell = f"{no_skill[metric]:.1f}" if metric in no_skill else "n/a"
     cells = [label, no_skill_cell, *(_mean_std(values[arm]) for arm in arms)]
     if paired:
-      differences = {run: per_run[(arms[0], *run)][metric] - per_run[(arms[1], *run)][metric] for run in runs
-                     if metric in per_run[(arms[0], *run)] and metric in per_run[(arms[1], *run)]}
+      differences = {
+        run: per_run[(arms[0], *run)][metric] - per_run[(arms[1], *run)][metric]
+        for run in runs
+        if metric in per_run[(arms[0], *run)] and metric in per_run[(arms[1], *run)]
+      }
       cells.append(_mean_std(list(differences.values()), signed=True))
       if len(worlds) > 1:
-        cells.append(" / ".join(_mean_std([d for (w, _), d in differences.items() if w == world], signed=True)
-                                for world in worlds) if differences else "n/a")
+        cells.append(
+          " / ".join(_mean_std([d for (w, _), d in differences.items() if w == world], signed=True) for world in worlds)
+          if differences
+          else "n/a"
+        )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -128,8 +135,9 @@ def run(config, workdir: str) -> dict:
         folder = os.path.join(root, setting, "" if world is None else f"world{world}")
         for name in names:
           runs[(setting, name, world, seed)] = (
-              os.path.join(folder, f"{name}_seed{seed}"),
-              arm_config(arm_configs[(setting, name)], seed, world, os.path.join(folder, "synthetic")))
+            os.path.join(folder, f"{name}_seed{seed}"),
+            arm_config(arm_configs[(setting, name)], seed, world, os.path.join(folder, "synthetic")),
+          )
   per_run, baselines = {}, {}
   for (setting, name, world, seed), (run_dir, run_config) in runs.items():
     where = ", ".join(filter(None, [setting and f"setting {setting}", world is not None and f"world {world}"]))
@@ -138,16 +146,34 @@ def run(config, workdir: str) -> dict:
     per_run[(setting, name, world, seed)] = rows
     for metric, value in baseline.items():  # fixed boxes and box shares differ from world to world
       baselines.setdefault(setting, {}).setdefault(metric, []).append(value)
-  tables = {setting: comparison_table({key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
-                                      {m: float(np.mean(v)) for m, v in baselines[setting].items()},
-                                      names, seeds, worlds)
-            for setting in settings}
+  tables = {
+    setting: comparison_table(
+      {key[1:]: rows for key, rows in per_run.items() if key[0] == setting},
+      {m: float(np.mean(v)) for m, v in baselines[setting].items()},
+      names,
+      seeds,
+      worlds,
+    )
+    for setting in settings
+  }
   text = "\n\n".join((f"## setting {setting}\n\n" if setting else "") + table for setting, table in tables.items())
   if jax.process_index() == 0:
-    _write(workdir, "comparison.json", json.dumps(
-        {"/".join(filter(None, [s, "" if w is None else f"world{w}", f"{a}_seed{seed}"])): rows
-         for (s, a, w, seed), rows in per_run.items()}, indent=1))
+    _write(
+      workdir,
+      "comparison.json",
+      json.dumps(
+        {
+          "/".join(filter(None, [s, "" if w is None else f"world{w}", f"{a}_seed{seed}"])): rows
+          for (s, a, w, seed), rows in per_run.items()
+        },
+        indent=1,
+      ),
+    )
     _write(workdir, "comparison.md", text + "\n")
-    print(f"\n{', '.join(names)} over seeds {seeds}" + (f" and worlds {worlds}" if worlds != (None,) else "")
-          + f" (%):\n{text}", flush=True)
+    print(
+      f"\n{', '.join(names)} over seeds {seeds}"
+      + (f" and worlds {worlds}" if worlds != (None,) else "")
+      + f" (%):\n{text}",
+      flush=True,
+    )
   return {"runs": per_run, "table": text}

@@ -33,9 +33,11 @@ def is_bucket(path: str) -> bool:
 def check_location(path: str, name: str) -> None:
   """Raises RemotePathError for a URL other than gs://BUCKET/PATH (`name`: what to call `path`, such as
   --workdir or --output-dir)."""
-  if is_url(path) and not (is_bucket(path) and path[len(_BUCKET_URL):].split("/", 1)[0]):
-    raise RemotePathError(f"{name}={path!r}: it must be a local path or a bucket's gs://BUCKET/PATH; mount other "
-                          "storage as a file system and use the mounted path")
+  if is_url(path) and not (is_bucket(path) and path[len(_BUCKET_URL) :].split("/", 1)[0]):
+    raise RemotePathError(
+      f"{name}={path!r}: it must be a local path or a bucket's gs://BUCKET/PATH; mount other "
+      "storage as a file system and use the mounted path"
+    )
 
 
 def absolute(path: str) -> str:
@@ -167,12 +169,25 @@ def write_object(path: str, content: bytes, if_generation: str) -> str:
   FileExistsError when GCS refuses (another version is there)."""
   filesystem = bucket_filesystem(path)
   bucket, key = filesystem.split_path(path)[:2]
-  body = b"".join([b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n", json.dumps({"name": key}).encode(),
-                   b"\n--==0==\nContent-Type: application/octet-stream\n\n", content, b"\n--==0==--"])
+  body = b"".join(
+    [
+      b"--==0==\nContent-Type: application/json; charset=UTF-8\n\n",
+      json.dumps({"name": key}).encode(),
+      b"\n--==0==\nContent-Type: application/octet-stream\n\n",
+      content,
+      b"\n--==0==--",
+    ]
+  )
   written = filesystem.call(
-      "POST", f"{filesystem._location}/upload/storage/v1/b/{{}}/o", bucket, uploadType="multipart",  # noqa: SLF001
-      ifGenerationMatch=if_generation, headers={"Content-Type": 'multipart/related; boundary="==0=="'}, data=body,
-      json_out=True)
+    "POST",
+    f"{filesystem._location}/upload/storage/v1/b/{{}}/o",
+    bucket,
+    uploadType="multipart",  # noqa: SLF001
+    ifGenerationMatch=if_generation,
+    headers={"Content-Type": 'multipart/related; boundary="==0=="'},
+    data=body,
+    json_out=True,
+  )
   filesystem.invalidate_cache(path)
   return str(written["generation"])
 

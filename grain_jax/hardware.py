@@ -30,6 +30,7 @@ class Chip:
   tpu_type: the Cloud TPU accelerator type's prefix ("v5p" of "v5p-128"); "" for a GPU.
   runtime_version: the TPU VM software version `launch/tpu_pod.sh` creates a slice with; "" for a GPU.
   """
+
   device_kinds: tuple[str, ...]
   peak_bf16_flops: float
   tpu_type: str = ""
@@ -37,12 +38,12 @@ class Chip:
 
 
 CHIPS = {
-    "TPU v4": Chip(("TPU v4",), 275e12, "v4", "tpu-ubuntu2204-base"),
-    "TPU v5e": Chip(("TPU v5 lite", "TPU v5e"), 197e12, "v5litepod", "v2-alpha-tpuv5-lite"),
-    "TPU v5p": Chip(("TPU v5", "TPU v5p"), 459e12, "v5p", "v2-alpha-tpuv5"),
-    "TPU v6e": Chip(("TPU v6 lite", "TPU v6e"), 918e12, "v6e", "v2-alpha-tpuv6e"),
-    "H100 SXM 80GB": Chip(("NVIDIA H100 80GB HBM3",), 989e12),
-    "H200": Chip(("NVIDIA H200",), 989e12),
+  "TPU v4": Chip(("TPU v4",), 275e12, "v4", "tpu-ubuntu2204-base"),
+  "TPU v5e": Chip(("TPU v5 lite", "TPU v5e"), 197e12, "v5litepod", "v2-alpha-tpuv5-lite"),
+  "TPU v5p": Chip(("TPU v5", "TPU v5p"), 459e12, "v5p", "v2-alpha-tpuv5"),
+  "TPU v6e": Chip(("TPU v6 lite", "TPU v6e"), 918e12, "v6e", "v2-alpha-tpuv6e"),
+  "H100 SXM 80GB": Chip(("NVIDIA H100 80GB HBM3",), 989e12),
+  "H200": Chip(("NVIDIA H200",), 989e12),
 }
 
 
@@ -59,6 +60,7 @@ class Machine:
     for deviceless; "" where there is none: GPUs, and TPU v4, whose deviceless devices are
     TensorCores rather than the one device per chip (megacore) that a v4 slice runs.
   """
+
   chip: str
   devices: int
   hosts: int
@@ -68,13 +70,15 @@ class Machine:
 
 
 MACHINES = {
-    # The paper's machine: 2 nodes x 8 H100.
-    "gpu_2x8_h100": Machine("H100 SXM 80GB", devices=16, hosts=2, memory_gib=79.6),
-    "tpu_v4_32": Machine("TPU v4", devices=16, hosts=4, memory_gib=32.0, accelerator="v4-32"),
-    "tpu_v5e_64": Machine("TPU v5e", devices=64, hosts=16, memory_gib=16.0, accelerator="v5litepod-64",
-                          tpu_topology="v5e:8x8"),
-    "tpu_v5p_128": Machine("TPU v5p", devices=64, hosts=16, memory_gib=95.0, accelerator="v5p-128",
-                           tpu_topology="v5p:4x4x4"),
+  # The paper's machine: 2 nodes x 8 H100.
+  "gpu_2x8_h100": Machine("H100 SXM 80GB", devices=16, hosts=2, memory_gib=79.6),
+  "tpu_v4_32": Machine("TPU v4", devices=16, hosts=4, memory_gib=32.0, accelerator="v4-32"),
+  "tpu_v5e_64": Machine(
+    "TPU v5e", devices=64, hosts=16, memory_gib=16.0, accelerator="v5litepod-64", tpu_topology="v5e:8x8"
+  ),
+  "tpu_v5p_128": Machine(
+    "TPU v5p", devices=64, hosts=16, memory_gib=95.0, accelerator="v5p-128", tpu_topology="v5p:4x4x4"
+  ),
 }
 
 

@@ -20,20 +20,26 @@ import ml_collections
 
 from grain_jax import sharding
 from grain_jax.ops import boxes as box_ops
-from grain_jax.ops import localization
-from grain_jax.ops import matching
+from grain_jax.ops import localization, matching
 from grain_jax.ops.normalize import l2_normalize
 
 # Logit of an excluded negative: far below any real logit (|logit| <= 100), yet finite so that a
 # row with nothing to compare against still has finite gradients.
 _EXCLUDED = -1e9
 # Metrics only a model with region queries has (0 for the plain-CLIP baseline).
-REGION_METRICS = ("loss_l1", "loss_giou", "loss_rd", "loss_dq", "match_cost", "rd_accuracy", "dq_accuracy",
-                  "box_spread_ratio")
+REGION_METRICS = (
+  "loss_l1",
+  "loss_giou",
+  "loss_rd",
+  "loss_dq",
+  "match_cost",
+  "rd_accuracy",
+  "dq_accuracy",
+  "box_spread_ratio",
+)
 
 
-def image_caption_loss(image_embed: jnp.ndarray, text_embed: jnp.ndarray,
-                       logit_scale: jnp.ndarray) -> jnp.ndarray:
+def image_caption_loss(image_embed: jnp.ndarray, text_embed: jnp.ndarray, logit_scale: jnp.ndarray) -> jnp.ndarray:
   """Symmetric InfoNCE between images and their captions (CLIP's loss).
 
   Args:
@@ -71,9 +77,14 @@ def _mean_over(values: jnp.ndarray, counted: jnp.ndarray, num_groups: int | None
   return (values.sum(1) / jnp.maximum(counted.sum(1), 1)).mean()
 
 
-def box_loss(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, target_valid: jnp.ndarray,
-             query_of_target: jnp.ndarray, union_epsilon: float = 0.0,
-             num_groups: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+def box_loss(
+  pred_boxes: jnp.ndarray,
+  target_boxes: jnp.ndarray,
+  target_valid: jnp.ndarray,
+  query_of_target: jnp.ndarray,
+  union_epsilon: float = 0.0,
+  num_groups: int | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """L1 and GIoU losses of matched query boxes, normalized by the number of valid boxes.
 
   Args:
@@ -94,15 +105,24 @@ def box_loss(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, target_valid: j
   target_boxes = jnp.where(target_valid[..., None], target_boxes.astype(jnp.float32), 0.5)
   pred_boxes = _per_target(pred_boxes.astype(jnp.float32), query_of_target)
   l1 = jnp.abs(pred_boxes - target_boxes).sum(-1)
-  giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(pred_boxes),
-                                 box_ops.cxcywh_to_xyxy(target_boxes), union_epsilon=union_epsilon)
-  return (_mean_over(jnp.where(matched, l1, 0.0), target_valid, num_groups),
-          _mean_over(jnp.where(matched, 1.0 - giou, 0.0), target_valid, num_groups))
+  giou = box_ops.generalized_iou(
+    box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(target_boxes), union_epsilon=union_epsilon
+  )
+  return (
+    _mean_over(jnp.where(matched, l1, 0.0), target_valid, num_groups),
+    _mean_over(jnp.where(matched, 1.0 - giou, 0.0), target_valid, num_groups),
+  )
 
 
-def _region_description_sums(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, target_valid: jnp.ndarray,
-                             query_of_target: jnp.ndarray, desc_text_id: jnp.ndarray, logit_scale: jnp.ndarray,
-                             mask_duplicates: bool) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def _region_description_sums(
+  region_embed: jnp.ndarray,
+  desc_embed: jnp.ndarray,
+  target_valid: jnp.ndarray,
+  query_of_target: jnp.ndarray,
+  desc_text_id: jnp.ndarray,
+  logit_scale: jnp.ndarray,
+  mask_duplicates: bool,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """Every matched region of these `[b, ...]` rows against every valid description of the same rows:
   float32 scalars (sum of cross-entropies, number right, number of matched regions)."""
   matched = _matched(target_valid, query_of_target).reshape(-1)
@@ -118,15 +138,23 @@ def _region_description_sums(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
   own_logit = jnp.diagonal(logits)
   cross_entropy = jax.nn.logsumexp(logits - own_logit[:, None], axis=-1)
   correct = logits.max(-1) <= own_logit
-  return (jnp.where(matched, cross_entropy, 0.0).sum(), jnp.where(matched, correct, False).sum().astype(jnp.float32),
-          matched.sum().astype(jnp.float32))
+  return (
+    jnp.where(matched, cross_entropy, 0.0).sum(),
+    jnp.where(matched, correct, False).sum().astype(jnp.float32),
+    matched.sum().astype(jnp.float32),
+  )
 
 
-def region_description_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
-                            target_valid: jnp.ndarray, query_of_target: jnp.ndarray,
-                            desc_text_id: jnp.ndarray, logit_scale: jnp.ndarray,
-                            mask_duplicates: bool = True,
-                            num_groups: int | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+def region_description_loss(
+  region_embed: jnp.ndarray,
+  desc_embed: jnp.ndarray,
+  target_valid: jnp.ndarray,
+  query_of_target: jnp.ndarray,
+  desc_text_id: jnp.ndarray,
+  logit_scale: jnp.ndarray,
+  mask_duplicates: bool = True,
+  num_groups: int | None = None,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Region -> description cross-entropy: each matched region picks its own description.
 
   Args:
@@ -158,9 +186,13 @@ def region_description_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray,
   return (cross_entropy / jnp.maximum(count, 1)).mean(), (correct / jnp.maximum(count, 1)).mean()
 
 
-def description_query_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, target_valid: jnp.ndarray,
-                           query_of_target: jnp.ndarray,
-                           logit_scale: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def description_query_loss(
+  region_embed: jnp.ndarray,
+  desc_embed: jnp.ndarray,
+  target_valid: jnp.ndarray,
+  query_of_target: jnp.ndarray,
+  logit_scale: jnp.ndarray,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
   """Description -> query cross-entropy: each matched description picks its own region query among
   the Q queries of its image (the choice grounding makes at evaluation).
 
@@ -181,17 +213,27 @@ def description_query_loss(region_embed: jnp.ndarray, desc_embed: jnp.ndarray, t
   cross_entropy = jax.nn.logsumexp(logits - own_logit[..., None], axis=-1)
   correct = logits.max(-1) <= own_logit
   num_matched = jnp.maximum(matched.sum(), 1)
-  return (jnp.where(matched, cross_entropy, 0.0).sum() / num_matched,
-          jnp.where(matched, correct, False).sum() / num_matched)
+  return (
+    jnp.where(matched, cross_entropy, 0.0).sum() / num_matched,
+    jnp.where(matched, correct, False).sum() / num_matched,
+  )
 
 
-def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
-               logit_scale: jnp.ndarray, matching_config: ml_collections.ConfigDict,
-               loss_config: ml_collections.ConfigDict, region_embed: jnp.ndarray | None = None,
-               layer_boxes: jnp.ndarray | None = None, desc_embed: jnp.ndarray | None = None,
-               target_boxes: jnp.ndarray | None = None, box_valid: jnp.ndarray | None = None,
-               desc_text_id: jnp.ndarray | None = None,
-               batch_shards: int = 1) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+def grain_loss(
+  *,
+  image_embed: jnp.ndarray,
+  caption_embed: jnp.ndarray,
+  logit_scale: jnp.ndarray,
+  matching_config: ml_collections.ConfigDict,
+  loss_config: ml_collections.ConfigDict,
+  region_embed: jnp.ndarray | None = None,
+  layer_boxes: jnp.ndarray | None = None,
+  desc_embed: jnp.ndarray | None = None,
+  target_boxes: jnp.ndarray | None = None,
+  box_valid: jnp.ndarray | None = None,
+  desc_text_id: jnp.ndarray | None = None,
+  batch_shards: int = 1,
+) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """The full objective from model outputs and batch targets.
 
   Leave the region arguments None for the plain-CLIP baseline: only L_ic is computed and the
@@ -232,36 +274,53 @@ def grain_loss(*, image_embed: jnp.ndarray, caption_embed: jnp.ndarray,
     layer_boxes = layer_boxes[-1:]
   options = {}
   if matching_config.method == "sinkhorn":
-    options = dict(epsilon=matching_config.sinkhorn_epsilon,
-                   iterations=matching_config.sinkhorn_iterations)
+    options = dict(epsilon=matching_config.sinkhorn_epsilon, iterations=matching_config.sinkhorn_iterations)
 
   def match_layer(pred_boxes):
-    cost = matching.matching_cost(pred_boxes, target_boxes, matching_config.cost_l1,
-                                  matching_config.cost_giou, loss_config.iou_union_epsilon)
+    cost = matching.matching_cost(
+      pred_boxes, target_boxes, matching_config.cost_l1, matching_config.cost_giou, loss_config.iou_union_epsilon
+    )
     return cost, matching.match(cost, box_valid, matching_config.method, **options)
 
   # Each supervised layer is matched on its own; vmap over layers rather than folding them into
   # the batch axis keeps that axis's sharding intact.
   cost, query_of_target = jax.vmap(match_layer)(layer_boxes)
   box_groups = batch_shards if loss_config.box_normalization == "per_device" else None
-  loss_l1, loss_giou = jax.vmap(functools.partial(box_loss, union_epsilon=loss_config.iou_union_epsilon,
-                                                  num_groups=box_groups),
-                                in_axes=(0, None, None, 0))(layer_boxes, target_boxes, box_valid, query_of_target)
+  loss_l1, loss_giou = jax.vmap(
+    functools.partial(box_loss, union_epsilon=loss_config.iou_union_epsilon, num_groups=box_groups),
+    in_axes=(0, None, None, 0),
+  )(layer_boxes, target_boxes, box_valid, query_of_target)
   last_query_of_target = query_of_target[-1]
   matched = _matched(box_valid, last_query_of_target)
-  matched_cost = jnp.take_along_axis(cost[-1], jnp.maximum(last_query_of_target, 0)[:, None],
-                                     axis=1)[:, 0]
+  matched_cost = jnp.take_along_axis(cost[-1], jnp.maximum(last_query_of_target, 0)[:, None], axis=1)[:, 0]
   match_cost = jnp.where(matched, matched_cost, 0.0).sum() / jnp.maximum(matched.sum(), 1)
 
   loss_rd, rd_accuracy = region_description_loss(
-      region_embed, desc_embed, box_valid, last_query_of_target, desc_text_id, logit_scale,
-      mask_duplicates=loss_config.mask_duplicate_descriptions,
-      num_groups=batch_shards if loss_config.region_negatives == "per_device" else None)
-  loss_dq, dq_accuracy = description_query_loss(region_embed, desc_embed, box_valid, last_query_of_target,
-                                                logit_scale)
-  metrics.update(loss_l1=loss_l1.sum(), loss_giou=loss_giou.sum(), loss_rd=loss_rd, loss_dq=loss_dq,
-                 match_cost=match_cost, rd_accuracy=rd_accuracy, dq_accuracy=dq_accuracy,
-                 box_spread_ratio=localization.conditioning_ratio(layer_boxes[-1], target_boxes, box_valid))
-  total = (loss_ic + loss_config.box_l1 * metrics["loss_l1"] + loss_config.box_giou * metrics["loss_giou"]
-           + loss_config.region * loss_rd + loss_config.description_to_query * loss_dq)
+    region_embed,
+    desc_embed,
+    box_valid,
+    last_query_of_target,
+    desc_text_id,
+    logit_scale,
+    mask_duplicates=loss_config.mask_duplicate_descriptions,
+    num_groups=batch_shards if loss_config.region_negatives == "per_device" else None,
+  )
+  loss_dq, dq_accuracy = description_query_loss(region_embed, desc_embed, box_valid, last_query_of_target, logit_scale)
+  metrics.update(
+    loss_l1=loss_l1.sum(),
+    loss_giou=loss_giou.sum(),
+    loss_rd=loss_rd,
+    loss_dq=loss_dq,
+    match_cost=match_cost,
+    rd_accuracy=rd_accuracy,
+    dq_accuracy=dq_accuracy,
+    box_spread_ratio=localization.conditioning_ratio(layer_boxes[-1], target_boxes, box_valid),
+  )
+  total = (
+    loss_ic
+    + loss_config.box_l1 * metrics["loss_l1"]
+    + loss_config.box_giou * metrics["loss_giou"]
+    + loss_config.region * loss_rd
+    + loss_config.description_to_query * loss_dq
+  )
   return total, metrics

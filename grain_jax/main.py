@@ -18,23 +18,29 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from grain_jax import errors
-from grain_jax import experiment
-from grain_jax import files
+from grain_jax import errors, experiment, files
 from grain_jax.config import field_section, load_config, validate
 from grain_jax.export import to_torch
 from grain_jax.train.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "export"],
-                          "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
-                          "export: the newest checkpoint to PyTorch files in workdir/export.")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "eval", "export"],
+  "train (then evaluate, per config.experiment); eval: the newest checkpoint in workdir; "
+  "export: the newest checkpoint to PyTorch files in workdir/export.",
+)
 _OUTPUT_DIR = flags.DEFINE_string(
-    "output-dir", "", "--mode eval / export: write the results or the PyTorch files here instead of "
-    "<workdir>/eval or <workdir>/export (a read-only, archived workdir, say).")
+  "output-dir",
+  "",
+  "--mode eval / export: write the results or the PyTorch files here instead of "
+  "<workdir>/eval or <workdir>/export (a read-only, archived workdir, say).",
+)
 _EXPORT_MODULE_PREFIX = flags.DEFINE_bool(
-    "export-module-prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders).")
+  "export-module-prefix", False, "--mode export: prefix every key with `module.` (DDP-wrapped loaders)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 _CONFIG_FLAG = re.compile(r"--?config(?:=(?P<spec>.*))?$")
 _OVERRIDE_FLAG = re.compile(r"--?config\.(?P<field>[^=]+)")
@@ -66,7 +72,7 @@ def check_config_flags(args: list[str]) -> ml_collections.ConfigDict | None:
   for index, arg in enumerate(args):
     match = _CONFIG_FLAG.match(arg)
     if match:
-      spec = match["spec"] if match["spec"] is not None else next(iter(args[index + 1:]), None)
+      spec = match["spec"] if match["spec"] is not None else next(iter(args[index + 1 :]), None)
   if spec is None:
     return None
   config = load_config(spec)
@@ -101,16 +107,26 @@ def initialize_distributed(train_config) -> None:
   """
   if not train_config.multiprocess:
     return
-  timeout = dict(heartbeat_timeout_seconds=train_config.heartbeat_timeout_s,
-                 initialization_timeout=train_config.initialization_timeout_s)
+  timeout = dict(
+    heartbeat_timeout_seconds=train_config.heartbeat_timeout_s,
+    initialization_timeout=train_config.initialization_timeout_s,
+  )
   if train_config.coordinator_address:
-    jax.distributed.initialize(coordinator_address=train_config.coordinator_address,
-                               num_processes=train_config.num_processes, process_id=train_config.process_id,
-                               **timeout)
+    jax.distributed.initialize(
+      coordinator_address=train_config.coordinator_address,
+      num_processes=train_config.num_processes,
+      process_id=train_config.process_id,
+      **timeout,
+    )
   else:
     jax.distributed.initialize(**timeout)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
 
 
 def quiet_orbax(record: logging.LogRecord) -> bool:
@@ -123,12 +139,17 @@ def quiet_orbax(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING
 
 
-def run(config: ml_collections.ConfigDict, mode: str, workdir: str, output_dir: str = "",
-        export_module_prefix: bool = False) -> int:
+def run(
+  config: ml_collections.ConfigDict, mode: str, workdir: str, output_dir: str = "", export_module_prefix: bool = False
+) -> int:
   """Validates `config` for `mode` (the run's one validation: the layers below take it as valid), then
   trains (and evaluates, per `config.experiment`), evaluates or exports; returns the exit status."""
-  validate(config, num_devices=jax.device_count(), training=mode == "train",
-           evaluation_files=mode == "eval" or mode == "train" and config.experiment.evaluate)
+  validate(
+    config,
+    num_devices=jax.device_count(),
+    training=mode == "train",
+    evaluation_files=mode == "eval" or mode == "train" and config.experiment.evaluate,
+  )
   if mode == "eval":
     experiment.evaluate_checkpoint(config, workdir, output_dir)
   elif mode == "export":

@@ -2,8 +2,9 @@
 
 Parameters and activations are annotated with logical axis names only: parameters with `embed`,
 `mlp`, `heads`, ...; activations with `batch` and `activation_*` names (RESIDUAL, ATTENTION_HEADS,
-MLP_HIDDEN), so that a rule for a weight dimension never shards an activation by accident. `config.sharding_rules` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`);
-this module is the only place that applies that mapping.
+MLP_HIDDEN), so that a rule for a weight dimension never shards an activation by accident.
+`config.sharding_rules` maps each logical name to mesh axes (`data`, `fsdp`, `tensor`); this module is
+the only place that applies that mapping.
 """
 
 from typing import Callable, Sequence
@@ -18,9 +19,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical names of activations; weights use `embed`, `mlp`, `heads`, ... (see config.sharding_rules).
-RESIDUAL = ("batch", "activation_length", "activation_embed")          # [B, T, D]
+RESIDUAL = ("batch", "activation_length", "activation_embed")  # [B, T, D]
 ATTENTION_HEADS = ("batch", "activation_length", "activation_heads", "activation_kv")  # [B, T, heads, kv]
-MLP_HIDDEN = ("batch", "activation_length", "activation_mlp")          # [B, T, hidden]
+MLP_HIDDEN = ("batch", "activation_length", "activation_mlp")  # [B, T, hidden]
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
 
@@ -34,7 +35,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   fields = ", ".join(f"config.mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
-    raise ValueError(f"{fields}: sizes must be positive, with at most one -1 (\"the rest\")")
+    raise ValueError(f'{fields}: sizes must be positive, with at most one -1 ("the rest")')
   known = int(np.prod([size for size in sizes if size != -1]))
   if -1 in sizes:
     if num_devices % known:
@@ -49,8 +50,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.s
   """A `data x fsdp x tensor` mesh over `devices` (default: all) with Auto axis types."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def axis_rules(rules: Rules):
@@ -127,9 +127,12 @@ def per_batch_shard(fn: Callable, num_shards: int, sharded: Sequence[jax.Array],
     return jax.vmap(lambda *rows: fn(*rows, *replicated))(*groups)
   batch_axes = _axes(logical_to_spec(("batch",))[0])
   rows = PartitionSpec(batch_axes)
-  each = jax.shard_map(lambda *args: jax.tree.map(lambda x: x[None], fn(*args)),
-                       in_specs=(rows,) * len(sharded) + (PartitionSpec(),) * len(replicated),
-                       out_specs=rows, axis_names=set(batch_axes))
+  each = jax.shard_map(
+    lambda *args: jax.tree.map(lambda x: x[None], fn(*args)),
+    in_specs=(rows,) * len(sharded) + (PartitionSpec(),) * len(replicated),
+    out_specs=rows,
+    axis_names=set(batch_axes),
+  )
   return each(*sharded, *replicated)
 
 
@@ -199,6 +202,7 @@ def _axes(entry) -> tuple[str, ...]:
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules: Rules):
   """NamedShardings for an `nnx.State` whose Variables carry `out_sharding` logical names."""
+
   def sharding_of(variable):
     names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
     return NamedSharding(mesh, logical_to_spec(names, rules))
@@ -242,12 +246,21 @@ def _executable_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
   TPU topology, `jax.experimental.topologies`); the step embeds what runs there as constants."""
   if set(mesh.devices.flat) <= set(jax.devices()):
     return mesh
-  return jax.make_mesh((1,) * len(mesh.axis_names), mesh.axis_names, devices=jax.devices()[:1],
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+  return jax.make_mesh(
+    (1,) * len(mesh.axis_names),
+    mesh.axis_names,
+    devices=jax.devices()[:1],
+    axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names),
+  )
 
 
 def abstract_params(params: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
   """`params` (arrays or shapes) as `jax.ShapeDtypeStruct`s carrying the shardings `rules` give them."""
-  return jax.tree.map(lambda variable, sharding: variable.replace(
-      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)),
-                      params, state_shardings(params, mesh, rules), is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.map(
+    lambda variable, sharding: variable.replace(
+      jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding)
+    ),
+    params,
+    state_shardings(params, mesh, rules),
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )

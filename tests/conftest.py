@@ -41,7 +41,6 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
-
 # How long a test waits for a subprocess (a training run, a launcher) before killing its process group.
 TIMEOUT_S = 600
 
@@ -77,12 +76,16 @@ def finish(process: subprocess.Popen, status: int = 0) -> str:
 
 def flip_bytes(step_dir):
   """Flips 64 bytes in the middle of the checkpoint's largest array data file."""
-  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-           for name in names if os.path.basename(root) == "d"]
+  files = [
+    os.path.join(root, name)
+    for root, _, names in os.walk(os.path.join(step_dir, "state"))
+    for name in names
+    if os.path.basename(root) == "d"
+  ]
   path = max(files, key=os.path.getsize)
   blob = bytearray(open(path, "rb").read())
   middle = len(blob) // 2
-  blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
+  blob[middle : middle + 64] = bytes(b ^ 0xFF for b in blob[middle : middle + 64])
   open(path, "wb").write(bytes(blob))
 
 
@@ -131,9 +134,15 @@ def tiny_tfds(tmp_path):
       VERSION = tfds.core.Version("1.0.0")
 
       def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": tfds.features.ClassLabel(names=list(label_names))}))
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "image": tfds.features.Image(shape=(None, None, 3)),
+              "label": tfds.features.ClassLabel(names=list(label_names)),
+            }
+          ),
+        )
 
       def _split_generators(self, dl_manager):
         return {"test": self._generate_examples()}

@@ -8,8 +8,7 @@ import pytest
 
 pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason="annotation needs the extra: requirements-annotate.txt")
-transformers = pytest.importorskip(
-    "transformers", reason="annotation needs the extra: requirements-annotate.txt")
+transformers = pytest.importorskip("transformers", reason="annotation needs the extra: requirements-annotate.txt")
 tokenizers = pytest.importorskip("tokenizers", reason="comes with transformers")
 
 # pylint: disable=wrong-import-position
@@ -23,8 +22,7 @@ from grain_jax.eval import descriptors as descriptor_files
 _SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 # Every token the model may generate is a piece of a loosely formatted answer: features, a
 # numbered one, a blank line, the next question (where an answer ends).
-_PIECES = [" a red roof", "\n- four wheels", "\n- a long tail", "\n2) striped fur", "\n", "\nQ: next",
-           "\n- **a beak**"]
+_PIECES = [" a red roof", "\n- four wheels", "\n- a long tail", "\n2) striped fur", "\n", "\nQ: next", "\n- **a beak**"]
 _NEW_TOKENS = 5
 
 
@@ -36,11 +34,21 @@ def tiny_llm(tmp_path_factory):
   model = tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>")
   tokenizer = tokenizers.Tokenizer(model)
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                       eos_token="</s>", pad_token="<pad>").save_pretrained(path)
-  config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                    max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+  transformers.PreTrainedTokenizerFast(
+    tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+  ).save_pretrained(path)
+  config = transformers.LlamaConfig(
+    vocab_size=len(vocab),
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+  )
   torch.manual_seed(0)
   llm = transformers.LlamaForCausalLM(config)
   llm.generation_config.suppress_tokens = list(range(len(_SPECIAL)))  # never end at once
@@ -56,8 +64,10 @@ def _expected(llm_dir, names, max_descriptors):
   expected = {}
   for name in names:
     ids = tokenizer(descriptors.prompt(name), return_tensors="pt")
-    answer = tokenizer.decode(model.generate(**ids, max_new_tokens=_NEW_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1]:],
-                              skip_special_tokens=True)
+    answer = tokenizer.decode(
+      model.generate(**ids, max_new_tokens=_NEW_TOKENS, do_sample=False)[0, ids["input_ids"].shape[1] :],
+      skip_special_tokens=True,
+    )
     features = []
     for line in ("-" + answer).split("\n"):
       if not line.strip() or line.strip().startswith("Q:"):
@@ -70,8 +80,20 @@ def _expected(llm_dir, names, max_descriptors):
 
 
 def _argv(out, llm, *extra):
-  return ["descriptors", "--out", str(out), "--llm", llm, "--max-new-tokens", str(_NEW_TOKENS),
-          "--batch-size", "3", "--device", "cpu", *extra]
+  return [
+    "descriptors",
+    "--out",
+    str(out),
+    "--llm",
+    llm,
+    "--max-new-tokens",
+    str(_NEW_TOKENS),
+    "--batch-size",
+    "3",
+    "--device",
+    "cpu",
+    *extra,
+  ]
 
 
 def test_a_registry_set_gets_a_file_evaluation_pairs_by_name(tmp_path, tiny_llm):

@@ -18,20 +18,22 @@ Features:
 """
   caption, descriptions = parse.parse_response(answer)
   assert caption == "A red square on green grass"
-  assert descriptions == ["a red square", "Blue sky", "a wooden fence", "green grass",
-                          "a small white cloud"]
+  assert descriptions == ["a red square", "Blue sky", "a wooden fence", "green grass", "a small white cloud"]
 
 
 def test_unlabeled_caption_is_the_first_plain_line():
   caption, descriptions = parse.parse_response(
-      "A dog running on a beach.\n- black ears\nThe dog looks happy.\n- wet sand")
+    "A dog running on a beach.\n- black ears\nThe dog looks happy.\n- wet sand"
+  )
   assert caption == "A dog running on a beach"
   assert descriptions == ["black ears", "wet sand"]  # plain lines outside a list are not features
 
 
 def test_plain_lines_after_a_features_header_are_descriptions():
-  answer = ("Here is the description.\nCaption: a bird on a branch\n"
-            "Distinctive visual features: a yellow throat\nblack wings\n\nBlack wings\n")
+  answer = (
+    "Here is the description.\nCaption: a bird on a branch\n"
+    "Distinctive visual features: a yellow throat\nblack wings\n\nBlack wings\n"
+  )
   caption, descriptions = parse.parse_response(answer)
   assert caption == "a bird on a branch"
   assert descriptions == ["a yellow throat", "black wings"]  # repeats differ only in case
@@ -50,5 +52,4 @@ def test_empty_answers(answer):
 
 def test_at_most_max_descriptions_first_ones_kept():
   answer = "\n".join(f"- feature {i}" for i in range(15))
-  assert parse.parse_response(answer, max_descriptions=3) == (
-      "", ["feature 0", "feature 1", "feature 2"])
+  assert parse.parse_response(answer, max_descriptions=3) == ("", ["feature 0", "feature 1", "feature 2"])

@@ -4,8 +4,7 @@ import pytest
 from PIL import Image
 
 from grain_jax.annotate import sources
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import quality, records
 
 
 def test_folder_order_alt_texts_and_bad_files(tmp_path):
@@ -39,8 +38,7 @@ def test_an_empty_folder_is_an_error(tmp_path):
 def test_a_record_dataset_keeps_keys_images_and_alt_texts(tmp_path):
   png = tmp_path / "x.png"
   Image.new("RGB", (4, 4)).save(png)
-  written = [records.Record("k0", png.read_bytes(), "alt 0"),
-             records.Record("k1", b"not an image", "alt 1")]
+  written = [records.Record("k0", png.read_bytes(), "alt 0"), records.Record("k1", b"not an image", "alt 1")]
   records.write_dataset(str(tmp_path / "data"), written, source="test", shard_size=1)
   dataset = sources.open_source(str(tmp_path / "data"))
   assert len(dataset) == 2

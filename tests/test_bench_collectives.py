@@ -5,7 +5,8 @@ and the per-op summary."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from grain_jax.bench import _hlo, collectives
 
@@ -14,9 +15,11 @@ LOOP_STEPS = 3
 
 def program(x, w):
   """`x [8, 16]` and `w [16, 32]`, rows sharded: gathers `w`'s running sum in a 3-step loop, sums `x`."""
+
   def body(_, carry):
     full = jax.lax.with_sharding_constraint(carry, P())  # an all-gather in every iteration
     return jax.lax.with_sharding_constraint(jnp.cumsum(full, axis=0), P("d"))
+
   out = jax.lax.fori_loop(0, LOOP_STEPS, body, w)
   return out, jnp.sum(x)  # an all-reduce
 
@@ -96,16 +99,23 @@ def test_tpu_forms_loop_bounds_and_innermost_project_frame():
   gather, scatter, permute = found["all-gather"], found["reduce-scatter"], found["collective-permute"]
   assert (gather.tensor, gather.tensor_bytes, gather.group_size, gather.executions) == ("bf16[64,8]", 64 * 8 * 2, 4, 12)
   assert gather.source == "models/layers.py:130 Mlp.__call__" and not gather.backward
-  assert (scatter.tensor, scatter.tensor_bytes, scatter.executions, scatter.backward) == ("f32[64,8]", 64 * 8 * 4, 12, True)
+  assert (scatter.tensor, scatter.tensor_bytes, scatter.executions, scatter.backward) == (
+    "f32[64,8]",
+    64 * 8 * 4,
+    12,
+    True,
+  )
   assert scatter.source == "models/layers.py:30 TextBlock.__call__"
   assert "all-reduce" not in found  # the all-reduce inside the reduce-scatter fusion is that reduce-scatter
   assert permute.executions == 1 and permute.sent_bytes == permute.tensor_bytes
 
 
 def test_summary_adds_executions_and_bytes_per_op():
-  rows = [_hlo.Collective("all-reduce", "f32[8]", 32, 4, 2, True, "a"),
-          _hlo.Collective("all-reduce", "f32[4]", 16, 4, 1, False, "b"),
-          _hlo.Collective("all-gather", "bf16[8]", 16, 4, 3, False, "c")]
+  rows = [
+    _hlo.Collective("all-reduce", "f32[8]", 32, 4, 2, True, "a"),
+    _hlo.Collective("all-reduce", "f32[4]", 16, 4, 1, False, "b"),
+    _hlo.Collective("all-gather", "bf16[8]", 16, 4, 3, False, "c"),
+  ]
   by_op = {row["op"]: row for row in collectives.summary(rows)}
   assert by_op["all-reduce"] == dict(op="all-reduce", executions=3, tensor_bytes=80, sent_bytes=2 * 80 * 3 / 4)
   assert by_op["all-gather"]["sent_bytes"] == 3 * 16 * 3 / 4
@@ -113,8 +123,10 @@ def test_summary_adds_executions_and_bytes_per_op():
 
 
 def test_mesh_groups_with_a_device_order_count_only_the_group_axes():
-  line = ("  %all-reduce.1 = bf16[512,2048]{1,0} all-reduce(%dot), channel_id=3, "
-          "replica_groups=mesh['axis_0'=16,'axis_1'=4], device_ids=([4,16]T(1,0)) {'axis_0'}, to_apply=%add")
+  line = (
+    "  %all-reduce.1 = bf16[512,2048]{1,0} all-reduce(%dot), channel_id=3, "
+    "replica_groups=mesh['axis_0'=16,'axis_1'=4], device_ids=([4,16]T(1,0)) {'axis_0'}, to_apply=%add"
+  )
   assert _hlo._group_size(line, num_partitions=64) == 16
   assert _hlo._group_size(line.replace("{'axis_0'}", "{'axis_1'}"), num_partitions=64) == 4
 
@@ -154,4 +166,3 @@ def test_a_combined_collective_is_named_by_its_largest_tensor_and_where_that_was
   assert combined.tensor_bytes == (64 + 49408 * 64) * 4
   assert combined.source == "models/text.py:100 TextTransformer.packed" and combined.backward
   assert combined.group_size == 2  # the collective's own groups, not its operand's line
-

@@ -48,8 +48,9 @@ def test_arguments_are_the_state_and_batch_shards():
     state = trainer.build_training(config, mesh, abstract=True).state
     batch = memory.abstract_batch(config, mesh)
   # jit drops the inputs plain CLIP does not read (boxes, descriptions).
-  used_batch = per_device_bytes([batch[key] for key in ("image", "text_tokens", "text_segments", "text_positions",
-                                                        "text_eot", "caption_slot")])
+  used_batch = per_device_bytes(
+    [batch[key] for key in ("image", "text_tokens", "text_segments", "text_positions", "text_eot", "caption_slot")]
+  )
   assert row["arguments"] == per_device_bytes(state) + used_batch
   assert row["aliased"] == per_device_bytes(state)  # the donated state is updated in place
   assert row["total"] == row["arguments"] + row["outputs"] - row["aliased"] + row["temporaries"]
@@ -72,8 +73,9 @@ def test_tpu_topologies_have_the_presets_device_counts():
   assert memory.tpu_topology(MACHINES["gpu_2x8_h100"]) is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs the TPU extra: pip install -r requirements-tpu.txt")
+@pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="needs the TPU extra: pip install -r requirements-tpu.txt"
+)
 def test_tpu_hardware_compiles_with_the_tpu_compiler_deviceless():
   overrides = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1, "model.kind": "clip", "data.batch_size": 16}
   row = memory.analyze_in_subprocess("configs/base.py:tiny", 4, "v5p:2x2x1", overrides, with_collectives=True)
@@ -83,9 +85,20 @@ def test_tpu_hardware_compiles_with_the_tpu_compiler_deviceless():
 
 
 def test_table_marks_what_does_not_fit():
-  row = dict(config="c", hardware="h", mesh=dict(data=1, fsdp=4, tensor=1), per_device_batch=2, dtype="bfloat16",
-             remat=True, grad_accum_steps=1, arguments=2 * memory.GIB, outputs=memory.GIB, aliased=memory.GIB,
-             temporaries=3 * memory.GIB, total=5 * memory.GIB)
+  row = dict(
+    config="c",
+    hardware="h",
+    mesh=dict(data=1, fsdp=4, tensor=1),
+    per_device_batch=2,
+    dtype="bfloat16",
+    remat=True,
+    grad_accum_steps=1,
+    arguments=2 * memory.GIB,
+    outputs=memory.GIB,
+    aliased=memory.GIB,
+    temporaries=3 * memory.GIB,
+    total=5 * memory.GIB,
+  )
   row["compiler"] = "TPU v5p:2x2x1 (libtpu, deviceless)"
   fits, too_big = memory.table([dict(row, memory_gib=16.0), dict(row, memory_gib=4.0)]).splitlines()[2:]
   assert fits.endswith("| 5.00 | 16 | yes |") and too_big.endswith("| 5.00 | 4 | **no** |")

@@ -8,9 +8,9 @@ from flax import nnx
 from grain_jax import sharding
 from grain_jax.bench import step
 from grain_jax.config import load_config
+from grain_jax.data import text_packing
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import layout, param_tree
-from grain_jax.data import text_packing
 from grain_jax.train.step import batch_loss
 
 pytestmark = pytest.mark.extras
@@ -28,8 +28,9 @@ def setup():
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   model = sharding.create_sharded(lambda: build_model(config.model, 0), mesh, config.sharding_rules)
   model.eval()
-  state_dicts = layout.to_reference(param_tree.flatten(nnx.state(model, nnx.Param)), config.model,
-                                    fetch=param_tree.to_host)
+  state_dicts = layout.to_reference(
+    param_tree.flatten(nnx.state(model, nnx.Param)), config.model, fetch=param_tree.to_host
+  )
   batch = step.synthetic_batch(config, BATCH, seed=3)
   batch["box_valid"][0, 3:] = False
   batch["box_valid"][2, 1:] = False

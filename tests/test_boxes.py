@@ -21,8 +21,7 @@ def np_iou_giou(box1, box2):
   area1 = max(0.0, box1[2] - box1[0]) * max(0.0, box1[3] - box1[1])
   area2 = max(0.0, box2[2] - box2[0]) * max(0.0, box2[3] - box2[1])
   union = area1 + area2 - inter
-  hull = ((max(box1[2], box2[2]) - min(box1[0], box2[0]))
-          * (max(box1[3], box2[3]) - min(box1[1], box2[1])))
+  hull = (max(box1[2], box2[2]) - min(box1[0], box2[0])) * (max(box1[3], box2[3]) - min(box1[1], box2[1]))
   iou = inter / union if union > 0 else 0.0
   return iou, iou - ((hull - union) / hull if hull > 0 else 0.0)
 
@@ -48,11 +47,12 @@ giou_jit = jax.jit(boxes.generalized_iou, static_argnames="all_pairs")
 @jax.jit
 def giou_gradients(boxes1, boxes2):
   """Gradients of a weighted sum of all-pairs GIoU and IoU w.r.t. both cxcywh inputs."""
+
   def total(b1, b2):
     x1, x2 = boxes.cxcywh_to_xyxy(b1), boxes.cxcywh_to_xyxy(b2)
     weights = jnp.arange(b1.shape[-2] * b2.shape[-2]).reshape(b1.shape[-2], b2.shape[-2])
-    return (weights * (boxes.generalized_iou(x1, x2, all_pairs=True)
-                       + boxes.iou(x1, x2, all_pairs=True))).sum()
+    return (weights * (boxes.generalized_iou(x1, x2, all_pairs=True) + boxes.iou(x1, x2, all_pairs=True))).sum()
+
   return jax.grad(total, argnums=(0, 1))(boxes1, boxes2)
 
 
@@ -85,8 +85,7 @@ def test_all_pairs_and_pairwise_match_numpy(degenerate_fraction):
   boxes2 = np_xyxy(random_cxcywh(rng, (4, 5), degenerate_fraction))
   boxes2[:, 0] = boxes1[:, 0]  # identical boxes, possibly identical points
   iou = iou_jit(jnp.asarray(boxes1, jnp.float32), jnp.asarray(boxes2, jnp.float32), all_pairs=True)
-  giou = giou_jit(jnp.asarray(boxes1, jnp.float32), jnp.asarray(boxes2, jnp.float32),
-                  all_pairs=True)
+  giou = giou_jit(jnp.asarray(boxes1, jnp.float32), jnp.asarray(boxes2, jnp.float32), all_pairs=True)
   assert iou.shape == giou.shape == (4, 6, 5)
   for image in range(4):
     expected_iou, expected_giou = np_all_pairs(boxes1[image], boxes2[image])
@@ -107,8 +106,7 @@ def test_degenerate_values_follow_the_zero_denominator_convention():
   assert iou_jit(line, square) == 0.0
   assert giou_jit(line, square) == 0.0  # the square is its own enclosing box
   # A point outside the square: enclosing 1.5 x 1.5, union 1.
-  np.testing.assert_allclose(giou_jit(jnp.array([1.5, 1.5, 1.5, 1.5]), square),
-                             -(2.25 - 1.0) / 2.25, rtol=1e-6)
+  np.testing.assert_allclose(giou_jit(jnp.array([1.5, 1.5, 1.5, 1.5]), square), -(2.25 - 1.0) / 2.25, rtol=1e-6)
 
 
 def test_gradients_match_finite_differences():

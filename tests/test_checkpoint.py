@@ -16,19 +16,28 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import fill_the_disk_at, flip_bytes
-from grain_jax.train.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMismatchError, CheckpointReadError,
-                                        CheckpointSaveError, NoReadableCheckpointError, UNREADABLE)
+from grain_jax.train.checkpoint import (
+  CHECKSUMS,
+  UNREADABLE,
+  Checkpointer,
+  CheckpointMismatchError,
+  CheckpointReadError,
+  CheckpointSaveError,
+  NoReadableCheckpointError,
+)
 from grain_jax.train.step import TrainState
-
 
 NOISE = np.random.default_rng(0).normal(size=(128, 64)).astype(np.float32)
 
 
 def state(step: int, value: float = 1.0, shape=(4, 3)) -> TrainState:
   """`noise` does not compress: its array data fills most of the largest file, where flip_bytes hits."""
-  return TrainState(step=jnp.int32(step), params={"w": jnp.full(shape, value), "b": jnp.zeros(3),
-                                                  "noise": jnp.asarray(NOISE)},
-                    opt_state={"mu": jnp.zeros(shape)}, skipped_steps=jnp.int32(0))
+  return TrainState(
+    step=jnp.int32(step),
+    params={"w": jnp.full(shape, value), "b": jnp.zeros(3), "noise": jnp.asarray(NOISE)},
+    opt_state={"mu": jnp.zeros(shape)},
+    skipped_steps=jnp.int32(0),
+  )
 
 
 def data(num_workers: int = 0):
@@ -133,8 +142,11 @@ def test_read_only_skips_an_unreadable_checkpoint_without_moving_it(tmp_path):
 def test_a_checkpoint_of_other_shapes_stops_and_names_the_differences(tmp_path):
   save(tmp_path, state(1))
   like = state(0, shape=(5, 3))._replace(params={"w": jnp.ones((5, 3)), "b": jnp.zeros(3), "new": jnp.zeros(2)})
-  with pytest.raises(CheckpointMismatchError, match=r"params/w: checkpoint \(4, 3\), config \(5, 3\).*params/new"
-                     r".*new --workdir"):
+  with pytest.raises(
+    CheckpointMismatchError,
+    match=r"params/w: checkpoint \(4, 3\), config \(5, 3\).*params/new"
+    r".*new --workdir",
+  ):
     restore(tmp_path, like)
   assert os.path.isdir(tmp_path / "1") and not os.path.exists(tmp_path / UNREADABLE)
 
@@ -151,7 +163,7 @@ def test_only_unreadable_checkpoints_stop_the_run(tmp_path):
 def test_a_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint(tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, sys
-      sys.path[:0] = [{os.getcwd()!r}, {os.path.join(os.getcwd(), 'tests')!r}]
+      sys.path[:0] = [{os.getcwd()!r}, {os.path.join(os.getcwd(), "tests")!r}]
       from tests.test_checkpoint import Checkpointer, data, state
       import jax.numpy as jnp
       checkpointer = Checkpointer({str(tmp_path)!r}, keep=5, async_save=True)
@@ -229,8 +241,10 @@ def disk_full_at_step_2(monkeypatch):
   fill_the_disk_at(2, monkeypatch)
 
 
-FAILED_SAVE = (r"^saving the checkpoint of step 2 in .* failed \(.*No space left on device.*\); training stopped; the "
-               r"newest committed checkpoint is step 1, where running the same command again resumes")
+FAILED_SAVE = (
+  r"^saving the checkpoint of step 2 in .* failed \(.*No space left on device.*\); training stopped; the "
+  r"newest committed checkpoint is step 1, where running the same command again resumes"
+)
 
 
 def test_a_synchronous_save_that_fails_names_the_newest_committed_step(tmp_path, disk_full_at_step_2):

@@ -14,12 +14,24 @@ pytestmark = pytest.mark.integration
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "grain_jax"
 # absl's definitions; `config` is the config file, whose fields (`--config.train.num_steps`) keep their names.
-ABSL_DEFINES = {"DEFINE_string", "DEFINE_bool", "DEFINE_boolean", "DEFINE_integer", "DEFINE_float", "DEFINE_enum",
-                "DEFINE_list", "DEFINE_multi_string", "DEFINE_config_file"}
+ABSL_DEFINES = {
+  "DEFINE_string",
+  "DEFINE_bool",
+  "DEFINE_boolean",
+  "DEFINE_integer",
+  "DEFINE_float",
+  "DEFINE_enum",
+  "DEFINE_list",
+  "DEFINE_multi_string",
+  "DEFINE_config_file",
+}
 # Entry points whose parser is built by a function taking argv.
-ARGPARSE_ENTRY_POINTS = ["grain_jax.annotate.__main__:parse_args", "grain_jax.annotate.descriptors:parse_args",
-                         "grain_jax.data.convert:parse_args",
-                         *(f"grain_jax.bench.{name}:main" for name in bench_cli.available())]
+ARGPARSE_ENTRY_POINTS = [
+  "grain_jax.annotate.__main__:parse_args",
+  "grain_jax.annotate.descriptors:parse_args",
+  "grain_jax.data.convert:parse_args",
+  *(f"grain_jax.bench.{name}:main" for name in bench_cli.available()),
+]
 
 
 def _flag_definitions() -> list[tuple[str, str, ast.Call]]:
@@ -51,9 +63,13 @@ def test_flags_are_hyphenated_and_have_help():
   assert len(definitions) > 40
   underscored = [f"{file}: {name}" for file, name, _ in definitions if "_" in name]
   assert not underscored, f"flags are spelled with hyphens: {underscored}"
-  silent = [f"{file}: {name}" for file, name, call in definitions
-            if not isinstance(_help(call), (ast.Constant, ast.JoinedStr, ast.Attribute, ast.BinOp))
-            or isinstance(_help(call), ast.Constant) and not _help(call).value]
+  silent = [
+    f"{file}: {name}"
+    for file, name, call in definitions
+    if not isinstance(_help(call), (ast.Constant, ast.JoinedStr, ast.Attribute, ast.BinOp))
+    or isinstance(_help(call), ast.Constant)
+    and not _help(call).value
+  ]
   assert not silent, f"flags without help: {silent}"
 
 
@@ -74,7 +90,13 @@ def test_bench_help_lists_the_benchmarks(capsys):
 
 
 def test_main_help_exits_zero():
-  result = subprocess.run([sys.executable, "-m", "grain_jax.main", "--help"], capture_output=True, text=True,
-                          cwd=PACKAGE.parent, timeout=120, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "grain_jax.main", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=PACKAGE.parent,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert "export-module-prefix" in result.stdout

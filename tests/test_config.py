@@ -2,8 +2,7 @@
 
 import pytest
 
-from grain_jax.config import ConfigError, apply_overrides, load_config, parse_arm, validate
-from grain_jax.config import meshes, models
+from grain_jax.config import ConfigError, apply_overrides, load_config, meshes, models, parse_arm, validate
 from grain_jax.config.validation import AT_LEAST_ONE, AT_LEAST_ZERO
 
 
@@ -34,12 +33,16 @@ def test_missing_config_file_is_named(tmp_path):
 
 def test_a_config_file_can_build_on_base(tmp_path):
   path = tmp_path / "mine.py"
-  path.write_text("from grain_jax.config import base\n\ndef get_config():\n"
-                  "  config = base.get_config('tiny')\n  config.loss.region = 0.5\n  return config\n")
+  path.write_text(
+    "from grain_jax.config import base\n\ndef get_config():\n"
+    "  config = base.get_config('tiny')\n  config.loss.region = 0.5\n  return config\n"
+  )
   assert validate(load_config(str(path))).loss.region == 0.5
 
 
-@pytest.mark.parametrize("mutate, field", [
+@pytest.mark.parametrize(
+  "mutate, field",
+  [
     (lambda c: c.model.image.__setattr__("widht", 64), "config.model.image.widht"),
     (lambda c: c.__setattr__("learning_rat", 1e-3), "config.learning_rat"),
     (lambda c: c.model.image.__setattr__("heads", 5), "config.model.image.width=64 is not divisible"),
@@ -60,7 +63,8 @@ def test_a_config_file_can_build_on_base(tmp_path):
     (lambda c: c.eval.__setattr__("retrieval", ("karpathy:test.json",)), "config.eval.retrieval entry"),
     (lambda c: c.eval.__setattr__("grounding", ("jsn:boxes.json",)), "config.eval.grounding entry"),
     (lambda c: c.eval.__setattr__("probes", ("probe.json",)), "config.eval.probes entry 'probe.json'"),
-])
+  ],
+)
 def test_bad_fields_are_named(mutate, field):
   config = load_config("configs/base.py:tiny")
   with config.unlocked():
@@ -98,7 +102,9 @@ def test_wrong_type_is_named():
     validate(config)
 
 
-@pytest.mark.parametrize("mesh, devices, ok", [
+@pytest.mark.parametrize(
+  "mesh, devices, ok",
+  [
     (dict(data=-1, fsdp=1, tensor=1), 8, True),
     (dict(data=2, fsdp=-1, tensor=2), 8, True),
     (dict(data=2, fsdp=2, tensor=2), 8, True),
@@ -106,7 +112,8 @@ def test_wrong_type_is_named():
     (dict(data=4, fsdp=4, tensor=1), 8, False),
     (dict(data=-1, fsdp=-1, tensor=1), 8, False),
     (dict(data=0, fsdp=1, tensor=1), 8, False),
-])
+  ],
+)
 def test_mesh_must_tile_the_devices(mesh, devices, ok):
   config = load_config("configs/base.py:tiny")
   config.mesh.update(mesh)
@@ -130,11 +137,16 @@ def test_unknown_mesh_preset_is_named():
 
 
 def test_experiment_arms_parse_and_apply_their_overrides():
-  name, overrides = parse_arm("memory_sine: model.decoder.memory_position=sine; loss.description_to_query=0.5; "
-                              "model.text.context_buckets=(16, 77)")
+  name, overrides = parse_arm(
+    "memory_sine: model.decoder.memory_position=sine; loss.description_to_query=0.5; "
+    "model.text.context_buckets=(16, 77)"
+  )
   assert name == "memory_sine"
-  assert overrides == {"model.decoder.memory_position": "sine", "loss.description_to_query": 0.5,
-                       "model.text.context_buckets": (16, 77)}
+  assert overrides == {
+    "model.decoder.memory_position": "sine",
+    "loss.description_to_query": 0.5,
+    "model.text.context_buckets": (16, 77),
+  }
   config = load_config("configs/base.py:tiny")
   changed = validate(apply_overrides(config, overrides))
   assert changed.model.decoder.memory_position == "sine" and changed.model.text.context_buckets == (16, 77)
@@ -142,11 +154,14 @@ def test_experiment_arms_parse_and_apply_their_overrides():
   assert parse_arm("grain") == ("grain", {})
 
 
-@pytest.mark.parametrize("arms,message", [
+@pytest.mark.parametrize(
+  "arms,message",
+  [
     (("a b",), "the name 'a b' must be a word"),
     (("x: model.decoder.depth",), "'model.decoder.depth' is not field=value"),
     (("x", "x: seed=1"), "repeats a name"),
-])
+  ],
+)
 def test_bad_experiment_arms_are_named(arms, message):
   config = load_config("configs/base.py:tiny")
   config.experiment.arms = arms
@@ -154,10 +169,13 @@ def test_bad_experiment_arms_are_named(arms, message):
     validate(config)
 
 
-@pytest.mark.parametrize("overrides,message", [
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
     ({"model.decoder.depht": 3}, "config.model.decoder.depht is not a known field"),
     ({"loss.region": "high"}, "config.loss.region='high'"),
-])
+  ],
+)
 def test_bad_overrides_are_named(overrides, message):
   with pytest.raises(ConfigError, match=message):
     apply_overrides(load_config("configs/base.py:tiny"), overrides, "arm x")

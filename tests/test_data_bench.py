@@ -9,8 +9,22 @@ from grain_jax.data.tokenizer import EOT_ID
 
 
 def test_data_benchmark_runs(capsys):
-  argv = ["--num-records", "12", "--stored-size", "48", "--image-size", "32", "--batch-size", "4", "--examples-per-device", "2",
-          "--num-batches", "2", "--workers", "0"]
+  argv = [
+    "--num-records",
+    "12",
+    "--stored-size",
+    "48",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--examples-per-device",
+    "2",
+    "--num-batches",
+    "2",
+    "--workers",
+    "0",
+  ]
   assert data.main(argv) == 0
   out = capsys.readouterr().out
   assert "examples per CPU-second" in out and "per CPU-s" in out
@@ -29,8 +43,12 @@ def test_text_padding_counts_the_packed_rows_against_the_real_tokens():
     valid = descriptions.any(axis=-1)
     batches.append(dict(caption_ids=captions, desc_ids=descriptions, box_valid=valid))
   report = data.text_padding(batches, 2)
-  real = sum(int(np.argmax(row)) + 1 for batch in batches
-             for row in [*batch["caption_ids"], *batch["desc_ids"].reshape(-1, 77)] if row.any())
+  real = sum(
+    int(np.argmax(row)) + 1
+    for batch in batches
+    for row in [*batch["caption_ids"], *batch["desc_ids"].reshape(-1, 77)]
+    if row.any()
+  )
   rows = [text_packing.pack_batch(batch, 2, 77)["text_tokens"].shape[0] for batch in batches]
   assert report["padding"] == pytest.approx(1 - real / (77 * sum(rows)))
   assert report["padding_full"] == pytest.approx(1 - real / (77 * 3 * 12))

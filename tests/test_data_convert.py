@@ -9,9 +9,7 @@ import pytest
 from PIL import Image
 
 from grain_jax import errors
-from grain_jax.data import convert
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import convert, quality, records
 
 
 def _save_image(path, size, fmt):
@@ -26,30 +24,54 @@ def inputs(tmp_path):
   _save_image(str(root / "sub" / "b.jpg"), (300, 200), "JPEG")
   _save_image(str(root / "c.png"), (20, 20), "PNG")
   (root / "corrupt.png").write_bytes(b"\x89PNG garbage")
-  lines = [b"a.png,a red square", b"sub/b.jpg,a photo, with commas", b'"c.png","quoted, caption"',
-           b"corrupt.png,x", b"missing.png,y", b"bad.png,\xff\xfe caption", b"only_a_path", b""]
+  lines = [
+    b"a.png,a red square",
+    b"sub/b.jpg,a photo, with commas",
+    b'"c.png","quoted, caption"',
+    b"corrupt.png,x",
+    b"missing.png,y",
+    b"bad.png,\xff\xfe caption",
+    b"only_a_path",
+    b"",
+  ]
   (tmp_path / "captions.csv").write_bytes(b"\n".join(lines))
   (tmp_path / "mllm.json").write_text(json.dumps({"a.png": "a rich caption of a"}))
-  boxes = json.dumps({
+  boxes = json.dumps(
+    {
       "a.png": [
-          {"description": "a red square", "bbox": [96, 192, 480, 960], "score": 0.8},
-          {"description": "", "bbox": [0, 0, 480, 480], "score": 0.9},
-          {"description": "flipped", "bbox": [480, 480, 96, 96], "score": 0.5},
-          {"description": "outside", "bbox": [-10, 0, 1000, 480], "score": 0.4},
+        {"description": "a red square", "bbox": [96, 192, 480, 960], "score": 0.8},
+        {"description": "", "bbox": [0, 0, 480, 480], "score": 0.9},
+        {"description": "flipped", "bbox": [480, 480, 96, 96], "score": 0.5},
+        {"description": "outside", "bbox": [-10, 0, 1000, 480], "score": 0.4},
       ],
       "sub/b.jpg": [{"description": "no box"}, {"description": "nan", "bbox": "x"}],
       "c.png": [{"description": "BAD_BYTES", "bbox": [0, 0, 96, 96], "score": 0.5}],
-  })
+    }
+  )
   (tmp_path / "bboxes.json").write_bytes(boxes.encode().replace(b"BAD_BYTES", b"caf\xe9"))
   return tmp_path
 
 
 def _argv(tmp_path, out="out", *extra):
-  return ["--captions", str(tmp_path / "captions.csv"),
-          "--mllm-captions", str(tmp_path / "mllm.json"), "--bboxes", str(tmp_path / "bboxes.json"),
-          "--image-root", str(tmp_path / "images"),
-          "--out", str(tmp_path / out), "--workers", "1", "--max-side", "64",
-          "--max-bad-fraction", "0.9", *extra]
+  return [
+    "--captions",
+    str(tmp_path / "captions.csv"),
+    "--mllm-captions",
+    str(tmp_path / "mllm.json"),
+    "--bboxes",
+    str(tmp_path / "bboxes.json"),
+    "--image-root",
+    str(tmp_path / "images"),
+    "--out",
+    str(tmp_path / out),
+    "--workers",
+    "1",
+    "--max-side",
+    "64",
+    "--max-bad-fraction",
+    "0.9",
+    *extra,
+  ]
 
 
 def test_convert(inputs, capsys):
@@ -57,8 +79,12 @@ def test_convert(inputs, capsys):
   out = str(inputs / "out")
   manifest = records.read_manifest(out)
   assert manifest["count"] == 3
-  assert manifest["skipped"] == {quality.CORRUPT_IMAGE: 1, quality.MISSING_IMAGE: 1,
-                                 quality.NON_UTF8_TEXT: 1, convert.MALFORMED_ROW: 1}
+  assert manifest["skipped"] == {
+    quality.CORRUPT_IMAGE: 1,
+    quality.MISSING_IMAGE: 1,
+    quality.NON_UTF8_TEXT: 1,
+    convert.MALFORMED_ROW: 1,
+  }
   a, b, c = records.read_records(out)
   assert (a.key, a.caption, a.mllm_caption) == ("a.png", "a red square", "a rich caption of a")
   # 960x960 detector frame -> normalized; reordered and clipped boxes repaired, empty text dropped.
@@ -80,8 +106,7 @@ def test_convert(inputs, capsys):
 def test_parallel_workers_write_the_same_records(inputs):
   convert.main(_argv(inputs, "one"))
   convert.main(_argv(inputs, "two", "--workers", "2", "--shard-size", "3"))
-  assert list(records.read_records(str(inputs / "one"))) == list(
-      records.read_records(str(inputs / "two")))
+  assert list(records.read_records(str(inputs / "one"))) == list(records.read_records(str(inputs / "two")))
 
 
 def test_resume_skips_finished_shards(inputs, capsys):
@@ -113,8 +138,9 @@ def test_too_many_bad_rows_stop_naming_the_input(inputs, capsys):
   assert re.search(r"\nerror: .*captions.csv.*2 of them in .*images[^\n]*\n$", capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("content, message", [("{not json", "is not valid JSON"),
-                                               ("[1, 2]", "holds a JSON list, not an object")])
+@pytest.mark.parametrize(
+  "content, message", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a JSON list, not an object")]
+)
 def test_a_bad_json_input_is_one_error_naming_it(inputs, capsys, content, message):
   (inputs / "bboxes.json").write_text(content)
   assert convert.main(_argv(inputs)) == errors.USER_ERROR_STATUS
@@ -127,8 +153,9 @@ def test_a_url_is_refused_before_anything_is_written(inputs, capsys):
   argv[argv.index("--out") + 1] = "gs://my-bucket/shards/cc3m"
   assert convert.main(argv) == errors.USER_ERROR_STATUS
   assert capsys.readouterr().err == (
-      "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes this through local paths "
-      "only (only --workdir and --output-dir may be gs:// URLs): "
-      "mount the bucket (launch/mount_bucket.sh my-bucket mounts it at /gcs/my-bucket) and use "
-      "/gcs/my-bucket/shards/cc3m\n")
+    "error: --out='gs://my-bucket/shards/cc3m' is a URL, but grain-jax reads and writes this through local paths "
+    "only (only --workdir and --output-dir may be gs:// URLs): "
+    "mount the bucket (launch/mount_bucket.sh my-bucket mounts it at /gcs/my-bucket) and use "
+    "/gcs/my-bucket/shards/cc3m\n"
+  )
   assert not os.path.exists("gs:")

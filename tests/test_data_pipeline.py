@@ -5,17 +5,14 @@ import subprocess
 import sys
 import time
 
-from etils import epath
 import grain
 import numpy as np
 import pytest
+from etils import epath
 
 from conftest import png_bytes
 from grain_jax.config import base
-from grain_jax.data import pipeline
-from grain_jax.data import quality
-from grain_jax.data import records
-from grain_jax.data import workers
+from grain_jax.data import pipeline, quality, records, workers
 
 NUM_RECORDS = 12
 
@@ -25,8 +22,9 @@ def _png(i: int) -> bytes:
 
 
 def _record(i: int) -> records.Record:
-  regions = tuple(records.Region(f"object {j} of {i}", (0.1 * j, 0.1, 0.1 * j + 0.2, 0.6),
-                                 0.9 - j / 10) for j in range(i % 4))
+  regions = tuple(
+    records.Region(f"object {j} of {i}", (0.1 * j, 0.1, 0.1 * j + 0.2, 0.6), 0.9 - j / 10) for j in range(i % 4)
+  )
   return records.Record(f"img/{i}", _png(i), f"record {i}", "", regions)
 
 
@@ -35,7 +33,7 @@ def _write(path, data: list[bytes], shard_size: int = 5) -> str:
   shards = []
   for start in range(0, len(data), shard_size):
     name = records.shard_name(len(shards))
-    count = records.write_shard(os.path.join(path, name), data[start:start + shard_size])
+    count = records.write_shard(os.path.join(path, name), data[start : start + shard_size])
     shards.append({"file": name, "count": count})
   records.write_manifest(str(path), shards, "test")
   return str(path)
@@ -43,13 +41,20 @@ def _write(path, data: list[bytes], shard_size: int = 5) -> str:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return _write(tmp_path_factory.mktemp("records"),
-                [records.serialize(_record(i)) for i in range(NUM_RECORDS)])
+  return _write(tmp_path_factory.mktemp("records"), [records.serialize(_record(i)) for i in range(NUM_RECORDS)])
 
 
 def _dataset(data_dir, **kwargs):
-  options = dict(global_batch_size=2, image_size=16, num_regions=3, seed=0, num_epochs=1,
-                 read_threads=2, process_index=0, process_count=1)
+  options = dict(
+    global_batch_size=2,
+    image_size=16,
+    num_regions=3,
+    seed=0,
+    num_epochs=1,
+    read_threads=2,
+    process_index=0,
+    process_count=1,
+  )
   options.update(kwargs)
   return pipeline.train_dataset(data_dir, **options)
 
@@ -65,17 +70,20 @@ def test_batch_from_config(data_dir):
   k = config.model.decoder.num_region_queries
   size = config.model.image.image_size
   assert {key: (v.shape, v.dtype) for key, v in batch.items()} == {
-      "image": ((4, size, size, 3), np.float32), "caption_ids": ((4, 77), np.int32),
-      "boxes": ((4, k, 4), np.float32), "box_valid": ((4, k), np.bool_),
-      "desc_ids": ((4, k, 77), np.int32), "desc_text_id": ((4, k), np.int32)}
+    "image": ((4, size, size, 3), np.float32),
+    "caption_ids": ((4, 77), np.int32),
+    "boxes": ((4, k, 4), np.float32),
+    "box_valid": ((4, k), np.bool_),
+    "desc_ids": ((4, k, 77), np.int32),
+    "desc_text_id": ((4, k), np.int32),
+  }
   assert set(batch) == set(pipeline.BATCH_KEYS)
   boxes = batch["boxes"][batch["box_valid"]]
   assert ((boxes >= 0) & (boxes <= 1)).all()
 
 
 def test_hosts_read_disjoint_slices(data_dir):
-  hosts = [_captions(_dataset(data_dir, global_batch_size=2, process_index=i, process_count=2))
-           for i in range(2)]
+  hosts = [_captions(_dataset(data_dir, global_batch_size=2, process_index=i, process_count=2)) for i in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == NUM_RECORDS // 2
   assert not set(hosts[0]) & set(hosts[1])
   assert len(set(hosts[0]) | set(hosts[1])) == NUM_RECORDS
@@ -107,8 +115,7 @@ def test_iterator_checkpoint_round_trip(data_dir, tmp_path, num_workers):
   next(iterator)
   handler.save(epath.Path(tmp_path), iterator)
   expected = [next(iterator) for _ in range(3)]
-  restored = handler.restore(epath.Path(tmp_path),
-                             iter(_dataset(data_dir, num_epochs=None, num_workers=num_workers)))
+  restored = handler.restore(epath.Path(tmp_path), iter(_dataset(data_dir, num_epochs=None, num_workers=num_workers)))
   for want in expected:
     got = next(restored)
     for key in want:
@@ -154,8 +161,13 @@ def _running(pid: int) -> bool:
 def test_a_worker_survives_sigterm_and_ends_when_its_trainer_dies():
   """Preemption notices reach every process of a job; the trainer saves and stops, its workers end."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  result = subprocess.run([sys.executable, "-c", _ORPHANED_WORKER], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=repo))
+  result = subprocess.run(
+    [sys.executable, "-c", _ORPHANED_WORKER],
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(os.environ, PYTHONPATH=repo),
+  )
   worker, state = result.stdout.split()
   assert state == "alive", result.stderr
   deadline = time.monotonic() + 10 * workers.PARENT_CHECK_S
@@ -169,8 +181,9 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
   data[2] = b"\x00garbage"
   data[5] = records.serialize(records.Record("img/5", b"not a png", "caption"))
   data[7] = records.serialize(records.Record("img/7", _png(7), "", ""))
-  data[8] = records.serialize(records.Record(
-      "img/8", _png(8), "caption", "", (records.Region("x", (0.9, 0.2, 0.1, 1.3), 0.5),)))
+  data[8] = records.serialize(
+    records.Record("img/8", _png(8), "caption", "", (records.Region("x", (0.9, 0.2, 0.1, 1.3), 0.5),))
+  )
   iterator = iter(_dataset(_write(tmp_path, data), max_bad_fraction=0.5))
   captions = _captions(iterator)
   assert len(captions) == NUM_RECORDS - 4  # 9 good records, batches of 2
@@ -201,7 +214,7 @@ def damage_shard(path: str, inside: bytes) -> set[int]:
   stored uncompressed); returns the numbers of its records that no longer read."""
   blob = bytearray(open(path, "rb").read())
   start = blob.index(inside)
-  blob[start:start + 16] = bytes(b ^ 0xFF for b in blob[start:start + 16])
+  blob[start : start + 16] = bytes(b ^ 0xFF for b in blob[start : start + 16])
   open(path, "wb").write(bytes(blob))
   shard = grain.sources.ArrayRecordDataSource([path])
   damaged = set()

@@ -4,11 +4,12 @@ import math
 
 import pytest
 
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import quality, records
 
 
-@pytest.mark.parametrize("box, expected, reasons", [
+@pytest.mark.parametrize(
+  "box, expected, reasons",
+  [
     ((0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4), []),
     ((0.3, 0.4, 0.1, 0.2), (0.1, 0.2, 0.3, 0.4), [quality.BOX_REORDERED]),
     ((-0.5, 0.2, 1.5, 0.4), (0.0, 0.2, 1.0, 0.4), [quality.BOX_CLIPPED]),
@@ -16,7 +17,8 @@ from grain_jax.data import records
     ((0.1, 0.2, 0.1, 0.4), None, [quality.BAD_BOX]),
     ((0.1, math.nan, 0.3, 0.4), None, [quality.BAD_BOX]),
     ((0.1, 0.2, 0.3), None, [quality.BAD_BOX]),
-])
+  ],
+)
 def test_clean_box(box, expected, reasons):
   cleaned, got = quality.clean_box(box)
   assert got == reasons
@@ -25,15 +27,14 @@ def test_clean_box(box, expected, reasons):
 
 def test_clean_regions_drops_and_counts():
   regions = [
-      records.Region("  a red   square ", (0.1, 0.1, 0.5, 0.5), 0.9),
-      records.Region("", (0.1, 0.1, 0.5, 0.5), 0.9),
-      records.Region("bad text \udcff", (0.1, 0.1, 0.5, 0.5), 0.9),
-      records.Region("a blue star", (0.5, 0.5, 0.5, 0.9), 0.9),
+    records.Region("  a red   square ", (0.1, 0.1, 0.5, 0.5), 0.9),
+    records.Region("", (0.1, 0.1, 0.5, 0.5), 0.9),
+    records.Region("bad text \udcff", (0.1, 0.1, 0.5, 0.5), 0.9),
+    records.Region("a blue star", (0.5, 0.5, 0.5, 0.9), 0.9),
   ]
   kept, reasons = quality.clean_regions(regions)
   assert kept == [records.Region("a red square", (0.1, 0.1, 0.5, 0.5), 0.9)]
-  assert sorted(reasons) == sorted([quality.EMPTY_DESCRIPTION, quality.NON_UTF8_TEXT,
-                                    quality.BAD_BOX])
+  assert sorted(reasons) == sorted([quality.EMPTY_DESCRIPTION, quality.NON_UTF8_TEXT, quality.BAD_BOX])
   assert quality.clean_regions([]) == ([], [quality.NO_REGIONS])
 
 
@@ -52,8 +53,13 @@ def test_stats_threshold_names_worst_file():
   stats.add([quality.UNREADABLE_RECORD], skipped=True, file="shard-00003")
   with pytest.raises(quality.BadDataError, match="2 of 10 .*2 of them in shard-00003"):
     stats.check()
-  assert stats.summary() == {"seen": 10, "skipped": 2, "skipped/corrupt_image": 1,
-                             "skipped/unreadable_record": 1, "fixed/box_clipped": 8}
+  assert stats.summary() == {
+    "seen": 10,
+    "skipped": 2,
+    "skipped/corrupt_image": 1,
+    "skipped/unreadable_record": 1,
+    "fixed/box_clipped": 8,
+  }
 
 
 def test_stats_state_round_trip_and_merge():

@@ -6,13 +6,17 @@ import os
 import msgpack
 import pytest
 
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import quality, records
 
 
 def _record(i: int) -> records.Record:
-  return records.Record(f"img/{i}.jpg", bytes([i]) * 10, f"alt {i}", "" if i % 2 else f"mllm {i}",
-                        (records.Region(f"thing {i}", (0.1, 0.2, 0.3, 0.4), 0.5),))
+  return records.Record(
+    f"img/{i}.jpg",
+    bytes([i]) * 10,
+    f"alt {i}",
+    "" if i % 2 else f"mllm {i}",
+    (records.Region(f"thing {i}", (0.1, 0.2, 0.3, 0.4), 0.5),),
+  )
 
 
 def test_serialize_round_trip():
@@ -20,8 +24,16 @@ def test_serialize_round_trip():
   assert records.deserialize(records.serialize(record)) == record
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00\x01garbage", msgpack.packb({"schema": 99}),
-                                  msgpack.packb({"schema": 1, "key": "k"}), msgpack.packb([1, 2])])
+@pytest.mark.parametrize(
+  "data",
+  [
+    b"",
+    b"\x00\x01garbage",
+    msgpack.packb({"schema": 99}),
+    msgpack.packb({"schema": 1, "key": "k"}),
+    msgpack.packb([1, 2]),
+  ],
+)
 def test_unreadable_records_raise_with_reason(data):
   with pytest.raises(quality.BadRecordError) as error:
     records.deserialize(data)
@@ -38,8 +50,7 @@ def test_non_utf8_text_in_record():
 
 
 def test_write_read_dataset_with_shards(tmp_path):
-  manifest = records.write_dataset(str(tmp_path), (_record(i) for i in range(7)), "test",
-                                   shard_size=3)
+  manifest = records.write_dataset(str(tmp_path), (_record(i) for i in range(7)), "test", shard_size=3)
   assert manifest["count"] == 7
   assert [s["count"] for s in manifest["shards"]] == [3, 3, 1]
   assert list(records.read_records(str(tmp_path))) == [_record(i) for i in range(7)]
@@ -63,11 +74,14 @@ def test_reader_validates_manifest(tmp_path):
     records.read_manifest(str(tmp_path))
 
 
-@pytest.mark.parametrize("text, message", [
+@pytest.mark.parametrize(
+  "text, message",
+  [
     ('{"schema_version": 1, "shards": [', "manifest.json is not valid JSON"),
-    ('[1, 2]', "manifest.json has record schema version None"),
+    ("[1, 2]", "manifest.json has record schema version None"),
     ('{"schema_version": 1, "shards": [{"file": 3}]}', 'manifest.json: "shards" must be a list'),
-])
+  ],
+)
 def test_a_corrupt_manifest_is_named(tmp_path, text, message):
   (tmp_path / records.MANIFEST).write_text(text)
   with pytest.raises(ValueError, match=message):

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 
 from grain_jax.config import base
-from grain_jax.data import records
-from grain_jax.data import synthetic
-from grain_jax.data import synthetic_scenes
-from grain_jax.eval import datasets
-from grain_jax.eval import sets
+from grain_jax.data import records, synthetic, synthetic_scenes
+from grain_jax.eval import datasets, sets
 
-SMALL = dict(num_train=24, image_size=32, num_attribute_classes=4, num_novel_classes=3,
-             images_per_class=2, num_retrieval=5, num_grounding=5)
+SMALL = dict(
+  num_train=24,
+  image_size=32,
+  num_attribute_classes=4,
+  num_novel_classes=3,
+  images_per_class=2,
+  num_retrieval=5,
+  num_grounding=5,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,24 +56,25 @@ def test_image_folder_splits(generated):
   assert len(attributes.class_names) == SMALL["num_attribute_classes"]
   assert len(attributes.source) == SMALL["num_attribute_classes"] * SMALL["images_per_class"]
   pattern, color, shape = attributes.class_names[0].split()
-  assert attributes.descriptors[attributes.class_names[0]] == [
-      f"{color} color", f"{pattern} pattern", f"{shape} shape"]
+  assert attributes.descriptors[attributes.class_names[0]] == [f"{color} color", f"{pattern} pattern", f"{shape} shape"]
   novel = datasets.folder_classification(paths["novel"]).data
   assert len(novel.class_names) == SMALL["num_novel_classes"]
-  vocabulary = " ".join(synthetic_scenes.SHAPES + synthetic_scenes.PATTERNS
-                        + tuple(synthetic_scenes.COLORS) + tuple(synthetic_scenes.SIZES))
-  train_text = " ".join(f"{r.caption} {r.mllm_caption}" for r in
-                        synthetic.train_records(seed=0, count=200, image_size=8))
+  vocabulary = " ".join(
+    synthetic_scenes.SHAPES + synthetic_scenes.PATTERNS + tuple(synthetic_scenes.COLORS) + tuple(synthetic_scenes.SIZES)
+  )
+  train_text = " ".join(
+    f"{r.caption} {r.mllm_caption}" for r in synthetic.train_records(seed=0, count=200, image_size=8)
+  )
   for name in novel.class_names:
     assert name not in vocabulary and name not in train_text  # known only by descriptors
     assert set(novel.descriptors[name]) <= {
-        f"{word} {kind}" for word in vocabulary.split() for kind in ("color", "pattern", "shape")}
+      f"{word} {kind}" for word in vocabulary.split() for kind in ("color", "pattern", "shape")
+    }
 
 
 def test_retrieval_and_grounding_splits(generated):
   _, paths = generated
-  retrieval = sets.karpathy(os.path.join(paths["retrieval"], "captions.json"),
-                                 paths["retrieval"])
+  retrieval = sets.karpathy(os.path.join(paths["retrieval"], "captions.json"), paths["retrieval"])
   assert len(retrieval.source) == SMALL["num_retrieval"]
   assert len(retrieval.captions) == 2 * SMALL["num_retrieval"]
   expected = np.repeat(np.arange(SMALL["num_retrieval"]), 2)
@@ -93,14 +98,16 @@ def test_ensure_reuses_matching_data(generated):
     synthetic.generate(out, num_trian=3)
 
 
-@pytest.mark.parametrize("object_share, attribute_share", [(1.0, 1.0), (0.5, 0.25), (1.0, 0.5), (0.34, 0.75), (0.0, 1.0)])
+@pytest.mark.parametrize(
+  "object_share, attribute_share", [(1.0, 1.0), (0.5, 0.25), (1.0, 0.5), (0.34, 0.75), (0.0, 1.0)]
+)
 def test_captions_name_the_stated_share_of_objects_and_attributes(object_share, attribute_share):
   rng = np.random.default_rng(5)
   for _ in range(40):
     things = synthetic_scenes.sample_scene(rng, int(rng.integers(1, 5)))
     caption = synthetic_scenes.rich_caption(things, rng, object_share, attribute_share)
     assert caption.endswith(" on a gray background")
-    body = caption[:-len(" on a gray background")]
+    body = caption[: -len(" on a gray background")]
     mentions = [] if body == "some shapes" else body.replace(" and ", ", ").split(", ")
     assert len(mentions) == int(np.ceil(object_share * len(things)))
     expected_words = int(np.ceil(attribute_share * 4))
@@ -120,7 +127,8 @@ def test_default_captions_are_the_full_descriptions_and_regions_cover_every_foun
   rng = np.random.default_rng(6)
   things = synthetic_scenes.sample_scene(rng, 3)
   caption = synthetic_scenes.rich_caption(things, np.random.default_rng(1))
-  assert sorted(caption[:-len(" on a gray background")].replace(" and ", ", ").split(", ")) == sorted(
-      t.description for t in things)
+  assert sorted(caption[: -len(" on a gray background")].replace(" and ", ", ").split(", ")) == sorted(
+    t.description for t in things
+  )
   with pytest.raises(ValueError, match="caption_objects=1.5 must be a share"):
     synthetic.generate("/nonexistent", caption_objects=1.5)

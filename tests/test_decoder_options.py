@@ -5,6 +5,8 @@ tell where an image token is, the options can); scan, remat and a data x fsdp x 
 same function.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,17 +42,21 @@ def test_b16_parameter_counts_of_each_option():
   width, tokens, queries = 512, 197, 5
   reference = 26_674_180
   expected = {
-      (): reference,
-      (("memory_position", "learned"),): reference + tokens * width,
-      (("memory_position", "sine"),): reference,
-      (("memory_position", "vit"),): reference,
-      (("box_refinement", True),): reference + queries * 4,
-      (("box_refinement", True), ("anchor_queries", True)): reference + queries * 4 + 2 * width * width + width
-                                                            + width * width + width,
+    (): reference,
+    (("memory_position", "learned"),): reference + tokens * width,
+    (("memory_position", "sine"),): reference,
+    (("memory_position", "vit"),): reference,
+    (("box_refinement", True),): reference + queries * 4,
+    (("box_refinement", True), ("anchor_queries", True)): reference
+    + queries * 4
+    + 2 * width * width
+    + width
+    + width * width
+    + width,
   }
   for options, count in expected.items():
     config = model_config("b16", **dict(options))
-    model = nnx.eval_shape(lambda: build_model(config.model, seed=0))
+    model = nnx.eval_shape(functools.partial(build_model, config.model, seed=0))
     assert param_count(model.decoder) == count, options
 
 
@@ -127,16 +133,20 @@ def test_options_are_the_same_function_scanned_rematerialized_and_sharded(option
     on_mesh = forward(sharded, images)
   for got in (forward(scanned, images), on_mesh):
     for name in ("global_embed", "region_embed", "boxes"):
-      np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)),
-                                 rtol=1e-4, atol=1e-5, err_msg=name)
+      np.testing.assert_allclose(
+        np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-4, atol=1e-5, err_msg=name
+      )
 
 
-@pytest.mark.parametrize("decoder,message", [
+@pytest.mark.parametrize(
+  "decoder,message",
+  [
     (dict(memory_position="fourier"), "memory_position='fourier' must be one of"),
     (dict(anchor_queries=True), "anchor_queries=True needs config.model.decoder.box_refinement=True"),
     (dict(position_in_values=True), "position_in_values=True needs a config.model.decoder.memory_position"),
     (dict(memory_position="sine", width=66, heads=2), "width=66 must be divisible by 4"),
-])
+  ],
+)
 def test_bad_options_are_refused_naming_the_field(decoder, message):
   with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
     validate(model_config(**decoder))
@@ -144,6 +154,7 @@ def test_bad_options_are_refused_naming_the_field(decoder, message):
 
 def test_refinement_gradients_scanned_equal_unrolled_and_each_layer_learns_its_own_correction(images):
   """The anchors learn from the first layer's boxes only: later layers start from a detached box."""
+
   def box_gradients(scan: bool):
     config = model_config(memory_position="learned", position_in_values=True, box_refinement=True)
     config.model.update(scan_layers=scan, remat=scan)
@@ -164,5 +175,10 @@ def test_refinement_gradients_scanned_equal_unrolled_and_each_layer_learns_its_o
   assert np.abs(np.asarray(last["decoder"]["bbox_embed"]["layers"][2]["kernel"][...])).max() > 1e-4
   for got, want in ((scanned_first, first), (scanned_last, last)):
     for path, value in nnx.to_flat_state(want):
-      np.testing.assert_allclose(np.asarray(dict(nnx.to_flat_state(got))[path][...]), np.asarray(value[...]),
-                                 rtol=1e-4, atol=1e-6, err_msg=str(path))
+      np.testing.assert_allclose(
+        np.asarray(dict(nnx.to_flat_state(got))[path][...]),
+        np.asarray(value[...]),
+        rtol=1e-4,
+        atol=1e-6,
+        err_msg=str(path),
+      )

@@ -28,13 +28,19 @@ def _model(kind: str, **decoder):
 
 def test_attention_weights_are_those_the_layer_applies():
   with nnx.use_eager_sharding(False):
-    layer = layers.Attention(16, 4, rngs=nnx.Rngs(0), qkv_init=jax.nn.initializers.normal(0.3),
-                             out_init=jax.nn.initializers.normal(0.3), qk_norm=True)
+    layer = layers.Attention(
+      16,
+      4,
+      rngs=nnx.Rngs(0),
+      qkv_init=jax.nn.initializers.normal(0.3),
+      out_init=jax.nn.initializers.normal(0.3),
+      qk_norm=True,
+    )
   rng = np.random.default_rng(1)
   queries, keys = (jnp.asarray(rng.normal(size=(2, n, 16)), jnp.float32) for n in (3, 5))
-  weights = layer.weights(queries, keys)                                       # [B, heads, Tq, Tk]
+  weights = layer.weights(queries, keys)  # [B, heads, Tq, Tk]
   np.testing.assert_allclose(weights.sum(-1), 1, atol=1e-6)
-  values = layer._project(keys, slice(2, 3))[:, :, 0]                          # [B, Tk, heads, kv]
+  values = layer._project(keys, slice(2, 3))[:, :, 0]  # [B, Tk, heads, kv]
   attended = jnp.einsum("bhqt,bthk->bqhk", weights, values)
   expected = jnp.einsum("bqhk,hkd->bqd", attended, layer.out_kernel[...]) + layer.out_bias[...]
   np.testing.assert_allclose(layer(queries, keys, keys), expected, atol=1e-5)
@@ -95,5 +101,5 @@ def test_inside_and_scores_equal_a_loop_over_patches():
   assert scores["pointing"] == pytest.approx(100 * np.mean([got[i, maps[i].argmax()] for i in range(6)]))
   assert scores["mass"] == pytest.approx(100 * np.mean([maps[i][got[i]].sum() for i in range(6)]))
   assert scores["uniform"] == pytest.approx(100 * got.mean())
-  uniform = attention.map_scores(np.full((6, grid * grid), 1 / grid ** 2), got)
+  uniform = attention.map_scores(np.full((6, grid * grid), 1 / grid**2), got)
   assert uniform["mass"] == pytest.approx(uniform["uniform"])

@@ -18,13 +18,10 @@ import numpy as np
 import pytest
 
 from conftest import png_bytes
-from grain_jax import experiment
-from grain_jax import main
+from grain_jax import experiment, main
 from grain_jax.config import ConfigError, eval_rules, load_config, validate
 from grain_jax.errors import BadFileError
-from grain_jax.eval import classification
-from grain_jax.eval import datasets
-from grain_jax.eval import descriptors
+from grain_jax.eval import classification, datasets, descriptors
 from grain_jax.eval import table as eval_table
 
 READABLE = [name for name, spec in datasets.TFDS_DATASETS.items() if spec.readable_labels]
@@ -37,8 +34,10 @@ def tfds_label_names(tmp_path_factory):
   """{registry name: its tfds label names in label order}, from builder info without any download."""
   tfds = pytest.importorskip("tensorflow_datasets")
   empty = str(tmp_path_factory.mktemp("no_tfds_data"))
-  return {name: list(tfds.builder(spec.tfds_name, data_dir=empty).info.features["label"].names)
-          for name, spec in datasets.TFDS_DATASETS.items()}
+  return {
+    name: list(tfds.builder(spec.tfds_name, data_dir=empty).info.features["label"].names)
+    for name, spec in datasets.TFDS_DATASETS.items()
+  }
 
 
 def class_names(name, tfds_label_names):
@@ -54,17 +53,35 @@ def _check(pairs, names, truth, how):
 
 def test_the_real_label_names_are_known_offline(tfds_label_names):
   counts = {name: len(class_names(name, tfds_label_names)) for name in datasets.TFDS_DATASETS}
-  assert counts == {"cifar10": 10, "cifar100": 100, "sun397": 397, "cars": 196, "dtd": 47, "pets": 37,
-                    "caltech101": 101, "flowers102": 102, "cub": 200, "places365": 365, "food101": 101,
-                    "imagenet": 1000, "imagenet_v2": 1000, "eurosat": 10}
+  assert counts == {
+    "cifar10": 10,
+    "cifar100": 100,
+    "sun397": 397,
+    "cars": 196,
+    "dtd": 47,
+    "pets": 37,
+    "caltech101": 101,
+    "flowers102": 102,
+    "cub": 200,
+    "places365": 365,
+    "food101": 101,
+    "imagenet": 1000,
+    "imagenet_v2": 1000,
+    "eurosat": 10,
+  }
   assert tfds_label_names["caltech101"][4] == "background_google"
 
 
 @pytest.mark.parametrize("name", READABLE)
 def test_renamed_reordered_and_separator_keys_pair_by_name(name, tfds_label_names):
   names = class_names(name, tfds_label_names)
-  styles = [lambda n: n, str.upper, lambda n: n.replace(" ", "_"), lambda n: n.replace(" ", "/"),
-            lambda n: n.replace(" ", "-") + "?"]
+  styles = [
+    lambda n: n,
+    str.upper,
+    lambda n: n.replace(" ", "_"),
+    lambda n: n.replace(" ", "/"),
+    lambda n: n.replace(" ", "-") + "?",
+  ]
   keys = [styles[i % len(styles)](n) for i, n in enumerate(names)]
   order = list(range(len(names)))
   random.Random(0).shuffle(order)
@@ -76,8 +93,7 @@ def test_slashes_and_a_trailing_bracket_match_the_scene_labels(tfds_label_names)
   raw_labels = tfds_label_names["places365"]
   names = class_names("places365", tfds_label_names)
   # "apartment_building/outdoor" written as the descriptor files do: "apartment building (outdoor)".
-  keys = [n.replace("_", " ").replace("/", " (", 1) + ")" if "/" in n else n.replace("_", " ")
-          for n in raw_labels]
+  keys = [n.replace("_", " ").replace("/", " (", 1) + ")" if "/" in n else n.replace("_", " ") for n in raw_labels]
   assert "apartment building (outdoor)" in keys
   _check(descriptors.pair(keys[::-1], names), names, keys, ["name"] * len(names))
   # A qualifier the label lacks: "crane (machine)" still pairs with "crane".
@@ -105,8 +121,12 @@ def test_a_renamed_key_in_a_reordered_file_is_not_paired_by_position(tfds_label_
   order = list(range(len(names)))
   order[0], order[1] = 1, 0  # two classes swapped: the renamed key alone still sits at its class's index
   pairs = descriptors.pair([keys[i] for i in order], names)
-  _check(pairs, names, [None if i == siamese else k for i, k in enumerate(keys)],
-         ["missing" if i == siamese else "name" for i in range(len(names))])
+  _check(
+    pairs,
+    names,
+    [None if i == siamese else k for i, k in enumerate(keys)],
+    ["missing" if i == siamese else "name" for i in range(len(names))],
+  )
 
 
 def test_a_leftover_key_naming_another_leftover_class_is_not_paired_by_position():
@@ -131,16 +151,21 @@ def test_renamed_keys_at_their_label_positions_pair_by_position(name, tfds_label
   pairs = descriptors.pair(keys, names)
   _check(pairs, names, keys, ["position" if i in renamed else "name" for i in range(len(names))])
   assert descriptors.summary(pairs) == "mixed"
-  assert [n for n, p in zip(descriptors.prompt_names(pairs), pairs) if p.how == "position"] == \
-      [keys[i] for i in sorted(renamed)]
+  assert [n for n, p in zip(descriptors.prompt_names(pairs), pairs) if p.how == "position"] == [
+    keys[i] for i in sorted(renamed)
+  ]
 
 
 def test_missing_and_extra_keys(tfds_label_names):
   names = class_names("food101", tfds_label_names)
   keys = names[:50] + names[51:] + ["not a food"]  # one class missing, an unrelated key instead
   pairs = descriptors.pair(keys, names)
-  _check(pairs, names, [None if i == 50 else n for i, n in enumerate(names)],
-         ["missing" if i == 50 else "name" for i in range(len(names))])
+  _check(
+    pairs,
+    names,
+    [None if i == 50 else n for i, n in enumerate(names)],
+    ["missing" if i == 50 else "name" for i in range(len(names))],
+  )
 
 
 @pytest.mark.parametrize("name", ["cub", "imagenet"])
@@ -182,14 +207,17 @@ def test_imagenet_file_in_another_order_is_refused(tmp_path):
 
 def _cub_source(names, labels):
   """A fake CUB test split: id labels, each example carrying its class's `label_name`, as tfds's does."""
-  info = types.SimpleNamespace(features={"label": types.SimpleNamespace(names=[str(i) for i in range(len(names))]),
-                                         "label_name": None})
+  info = types.SimpleNamespace(
+    features={"label": types.SimpleNamespace(names=[str(i) for i in range(len(names))]), "label_name": None}
+  )
 
   class FakeSource(list):
     dataset_info = info
 
-  return FakeSource({"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(l), "label_name": names[l].encode()}
-                    for l in labels)
+  return FakeSource(
+    {"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(label), "label_name": names[label].encode()}
+    for label in labels
+  )
 
 
 def test_cub_file_in_another_order_is_refused(tmp_path):
@@ -201,8 +229,11 @@ def test_cub_file_in_another_order_is_refused(tmp_path):
   cub = datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=source)
   assert cub.data.class_names == keys and cub.alignment == "position"
   path.write_text(json.dumps({key: [f"a {key} feature"] for key in keys[1:] + keys[:1]}))
-  with pytest.raises(BadFileError, match=r"descriptors_cub.json: its keys are not in label order: 0 of 4 .* 4 name "
-                                         r"another class \(key 0 'Laysan Albatross' names class 1"):
+  with pytest.raises(
+    BadFileError,
+    match=r"descriptors_cub.json: its keys are not in label order: 0 of 4 .* 4 name "
+    r"another class \(key 0 'Laysan Albatross' names class 1",
+  ):
     datasets.tfds_classification("cub", descriptors_dir=str(tmp_path), source=source)
   # A few keys written differently, the rest in order: accepted.
   path.write_text(json.dumps({key: ["a feature"] for key in ["Black footed albatross", "Laysan", "Sooty", "Ani"]}))
@@ -217,9 +248,16 @@ def test_cub_order_is_checked_before_training_when_its_data_is_prepared(tmp_path
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)), "label": tfds.features.ClassLabel(num_classes=3),
-          "label_name": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "label": tfds.features.ClassLabel(num_classes=3),
+            "label_name": tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"test": self._generate_examples()}
@@ -230,8 +268,9 @@ def test_cub_order_is_checked_before_training_when_its_data_is_prepared(tmp_path
 
   tfds_dir = str(tmp_path / "tfds")
   GrainJaxTinyBirds(data_dir=tfds_dir, file_format="array_record").download_and_prepare()
-  monkeypatch.setitem(datasets.TFDS_DATASETS, "cub", dataclasses.replace(
-      datasets.TFDS_DATASETS["cub"], tfds_name="grain_jax_tiny_birds"))
+  monkeypatch.setitem(
+    datasets.TFDS_DATASETS, "cub", dataclasses.replace(datasets.TFDS_DATASETS["cub"], tfds_name="grain_jax_tiny_birds")
+  )
   config = _eval_config(("cub",), str(tmp_path))
   config.eval.tfds_data_dir = tfds_dir
   keys = ["Laysan Albatross", "Black-footed Albatross", "Sooty Albatross"]
@@ -248,7 +287,7 @@ def _fake_source(label_names, labels):
   class FakeSource(list):
     dataset_info = info
 
-  return FakeSource({"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(l)} for l in labels)
+  return FakeSource({"image": np.zeros((4, 4, 3), np.uint8), "label": np.int64(label)} for label in labels)
 
 
 def test_registry_records_file_digest_pairing_and_empty_lists(tmp_path, tfds_label_names):
@@ -261,9 +300,9 @@ def test_registry_records_file_digest_pairing_and_empty_lists(tmp_path, tfds_lab
   path.write_text(json.dumps(raw))
   caltech = datasets.tfds_classification("caltech101", descriptors_dir=str(tmp_path), source=source)
   background = raw_labels.index("background_google")
-  kept = [i for i, l in enumerate(labels) if l != background]
+  kept = [i for i, label in enumerate(labels) if label != background]
   assert len(caltech.data.source) == len(kept) == 2 * 101
-  expected_labels = [l - (l > background) for l in labels if l != background]
+  expected_labels = [label - (label > background) for label in labels if label != background]
   assert [caltech.data.source[i]["label"] for i in range(len(kept))] == expected_labels
   assert caltech.data.class_names == names and caltech.alignment == "name"
   info = caltech.descriptors
@@ -275,8 +314,9 @@ def test_registry_records_file_digest_pairing_and_empty_lists(tmp_path, tfds_lab
 
 def _eval_config(classification, descriptors_dir="", allow_missing=False):
   config = load_config("configs/base.py:tiny")
-  config.eval.update(classification=classification, descriptors_dir=descriptors_dir,
-                     allow_missing_descriptors=allow_missing)
+  config.eval.update(
+    classification=classification, descriptors_dir=descriptors_dir, allow_missing_descriptors=allow_missing
+  )
   return config
 
 
@@ -288,7 +328,7 @@ def test_validate_refuses_a_missing_or_broken_descriptor_file(tmp_path):
   allowed = _eval_config(("food101", "cub"), str(tmp_path), allow_missing=True)
   with pytest.raises(ConfigError, match="descriptors_cub.json.*labels are ids.*release"):
     validate(allowed, evaluation_files=True)  # CUB's classes are named only by its file
-  (tmp_path / "descriptors_cub.json").write_text("{\"Laysan Albatross\": \"not a list\"}")
+  (tmp_path / "descriptors_cub.json").write_text('{"Laysan Albatross": "not a list"}')
   with pytest.raises(ConfigError, match="descriptors_cub.json must be a JSON object"):
     validate(allowed, evaluation_files=True)
   birds = {f"bird {i}": [f"feature {i}"] for i in range(200)}
@@ -332,41 +372,69 @@ def test_descriptor_files_are_checked_once_per_run(arms, tmp_path, monkeypatch):
 
 
 def _set_result(name, heads, alignment="name"):
-  return {"name": name, "in_average": datasets.paper_set(name) in datasets.PAPER_AVERAGE, "alignment": alignment,
-          "heads": {h: {"top1": top1} for h, top1 in heads.items()}}
+  return {
+    "name": name,
+    "in_average": datasets.paper_set(name) in datasets.PAPER_AVERAGE,
+    "alignment": alignment,
+    "heads": {h: {"top1": top1} for h, top1 in heads.items()},
+  }
 
 
 def test_the_average_says_which_sets_each_head_covers():
   rng = np.random.default_rng(0)
-  results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
-             for n in datasets.PAPER_AVERAGE}
+  results = {
+    n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
+    for n in datasets.PAPER_AVERAGE
+  }
   results["imagenet"] = _set_result("imagenet", {"names/global": 1.0})
   complete = classification.average(results)
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   for head in ("names/global", "descriptions/global"):
     assert complete["top1"][head] == pytest.approx(
-        np.mean([results[n]["heads"][head]["top1"] for n in datasets.PAPER_AVERAGE]))
+      np.mean([results[n]["heads"][head]["top1"] for n in datasets.PAPER_AVERAGE])
+    )
   del results["sun397"]["heads"]["descriptions/global"]  # sun397 evaluated without its file
   partial = classification.average(results)
   assert partial["paper_metric"] == ["names/global"]
   assert partial["covers"]["descriptions/global"] == [n for n in datasets.PAPER_AVERAGE if n != "sun397"]
   assert partial["top1"]["descriptions/global"] == pytest.approx(
-      np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"]))
-  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": partial,
-                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
+    np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in datasets.PAPER_AVERAGE if n != "sun397"])
+  )
+  table = eval_table.format_table(
+    {
+      "settings": SETTINGS,
+      "classification": {},
+      "classification_average": partial,
+      "retrieval": {},
+      "grounding": {},
+      "attention": {},
+      "probes": {},
+    }
+  )
   rows = [line.split() for line in table.splitlines()]
   assert ["paper", "mean", "of", "11", "top1", "names/global", f"{partial['top1']['names/global']:.2f}"] in rows
-  assert ["partial", "mean", "(10", "of", "11)", "top1", "descriptions/global",
-          f"{partial['top1']['descriptions/global']:.2f}"] in rows
+  assert [
+    "partial",
+    "mean",
+    "(10",
+    "of",
+    "11)",
+    "top1",
+    "descriptions/global",
+    f"{partial['top1']['descriptions/global']:.2f}",
+  ] in rows
   del results["cifar10"]
-  assert classification.average(results)["paper_metric"] == [] and classification.average(results)["missing"] == ["cifar10"]
+  assert classification.average(results)["paper_metric"] == [] and classification.average(results)["missing"] == [
+    "cifar10"
+  ]
 
 
 def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_description_heads():
   rng = np.random.default_rng(1)
   names = [{"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in datasets.PAPER_AVERAGE]
-  results = {n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)})
-             for n in names}
+  results = {
+    n: _set_result(n, {"names/global": rng.uniform(0, 100), "descriptions/global": rng.uniform(0, 100)}) for n in names
+  }
   complete = classification.average(results)  # the authors' SUN397 and Places365 count as those sets
   assert complete["paper_metric"] == ["names/global", "descriptions/global"] and complete["missing"] == []
   results["caltech101"]["alignment"] = "partial"  # e.g. a Caltech-101 file without classes 4 to 11
@@ -375,7 +443,17 @@ def test_a_set_with_unpaired_classes_is_not_in_the_papers_mean_of_its_descriptio
   others = [n for n in names if n != "caltech101"]
   assert average["covers"]["descriptions/global"] == others and average["covers"]["names/global"] == names
   assert average["top1"]["descriptions/global"] == pytest.approx(
-      np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others]))
-  table = eval_table.format_table({"settings": SETTINGS, "classification": {}, "classification_average": average,
-                            "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}})
+    np.mean([results[n]["heads"]["descriptions/global"]["top1"] for n in others])
+  )
+  table = eval_table.format_table(
+    {
+      "settings": SETTINGS,
+      "classification": {},
+      "classification_average": average,
+      "retrieval": {},
+      "grounding": {},
+      "attention": {},
+      "probes": {},
+    }
+  )
   assert "partial mean (10 of 11)  top1 descriptions/global" in table

@@ -6,8 +6,7 @@ import pytest
 
 from conftest import unit_rows
 from grain_jax.config import ConfigError, eval_rules
-from grain_jax.eval import heads
-from grain_jax.eval import protocol
+from grain_jax.eval import heads, protocol
 from grain_jax.eval.heads import ClassTexts
 
 
@@ -21,8 +20,12 @@ def _per_prompt(rng, classes, width, counts):
 @pytest.fixture(scope="module")
 def case():
   rng = np.random.default_rng(3)
-  texts = {"names": ClassTexts(unit_rows(rng, 4, 6)), "descriptions": ClassTexts(unit_rows(rng, 4, 6)),
-           "descriptors": _per_prompt(rng, 4, 3, [3, 1, 2, 3]), "joined": _per_prompt(rng, 4, 1, [1] * 4)}
+  texts = {
+    "names": ClassTexts(unit_rows(rng, 4, 6)),
+    "descriptions": ClassTexts(unit_rows(rng, 4, 6)),
+    "descriptors": _per_prompt(rng, 4, 3, [3, 1, 2, 3]),
+    "joined": _per_prompt(rng, 4, 1, [1] * 4),
+  }
   return unit_rows(rng, 5, 6), unit_rows(rng, 5, 4, 6), texts
 
 
@@ -30,8 +33,9 @@ def _reference(head, global_embed, region_embed, texts, alpha):
   """One image and one class at a time, the definitions of heads.py written out."""
   prompts, rule = head.split("/")
   if prompts == "mixed":
-    return (alpha * _reference("descriptions/global", global_embed, region_embed, texts, alpha)
-            + (1 - alpha) * _reference(f"descriptors/{rule}", global_embed, region_embed, texts, alpha))
+    return alpha * _reference("descriptions/global", global_embed, region_embed, texts, alpha) + (
+      1 - alpha
+    ) * _reference(f"descriptors/{rule}", global_embed, region_embed, texts, alpha)
   text = texts[prompts]
   out = np.zeros((len(global_embed), len(text.class_vectors)))
   for b in range(len(global_embed)):
@@ -39,8 +43,8 @@ def _reference(head, global_embed, region_embed, texts, alpha):
       if rule == "global":
         out[b, c] = global_embed[b] @ text.class_vectors[c]
         continue
-      own = text.prompt_embeds[c][text.prompt_mask[c]]      # [P_c, E]
-      per_query = region_embed[b] @ own.T                   # [Q, P_c]
+      own = text.prompt_embeds[c][text.prompt_mask[c]]  # [P_c, E]
+      per_query = region_embed[b] @ own.T  # [Q, P_c]
       out[b, c] = per_query.max(1).mean() if rule == "region" else per_query.mean(1).max()
   return out
 
@@ -48,8 +52,11 @@ def _reference(head, global_embed, region_embed, texts, alpha):
 @pytest.mark.parametrize("head", heads.HEADS)
 def test_every_head_equals_its_numpy_definition(case, head):
   global_embed, region_embed, texts = case
-  np.testing.assert_allclose(heads.scores(head, global_embed, region_embed, texts, 0.3),
-                             _reference(head, global_embed, region_embed, texts, 0.3), atol=1e-5)
+  np.testing.assert_allclose(
+    heads.scores(head, global_embed, region_embed, texts, 0.3),
+    _reference(head, global_embed, region_embed, texts, 0.3),
+    atol=1e-5,
+  )
 
 
 def test_region_heads_need_region_queries_and_heads_are_classified(case):
@@ -57,7 +64,11 @@ def test_region_heads_need_region_queries_and_heads_are_classified(case):
   with pytest.raises(ValueError, match="plain-CLIP baseline has none"):
     heads.scores("descriptors/region", global_embed, None, texts, 0.5)
   assert [h for h in heads.HEADS if not heads.needs_regions(h)] == [
-      "names/global", "descriptions/global", "descriptors/global", "joined/global"]
+    "names/global",
+    "descriptions/global",
+    "descriptors/global",
+    "joined/global",
+  ]
   assert heads.prompt_sets(["mixed/best_region"]) == ("descriptions", "descriptors")
   assert heads.components("mixed/region") == ("descriptions/global", "descriptors/region")
   with pytest.raises(ValueError, match="unknown head 'descriptions/region'"):

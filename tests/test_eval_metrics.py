@@ -12,12 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import unit_rows
-from grain_jax.eval import datasets
-from grain_jax.eval import grounding
-from grain_jax.eval import pictures
-from grain_jax.eval import retrieval
-from grain_jax.eval import sets
-from grain_jax.eval import zeroshot
+from grain_jax.eval import datasets, grounding, pictures, retrieval, sets, zeroshot
 from grain_jax.ops import localization
 
 
@@ -44,8 +39,10 @@ def test_classification_metrics():
   m = zeroshot.metrics(top, labels, ["a", "b", "c"], num_confusions=2)
   assert m["top1"] == pytest.approx(40) and m["top5"] == pytest.approx(100)
   assert m["per_class"] == {"a": 50, "b": 0, "c": 50} and m["mean_per_class"] == pytest.approx(100 / 3)
-  assert m["confusions"][0] in ({"true": "a", "predicted": "b", "count": 1},
-                                {"true": "c", "predicted": "a", "count": 1})
+  assert m["confusions"][0] in (
+    {"true": "a", "predicted": "b", "count": 1},
+    {"true": "c", "predicted": "a", "count": 1},
+  )
   assert len(m["confusions"]) == 2 and m["num_examples"] == 5
 
 
@@ -68,8 +65,19 @@ def test_shipped_class_lists_are_in_label_order():
 
 
 def test_registry_has_the_papers_eleven_and_imagenet():
-  assert set(datasets.PAPER_AVERAGE) == {"cifar10", "cifar100", "sun397", "cars", "dtd", "pets", "caltech101",
-                                         "flowers102", "cub", "places365", "food101"}
+  assert set(datasets.PAPER_AVERAGE) == {
+    "cifar10",
+    "cifar100",
+    "sun397",
+    "cars",
+    "dtd",
+    "pets",
+    "caltech101",
+    "flowers102",
+    "cub",
+    "places365",
+    "food101",
+  }
   assert datasets.TFDS_DATASETS["imagenet"].tfds_name == "imagenet2012"
   assert datasets.TFDS_DATASETS["imagenet"].split == "validation"
 
@@ -89,8 +97,9 @@ def test_tfds_classification_names_and_descriptors(tmp_path):
   plain = datasets.tfds_classification("food101", source=source)
   assert plain.data.class_names == ["apple pie", "baby back ribs"] and plain.alignment == "none"
   assert plain.data.source[1]["label"] == 1 and plain.in_average
-  (tmp_path / "descriptors_food101.json").write_text(json.dumps(
-      {"baby back ribs": ["a glaze"], "apple pie": ["a crust"]}))
+  (tmp_path / "descriptors_food101.json").write_text(
+    json.dumps({"baby back ribs": ["a glaze"], "apple pie": ["a crust"]})
+  )
   described = datasets.tfds_classification("food101", descriptors_dir=str(tmp_path), source=source)
   assert described.alignment == "name" and described.data.descriptors["apple pie"] == ["a crust"]
   ids = _fake_tfds_source(["0", "1"])  # CUB's tfds labels are numbers
@@ -102,8 +111,9 @@ def test_tfds_classification_names_and_descriptors(tmp_path):
 def test_a_prepared_tfds_dataset_reads_through_the_registry(tmp_path, monkeypatch, tiny_tfds):
   name, tfds_dir = tiny_tfds(["/t/tabby_cat", "golden_retriever"], [0, 100, 200])
   monkeypatch.setitem(datasets.TFDS_DATASETS, "tiny", datasets.TfdsDataset(name, "test", "descriptors_tiny.json"))
-  (tmp_path / "descriptors_tiny.json").write_text(json.dumps({"tabby cat": ["stripes"],
-                                                              "golden retriever": ["golden fur"]}))
+  (tmp_path / "descriptors_tiny.json").write_text(
+    json.dumps({"tabby cat": ["stripes"], "golden retriever": ["golden fur"]})
+  )
   tiny = datasets.tfds_classification("tiny", tfds_dir, str(tmp_path))
   assert tiny.data.class_names == ["tabby cat", "golden retriever"] and tiny.alignment == "name"
   batch = next(iter(sets.image_batches(tiny.data.source, 16, 4, 0, 1)))
@@ -127,8 +137,15 @@ def test_grounding_assignment_iou_and_picture(tmp_path):
   picture = np.asarray(Image.open(path))
   assert picture.shape == (64, 64, 3) and (picture != 90).any()
   # With the truth: two panels (true boxes, predicted), a title strip above them.
-  path = pictures.draw(image, boxes, ["a red square", "a blue circle"], str(tmp_path / "p" / "g2.png"),
-                        true_boxes=boxes[::-1], other_boxes=boxes[:1], size=64)
+  path = pictures.draw(
+    image,
+    boxes,
+    ["a red square", "a blue circle"],
+    str(tmp_path / "p" / "g2.png"),
+    true_boxes=boxes[::-1],
+    other_boxes=boxes[:1],
+    size=64,
+  )
   picture = np.asarray(Image.open(path))
   assert picture.shape == (64 + 16, 2 * 64 + 8, 3)
   truth, predicted = picture[16:, :64], picture[16:, 72:]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from grain_jax.data import synthetic
-from grain_jax.data import synthetic_scenes
+from grain_jax.data import synthetic, synthetic_scenes
 from grain_jax.eval import probe
 
 
@@ -17,8 +16,11 @@ def test_the_gradient_is_the_losss():
   features, labels = rng.normal(size=(12, 5)), rng.integers(0, 3, 12)
   onehot = np.eye(3)[labels]
   point = rng.normal(size=6 * 3)
-  error = optimize.check_grad(lambda w: probe.loss_and_gradient(w, features, onehot)[0],
-                              lambda w: probe.loss_and_gradient(w, features, onehot)[1], point)
+  error = optimize.check_grad(
+    lambda w: probe.loss_and_gradient(w, features, onehot)[0],
+    lambda w: probe.loss_and_gradient(w, features, onehot)[1],
+    point,
+  )
   assert error < 1e-5
   value, _ = probe.loss_and_gradient(np.zeros(18), features, onehot)
   assert value == pytest.approx(np.log(3))  # uniform predictions

@@ -5,7 +5,9 @@ import pytest
 from grain_jax.eval import prompts
 
 
-@pytest.mark.parametrize("descriptor, expected", [
+@pytest.mark.parametrize(
+  "descriptor, expected",
+  [
     ("a red beak", " which is a red beak"),
     ("an orange tail", " which is an orange tail"),
     ("used for cutting", " which is used for cutting"),
@@ -18,7 +20,8 @@ from grain_jax.eval import prompts
     # The reference compares raw prefixes: these are its quirks, kept for parity.
     ("antennae", " which is antennae"),
     ("canine teeth", " which canine teeth"),
-])
+  ],
+)
 def test_connectives_are_the_reference_s(descriptor, expected):
   assert prompts.connective(descriptor) == expected
 
@@ -34,14 +37,19 @@ def test_class_texts_pair_every_descriptor_with_every_template():
   templates = ("a photo of a {}.", "itap of my {},", "art of {}")
   assert prompts.class_texts("cat", templates) == ["a photo of a cat.", "itap of my cat,", "art of cat"]
   texts = prompts.class_texts("cat", templates, ["whiskers", "a tail"])
-  assert texts == ["a photo of a cat, which has whiskers", "itap of my cat, which has whiskers",
-                   "art of cat, which has whiskers", "a photo of a cat, which is a tail",
-                   "itap of my cat, which is a tail", "art of cat, which is a tail"]
+  assert texts == [
+    "a photo of a cat, which has whiskers",
+    "itap of my cat, which has whiskers",
+    "art of cat, which has whiskers",
+    "a photo of a cat, which is a tail",
+    "itap of my cat, which is a tail",
+    "art of cat, which is a tail",
+  ]
 
 
 def test_bird_templates_give_the_reference_texts_exactly():
   for template in prompts.BIRD_TEMPLATES:
-    text, = prompts.class_texts("hooded oriole", (template,), ["has a black throat"])
+    (text,) = prompts.class_texts("hooded oriole", (template,), ["has a black throat"])
     assert text == template.format("hooded oriole") + " which has a black throat"
 
 

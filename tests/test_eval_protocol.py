@@ -11,16 +11,15 @@ from PIL import Image
 
 from grain_jax.config import load_config, validate
 from grain_jax.data import examples
-from grain_jax.eval import prompts
-from grain_jax.eval import protocol
-from grain_jax.eval import run
-from grain_jax.eval import zeroshot
+from grain_jax.eval import prompts, protocol, run, zeroshot
 from grain_jax.eval.runner import Runner
 from grain_jax.models.grain import build_model
 
-DESCRIPTORS = {"red circle": ["red color", "a round shape", "used as a sign"],
-               "blue square": ["has four corners", "blue color"],
-               "green cross": ["often green", "two crossing bars"]}
+DESCRIPTORS = {
+  "red circle": ["red color", "a round shape", "used as a sign"],
+  "blue square": ["has four corners", "blue color"],
+  "green cross": ["often green", "two crossing bars"],
+}
 
 
 def _authors_text(template: str, name: str, descriptor: str) -> str:
@@ -59,8 +58,15 @@ def folder(tmp_path_factory):
 
 def test_authors_protocol_predictions_equal_a_numpy_rewrite_of_their_evaluation(folder, tmp_path):
   config = load_config("configs/base.py:tiny")
-  config.eval.update(protocol="authors", classification=(f"folder:{folder}",), retrieval=(), grounding=(),
-                     probes=(), batch_size=4, text_batch_size=64)
+  config.eval.update(
+    protocol="authors",
+    classification=(f"folder:{folder}",),
+    retrieval=(),
+    grounding=(),
+    probes=(),
+    batch_size=4,
+    text_batch_size=64,
+  )
   validate(config)
   model = build_model(config.model, seed=3)
   model.eval()
@@ -81,16 +87,24 @@ def test_authors_protocol_predictions_equal_a_numpy_rewrite_of_their_evaluation(
     class_vectors.append((embeds / np.linalg.norm(embeds, axis=1, keepdims=True)).mean(axis=0))  # no renorm
   expected = (image_embeds @ np.array(class_vectors).T).argmax(axis=1)
 
-  scores = zeroshot.classify(model, [str(f) for f in files], classes, DESCRIPTORS, template_set=settings["templates"],
-                             head="descriptions/global", renormalize=settings["renormalize"],
-                             runner=Runner(batch_size=4, text_batch_size=64))
+  scores = zeroshot.classify(
+    model,
+    [str(f) for f in files],
+    classes,
+    DESCRIPTORS,
+    template_set=settings["templates"],
+    head="descriptions/global",
+    renormalize=settings["renormalize"],
+    runner=Runner(batch_size=4, text_batch_size=64),
+  )
   np.testing.assert_array_equal(scores.argmax(axis=1), expected)
   np.testing.assert_allclose(scores, image_embeds @ np.array(class_vectors).T, atol=1e-4)  # not renormalized
 
   results = run.run_evaluation(config, model, str(tmp_path))
   paper = results["classification"][folder.name]["heads"]["descriptions/global"]
   assert paper["top1"] == pytest.approx(100 * np.mean(expected == labels))
-  assert paper["per_class"] == pytest.approx({name: 100 * np.mean(expected[labels == c] == c)
-                                              for c, name in enumerate(classes)})
+  assert paper["per_class"] == pytest.approx(
+    {name: 100 * np.mean(expected[labels == c] == c) for c, name in enumerate(classes)}
+  )
   assert list(results["classification"][folder.name]["heads"]) == list(settings["heads"])
   assert results["settings"]["protocol"] == "authors" and results["settings"]["departures"] == {}

@@ -11,8 +11,7 @@ from PIL import Image
 
 from grain_jax.data import examples
 from grain_jax.errors import BadFileError
-from grain_jax.eval import datasets
-from grain_jax.eval import sets
+from grain_jax.eval import datasets, sets
 
 
 def _folder(root, classes=("red thing", "blue thing"), per_class=3):
@@ -60,14 +59,13 @@ def test_image_batches_pad_and_shard_over_hosts(tmp_path):
   source = sets.image_folder(str(_folder(tmp_path, per_class=5))).source  # 10 images
   seen = []
   for host in range(2):
-    batches = list(sets.image_batches(source, 16, batch_size=2, process_index=host,
-                                           process_count=2))
+    batches = list(sets.image_batches(source, 16, batch_size=2, process_index=host, process_count=2))
     assert len(batches) == 3  # 5 images per host, padded to 6
     batch = batches[-1]
     assert batch["image"].shape == (2, 16, 16, 3) and batch["image"].dtype == np.float32
     assert batch["valid"].tolist() == [True, False] and (batch["image"][1] == 0).all()
     seen += [int(i) for b in batches for i, v in zip(b["index"], b["valid"]) if v]
-    labels = [int(l) for b in batches for l, v in zip(b["label"], b["valid"]) if v]
+    labels = [int(label) for b in batches for label, v in zip(b["label"], b["valid"]) if v]
     assert labels == [source[i]["label"] for i in seen[-5:]]
   assert sorted(seen) == list(range(10))
   first = next(iter(sets.image_batches(source, 16, 2, 0, 1)))

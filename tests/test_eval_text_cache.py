@@ -10,8 +10,7 @@ import pytest
 from flax import nnx
 
 from grain_jax.config import load_config
-from grain_jax.eval import text_cache
-from grain_jax.eval import zeroshot
+from grain_jax.eval import text_cache, zeroshot
 from grain_jax.eval.heads import ClassTexts
 from grain_jax.eval.runner import Runner
 from grain_jax.models.grain import build_model
@@ -40,6 +39,7 @@ def embed(model, runner, directory, prompt_set="descriptors", **kwargs):
 def forbid_the_text_tower(monkeypatch, runner):
   def fail(*args, **kwargs):
     raise AssertionError("the text tower ran although the embeddings were cached")
+
   monkeypatch.setattr(runner, "encode_texts", fail)
 
 
@@ -94,6 +94,7 @@ def test_a_damaged_entry_is_computed_again_with_a_warning(runner, tmp_path, capl
 def test_a_write_cut_short_leaves_no_entry(runner, tmp_path, monkeypatch):
   def crash(fd):
     raise OSError(28, "No space left on device")
+
   monkeypatch.setattr(os, "fsync", crash)
   with pytest.raises(OSError, match="No space left"):
     embed(tiny_model(), runner, tmp_path)

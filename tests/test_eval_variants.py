@@ -6,10 +6,8 @@ import os
 import pytest
 from PIL import Image
 
-from grain_jax.config import ConfigError, load_config, validate
-from grain_jax.config import eval_rules, recipe
-from grain_jax.eval import datasets
-from grain_jax.eval import sets
+from grain_jax.config import ConfigError, eval_rules, load_config, recipe, validate
+from grain_jax.eval import datasets, sets
 
 
 def torchvision_places365(root, labels):
@@ -41,8 +39,11 @@ def test_places365_full_needs_its_download_before_training(tmp_path):
   config = load_config("configs/base.py:tiny")
   config.eval.update(classification=("places365:full",), allow_missing_descriptors=True)
   validate(config)  # the schema alone reads nothing
-  with pytest.raises(ConfigError, match=r"places365_dir='' lacks categories_places365.txt, places365_val.txt, "
-                                        r"val_large: torchvision.datasets.Places365"):
+  with pytest.raises(
+    ConfigError,
+    match=r"places365_dir='' lacks categories_places365.txt, places365_val.txt, "
+    r"val_large: torchvision.datasets.Places365",
+  ):
     validate(config, evaluation_files=True)
   torchvision_places365(tmp_path / "places365", [0])
   config.eval.places365_dir = str(tmp_path / "places365")
@@ -69,7 +70,9 @@ def test_variants_are_entries_and_count_as_their_set():
   section.classification = ("sun397:full",)
   with pytest.raises(ConfigError, match=r"'sun397:full' is not a dataset: .*sun397:all, places365:full"):
     eval_rules.check_entries(section)
-  assert set(datasets.AUTHORS_PAPER_SETS) == set(datasets.PAPER_AVERAGE) - {"sun397", "places365"} | set(datasets.VARIANTS)
+  assert set(datasets.AUTHORS_PAPER_SETS) == set(datasets.PAPER_AVERAGE) - {"sun397", "places365"} | set(
+    datasets.VARIANTS
+  )
 
 
 @pytest.mark.parametrize("kind", recipe.KINDS)

@@ -6,17 +6,17 @@ from flax import nnx
 
 from grain_jax.config import load_config
 from grain_jax.data import examples
-from grain_jax.eval import grounding
-from grain_jax.eval import heads
-from grain_jax.eval import prompts
-from grain_jax.eval import zeroshot
+from grain_jax.eval import grounding, heads, prompts, zeroshot
 from grain_jax.eval.runner import Runner
-from grain_jax.ops.normalize import l2_normalize
 from grain_jax.models.grain import build_model
+from grain_jax.ops.normalize import l2_normalize
 
 CLASSES = ["red circle", "blue square", "striped triangle"]
-DESCRIPTORS = {"red circle": ["red color", "a round shape"], "blue square": ["has four corners"],
-               "striped triangle": ["stripes", "three corners", "a pointed top"]}
+DESCRIPTORS = {
+  "red circle": ["red color", "a round shape"],
+  "blue square": ["has four corners"],
+  "striped triangle": ["stripes", "three corners", "a pointed top"],
+}
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.")
 
 
@@ -54,8 +54,8 @@ def image_outputs(model, images):
 def _text(model, texts):
   """Reference text embeddings, one compile: always 16 rows of 16 tokens."""
   ids = np.zeros((16, 16), np.int32)
-  ids[:len(texts)] = examples.tokenize(texts)[:, :16]
-  return np.asarray(_encode_text(model, ids))[:len(texts)]
+  ids[: len(texts)] = examples.tokenize(texts)[:, :16]
+  return np.asarray(_encode_text(model, ids))[: len(texts)]
 
 
 def test_class_vectors_are_means_of_prompt_embeddings_per_prompt_set(model, runner):
@@ -68,26 +68,30 @@ def test_class_vectors_are_means_of_prompt_embeddings_per_prompt_set(model, runn
     np.testing.assert_allclose(raw.class_vectors[label], mean, atol=1e-5)
     np.testing.assert_allclose(text.class_vectors[label], mean / np.linalg.norm(mean), atol=1e-5)
     described = len(DESCRIPTORS[name])
-    np.testing.assert_allclose(descriptors.prompt_embeds[label, :described], _text(model, DESCRIPTORS[name]),
-                               atol=1e-5)
-    np.testing.assert_allclose(descriptors.class_vectors[label], _text(model, DESCRIPTORS[name]).mean(axis=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(descriptors.prompt_embeds[label, :described], _text(model, DESCRIPTORS[name]), atol=1e-5)
+    np.testing.assert_allclose(
+      descriptors.class_vectors[label], _text(model, DESCRIPTORS[name]).mean(axis=0), atol=1e-5
+    )
     assert descriptors.prompt_mask[label].tolist() == [i < described for i in range(3)]
-    np.testing.assert_allclose(joined.prompt_embeds[label, 0], _text(model, [", ".join(DESCRIPTORS[name])])[0],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+      joined.prompt_embeds[label, 0], _text(model, [", ".join(DESCRIPTORS[name])])[0], atol=1e-5
+    )
   assert text.prompt_embeds is None and joined.prompt_mask.all()
   assert (np.linalg.norm(raw.class_vectors, axis=1) < 1 - 1e-3).all()
   names_only = zeroshot.class_texts(model, runner, "names", CLASSES, None, TEMPLATES)
-  np.testing.assert_allclose(names_only.class_vectors[0], l2_normalize(
-      _text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)), atol=1e-5)
+  np.testing.assert_allclose(
+    names_only.class_vectors[0],
+    l2_normalize(_text(model, [t.format(CLASSES[0]) for t in TEMPLATES]).mean(axis=0)),
+    atol=1e-5,
+  )
 
 
 def test_classify_equals_scoring_by_hand(model, runner, images, image_outputs):
   global_embed, region_embed, _ = image_outputs
-  scores = zeroshot.classify(model, images, CLASSES, DESCRIPTORS, template_set="photo", head="mixed/region",
-                             alpha=0.3, runner=runner)
-  texts = zeroshot.texts_for_heads(model, runner, ("mixed/region",), CLASSES, DESCRIPTORS,
-                                   prompts.templates("photo"))
+  scores = zeroshot.classify(
+    model, images, CLASSES, DESCRIPTORS, template_set="photo", head="mixed/region", alpha=0.3, runner=runner
+  )
+  texts = zeroshot.texts_for_heads(model, runner, ("mixed/region",), CLASSES, DESCRIPTORS, prompts.templates("photo"))
   assert scores.shape == (5, 3)
   np.testing.assert_allclose(scores, heads.scores("mixed/region", global_embed, region_embed, texts, 0.3), atol=1e-5)
   batch = np.stack([examples.load_image(image, 32) for image in images])

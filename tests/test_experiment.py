@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from grain_jax import experiment
-from grain_jax import main
+from grain_jax import experiment, main
 from grain_jax.config import ConfigError, load_config
 from grain_jax.errors import ArgumentError
 from grain_jax.eval import table as eval_table
@@ -25,20 +24,29 @@ def test_arms_are_trained_evaluated_and_compared(tmp_path):
   config = load_config("configs/demo.py")
   config.model.decoder.update(depth=2, width=64, mlp_dim=128)  # the demo's options, the tests' size
   config.data.batch_size = 8
-  config.data.synthetic.update(image_size=32, num_train=16, num_attribute_classes=3, num_novel_classes=3,
-                               images_per_class=2, num_retrieval=4, num_grounding=3)
+  config.data.synthetic.update(
+    image_size=32,
+    num_train=16,
+    num_attribute_classes=3,
+    num_novel_classes=3,
+    images_per_class=2,
+    num_retrieval=4,
+    num_grounding=3,
+  )
   config.train.update(num_steps=2, log_every=1, checkpoint_every=2)
   config.eval.update(batch_size=8, text_batch_size=64)
   results = experiment.run(config, str(tmp_path))
 
-  assert sorted(os.listdir(tmp_path)) == ["clip_seed0", "comparison.json", "comparison.md", "grain_seed0",
-                                          "synthetic"]
+  assert sorted(os.listdir(tmp_path)) == ["clip_seed0", "comparison.json", "comparison.md", "grain_seed0", "synthetic"]
   rows = json.load(open(tmp_path / "comparison.json"))
   assert "synthetic/novel top-1 (mixed/region)" in rows["grain_seed0"]
   assert "synthetic/novel top-1 (mixed/region)" not in rows["clip_seed0"]
   assert "synthetic/novel top-1 (joined/global)" in rows["clip_seed0"]  # CLIP runs every global head
-  assert {"synthetic grounding recall@0.5 (chosen query)", "synthetic grounding recall@0.5 (best query)",
-          "synthetic attention pointing in true boxes (global)"} <= set(rows["grain_seed0"])
+  assert {
+    "synthetic grounding recall@0.5 (chosen query)",
+    "synthetic grounding recall@0.5 (best query)",
+    "synthetic attention pointing in true boxes (global)",
+  } <= set(rows["grain_seed0"])
   assert "synthetic attention mass in own box (chosen query)" not in rows["clip_seed0"]
   table = open(tmp_path / "comparison.md").read()
   assert table.startswith("| metric | no skill | grain | clip | grain - clip, paired |")
@@ -64,20 +72,38 @@ def test_every_arm_is_validated_before_the_first_trains(tmp_path, monkeypatch):
 
 
 def _evaluation(top1: float) -> dict:
-  return {"classification": {"novel": {"chance_top1": 25.0, "heads": {"descriptors/region": {"top1": top1 + 5},
-                                                                       "descriptions/global": {"top1": top1}}}},
-          "retrieval": {}, "grounding": {}, "attention": {}, "probes": {}}
+  return {
+    "classification": {
+      "novel": {
+        "chance_top1": 25.0,
+        "heads": {"descriptors/region": {"top1": top1 + 5}, "descriptions/global": {"top1": top1}},
+      }
+    },
+    "retrieval": {},
+    "grounding": {},
+    "attention": {},
+    "probes": {},
+  }
 
 
 def test_worlds_and_settings_lay_out_runs_and_pair_differences(tmp_path, monkeypatch):
   config = load_config("configs/demo.py")
-  config.experiment.update(worlds=(3, 4), seeds=(0, 1), settings=("rich: data.synthetic.caption_attributes=1.0",
-                                                                   "sparse: data.synthetic.caption_attributes=0.25"))
+  config.experiment.update(
+    worlds=(3, 4),
+    seeds=(0, 1),
+    settings=("rich: data.synthetic.caption_attributes=1.0", "sparse: data.synthetic.caption_attributes=0.25"),
+  )
   seen = []
 
   def fake(run_config, workdir):
-    seen.append((os.path.relpath(workdir, tmp_path), run_config.data.synthetic.seed,
-                 run_config.data.synthetic.caption_attributes, os.path.relpath(run_config.data.synthetic_dir, tmp_path)))
+    seen.append(
+      (
+        os.path.relpath(workdir, tmp_path),
+        run_config.data.synthetic.seed,
+        run_config.data.synthetic.caption_attributes,
+        os.path.relpath(run_config.data.synthetic_dir, tmp_path),
+      )
+    )
     grain = run_config.model.kind == "grain"
     top1 = 10 * run_config.data.synthetic.seed + run_config.seed + (30 if grain else 0)
     evaluation = _evaluation(top1)
@@ -94,15 +120,21 @@ def test_worlds_and_settings_lay_out_runs_and_pair_differences(tmp_path, monkeyp
   assert table.count("## setting ") == 2
   # grain's top-1 is clip's + 30 in every (world, seed): the paired difference has no spread.
   # No skill differs from world to world here: the table gives its mean.
-  assert ("| **novel top-1 (descriptions/global)** (the paper's) | 21.0 | 65.5 +- 5.0 | 35.5 +- 5.0 | +30.0 +- 0.0 | "
-          "+30.0 +- 0.0 / +30.0 +- 0.0 |") in table
+  assert (
+    "| **novel top-1 (descriptions/global)** (the paper's) | 21.0 | 65.5 +- 5.0 | 35.5 +- 5.0 | +30.0 +- 0.0 | "
+    "+30.0 +- 0.0 / +30.0 +- 0.0 |"
+  ) in table
   assert "| novel top-1 (descriptors/region) [grain only] | 21.0 | 70.5 +- 5.0 | n/a | n/a | n/a |" in table
   assert set(json.load(open(tmp_path / "comparison.json"))) >= {"rich/world3/grain_seed0", "sparse/world4/clip_seed1"}
 
 
 def test_comparison_table_marks_heads_one_arm_lacks_and_pairs_by_run():
-  per_run = {("a", None, 0): {"x": 50.0, "y": 1.0}, ("b", None, 0): {"x": 40.0},
-             ("a", None, 1): {"x": 60.0, "y": 3.0}, ("b", None, 1): {"x": 30.0}}
+  per_run = {
+    ("a", None, 0): {"x": 50.0, "y": 1.0},
+    ("b", None, 0): {"x": 40.0},
+    ("a", None, 1): {"x": 60.0, "y": 3.0},
+    ("b", None, 1): {"x": 30.0},
+  }
   table = experiment.comparison_table(per_run, {"x": 10.0}, ["a", "b"], (0, 1))
   assert table.splitlines()[0] == "| metric | no skill | a | b | a - b, paired |"
   assert "| x | 10.0 | 55.0 +- 5.0 | 35.0 +- 5.0 | +20.0 +- 10.0 |" in table
@@ -116,8 +148,9 @@ def checkpointed(tmp_path_factory):
   config = load_config("configs/base.py:tiny")
   config.data.synthetic.update(num_train=1, image_size=32, num_novel_classes=3, images_per_class=2)
   config.data.synthetic_dir = str(tmp_path_factory.mktemp("synthetic"))
-  config.eval.update(classification=("synthetic/novel",), retrieval=(), grounding=(), templates="photo",
-                     batch_size=8, text_batch_size=16)
+  config.eval.update(
+    classification=("synthetic/novel",), retrieval=(), grounding=(), templates="photo", batch_size=8, text_batch_size=16
+  )
   config.model.text.context_buckets = (16,)
   model = build_model(config.model, config.seed)
   state = trainer.init_state(model, optim.make_optimizer(nnx.state(model, nnx.Param), config.optim, 10))
@@ -144,8 +177,11 @@ def test_a_read_only_workdir_is_evaluated_into_the_output_dir(checkpointed, tmp_
   config, workdir = checkpointed
   before = files_of(workdir)
   read_only(workdir)
-  with pytest.raises(ArgumentError, match=rf"^the output folder {workdir}/eval cannot be written \({workdir}(/eval)? is "
-                                          r"read-only or not yours\): name another with --output-dir"):
+  with pytest.raises(
+    ArgumentError,
+    match=rf"^the output folder {workdir}/eval cannot be written \({workdir}(/eval)? is "
+    r"read-only or not yours\): name another with --output-dir",
+  ):
     experiment.evaluate_checkpoint(config, workdir)
   out = tmp_path / "out"
   results = experiment.evaluate_checkpoint(config, workdir, str(out))

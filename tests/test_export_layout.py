@@ -37,38 +37,38 @@ def b16_torch_shapes():
 
 def test_b16_keys_and_shapes_are_the_reference_checkpoints(b16_torch_shapes):
   spec = {  # docs/reference_behaviour.md, "Checkpoint layout"
-      ("backbone", "positional_embedding"): (77, 512),
-      ("backbone", "image_projection"): (768, 512),
-      ("backbone", "text_projection"): (512, 512),
-      ("backbone", "logit_scale"): (),
-      ("backbone", "visual.cls_token"): (1, 1, 768),
-      ("backbone", "visual.pos_embed"): (1, 197, 768),
-      ("backbone", "visual.patch_embed.proj.weight"): (768, 3, 16, 16),
-      ("backbone", "visual.blocks.11.attn.q_norm.weight"): (64,),
-      ("backbone", "visual.blocks.0.attn.k_norm.bias"): (64,),
-      ("backbone", "visual.blocks.3.attn.qkv.weight"): (2304, 768),
-      ("backbone", "visual.blocks.3.attn.proj.weight"): (768, 768),
-      ("backbone", "visual.blocks.3.mlp.fc1.weight"): (3072, 768),
-      ("backbone", "transformer.resblocks.11.attn.in_proj_weight"): (1536, 512),
-      ("backbone", "transformer.resblocks.0.attn.out_proj.weight"): (512, 512),
-      ("backbone", "transformer.resblocks.0.mlp.c_fc.weight"): (2048, 512),
-      ("backbone", "token_embedding.weight"): (49408, 512),
-      ("backbone", "ln_final.weight"): (512,),
-      ("decoder", "obj_proj"): (512, 512),
-      ("decoder", "img_proj"): (512, 512),
-      ("decoder", "transformer.pre_norm.weight"): (512,),
-      ("decoder", "transformer.decoder.layers.5.multihead_attn.in_proj_weight"): (1536, 512),
-      ("decoder", "transformer.decoder.layers.0.self_attn.out_proj.bias"): (512,),
-      ("decoder", "transformer.decoder.layers.0.linear1.weight"): (2048, 512),
-      ("decoder", "transformer.decoder.layers.0.norm3.bias"): (512,),
-      ("decoder", "transformer.decoder.norm.weight"): (512,),
-      ("decoder", "bbox_embed.layers.2.weight"): (4, 512),
-      ("decoder", "query_embed.weight"): (6, 512),
-      ("decoder", "proj.weight"): (512, 768),
-      ("decoder", "class_embed.weight"): (22048, 512),
-      ("decoder", "class_embed.bias"): (22048,),
-      ("decoder", "pos_embed"): (1, 513, 512),
-      ("decoder", "temporal_embed"): (1, 4, 512),
+    ("backbone", "positional_embedding"): (77, 512),
+    ("backbone", "image_projection"): (768, 512),
+    ("backbone", "text_projection"): (512, 512),
+    ("backbone", "logit_scale"): (),
+    ("backbone", "visual.cls_token"): (1, 1, 768),
+    ("backbone", "visual.pos_embed"): (1, 197, 768),
+    ("backbone", "visual.patch_embed.proj.weight"): (768, 3, 16, 16),
+    ("backbone", "visual.blocks.11.attn.q_norm.weight"): (64,),
+    ("backbone", "visual.blocks.0.attn.k_norm.bias"): (64,),
+    ("backbone", "visual.blocks.3.attn.qkv.weight"): (2304, 768),
+    ("backbone", "visual.blocks.3.attn.proj.weight"): (768, 768),
+    ("backbone", "visual.blocks.3.mlp.fc1.weight"): (3072, 768),
+    ("backbone", "transformer.resblocks.11.attn.in_proj_weight"): (1536, 512),
+    ("backbone", "transformer.resblocks.0.attn.out_proj.weight"): (512, 512),
+    ("backbone", "transformer.resblocks.0.mlp.c_fc.weight"): (2048, 512),
+    ("backbone", "token_embedding.weight"): (49408, 512),
+    ("backbone", "ln_final.weight"): (512,),
+    ("decoder", "obj_proj"): (512, 512),
+    ("decoder", "img_proj"): (512, 512),
+    ("decoder", "transformer.pre_norm.weight"): (512,),
+    ("decoder", "transformer.decoder.layers.5.multihead_attn.in_proj_weight"): (1536, 512),
+    ("decoder", "transformer.decoder.layers.0.self_attn.out_proj.bias"): (512,),
+    ("decoder", "transformer.decoder.layers.0.linear1.weight"): (2048, 512),
+    ("decoder", "transformer.decoder.layers.0.norm3.bias"): (512,),
+    ("decoder", "transformer.decoder.norm.weight"): (512,),
+    ("decoder", "bbox_embed.layers.2.weight"): (4, 512),
+    ("decoder", "query_embed.weight"): (6, 512),
+    ("decoder", "proj.weight"): (512, 768),
+    ("decoder", "class_embed.weight"): (22048, 512),
+    ("decoder", "class_embed.bias"): (22048,),
+    ("decoder", "pos_embed"): (1, 513, 512),
+    ("decoder", "temporal_embed"): (1, 4, 512),
   }
   for key, shape in spec.items():
     assert b16_torch_shapes[key] == shape, key
@@ -118,7 +118,9 @@ def test_pytorch_layouts_follow_the_reference_formulas():
   # Conv2d patch embedding of one 8x8 patch (NCHW) vs our (row, column, channel) patch kernel.
   patch = np.random.default_rng(2).normal(size=(8, 8, 3)).astype(np.float32)
   conv = np.einsum("dcij,cij->d", backbone["visual.patch_embed.proj.weight"], patch.transpose(2, 0, 1))
-  np.testing.assert_allclose(conv, np.einsum("ijc,ijcd->d", patch, params[("visual", "patch_kernel")]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    conv, np.einsum("ijc,ijcd->d", patch, params[("visual", "patch_kernel")]), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_mismatches_are_listed_together():
@@ -151,8 +153,9 @@ def test_towers_read_only_their_keys():
   cfg = model_config("tiny")
   shapes = our_shapes(cfg)
   params = random_params(shapes)
-  backbone = {key: value for key, value in layout.to_reference(params, cfg)["backbone"].items()
-              if not key.startswith("visual.")}
+  backbone = {
+    key: value for key, value in layout.to_reference(params, cfg)["backbone"].items() if not key.startswith("visual.")
+  }
   backbone["unrelated"] = np.zeros(1, np.float32)
   text = layout.from_reference({"backbone": backbone}, shapes, cfg, towers=("text",))
   assert text and all(path[0] == "text" for path in text)
@@ -173,11 +176,14 @@ def test_module_prefix_is_stripped_only_when_every_key_has_it():
   assert layout.strip_module_prefix({"module.a": 1, "b": 2}) == {"module.a": 1, "b": 2}
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("init_towers", ("text", "audio"), "config.model.init_towers"),
     ("init_towers", (), "config.model.init_towers"),
     ("init_from", "clip.npz", "config.model.init_from"),
-])
+  ],
+)
 def test_config_rejects_bad_init_fields(field, value, message):
   config = load_config("configs/base.py:tiny")
   config.model[field] = value

@@ -29,7 +29,9 @@ from grain_jax.train.checkpoint import Checkpointer
 INSTALL = "pip install -r requirements-export.txt"
 pytestmark = pytest.mark.extras
 torch = pytest.importorskip("torch", reason=f"the PyTorch export tests need torch ({INSTALL})")
-safetensors_numpy = pytest.importorskip("safetensors.numpy", reason=f"the PyTorch export tests need safetensors ({INSTALL})")
+safetensors_numpy = pytest.importorskip(
+  "safetensors.numpy", reason=f"the PyTorch export tests need safetensors ({INSTALL})"
+)
 safe_open = pytest.importorskip("safetensors").safe_open
 torch_modules = pytest.importorskip("grain_jax.export.torch_modules")  # imports torch at its top
 
@@ -47,8 +49,10 @@ def moved_model(config):
   single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   model = sharding.create_sharded(lambda: build_model(config.model, 0), single, config.sharding_rules)
   rng = np.random.default_rng(0)
-  moved = {path: np.asarray(leaf) + rng.normal(0, 0.05, leaf.shape).astype(np.float32)
-           for path, leaf in param_tree.flatten(nnx.state(model, nnx.Param)).items()}
+  moved = {
+    path: np.asarray(leaf) + rng.normal(0, 0.05, leaf.shape).astype(np.float32)
+    for path, leaf in param_tree.flatten(nnx.state(model, nnx.Param)).items()
+  }
   nnx.update(model, param_tree.replace(nnx.state(model, nnx.Param), moved))
   model.eval()
   return model, moved
@@ -74,8 +78,11 @@ def assert_twin_matches(model, backbone, decoder):
   images = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
   ours = nnx.jit(lambda m, x: m.encode_image(x))(model, images)
   global_embed, region_embed, boxes = twin_outputs(backbone, decoder, images)
-  for name, theirs, mine in (("global", global_embed, ours.global_embed), ("regions", region_embed, ours.region_embed),
-                             ("boxes", boxes, ours.boxes)):
+  for name, theirs, mine in (
+    ("global", global_embed, ours.global_embed),
+    ("regions", region_embed, ours.region_embed),
+    ("boxes", boxes, ours.boxes),
+  ):
     assert theirs.shape == mine.shape, name
     np.testing.assert_allclose(theirs.numpy(), np.asarray(mine), rtol=0, atol=TOLERANCE, err_msg=name)
 
@@ -91,8 +98,10 @@ def exported(tmp_path_factory):
 
 def test_export_writes_both_files_with_the_same_tensors(exported):
   _, _, workdir, paths = exported
-  assert paths == {"pth": os.path.join(workdir, "export", "grain_clip.pth"),
-                   "safetensors": os.path.join(workdir, "export", "grain_clip.safetensors")}
+  assert paths == {
+    "pth": os.path.join(workdir, "export", "grain_clip.pth"),
+    "safetensors": os.path.join(workdir, "export", "grain_clip.safetensors"),
+  }
   checkpoint = torch.load(paths["pth"], weights_only=True)
   assert set(checkpoint) == {"backbone_state_dict", "state_dict", "config", "epoch", "iteration"}
   assert checkpoint["config"]["step"] == 7 and checkpoint["config"]["model"]["preset"] == "tiny"
@@ -101,8 +110,11 @@ def test_export_writes_both_files_with_the_same_tensors(exported):
   with safe_open(paths["safetensors"], framework="numpy") as handle:
     assert json.loads(handle.metadata()["config"]) == checkpoint["config"]
   flat = safetensors_numpy.load_file(paths["safetensors"])
-  pth = {f"{group}.{key}": value.numpy() for group in ("backbone_state_dict", "state_dict")
-         for key, value in checkpoint[group].items()}
+  pth = {
+    f"{group}.{key}": value.numpy()
+    for group in ("backbone_state_dict", "state_dict")
+    for key, value in checkpoint[group].items()
+  }
   assert flat.keys() == pth.keys()
   for key, value in pth.items():
     np.testing.assert_array_equal(flat[key], value, err_msg=key)
@@ -140,14 +152,17 @@ def test_extended_decoder_export_stops_reference_loaders_and_loads_in_the_twins(
   config.model.decoder.update(EXTENDED)
   model, moved = moved_model(config)
   paths = export_as_checkpoint(config, model, str(tmp_path))
-  assert "options the authors' PyTorch classes lack (memory_position='learned', position_in_values=True, " \
-         "box_refinement=True, anchor_queries=True)" in capsys.readouterr().out
+  assert (
+    "options the authors' PyTorch classes lack (memory_position='learned', position_in_values=True, "
+    "box_refinement=True, anchor_queries=True)" in capsys.readouterr().out
+  )
   checkpoint = torch.load(paths["pth"], weights_only=True)
   # The reference's loaders read checkpoint['state_dict']: absent, so they stop with a KeyError.
   assert set(checkpoint) == {"backbone_state_dict", layout.EXTENDED_DECODER_GROUP, "config", "epoch", "iteration"}
   assert checkpoint["config"]["layout"].startswith("grain-jax extended decoder")
   assert {"memory_pos_embed", "anchor_box_logits", "anchor_pos_mlp.layers.1.weight"} <= set(
-      checkpoint[layout.EXTENDED_DECODER_GROUP])
+    checkpoint[layout.EXTENDED_DECODER_GROUP]
+  )
   backbone, decoder = torch_modules.load_exported(paths["pth"])
   assert_twin_matches(model, backbone, decoder)
   for kind in ("pth", "safetensors"):
@@ -162,8 +177,9 @@ def test_extended_decoder_export_stops_reference_loaders_and_loads_in_the_twins(
 def test_twins_compute_the_parameter_free_memory_positions(memory_position):
   """Options without parameters of their own: only the twin's computation can be wrong."""
   config = tiny_config()
-  config.model.decoder.update(memory_position=memory_position, position_in_values=memory_position == "vit",
-                              box_refinement=True)
+  config.model.decoder.update(
+    memory_position=memory_position, position_in_values=memory_position == "vit", box_refinement=True
+  )
   model, moved = moved_model(config)
   state_dicts = layout.to_reference(moved, config.model)
   backbone = torch_modules.GrainClipBackbone(config.model.to_dict())
@@ -187,8 +203,10 @@ def test_jax_to_pytorch_to_jax_is_exact(exported, kind):
 def test_module_prefix_for_ddp_loaders_round_trips(exported, tmp_path):
   model, moved, _, paths = exported
   checkpoint = torch.load(paths["pth"], weights_only=True)
-  state_dicts = {name: {key: value.numpy() for key, value in checkpoint[layout.GROUP_NAMES[name]].items()}
-                 for name in (layout.BACKBONE, layout.DECODER)}
+  state_dicts = {
+    name: {key: value.numpy() for key, value in checkpoint[layout.GROUP_NAMES[name]].items()}
+    for name in (layout.BACKBONE, layout.DECODER)
+  }
   prefixed = to_torch.write_export(state_dicts, checkpoint["config"], str(tmp_path), module_prefix=True)
   reloaded = torch.load(prefixed["pth"], weights_only=True)
   assert all(key.startswith("module.") for group in ("backbone_state_dict", "state_dict") for key in reloaded[group])
@@ -202,8 +220,11 @@ def test_clip_towers_initialize_text_and_image_only(exported, tmp_path):
   """An open_clip-style training checkpoint: `{'state_dict': {'module.' + key}}`, timm trunk names."""
   model, moved, _, paths = exported
   backbone = torch.load(paths["pth"], weights_only=True)["backbone_state_dict"]
-  renamed = {("visual.trunk." + key[len("visual."):] if key.startswith("visual.") else key): value
-             for key, value in backbone.items() if key not in ("image_projection", "logit_scale")}
+  renamed = {
+    ("visual.trunk." + key[len("visual.") :] if key.startswith("visual.") else key): value
+    for key, value in backbone.items()
+    if key not in ("image_projection", "logit_scale")
+  }
   renamed["visual.head.proj.weight"] = torch.zeros(64, 64)
   renamed["attn_mask"] = torch.zeros(77, 77)
   clip_file = str(tmp_path / "open_clip.pt")
@@ -239,20 +260,31 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     from_torch.read_checkpoint(path)
 
 
-@pytest.mark.parametrize("preset,kind,decoder", [("tiny", "clip", {}), ("small", "grain", {}), ("b16", "grain", {}),
-                                                 ("l14", "grain", {}), ("b16", "grain", EXTENDED)])
+@pytest.mark.parametrize(
+  "preset,kind,decoder",
+  [
+    ("tiny", "clip", {}),
+    ("small", "grain", {}),
+    ("b16", "grain", {}),
+    ("l14", "grain", {}),
+    ("b16", "grain", EXTENDED),
+  ],
+)
 def test_twins_declare_exactly_the_exported_keys_and_shapes(preset, kind, decoder):
   """For every preset, the export's keys and shapes are the twins' (built without memory on `meta`)."""
   cfg = load_config(f"configs/base.py:{preset}").model
   cfg.kind = kind
   cfg.decoder.update(decoder)
   params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, 0)), nnx.Param)
-  exported_shapes = {**layout.torch_shapes({path: leaf.shape for path, leaf in param_tree.flatten(params).items()}, cfg),
-                     **layout.untrained_shapes(cfg)}
+  exported_shapes = {
+    **layout.torch_shapes({path: leaf.shape for path, leaf in param_tree.flatten(params).items()}, cfg),
+    **layout.untrained_shapes(cfg),
+  }
   with torch.device("meta"):
     twins = {layout.BACKBONE: torch_modules.GrainClipBackbone(cfg.to_dict())}
     if kind == "grain":
       twins[layout.DECODER] = torch_modules.RegionQueryDecoder(cfg.to_dict())
-  twin_shapes = {(group, key): tuple(value.shape) for group, module in twins.items()
-                 for key, value in module.state_dict().items()}
+  twin_shapes = {
+    (group, key): tuple(value.shape) for group, module in twins.items() for key, value in module.state_dict().items()
+  }
   assert twin_shapes == exported_shapes

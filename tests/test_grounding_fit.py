@@ -8,10 +8,8 @@ trainer and grounds phrases through the public `grounding.ground`.
 import numpy as np
 import pytest
 
-from grain_jax.config import base
-from grain_jax.config import load_config
-from grain_jax.data import examples
-from grain_jax.data import records
+from grain_jax.config import base, load_config
+from grain_jax.data import examples, records
 from grain_jax.data import synthetic_scenes as scenes
 from grain_jax.eval import grounding
 from grain_jax.train import trainer
@@ -27,8 +25,9 @@ def one_object_records(count: int):
     rng = np.random.default_rng([7, index])
     thing = scenes.sample_scene(rng, 1)[0]
     image = scenes.encode_png(scenes.render(rng, [thing], IMAGE_SIZE))
-    yield records.Record(f"toy/{index}", image, thing.description, thing.description,
-                         (records.Region(thing.description, thing.box, 0.9),))
+    yield records.Record(
+      f"toy/{index}", image, thing.description, thing.description, (records.Region(thing.description, thing.box, 0.9),)
+    )
 
 
 def picture(thing: scenes.Thing) -> np.ndarray:

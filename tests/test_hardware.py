@@ -47,14 +47,22 @@ def test_the_fixed_size_mesh_presets_fit_their_machines(name):
   assert name in recipe.FITS
 
 
-@pytest.mark.parametrize("accelerator, field, value", [
-    ("v5p-128", "mesh_preset", "tpu_v5p_128"), ("v5litepod-64", "mesh_preset", "tpu_v5e_64"),
-    ("v5p-8", "mesh_preset", ""), ("v5p-8", "runtime_version", "v2-alpha-tpuv5"),
-    ("v6e-256", "runtime_version", "v2-alpha-tpuv6e"), ("v9-8", "runtime_version", ""),
-    ("v5p", "runtime_version", "")])
+@pytest.mark.parametrize(
+  "accelerator, field, value",
+  [
+    ("v5p-128", "mesh_preset", "tpu_v5p_128"),
+    ("v5litepod-64", "mesh_preset", "tpu_v5e_64"),
+    ("v5p-8", "mesh_preset", ""),
+    ("v5p-8", "runtime_version", "v2-alpha-tpuv5"),
+    ("v6e-256", "runtime_version", "v2-alpha-tpuv6e"),
+    ("v9-8", "runtime_version", ""),
+    ("v5p", "runtime_version", ""),
+  ],
+)
 def test_the_command_prints_a_field_of_an_accelerator_type(accelerator, field, value):
-  result = subprocess.run([sys.executable, "-m", "grain_jax.hardware", accelerator, field], capture_output=True,
-                          text=True, check=True)
+  result = subprocess.run(
+    [sys.executable, "-m", "grain_jax.hardware", accelerator, field], capture_output=True, text=True, check=True
+  )
   assert result.stdout == value + "\n"
 
 

@@ -47,9 +47,16 @@ class Pod:
     self.states = root / "states"
     self.gcloud_log = root / "gcloud.log"
     self.gcloud_log.touch()
-    self.env = {"PATH": f"{FAKES}:/usr/bin:/bin", "FAKE_GCLOUD_LOG": str(self.gcloud_log),
-                "FAKE_GCLOUD_STATES": str(self.states), "FAKE_ROOT": str(root), "FAKE_WORKERS": str(workers),
-                "TPU_POD_POLL_SECONDS": "0", "TPU_WORKER_POLL_SECONDS": "0.05", "TMPDIR": str(root)}
+    self.env = {
+      "PATH": f"{FAKES}:/usr/bin:/bin",
+      "FAKE_GCLOUD_LOG": str(self.gcloud_log),
+      "FAKE_GCLOUD_STATES": str(self.states),
+      "FAKE_ROOT": str(root),
+      "FAKE_WORKERS": str(workers),
+      "TPU_POD_POLL_SECONDS": "0",
+      "TPU_WORKER_POLL_SECONDS": "0.05",
+      "TMPDIR": str(root),
+    }
     for index in range(workers):
       project = root / f"worker-{index}" / "grain-jax"
       (project / ".venv" / "bin").mkdir(parents=True)
@@ -62,8 +69,16 @@ class Pod:
     self.states.write_text("\n".join(states) + "\n")
 
   def run(self, *args: str, queued: bool = False) -> subprocess.CompletedProcess:
-    command = ["bash", str(REPO / "launch" / "tpu_pod.sh"), *args, "--name", "p", "--zone", "z",
-               *(["--queued"] if queued else [])]
+    command = [
+      "bash",
+      str(REPO / "launch" / "tpu_pod.sh"),
+      *args,
+      "--name",
+      "p",
+      "--zone",
+      "z",
+      *(["--queued"] if queued else []),
+    ]
     return subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
 
   def gcloud_calls(self, verb: str) -> list[str]:
@@ -117,7 +132,9 @@ def pod(tmp_path):
 
 # The slice's state machine: (queued?, the states `describe` reports in turn, the gcloud verbs called
 # besides describe, the exit status).
-@pytest.mark.parametrize("queued, states, calls, status", [
+@pytest.mark.parametrize(
+  "queued, states, calls, status",
+  [
     # A queued request keeps its place: re-running waits for it instead of deleting it.
     (True, ["ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], [], 0),
     (True, ["ERROR:NOT_FOUND", "CREATING", "ACCEPTED", "ACTIVE"], ["create"], 0),
@@ -137,7 +154,8 @@ def pod(tmp_path):
     # A stopping slice is waited for; a stopped one is left to whoever stopped it.
     (False, ["STOPPING", "STOPPED"], [], 1),
     (False, ["SOMETHING_NEW"], [], 1),
-])
+  ],
+)
 def test_create_follows_the_slice_state_machine(pod, queued, states, calls, status):
   pod.script_states(*states)
   result = pod.run("create", queued=queued)
@@ -175,13 +193,18 @@ def test_stop_leaves_no_trainer_process(pod):
   assert not any(alive(pid) for pid in pids)
   lines = pod.status_lines()
   assert all(line.endswith("; stopped by launch/tpu_worker.sh stop") for line in lines), lines
-  assert [line.split(" (run")[0] for line in lines] == ["worker 0: exited with status 143",
-                                                      "worker 1: exited with status 143"]
+  assert [line.split(" (run")[0] for line in lines] == [
+    "worker 0: exited with status 143",
+    "worker 1: exited with status 143",
+  ]
   # Each worker's log reaches the shared workdir, and nobody counts a requested stop as a failure.
   [run_logs] = (pod.workdir / "logs").iterdir()
   assert sorted(path.name for path in run_logs.iterdir()) == ["worker-0.log", "worker-1.log"]
-  assert (run_logs / "worker-1.log").read_text().startswith(
-      "trainer of worker 1: -m grain_jax.main --config configs/base.py:tiny --workdir")
+  assert (
+    (run_logs / "worker-1.log")
+    .read_text()
+    .startswith("trainer of worker 1: -m grain_jax.main --config configs/base.py:tiny --workdir")
+  )
 
 
 def test_a_failing_worker_stops_the_others(pod):
@@ -231,8 +254,10 @@ def test_a_preemption_notice_reaches_the_trainers_which_save_and_do_not_fail(pod
 def test_status_before_any_run_and_without_a_project(pod):
   assert pod.status_lines() == ["worker 0: not started", "worker 1: not started"]
   (pod.worker_home(1) / "grain-jax" / "launch").unlink()
-  assert pod.status_lines() == ["worker 0: not started",
-                                "worker 1: no grain-jax/launch/tpu_worker.sh (setup has not run here)"]
+  assert pod.status_lines() == [
+    "worker 0: not started",
+    "worker 1: no grain-jax/launch/tpu_worker.sh (setup has not run here)",
+  ]
   (pod.worker_home(0) / "grain-jax" / "launch").unlink()
   assert pod.run("stop").returncode == 0
 
@@ -244,10 +269,14 @@ def test_a_bucket_url_is_no_workdir(pod):
   result = pod.run("run", "--workdir", "gs://b/run", "--config", "configs/base.py:tiny")
   assert result.returncode == 2 and "--workdir gs://b/run: a URL" in result.stderr
   assert not pod.gcloud_calls("ssh")
-  worker = subprocess.run(["bash", "launch/tpu_worker.sh", "start", "--workdir", "gs://b/run", "--run", "r", "--",
-                           "true"], cwd=pod.worker_home(0) / "grain-jax",
-                          env={**pod.env, "HOME": str(pod.worker_home(0)), "FAKE_WORKER_INDEX": "0"},
-                          capture_output=True, text=True, timeout=60)
+  worker = subprocess.run(
+    ["bash", "launch/tpu_worker.sh", "start", "--workdir", "gs://b/run", "--run", "r", "--", "true"],
+    cwd=pod.worker_home(0) / "grain-jax",
+    env={**pod.env, "HOME": str(pod.worker_home(0)), "FAKE_WORKER_INDEX": "0"},
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert worker.returncode == 2 and "give the bucket's mount such as /gcs/BUCKET" in worker.stderr
   assert not list(pod.worker_home(0).rglob("gs:"))
 
@@ -271,9 +300,13 @@ def test_setup_refuses_a_large_checkout_before_archiving_it(pod, tmp_path):
   bin_dir.mkdir()
   (bin_dir / "tar").write_text('#!/bin/sh\ntouch "$0.ran"\nexec /usr/bin/tar "$@"\n')
   (bin_dir / "tar").chmod(0o755)
-  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z",
-                           "--max-archive-mb", "1"], env={**pod.env, "PATH": f"{bin_dir}:{pod.env['PATH']}"},
-                          capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    ["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z", "--max-archive-mb", "1"],
+    env={**pod.env, "PATH": f"{bin_dir}:{pod.env['PATH']}"},
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 1, result.stderr
   assert "more than --max-archive-mb 1 MB" in result.stderr and ".gitignore" in result.stderr
   assert "photos/big.tar" in result.stderr.splitlines()[1]
@@ -285,15 +318,24 @@ def test_setup_refuses_a_large_checkout_before_archiving_it(pod, tmp_path):
 def test_a_failed_copy_leaves_no_archive(pod, tmp_path):
   root = checkout(tmp_path / "checkout")
   (root / "README.md").write_text("small\n")
-  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
-                          env={**pod.env, "FAKE_SCP_FAILS": "1"}, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    ["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
+    env={**pod.env, "FAKE_SCP_FAILS": "1"},
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode != 0 and pod.gcloud_calls("scp")
   assert not list(tmp_path.glob("grain-jax-*.tar.gz"))
 
 
 def test_data_and_runs_are_not_shipped():
-  paths = ["shards/cc12m/shard-00000.array_record", "runs/demo/metrics.jsonl", "photos/shard-00001.array_record",
-           "grain-jax-1234.log"]
+  paths = [
+    "shards/cc12m/shard-00000.array_record",
+    "runs/demo/metrics.jsonl",
+    "photos/shard-00001.array_record",
+    "grain-jax-1234.log",
+  ]
   result = subprocess.run(["git", "check-ignore", *paths], cwd=REPO, capture_output=True, text=True)
   assert result.stdout.split() == paths
   dockerignore = (REPO / ".dockerignore").read_text().split()
@@ -308,8 +350,10 @@ def test_a_stale_pid_after_a_reboot_is_not_signalled(pod):
     state = pod.worker_home(0) / "grain-jax-run"
     state.mkdir()
     (state / "run").write_text("earlier\n")
-    for name, recorded in [("trainer.pid", f"{unrelated.pid} an-earlier-boot 12345"),
-                           ("supervisor.pid", f"{unrelated.pid}")]:  # as the format before boot ids
+    for name, recorded in [
+      ("trainer.pid", f"{unrelated.pid} an-earlier-boot 12345"),
+      ("supervisor.pid", f"{unrelated.pid}"),
+    ]:  # as the format before boot ids
       (state / name).write_text(recorded + "\n")
     assert pod.run("stop").returncode == 0
     assert alive(unrelated.pid)
@@ -356,8 +400,13 @@ def test_setup_replaces_the_workers_copy_and_keeps_its_environment(pod, tmp_path
   old = pod.worker_home(0) / "grain-jax"
   (old / "deleted_since.py").write_text("old\n")
   (old / ".venv" / "marker").write_text("kept\n")
-  result = subprocess.run(["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
-                          env=pod.env, capture_output=True, text=True, timeout=60)
+  result = subprocess.run(
+    ["bash", str(root / "launch" / "tpu_pod.sh"), "setup", "--name", "p", "--zone", "z"],
+    env=pod.env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert result.returncode == 0, result.stderr
   for index in range(2):
     copy = pod.worker_home(index) / "grain-jax"

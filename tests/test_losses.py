@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from grain_jax import losses
-from grain_jax import sharding
+from grain_jax import losses, sharding
 from grain_jax.bench import _hlo
 from grain_jax.config import base
 
@@ -17,6 +16,7 @@ B, Q, T, L, E = 4, 5, 5, 3, 8
 
 
 # ----------------------------------------------------------------------------- numpy references
+
 
 def np_normalize(x):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
@@ -30,8 +30,9 @@ def np_log_softmax_at(logits, index):
 def np_info_nce(image, text, logit_scale):
   logits = np.exp(logit_scale) * np_normalize(image) @ np_normalize(text).T
   n = len(logits)
-  return -(sum(np_log_softmax_at(logits[i], i) for i in range(n))
-           + sum(np_log_softmax_at(logits[:, i], i) for i in range(n))) / (2 * n)
+  return -(
+    sum(np_log_softmax_at(logits[i], i) for i in range(n)) + sum(np_log_softmax_at(logits[:, i], i) for i in range(n))
+  ) / (2 * n)
 
 
 def np_xyxy(box):
@@ -52,8 +53,12 @@ def np_match(pred, target, valid, union_epsilon=0.0):
   costs = []
   for b in range(len(pred)):
     targets = np.flatnonzero(valid[b])
-    cost = np.array([[5 * np.abs(p - target[b, t]).sum() - 2 * np_giou(p, target[b, t], union_epsilon)
-                      for t in targets] for p in pred[b]]).reshape(len(pred[b]), len(targets))
+    cost = np.array(
+      [
+        [5 * np.abs(p - target[b, t]).sum() - 2 * np_giou(p, target[b, t], union_epsilon) for t in targets]
+        for p in pred[b]
+      ]
+    ).reshape(len(pred[b]), len(targets))
     rows, columns = linear_sum_assignment(cost)
     query_of_target[b, targets[columns]] = rows
     costs.extend(cost[rows, columns])
@@ -77,8 +82,7 @@ def np_box_loss(pred, target, valid, query_of_target, union_epsilon=0.0, num_gro
   return tuple(np.mean(per_group, axis=0))
 
 
-def np_region_loss(region, desc, valid, query_of_target, text_id, logit_scale, mask_duplicates,
-                   num_groups=None):
+def np_region_loss(region, desc, valid, query_of_target, text_id, logit_scale, mask_duplicates, num_groups=None):
   """Each matched region against the valid descriptions of the batch (or of its group): the mean
   over its group's matched regions, averaged over the groups."""
   group_size = len(region) // (num_groups or 1)
@@ -89,8 +93,11 @@ def np_region_loss(region, desc, valid, query_of_target, text_id, logit_scale, m
     for b, t in zip(*np.nonzero(valid[rows] & (query_of_target[rows] >= 0))):
       b += start
       region_vector = np_normalize(region[b, query_of_target[b, t]])
-      candidates = [(b2 + start, t2) for b2, t2 in zip(*np.nonzero(valid[rows]))
-                    if (b2 + start, t2) == (b, t) or not mask_duplicates or text_id[b2 + start, t2] != text_id[b, t]]
+      candidates = [
+        (b2 + start, t2)
+        for b2, t2 in zip(*np.nonzero(valid[rows]))
+        if (b2 + start, t2) == (b, t) or not mask_duplicates or text_id[b2 + start, t2] != text_id[b, t]
+      ]
       logits = np.array([np.exp(logit_scale) * region_vector @ np_normalize(desc[c]) for c in candidates])
       own = candidates.index((b, t))
       losses_.append(-np_log_softmax_at(logits, own))
@@ -137,47 +144,66 @@ def np_spread_ratio(pred, target, valid):
 
 # ----------------------------------------------------------------------------- batches, jitted fns
 
+
 def random_batch(seed, batch=B, num_targets=T, empty=False):
   rng = np.random.default_rng(seed)
 
   def boxes(*shape):
-    return np.concatenate([rng.uniform(0.2, 0.8, shape + (2,)),
-                           rng.uniform(0.05, 0.4, shape + (2,))], -1).astype(np.float32)
+    return np.concatenate([rng.uniform(0.2, 0.8, shape + (2,)), rng.uniform(0.05, 0.4, shape + (2,))], -1).astype(
+      np.float32
+    )
 
   valid = rng.random((batch, num_targets)) < 0.6
   valid[0] = True  # all targets valid in one image,
   valid[1] = False  # none in another
   return dict(
-      image_embed=rng.normal(size=(batch, E)).astype(np.float32),
-      caption_embed=rng.normal(size=(batch, E)).astype(np.float32),
-      logit_scale=np.float32(np.log(10.0)),
-      region_embed=rng.normal(size=(batch, Q, E)).astype(np.float32),
-      layer_boxes=boxes(L, batch, Q),
-      desc_embed=rng.normal(size=(batch, num_targets, E)).astype(np.float32),
-      target_boxes=boxes(batch, num_targets),
-      box_valid=valid & (not empty),
-      desc_text_id=rng.integers(0, 6, (batch, num_targets)).astype(np.int32))
+    image_embed=rng.normal(size=(batch, E)).astype(np.float32),
+    caption_embed=rng.normal(size=(batch, E)).astype(np.float32),
+    logit_scale=np.float32(np.log(10.0)),
+    region_embed=rng.normal(size=(batch, Q, E)).astype(np.float32),
+    layer_boxes=boxes(L, batch, Q),
+    desc_embed=rng.normal(size=(batch, num_targets, E)).astype(np.float32),
+    target_boxes=boxes(batch, num_targets),
+    box_valid=valid & (not empty),
+    desc_text_id=rng.integers(0, 6, (batch, num_targets)).astype(np.int32),
+  )
 
 
-def expected_grain_loss(batch, aux_layers, num_groups=None, mask_duplicates=True, description_to_query=0.0,
-                        box_groups=None, union_epsilon=0.0):
+def expected_grain_loss(
+  batch, aux_layers, num_groups=None, mask_duplicates=True, description_to_query=0.0, box_groups=None, union_epsilon=0.0
+):
   valid = batch["box_valid"]
   l1 = giou = 0.0
   for layer in range(L) if aux_layers else [L - 1]:
     pred = batch["layer_boxes"][layer]
     query_of_target, match_cost = np_match(pred, batch["target_boxes"], valid, union_epsilon)
-    layer_l1, layer_giou = np_box_loss(pred, batch["target_boxes"], valid, query_of_target, union_epsilon,
-                                       box_groups)
+    layer_l1, layer_giou = np_box_loss(pred, batch["target_boxes"], valid, query_of_target, union_epsilon, box_groups)
     l1, giou = l1 + layer_l1, giou + layer_giou
-  rd, accuracy = np_region_loss(batch["region_embed"], batch["desc_embed"], valid, query_of_target,
-                                batch["desc_text_id"], batch["logit_scale"], mask_duplicates,
-                                num_groups)
-  dq, dq_accuracy = np_description_query_loss(batch["region_embed"], batch["desc_embed"], valid, query_of_target,
-                                              batch["logit_scale"])
+  rd, accuracy = np_region_loss(
+    batch["region_embed"],
+    batch["desc_embed"],
+    valid,
+    query_of_target,
+    batch["desc_text_id"],
+    batch["logit_scale"],
+    mask_duplicates,
+    num_groups,
+  )
+  dq, dq_accuracy = np_description_query_loss(
+    batch["region_embed"], batch["desc_embed"], valid, query_of_target, batch["logit_scale"]
+  )
   ic = np_info_nce(batch["image_embed"], batch["caption_embed"], batch["logit_scale"])
-  metrics = dict(loss_ic=ic, loss_l1=l1, loss_giou=giou, loss_rd=rd, loss_dq=dq, match_cost=match_cost,
-                 rd_accuracy=accuracy, dq_accuracy=dq_accuracy,
-                 box_spread_ratio=np_spread_ratio(batch["layer_boxes"][-1], batch["target_boxes"], valid))
+  metrics = dict(
+    loss_ic=ic,
+    loss_l1=l1,
+    loss_giou=giou,
+    loss_rd=rd,
+    loss_dq=dq,
+    match_cost=match_cost,
+    rd_accuracy=accuracy,
+    dq_accuracy=dq_accuracy,
+    box_spread_ratio=np_spread_ratio(batch["layer_boxes"][-1], batch["target_boxes"], valid),
+  )
   return ic + 1.5 * l1 + 1.5 * giou + rd + description_to_query * dq, metrics
 
 
@@ -188,23 +214,34 @@ def make_config(**loss_overrides):
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_loss_and_grads(aux_layers=False, region_negatives="global", mask_duplicates=True,
-                          batch_shards=1, description_to_query=0.0, box_normalization="global",
-                          iou_union_epsilon=0.0):
+def jitted_loss_and_grads(
+  aux_layers=False,
+  region_negatives="global",
+  mask_duplicates=True,
+  batch_shards=1,
+  description_to_query=0.0,
+  box_normalization="global",
+  iou_union_epsilon=0.0,
+):
   """One compiled (loss, metrics), grads function per configuration."""
-  config = make_config(aux_layers=aux_layers, region_negatives=region_negatives,
-                       mask_duplicate_descriptions=mask_duplicates, description_to_query=description_to_query,
-                       box_normalization=box_normalization, iou_union_epsilon=iou_union_epsilon)
+  config = make_config(
+    aux_layers=aux_layers,
+    region_negatives=region_negatives,
+    mask_duplicate_descriptions=mask_duplicates,
+    description_to_query=description_to_query,
+    box_normalization=box_normalization,
+    iou_union_epsilon=iou_union_epsilon,
+  )
 
   def loss(differentiable, fixed):
-    return losses.grain_loss(**differentiable, **fixed, matching_config=config.matching,
-                             loss_config=config.loss, batch_shards=batch_shards)
+    return losses.grain_loss(
+      **differentiable, **fixed, matching_config=config.matching, loss_config=config.loss, batch_shards=batch_shards
+    )
 
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
-DIFFERENTIABLE = ("image_embed", "caption_embed", "logit_scale", "region_embed", "layer_boxes",
-                  "desc_embed")
+DIFFERENTIABLE = ("image_embed", "caption_embed", "logit_scale", "region_embed", "layer_boxes", "desc_embed")
 
 
 def run(batch, **config):
@@ -222,23 +259,21 @@ def assert_metrics_close(metrics, expected):
 
 # ----------------------------------------------------------------------------- tests
 
+
 def test_image_caption_loss_hand_made():
   eye = jnp.eye(2)
   # logits [[10, 0], [0, 10]]: each direction and row gives log(1 + e^-10); XLA's float32 exp
   # is accurate to ~1e-4 relative there.
   image_caption_loss = jax.jit(losses.image_caption_loss)
-  np.testing.assert_allclose(image_caption_loss(eye, 3 * eye, jnp.log(10.0)),
-                             np.log1p(np.exp(-10.0)), rtol=1e-3)
+  np.testing.assert_allclose(image_caption_loss(eye, 3 * eye, jnp.log(10.0)), np.log1p(np.exp(-10.0)), rtol=1e-3)
   rng = np.random.default_rng(0)
   image, text = rng.normal(size=(6, 4)), rng.normal(size=(6, 4))
-  np.testing.assert_allclose(image_caption_loss(image, text, 1.3),
-                             np_info_nce(image, text, 1.3), rtol=1e-5)
+  np.testing.assert_allclose(image_caption_loss(image, text, 1.3), np_info_nce(image, text, 1.3), rtol=1e-5)
 
 
 def test_box_loss_hand_made():
   pred = np.array([[[0.1, 0.1, 0.1, 0.1], [0.5, 0.5, 0.2, 0.2]]], np.float32)
-  target = np.array([[[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1],
-                      [np.nan, 9, 9, 9]]], np.float32)
+  target = np.array([[[0.5, 0.5, 0.4, 0.4], [0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.1, 0.1], [np.nan, 9, 9, 9]]], np.float32)
   valid = np.array([[True, True, True, False]])
   l1, giou_loss = jax.jit(losses.box_loss)(pred, target, valid, np.array([[1, 0, -1, -1]]))
   # Target 0: L1 0.4, IoU 0.04 / 0.16 inside its own enclosing box; target 1 exact; target 2
@@ -255,14 +290,14 @@ def test_region_description_loss_masks_duplicates_and_groups():
   query_of_target = np.tile(np.array([2, 0, 4, 1, 3]), (4, 1))
   query_of_target[3, 4] = -1  # unmatched
   args = (batch["region_embed"], batch["desc_embed"], valid, query_of_target, text_id, 0.7)
-  loss_fn = jax.jit(losses.region_description_loss,
-                    static_argnames=("mask_duplicates", "num_groups"))
+  loss_fn = jax.jit(losses.region_description_loss, static_argnames=("mask_duplicates", "num_groups"))
   results = {}
   for mask in (True, False):
     for groups in (None, 2):
       results[mask, groups] = loss_fn(*args, mask_duplicates=mask, num_groups=groups)
-      np.testing.assert_allclose(results[mask, groups], np_region_loss(*args, mask, groups),
-                                 rtol=1e-5, err_msg=str((mask, groups)))
+      np.testing.assert_allclose(
+        results[mask, groups], np_region_loss(*args, mask, groups), rtol=1e-5, err_msg=str((mask, groups))
+      )
   assert results[True, None][0] != results[False, None][0]
   assert results[True, None][0] != results[True, 2][0]
   with pytest.raises(ValueError, match="groups"):
@@ -282,10 +317,8 @@ def test_grain_loss_matches_numpy(aux_layers, description_to_query):
 def test_grain_loss_per_device_negatives_duplicates_and_more_targets_than_queries():
   batch = random_batch(3, num_targets=7)
   batch["desc_text_id"] = np.where(batch["desc_text_id"] < 3, 0, batch["desc_text_id"])
-  total, metrics, _ = run(batch, region_negatives="per_device", mask_duplicates=False,
-                          batch_shards=2)
-  expected_total, expected_metrics = expected_grain_loss(batch, False, num_groups=2,
-                                                         mask_duplicates=False)
+  total, metrics, _ = run(batch, region_negatives="per_device", mask_duplicates=False, batch_shards=2)
+  expected_total, expected_metrics = expected_grain_loss(batch, False, num_groups=2, mask_duplicates=False)
   assert_metrics_close(metrics, expected_metrics)
   np.testing.assert_allclose(total, expected_total, rtol=2e-5)
 
@@ -326,11 +359,14 @@ def test_padding_slots_change_nothing():
 def test_plain_clip_mode():
   batch = random_batch(7)
   config = make_config()
-  total, metrics = jax.jit(lambda a, b, s: losses.grain_loss(
-      image_embed=a, caption_embed=b, logit_scale=s, matching_config=config.matching,
-      loss_config=config.loss))(batch["image_embed"], batch["caption_embed"], batch["logit_scale"])
-  np.testing.assert_allclose(total, np_info_nce(batch["image_embed"], batch["caption_embed"],
-                                                batch["logit_scale"]), rtol=1e-5)
+  total, metrics = jax.jit(
+    lambda a, b, s: losses.grain_loss(
+      image_embed=a, caption_embed=b, logit_scale=s, matching_config=config.matching, loss_config=config.loss
+    )
+  )(batch["image_embed"], batch["caption_embed"], batch["logit_scale"])
+  np.testing.assert_allclose(
+    total, np_info_nce(batch["image_embed"], batch["caption_embed"], batch["logit_scale"]), rtol=1e-5
+  )
   assert set(metrics) == {"loss_ic", *losses.REGION_METRICS}
   assert not any(float(metrics[name]) for name in losses.REGION_METRICS)
 
@@ -381,8 +417,9 @@ def test_per_device_region_loss_on_a_mesh_is_the_authors_loss_shard_by_shard():
   data, query_of_target, text_id = authors_region_inputs(11, 16)
 
   def loss(region, desc, scale, valid, assignment, ids):
-    return losses.region_description_loss(region, desc, valid, assignment, ids, scale, mask_duplicates=False,
-                                          num_groups=devices)[0]
+    return losses.region_description_loss(
+      region, desc, valid, assignment, ids, scale, mask_duplicates=False, num_groups=devices
+    )[0]
 
   loss_and_grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
   args = (data["region_embed"], data["desc_embed"], data["logit_scale"], data["box_valid"], query_of_target, text_id)
@@ -391,8 +428,9 @@ def test_per_device_region_loss_on_a_mesh_is_the_authors_loss_shard_by_shard():
     placed = [x if np.ndim(x) == 0 else jax.device_put(x, rows) for x in args]
     compiled = loss_and_grads.lower(*placed).compile()
     value, grads = compiled(*placed)
-  expected = np_authors_region_loss(data["region_embed"], data["desc_embed"], data["box_valid"], query_of_target,
-                                    data["logit_scale"], devices)
+  expected = np_authors_region_loss(
+    data["region_embed"], data["desc_embed"], data["box_valid"], query_of_target, data["logit_scale"], devices
+  )
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   # Outside a mesh the same groups are computed in one place: same values, same gradients.
   unsharded_value, unsharded_grads = loss_and_grads(*args)

@@ -34,18 +34,17 @@ def random_costs(rng, batch, num_queries, num_targets):
   shape = (batch, num_queries, num_targets)
   cost = rng.normal(size=shape)
   part = batch // 6
-  cost[part:2 * part] = rng.integers(0, 3, (part,) + shape[1:])
-  cost[2 * part:3 * part] = 1.0
-  cost[3 * part:4 * part] *= 1e-6
+  cost[part : 2 * part] = rng.integers(0, 3, (part,) + shape[1:])
+  cost[2 * part : 3 * part] = 1.0
+  cost[3 * part : 4 * part] *= 1e-6
   scale = 10.0 ** rng.choice([-6, 0, 6], size=(part,) + shape[1:])
-  cost[4 * part:5 * part] = rng.uniform(-1, 1, scale.shape) * scale
+  cost[4 * part : 5 * part] = rng.uniform(-1, 1, scale.shape) * scale
   rest = batch - 5 * part
 
   def box(count):
-    return np.concatenate([rng.uniform(0.1, 0.9, (rest, count, 2)),
-                           rng.uniform(0.0, 0.5, (rest, count, 2))], -1)
+    return np.concatenate([rng.uniform(0.1, 0.9, (rest, count, 2)), rng.uniform(0.0, 0.5, (rest, count, 2))], -1)
 
-  cost[5 * part:] = matching.matching_cost(box(num_queries), box(num_targets), 5.0, 2.0)
+  cost[5 * part :] = matching.matching_cost(box(num_queries), box(num_targets), 5.0, 2.0)
   return cost.astype(np.float32)
 
 
@@ -64,14 +63,17 @@ def check_valid_assignment(query_of_target, target_valid, num_queries):
   ok = []
   for assigned, valid in zip(query_of_target, target_valid):
     matched = assigned[valid][assigned[valid] >= 0]
-    ok.append((assigned[~valid] == -1).all() and len(matched) == min(num_queries, valid.sum())
-              and len(set(matched.tolist())) == len(matched) and (matched < num_queries).all())
+    ok.append(
+      (assigned[~valid] == -1).all()
+      and len(matched) == min(num_queries, valid.sum())
+      and len(set(matched.tolist())) == len(matched)
+      and (matched < num_queries).all()
+    )
   return np.array(ok)
 
 
 def assignment_cost(cost, query_of_target):
-  picked = np.take_along_axis(cost.astype(np.float64), np.maximum(query_of_target, 0)[:, None],
-                              axis=1)[:, 0]
+  picked = np.take_along_axis(cost.astype(np.float64), np.maximum(query_of_target, 0)[:, None], axis=1)[:, 0]
   return np.where(query_of_target >= 0, picked, 0.0).sum(1)
 
 
@@ -94,8 +96,7 @@ def test_hungarian_is_optimal(shape):
   batch = 300 if num_queries == 16 else 1500
   cost, valid = random_costs(rng, batch, *shape), random_valid(rng, batch, num_targets)
   optimum = optimal_cost(cost, valid)
-  enumerated = (num_targets <= num_queries
-                and math.perm(num_queries, num_targets) <= matching.MAX_ENUMERATED_MAPS)
+  enumerated = num_targets <= num_queries and math.perm(num_queries, num_targets) <= matching.MAX_ENUMERATED_MAPS
   assert enumerated == (shape in SHAPES[:3])
   for augmenting_paths in {False, enumerated}:
     query_of_target = np.asarray(solve(cost, valid, augmenting_paths=augmenting_paths))
@@ -110,24 +111,23 @@ def test_more_valid_targets_than_queries_keeps_the_cheapest():
   cost[0, :, 2] = -50.0  # cheapest target, but invalid
   valid = np.array([[True, True, False, True]])
   for method, options in METHODS:
-    np.testing.assert_array_equal(solve(cost, valid, method, **options), [[-1, 1, -1, 0]],
-                                  err_msg=method)
+    np.testing.assert_array_equal(solve(cost, valid, method, **options), [[-1, 1, -1, 0]], err_msg=method)
 
 
 @pytest.mark.parametrize("method, options", METHODS)
 def test_invalid_targets_never_change_the_assignment(method, options):
   rng = np.random.default_rng(7)
   cost, valid = random_costs(rng, 500, 5, 5), random_valid(rng, 500, 5)
-  garbage = np.where(valid[:, None, :], cost, rng.choice([np.nan, np.inf, -1e30, 1e30],
-                                                         cost.shape)).astype(np.float32)
+  garbage = np.where(valid[:, None, :], cost, rng.choice([np.nan, np.inf, -1e30, 1e30], cost.shape)).astype(np.float32)
   reference = np.asarray(solve(cost, valid, method, **options))
   np.testing.assert_array_equal(solve(garbage, valid, method, **options), reference)
   # Appending padding slots leaves the real targets' queries unchanged (continuous costs, no ties).
   continuous = rng.normal(size=(500, 5, 4)).astype(np.float32)
   padded = np.concatenate([continuous, rng.normal(size=(500, 5, 3)).astype(np.float32)], 2)
   padded_valid = np.concatenate([valid[:, :4], np.zeros((500, 3), bool)], 1)
-  np.testing.assert_array_equal(solve(padded, padded_valid, method, **options)[:, :4],
-                                solve(continuous, valid[:, :4], method, **options))
+  np.testing.assert_array_equal(
+    solve(padded, padded_valid, method, **options)[:, :4], solve(continuous, valid[:, :4], method, **options)
+  )
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (3, 5), (5, 3)])
@@ -181,8 +181,7 @@ def test_matching_cost_matches_numpy_and_has_no_gradient():
   expected = np.zeros((2, 4, 3))
   for b, q, t in np.ndindex(expected.shape):
     p, g = np_xyxy(pred[b, q]), np_xyxy(target[b, t])
-    inter = (max(0, min(p[2], g[2]) - max(p[0], g[0]))
-             * max(0, min(p[3], g[3]) - max(p[1], g[1])))
+    inter = max(0, min(p[2], g[2]) - max(p[0], g[0])) * max(0, min(p[3], g[3]) - max(p[1], g[1]))
     union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
     hull = (max(p[2], g[2]) - min(p[0], g[0])) * (max(p[3], g[3]) - min(p[1], g[1]))
     giou = inter / union - (hull - union) / hull

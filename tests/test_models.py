@@ -27,7 +27,7 @@ def random_tokens(rng: np.random.Generator, count: int, max_len: int, context: i
   for row in range(count):
     length = int(rng.integers(0, max_len - 1))
     ids[row, 0] = SOT
-    ids[row, 1:1 + length] = rng.integers(1, SOT, length)
+    ids[row, 1 : 1 + length] = rng.integers(1, SOT, length)
     ids[row, 1 + length] = EOT
   return ids
 
@@ -125,8 +125,9 @@ def test_truncating_to_a_bucket_gives_the_full_context_embeddings(model):
     ids = random_tokens(rng, 6, max_len)
     short = truncate_to_bucket(ids, (16, 32, 48, 77))
     assert short.shape[1] in (16, 32, 48, 77) and short.shape[1] >= ids.argmax(-1).max() + 1
-    np.testing.assert_allclose(np.asarray(encode(model, jnp.asarray(short))),
-                               np.asarray(encode(model, jnp.asarray(ids))), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      np.asarray(encode(model, jnp.asarray(short))), np.asarray(encode(model, jnp.asarray(ids))), rtol=1e-5, atol=1e-5
+    )
 
 
 def full_context_text_embeddings(text, ids: jax.Array) -> jax.Array:
@@ -145,8 +146,12 @@ def test_text_tower_running_its_last_block_at_eot_only_equals_the_full_computati
   loss_and_grads = lambda embed: nnx.jit(nnx.value_and_grad(lambda text: jnp.sum(embed(text, ids) * weights)))
   loss, grads = loss_and_grads(lambda text, ids: text(ids))(text)
   full_loss, full_grads = loss_and_grads(full_context_text_embeddings)(text)
-  np.testing.assert_allclose(np.asarray(nnx.jit(lambda text: text(ids))(text)),
-                             np.asarray(nnx.jit(full_context_text_embeddings)(text, ids)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(nnx.jit(lambda text: text(ids))(text)),
+    np.asarray(nnx.jit(full_context_text_embeddings)(text, ids)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   np.testing.assert_allclose(float(loss), float(full_loss), rtol=1e-5)
   grads, full_grads = nnx.state(grads, nnx.Param), nnx.state(full_grads, nnx.Param)
   assert jax.tree.structure(grads) == jax.tree.structure(full_grads)
@@ -161,8 +166,9 @@ def test_rows_at_picks_the_rows_fancy_indexing_picks_without_collectives_when_sh
   for shape in ((5, 7), (4, 9, 3), (2, 6, 3, 2)):
     x = rng.normal(size=shape).astype(np.float32)
     positions = rng.integers(0, shape[1], (shape[0], 3))
-    np.testing.assert_array_equal(np.asarray(rows_at(jnp.asarray(x), jnp.asarray(positions))),
-                                  x[np.arange(shape[0])[:, None], positions])
+    np.testing.assert_array_equal(
+      np.asarray(rows_at(jnp.asarray(x), jnp.asarray(positions))), x[np.arange(shape[0])[:, None], positions]
+    )
   mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   x = jax.device_put(jnp.ones((16, 12, 64)), rows)
@@ -193,8 +199,9 @@ def test_scan_and_remat_compute_the_same_function(inputs, forward, reference_out
   scanned = build_model(tiny_config(scan_layers=True, remat=True).model, seed=0)
   scanned.eval()
   image_out, text_out = forward(scanned, *inputs)
-  np.testing.assert_allclose(np.asarray(image_out.global_embed), np.asarray(reference_outputs[0].global_embed),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(image_out.global_embed), np.asarray(reference_outputs[0].global_embed), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(text_out), np.asarray(reference_outputs[1]), rtol=1e-5, atol=1e-5)
 
 
@@ -235,7 +242,10 @@ def test_sharded_model_equals_the_unsharded_one(config, inputs, forward, referen
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     image_out, text_out = forward(sharded, *inputs)
   reference_image, reference_text = reference_outputs
-  for got, want in ((image_out.global_embed, reference_image.global_embed),
-                    (image_out.region_embed, reference_image.region_embed),
-                    (image_out.boxes, reference_image.boxes), (text_out, reference_text)):
+  for got, want in (
+    (image_out.global_embed, reference_image.global_embed),
+    (image_out.region_embed, reference_image.region_embed),
+    (image_out.boxes, reference_image.boxes),
+    (text_out, reference_text),
+  ):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)

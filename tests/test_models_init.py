@@ -18,18 +18,18 @@ def vit_params(init: str) -> dict:
   block = vit.blocks.view(0)
   hidden = int(cfg.width * cfg.mlp_ratio)
   return {
-      "patch": (vit.patch_kernel[...], vit.patch_bias[...], 3 * 16 * 16),
-      "qkv": (block.attn.qkv_kernel[...], block.attn.qkv_bias[...], cfg.width),
-      "proj": (block.attn.out_kernel[...], block.attn.out_bias[...], cfg.width),
-      "fc1": (block.mlp.fc1.kernel[...], block.mlp.fc1.bias[...], cfg.width),
-      "fc2": (block.mlp.fc2.kernel[...], block.mlp.fc2.bias[...], hidden),
+    "patch": (vit.patch_kernel[...], vit.patch_bias[...], 3 * 16 * 16),
+    "qkv": (block.attn.qkv_kernel[...], block.attn.qkv_bias[...], cfg.width),
+    "proj": (block.attn.out_kernel[...], block.attn.out_bias[...], cfg.width),
+    "fc1": (block.mlp.fc1.kernel[...], block.mlp.fc1.bias[...], cfg.width),
+    "fc2": (block.mlp.fc2.kernel[...], block.mlp.fc2.bias[...], hidden),
   }
 
 
 @pytest.mark.parametrize("part", ["patch", "qkv", "proj", "fc1", "fc2"])
 def test_pytorch_default_is_uniform_within_one_over_sqrt_fan_in(part):
   weight, bias, fan_in = vit_params("pytorch_default")[part]
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
   for name, values in (("weight", weight), ("bias", bias)):
     values = np.asarray(values).ravel()
     assert np.abs(values).max() <= bound, name

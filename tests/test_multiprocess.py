@@ -18,10 +18,19 @@ from conftest import TIMEOUT_S, finish
 
 pytestmark = pytest.mark.integration
 
-ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", "--config.train.num_steps=3",
-        "--config.train.log_every=1", "--config.experiment.evaluate=False", "--config.optim.warmup_steps=1",
-        "--config.data.synthetic.num_train=32", "--config.data.synthetic.images_per_class=1",
-        "--config.data.synthetic.num_retrieval=2", "--config.data.synthetic.num_grounding=2"]
+ARGS = [
+  "--config",
+  "configs/base.py:tiny",
+  "--config.data.batch_size=8",
+  "--config.train.num_steps=3",
+  "--config.train.log_every=1",
+  "--config.experiment.evaluate=False",
+  "--config.optim.warmup_steps=1",
+  "--config.data.synthetic.num_train=32",
+  "--config.data.synthetic.images_per_class=1",
+  "--config.data.synthetic.num_retrieval=2",
+  "--config.data.synthetic.num_grounding=2",
+]
 HEARTBEAT_S = 5
 # One of two processes started by `grain_jax.main.initialize_distributed` (argv: process id, port);
 # process 0 then waits at a barrier that process 1, killed by the test, never reaches.
@@ -44,14 +53,36 @@ time.sleep({TIMEOUT_S})
 def run(command: list[str], env: dict[str, str]) -> None:
   """Runs `command` in its own process group; on timeout the whole group (the launcher's
   training processes too) is killed."""
-  finish(subprocess.Popen(command, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, start_new_session=True))
+  finish(
+    subprocess.Popen(
+      command,
+      env=dict(os.environ, **env),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+  )
 
 
 def launch_two(workdir: str, *extra: str) -> None:
   """Two processes of two CPU devices each, through the launcher."""
-  run(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2", "--",
-       *ARGS, "--workdir", workdir, *extra], dict(PYTHON=sys.executable))
+  run(
+    [
+      "bash",
+      "launch/local_multiprocess.sh",
+      "--processes",
+      "2",
+      "--devices-per-process",
+      "2",
+      "--",
+      *ARGS,
+      "--workdir",
+      workdir,
+      *extra,
+    ],
+    dict(PYTHON=sys.executable),
+  )
 
 
 def metrics(workdir: str) -> list[dict]:
@@ -67,8 +98,10 @@ def double(tmp_path_factory) -> str:
 
 def test_two_processes_train_like_one(double, tmp_path):
   single = str(tmp_path / "single")
-  run([sys.executable, "-m", "grain_jax.main", *ARGS, "--workdir", single],
-      dict(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4"))
+  run(
+    [sys.executable, "-m", "grain_jax.main", *ARGS, "--workdir", single],
+    dict(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4"),
+  )
   single_losses = [line["loss"] for line in metrics(single)]
   assert len(single_losses) == 3
   np.testing.assert_allclose([line["loss"] for line in metrics(double)], single_losses, rtol=1e-4)
@@ -100,9 +133,25 @@ def children(pid: int) -> list[int]:
 def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
   workdir = str(tmp_path / "preempted")
   args = [arg for arg in ARGS if not arg.startswith("--config.train.num_steps")] + ["--config.train.num_steps=1000"]
-  launcher = subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process",
-                               "2", "--", *args, "--workdir", workdir], env=dict(os.environ, PYTHON=sys.executable),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  launcher = subprocess.Popen(
+    [
+      "bash",
+      "launch/local_multiprocess.sh",
+      "--processes",
+      "2",
+      "--devices-per-process",
+      "2",
+      "--",
+      *args,
+      "--workdir",
+      workdir,
+    ],
+    env=dict(os.environ, PYTHON=sys.executable),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + TIMEOUT_S
     rows = os.path.join(workdir, "metrics.jsonl")
@@ -130,8 +179,13 @@ def test_a_process_whose_peer_never_joins_stops_after_the_initialization_timeout
   """config.train.initialization_timeout_s reaches jax.distributed.initialize (pods that start far apart
   need more than JAX's 300 s)."""
   started = time.monotonic()
-  alone = subprocess.run([sys.executable, "-c", PEER, "0", free_port(), "3"], capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"), timeout=120)
+  alone = subprocess.run(
+    [sys.executable, "-c", PEER, "0", free_port(), "3"],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1"),
+    timeout=120,
+  )
   assert alone.returncode != 0 and "started" not in alone.stdout
   assert time.monotonic() - started < 60
 
@@ -140,10 +194,12 @@ def test_a_survivor_stops_after_the_heartbeat_timeout(tmp_path):
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
   logs = [open(tmp_path / f"process{index}.log", "w") for index in range(2)]
-  survivor = subprocess.Popen([sys.executable, "-c", PEER, "0", port, "300"], env=env, stdout=logs[0],
-                              stderr=subprocess.STDOUT)
-  peer = subprocess.Popen([sys.executable, "-c", PEER, "1", port, "300"], env=env, stdout=subprocess.PIPE,
-                          stderr=logs[1], text=True)
+  survivor = subprocess.Popen(
+    [sys.executable, "-c", PEER, "0", port, "300"], env=env, stdout=logs[0], stderr=subprocess.STDOUT
+  )
+  peer = subprocess.Popen(
+    [sys.executable, "-c", PEER, "1", port, "300"], env=env, stdout=subprocess.PIPE, stderr=logs[1], text=True
+  )
   try:
     # Gloo prints to stdout as well; an empty line is the end: the peer failed to start.
     lines = iter(peer.stdout.readline, "")

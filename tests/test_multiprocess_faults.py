@@ -20,18 +20,44 @@ pytestmark = pytest.mark.integration
 
 STEPS = 6
 HEARTBEAT_S = 20  # config.train.heartbeat_timeout_s's default
-ARGS = ["--config", "configs/base.py:tiny", "--config.data.batch_size=8", f"--config.train.num_steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.experiment.evaluate=False",
-        "--config.optim.warmup_steps=1", "--config.data.synthetic.num_train=32",
-        "--config.data.synthetic.images_per_class=1", "--config.data.synthetic.num_retrieval=2",
-        "--config.data.synthetic.num_grounding=2"]
+ARGS = [
+  "--config",
+  "configs/base.py:tiny",
+  "--config.data.batch_size=8",
+  f"--config.train.num_steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=2",
+  "--config.experiment.evaluate=False",
+  "--config.optim.warmup_steps=1",
+  "--config.data.synthetic.num_train=32",
+  "--config.data.synthetic.images_per_class=1",
+  "--config.data.synthetic.num_retrieval=2",
+  "--config.data.synthetic.num_grounding=2",
+]
 
 
 def launch(workdir: Path, *extra: str) -> subprocess.Popen:
   """Two processes of two CPU devices each, in a process group of their own."""
-  return subprocess.Popen(["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2",
-                           "--", *ARGS, *extra, "--workdir", str(workdir)], env=dict(os.environ, PYTHON=sys.executable),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  return subprocess.Popen(
+    [
+      "bash",
+      "launch/local_multiprocess.sh",
+      "--processes",
+      "2",
+      "--devices-per-process",
+      "2",
+      "--",
+      *ARGS,
+      *extra,
+      "--workdir",
+      str(workdir),
+    ],
+    env=dict(os.environ, PYTHON=sys.executable),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
 
 
 def checksums(workdir: Path, step: int = STEPS) -> dict:
@@ -97,8 +123,9 @@ def test_a_process_killed_during_a_save_stops_the_other_and_a_restart_resumes_bi
   assert checksums(tmp_path) == uninterrupted
 
 
-def test_a_corrupt_newest_checkpoint_is_set_aside_once_and_both_resume_from_the_same_step(tmp_path, uninterrupted_run,
-                                                                                          uninterrupted):
+def test_a_corrupt_newest_checkpoint_is_set_aside_once_and_both_resume_from_the_same_step(
+  tmp_path, uninterrupted_run, uninterrupted
+):
   shutil.copytree(uninterrupted_run, tmp_path, dirs_exist_ok=True)
   flip_bytes(tmp_path / "checkpoints" / str(STEPS))
   output = finish(launch(tmp_path))

@@ -17,16 +17,43 @@ from packaging.utils import canonicalize_name
 REPOSITORY = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = REPOSITORY / "grain_jax"
 # Import names that differ from the distribution's name.
-DISTRIBUTIONS = {"PIL": "pillow", "absl": "absl-py", "orbax": "orbax-checkpoint",
-                 "tensorflow_datasets": "tensorflow-datasets"}
+DISTRIBUTIONS = {
+  "PIL": "pillow",
+  "absl": "absl-py",
+  "orbax": "orbax-checkpoint",
+  "tensorflow_datasets": "tensorflow-datasets",
+}
 # Modules that exist only for an extra: they may import its packages at their top.
 EXTRA_MODULES = {"export/torch_modules.py": "export", "bench/_reference_step.py": "export"}
 # The extras and the requirements file that pins each.
-PIN_FILES = {None: "requirements.txt", "export": "requirements-export.txt",
-             "annotate": "requirements-annotate.txt", "test": "requirements.txt"}
+PIN_FILES = {
+  None: "requirements.txt",
+  "export": "requirements-export.txt",
+  "annotate": "requirements-annotate.txt",
+  "test": "requirements.txt",
+}
 # Subpackages and modules of grain_jax, lowest first: each imports only from those before it.
-LAYERS = ("errors", "hardware", "processes", "files", "checksums", "sharding", "ops", "data", "models", "losses", "torch_format", "eval",
-          "config", "train", "export", "experiment", "annotate", "bench", "main")
+LAYERS = (
+  "errors",
+  "hardware",
+  "processes",
+  "files",
+  "checksums",
+  "sharding",
+  "ops",
+  "data",
+  "models",
+  "losses",
+  "torch_format",
+  "eval",
+  "config",
+  "train",
+  "export",
+  "experiment",
+  "annotate",
+  "bench",
+  "main",
+)
 
 
 def _project() -> dict:
@@ -37,8 +64,10 @@ def _declared() -> dict[str | None, dict[str, Requirement]]:
   """`{None: runtime requirements, extra: its requirements}`, each by canonical distribution name."""
   project = _project()
   groups = {None: project["dependencies"], **project["optional-dependencies"]}
-  return {group: {canonicalize_name(Requirement(line).name): Requirement(line) for line in lines}
-          for group, lines in groups.items()}
+  return {
+    group: {canonicalize_name(Requirement(line).name): Requirement(line) for line in lines}
+    for group, lines in groups.items()
+  }
 
 
 def _imports(path: pathlib.Path) -> list[tuple[str, bool]]:
@@ -60,10 +89,12 @@ def _distribution(module: str) -> str:
 
 def _third_party_imports() -> list[tuple[str, str, bool]]:
   """`(file relative to grain_jax/, distribution, at the module's top)` for every non-stdlib import."""
-  return [(str(path.relative_to(PACKAGE)), _distribution(module), at_top)
-          for path in sorted(PACKAGE.rglob("*.py"))
-          for module, at_top in _imports(path)
-          if module not in sys.stdlib_module_names and module != "grain_jax"]
+  return [
+    (str(path.relative_to(PACKAGE)), _distribution(module), at_top)
+    for path in sorted(PACKAGE.rglob("*.py"))
+    for module, at_top in _imports(path)
+    if module not in sys.stdlib_module_names and module != "grain_jax"
+  ]
 
 
 def _pins(file: str) -> dict[str, str]:
@@ -109,7 +140,8 @@ def test_pins_satisfy_the_declared_lower_bounds(group):
   for name, requirement in _declared()[group].items():
     assert name in pins, f"{requirement} is declared but {PIN_FILES[group]} pins no version of it"
     assert requirement.specifier.contains(pins[name]), (
-        f"{PIN_FILES[group]} pins {name}=={pins[name]} outside {requirement}")
+      f"{PIN_FILES[group]} pins {name}=={pins[name]} outside {requirement}"
+    )
     assert any(spec.operator == ">=" for spec in requirement.specifier), f"{requirement} has no lower bound"
 
 
@@ -173,13 +205,22 @@ def _names_a_missing_module(dotted: str) -> bool:
 
 
 def test_code_and_documents_name_existing_modules():
-  texts = [*PACKAGE.rglob("*.py"), *PACKAGE.rglob("*.md"), *REPOSITORY.glob("*.md"), *REPOSITORY.glob("docs/*.md"),
-           *REPOSITORY.glob("configs/*.py"), *REPOSITORY.glob("launch/*")]
+  texts = [
+    *PACKAGE.rglob("*.py"),
+    *PACKAGE.rglob("*.md"),
+    *REPOSITORY.glob("*.md"),
+    *REPOSITORY.glob("docs/*.md"),
+    *REPOSITORY.glob("configs/*.py"),
+    *REPOSITORY.glob("launch/*"),
+  ]
   dangling = []
   for path in sorted(texts):
     text = path.read_text()
-    dangling += [f"{path.relative_to(REPOSITORY)}: {name}" for name in re.findall(r"\bgrain_jax(?:\.[a-z_]+)+", text)
-                 if _names_a_missing_module(name)]
+    dangling += [
+      f"{path.relative_to(REPOSITORY)}: {name}"
+      for name in re.findall(r"\bgrain_jax(?:\.[a-z_]+)+", text)
+      if _names_a_missing_module(name)
+    ]
     files = re.findall(r"\b(?:grain_jax|configs)/[\w/]+\.py\b", text)
     dangling += [f"{path.relative_to(REPOSITORY)}: {name}" for name in files if not (REPOSITORY / name).is_file()]
   assert not dangling, dangling

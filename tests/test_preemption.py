@@ -17,23 +17,29 @@ import orbax.checkpoint as ocp
 import pytest
 
 from grain_jax.config import load_config
-from grain_jax.train import preemption
-from grain_jax.train import trainer
+from grain_jax.train import preemption, trainer
 from grain_jax.train.preemption import INTERRUPTED_STATUS, PREEMPTED_STATUS, PreemptionNotice
 
 pytestmark = pytest.mark.integration
 
-OVERRIDES = dict(data=dict(batch_size=8, num_workers=1, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2,
-                                                        num_grounding=2)),
-                 train=dict(num_steps=1000, log_every=1, checkpoint_every=1000, peak_flops_per_device=1e12),
-                 experiment=dict(evaluate=False), optim=dict(warmup_steps=1))
+OVERRIDES = dict(
+  data=dict(
+    batch_size=8, num_workers=1, synthetic=dict(num_train=32, images_per_class=1, num_retrieval=2, num_grounding=2)
+  ),
+  train=dict(num_steps=1000, log_every=1, checkpoint_every=1000, peak_flops_per_device=1e12),
+  experiment=dict(evaluate=False),
+  optim=dict(warmup_steps=1),
+)
 TIMEOUT_S = 600
 
 
 def flags(tree: dict, prefix: str = "--config") -> list[str]:
   """`--config.a.b=value` for every leaf of `tree`."""
-  return [flag for name, value in tree.items() for flag in
-          (flags(value, f"{prefix}.{name}") if isinstance(value, dict) else [f"{prefix}.{name}={value}"])]
+  return [
+    flag
+    for name, value in tree.items()
+    for flag in (flags(value, f"{prefix}.{name}") if isinstance(value, dict) else [f"{prefix}.{name}={value}"])
+  ]
 
 
 def apply(config: ml_collections.ConfigDict, tree: dict) -> None:
@@ -52,9 +58,22 @@ def signalled(workdir: str, signum: int) -> tuple[str, int, str]:
   """A run of `python -m grain_jax.main` with a data worker process, whose process group is sent
   `signum` once it has logged two steps (as launchers and terminals do): (workdir, its exit status,
   its output)."""
-  process = subprocess.Popen([sys.executable, "-m", "grain_jax.main", "--config", "configs/base.py:tiny",
-                              "--workdir", workdir, *flags(OVERRIDES)], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "grain_jax.main",
+      "--config",
+      "configs/base.py:tiny",
+      "--workdir",
+      workdir,
+      *flags(OVERRIDES),
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + TIMEOUT_S
     metrics = os.path.join(workdir, "metrics.jsonl")
@@ -89,8 +108,7 @@ def test_the_report_logs_mfu_when_the_peak_is_given(preempted):
   assert all(0 < row["mfu"] < 1 for row in rows(preempted[0]))
 
 
-def test_resuming_after_a_notice_loses_no_step_and_a_notice_at_the_last_step_is_no_preemption(
-    preempted, monkeypatch):
+def test_resuming_after_a_notice_loses_no_step_and_a_notice_at_the_last_step_is_no_preemption(preempted, monkeypatch):
   workdir = preempted[0]
   saved = rows(workdir)[-1]["step"]
   config = load_config("configs/base.py:tiny")
@@ -120,7 +138,9 @@ def test_a_ctrl_c_saves_the_step_reached_and_exits_with_130(tmp_path):
   assert saved >= 2 and [row["step"] for row in rows(workdir)] == list(range(1, saved + 1))
   assert f"interrupted: saved the checkpoint of step {saved}" in output and "Traceback" not in output
   assert not os.path.exists(os.path.join(workdir, preemption.MARKER))  # a user stopped it: no launcher restarts it
-  assert not any(ocp.path.atomicity_types.TMP_DIR_SUFFIX in name for name in os.listdir(os.path.join(workdir, "checkpoints")))
+  assert not any(
+    ocp.path.atomicity_types.TMP_DIR_SUFFIX in name for name in os.listdir(os.path.join(workdir, "checkpoints"))
+  )
 
 
 def test_a_ctrl_c_is_caught_only_while_training_and_a_second_one_stops_at_once():

@@ -36,8 +36,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from grain_jax import errors
-from grain_jax import files
+from grain_jax import errors, files
 from grain_jax import main as grain_main
 from grain_jax.config import apply_overrides, load_config, parse_arm, validate
 from grain_jax.eval import datasets
@@ -47,8 +46,13 @@ MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_FILES = sorted((ROOT / "configs").glob("*.py"))
 # How each command that starts a training run begins; the launch scripts pass the words after `--` on
 # to grain_jax.main.
-STARTS = ("python -m grain_jax.main ", "launch/tpu_pod.sh up ", "launch/gke_xpk.sh run ", "launch/slurm_gpu.sh ",
-          "launch/local_multiprocess.sh ")
+STARTS = (
+  "python -m grain_jax.main ",
+  "launch/tpu_pod.sh up ",
+  "launch/gke_xpk.sh run ",
+  "launch/slurm_gpu.sh ",
+  "launch/local_multiprocess.sh ",
+)
 PLACEHOLDER = re.compile(r"^/(gcs|shared)/")
 FENCE = re.compile(r"^```\s*(\S*)\s*$")
 SHELL = ("", "bash", "sh", "shell")
@@ -97,8 +101,11 @@ def commands_of(path: pathlib.Path) -> list[str]:
   found = []
   for language, body in fenced_blocks(text):
     if language in SHELL:
-      found += [" ".join(line.split()) for line in body.replace("\\\n", " ").splitlines()
-                if line.strip() and not line.strip().startswith("#")]
+      found += [
+        " ".join(line.split())
+        for line in body.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.strip().startswith("#")
+      ]
   found += [" ".join(span.split()) for span in INLINE.findall(outside_blocks(text))]
   return found
 
@@ -118,16 +125,23 @@ def checked(command: str) -> bool:
     words = words_of(command)
   except ValueError:
     return command.startswith(("python -m grain_jax", "launch/", "pip install -r", "pytest"))
-  return bool(words) and (words[:2] == ["python", "-m"] and words[2].startswith("grain_jax")
-                          or words[0].startswith("launch/")
-                          or words[:3] == ["pip", "install", "-r"]
-                          or words[0] == "pytest")
+  return bool(words) and (
+    words[:2] == ["python", "-m"]
+    and words[2].startswith("grain_jax")
+    or words[0].startswith("launch/")
+    or words[:3] == ["pip", "install", "-r"]
+    or words[0] == "pytest"
+  )
 
 
 def documented_commands() -> list[tuple[str, str]]:
   """(document, command) of every command the test checks, in every document."""
-  return [(str(path.relative_to(ROOT)), command) for path in [*MARKDOWN, *CONFIG_FILES]
-          for command in commands_of(path) if checked(command)]
+  return [
+    (str(path.relative_to(ROOT)), command)
+    for path in [*MARKDOWN, *CONFIG_FILES]
+    for command in commands_of(path)
+    if checked(command)
+  ]
 
 
 def launcher_main_arguments(words: list[str]) -> list[str] | None:
@@ -140,8 +154,9 @@ def launcher_main_arguments(words: list[str]) -> list[str] | None:
     return None
   assert "--dry-run)" in (ROOT / script).read_text(), f"{script} has no --dry-run to check it by"
   end = words.index("--") if "--" in words else len(words)
-  result = subprocess.run(["bash", *words[:end], "--dry-run", *words[end:]], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+  result = subprocess.run(
+    ["bash", *words[:end], "--dry-run", *words[end:]], capture_output=True, text=True, cwd=ROOT, timeout=60
+  )
   assert result.returncode == 0, f"{' '.join(words)} --dry-run failed:\n{result.stdout}\n{result.stderr}"
   if end == len(words):
     return None
@@ -149,9 +164,9 @@ def launcher_main_arguments(words: list[str]) -> list[str] | None:
     line_words = shlex.split(line)
     for i, word in enumerate(line_words):
       if word == "launch/slurm_gpu.sbatch":  # the batch script runs grain_jax.main with its arguments
-        return line_words[i + 1:]
-      if line_words[i:i + 2] == ["-m", "grain_jax.main"]:
-        return line_words[i + 2:]
+        return line_words[i + 1 :]
+      if line_words[i : i + 2] == ["-m", "grain_jax.main"]:
+        return line_words[i + 2 :]
       if "-m grain_jax.main " in word:
         return shlex.split(word.split("-m grain_jax.main ", 1)[1])
   raise AssertionError(f"{' '.join(words)} runs no grain_jax.main:\n{result.stdout}")
@@ -165,8 +180,9 @@ def parsed_main_flags(arguments: list[str]) -> flags.FlagValues:
   for flag in MAIN_FLAGS:
     if flag.name != "config":
       values[flag.name] = copy.deepcopy(flag)
-  config_flags.DEFINE_config_file("config", None, "Config file, path.py[:arg].", flag_values=values,
-                                  lock_config=True, sys_argv=["python", *arguments])
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, path.py[:arg].", flag_values=values, lock_config=True, sys_argv=["python", *arguments]
+  )
   unparsed = values(["python", *arguments])
   assert unparsed == ["python"], f"arguments grain_jax.main does not take: {unparsed[1:]}"
   return values
@@ -220,8 +236,9 @@ def check_main(arguments: list[str], where: str, tmp_path: pathlib.Path) -> None
   settings = [parse_arm(entry, "settings") for entry in experiment.settings] or [("", {})]
   for setting, setting_overrides in settings:
     for name, overrides in arms:
-      validate(apply_overrides(config, {**setting_overrides, **overrides}, f"{where}: {setting} {name}"),
-               evaluation_files=True)
+      validate(
+        apply_overrides(config, {**setting_overrides, **overrides}, f"{where}: {setting} {name}"), evaluation_files=True
+      )
 
 
 class Parsed(BaseException):
@@ -296,8 +313,12 @@ def test_a_documented_command_is_valid(document, command, tmp_path, monkeypatch)
 
 
 def python_blocks() -> list[tuple[str, str]]:
-  return [(str(path.relative_to(ROOT)), body) for path in MARKDOWN
-          for language, body in fenced_blocks(path.read_text()) if language == "python"]
+  return [
+    (str(path.relative_to(ROOT)), body)
+    for path in MARKDOWN
+    for language, body in fenced_blocks(path.read_text())
+    if language == "python"
+  ]
 
 
 @pytest.mark.parametrize("document, code", python_blocks())

@@ -5,8 +5,7 @@ import math
 
 import pytest
 
-from grain_jax.config import load_config, validate
-from grain_jax.config import recipe
+from grain_jax.config import load_config, recipe, validate
 from grain_jax.hardware import MACHINES
 
 RECIPES = {"configs/cc3m_b16.py": 3_318_333, "configs/cc12m_b16.py": 12_423_374}
@@ -34,10 +33,19 @@ def test_recipe_has_the_papers_hyperparameters(path, kind, mesh):
   assert config.train.multiprocess
   assert config.model.remat == recipe.FITS[mesh]["remat"]
   # The authors' training choices (docs/authors_differences.md), ours in grain_grounded.
-  authors = (config.loss.region_negatives, config.loss.mask_duplicate_descriptions, config.loss.box_normalization,
-             config.loss.iou_union_epsilon, config.optim.weight_decay_exempt, config.model.image.init)
-  assert authors == (("global", True, "global", 0.0, "rank_below_2", "trunc_normal") if grounded else
-                     ("per_device", False, "per_device", 1e-4, "authors_name_rule", "pytorch_default"))
+  authors = (
+    config.loss.region_negatives,
+    config.loss.mask_duplicate_descriptions,
+    config.loss.box_normalization,
+    config.loss.iou_union_epsilon,
+    config.optim.weight_decay_exempt,
+    config.model.image.init,
+  )
+  assert authors == (
+    ("global", True, "global", 0.0, "rank_below_2", "trunc_normal")
+    if grounded
+    else ("per_device", False, "per_device", 1e-4, "authors_name_rule", "pytorch_default")
+  )
 
 
 def test_default_mesh_is_the_papers_machine():

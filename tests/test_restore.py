@@ -17,8 +17,14 @@ from grain_jax import sharding
 from grain_jax.config import load_config
 from grain_jax.models.grain import build_model
 from grain_jax.train import optim, trainer
-from grain_jax.train.checkpoint import (CHECKSUMS, Checkpointer, CheckpointMismatchError, NoReadableCheckpointError,
-                                        checkpoint_dir, restore_model)
+from grain_jax.train.checkpoint import (
+  CHECKSUMS,
+  Checkpointer,
+  CheckpointMismatchError,
+  NoReadableCheckpointError,
+  checkpoint_dir,
+  restore_model,
+)
 
 STEP = 5
 

@@ -7,7 +7,8 @@ import sys
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from grain_jax import sharding
 from grain_jax.bench import _hlo
@@ -26,8 +27,9 @@ def test_mesh_resolves_the_rest_axis():
 def test_logical_names_map_through_the_rules():
   assert sharding.logical_to_spec(("embed", "mlp"), RULES) == P("fsdp", "tensor")
   assert sharding.logical_to_spec(("batch", "length", "embed"), RULES) == P(("data", "fsdp"), None, None)
-  assert sharding.logical_to_spec(("layers", "embed", "qkv", "heads", "kv"), RULES) == P(None, "fsdp", None,
-                                                                                           "tensor", None)
+  assert sharding.logical_to_spec(("layers", "embed", "qkv", "heads", "kv"), RULES) == P(
+    None, "fsdp", None, "tensor", None
+  )
   assert sharding.logical_to_spec((None, "unknown_name"), RULES) == P(None, None)
 
 
@@ -54,9 +56,11 @@ def test_batch_shards_counts_the_devices_holding_distinct_rows():
 def test_activations_keep_the_residual_whole_and_split_heads_and_hidden_units_over_tensor():
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   batch = ("data", "fsdp")
-  cases = [(sharding.RESIDUAL, (8, 4, 16), P(batch, None, None)),
-           (sharding.MLP_HIDDEN, (8, 4, 32), P(batch, None, "tensor")),
-           (sharding.ATTENTION_HEADS, (8, 4, 2, 8), P(batch, None, "tensor", None))]
+  cases = [
+    (sharding.RESIDUAL, (8, 4, 16), P(batch, None, None)),
+    (sharding.MLP_HIDDEN, (8, 4, 32), P(batch, None, "tensor")),
+    (sharding.ATTENTION_HEADS, (8, 4, 2, 8), P(batch, None, "tensor", None)),
+  ]
   with jax.set_mesh(mesh), sharding.axis_rules(RULES):
     for names, shape, expected in cases:
       y = jax.jit(lambda v, names=names: sharding.constrain(v + 1, names))(np.ones(shape, np.float32))
@@ -73,9 +77,22 @@ def test_the_train_step_on_data_fsdp_tensor_compiles_without_replicating_activat
   the global batch of texts on every device); the compile must not."""
   overrides = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "data.batch_size": 16}
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
-  result = subprocess.run([sys.executable, "-m", "grain_jax.bench.memory", "--worker", "--config",
-                           "configs/base.py:tiny", "--overrides", json.dumps(overrides)],
-                          env=env, capture_output=True, text=True, cwd=REPO)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "grain_jax.bench.memory",
+      "--worker",
+      "--config",
+      "configs/base.py:tiny",
+      "--overrides",
+      json.dumps(overrides),
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(result.stdout.splitlines()[-1])["mesh"] == dict(data=2, fsdp=2, tensor=2)
   assert "Involuntary full rematerialization" not in result.stderr
@@ -95,9 +112,11 @@ def test_a_lookup_s_gradient_moves_rows_and_equals_the_plain_gather_s():
   mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1))
   names = ("vocab", "embed")
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
-    placed = (jax.device_put(table, NamedSharding(mesh, sharding.logical_to_spec(names))),
-              jax.device_put(ids, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))),
-              jax.device_put(weights, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))))
+    placed = (
+      jax.device_put(table, NamedSharding(mesh, sharding.logical_to_spec(names))),
+      jax.device_put(ids, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))),
+      jax.device_put(weights, NamedSharding(mesh, sharding.logical_to_spec(("batch",)))),
+    )
     step = jax.jit(jax.value_and_grad(lambda t, i, w: (sharding.looked_up(t, i, names) * w).sum()))
     value, gradient = step(*placed)
     hlo = step.lower(*placed).compile().as_text()
@@ -106,4 +125,5 @@ def test_a_lookup_s_gradient_moves_rows_and_equals_the_plain_gather_s():
   assert gradient.sharding.is_equivalent_to(placed[0].sharding, 2)
   table_bytes = vocab * width * 4
   assert all(c.tensor_bytes < table_bytes for c in _hlo.collectives(hlo)), [
-      (c.op, c.tensor) for c in _hlo.collectives(hlo)]
+    (c.op, c.tensor) for c in _hlo.collectives(hlo)
+  ]

@@ -20,13 +20,17 @@ def texts(rng: np.random.Generator, shape: tuple[int, ...], max_length: int, con
   ids = np.zeros((*shape, context), np.int32)
   flat = ids.reshape(-1, context)
   for row, length in zip(flat, rng.integers(2, max_length + 1, flat.shape[0])):
-    row[0], row[1:length - 1], row[length - 1] = SOT, rng.integers(1, SOT, length - 2), EOT
+    row[0], row[1 : length - 1], row[length - 1] = SOT, rng.integers(1, SOT, length - 2), EOT
   return ids
 
 
 def random_batch(rng, size=12, slots=4, max_length=30, valid_share=0.6):
-  return dict(caption_ids=texts(rng, (size,), max_length), desc_ids=texts(rng, (size, slots), max_length),
-              box_valid=rng.random((size, slots)) < valid_share, image=np.zeros((size, 2, 2, 3), np.float32))
+  return dict(
+    caption_ids=texts(rng, (size,), max_length),
+    desc_ids=texts(rng, (size, slots), max_length),
+    box_valid=rng.random((size, slots)) < valid_share,
+    image=np.zeros((size, 2, 2, 3), np.float32),
+  )
 
 
 def unpacked(packed: dict, groups: int, key: str) -> list[np.ndarray]:
@@ -56,14 +60,15 @@ def test_every_text_is_recoverable_from_its_slot(seed, groups, max_length):
   batch = random_batch(rng, max_length=max_length)
   packed = pack_batch(batch, groups, 77)
   for got, ids in zip(unpacked(packed, groups, "caption_slot"), batch["caption_ids"]):
-    np.testing.assert_array_equal(got, ids[:length_of(ids)])
+    np.testing.assert_array_equal(got, ids[: length_of(ids)])
   descriptions = unpacked(packed, groups, "desc_slot")
   for got, ids, valid in zip(descriptions, batch["desc_ids"].reshape(-1, 77), batch["box_valid"].reshape(-1)):
     if valid:
-      np.testing.assert_array_equal(got, ids[:length_of(ids)])
+      np.testing.assert_array_equal(got, ids[: length_of(ids)])
   # Nothing else is packed: the real tokens are exactly the captions' and the valid descriptions'.
   real = sum(length_of(ids) for ids in batch["caption_ids"]) + sum(
-      length_of(ids) for ids, valid in zip(batch["desc_ids"].reshape(-1, 77), batch["box_valid"].reshape(-1)) if valid)
+    length_of(ids) for ids, valid in zip(batch["desc_ids"].reshape(-1, 77), batch["box_valid"].reshape(-1)) if valid
+  )
   assert np.count_nonzero(packed["text_segments"]) == real
   assert (packed["text_segments"].max(axis=1) <= TEXTS_PER_ROW).all()
   # The other fields pass through untouched.
@@ -79,8 +84,9 @@ def test_rows_are_few_and_the_same_for_every_group():
   for group in range(4):
     examples = slice(16 * group, 16 * (group + 1))
     tokens = sum(length_of(ids) for ids in batch["caption_ids"][examples]) + sum(
-        length_of(ids) for ids in batch["desc_ids"][examples].reshape(-1, 77))
-    used = np.count_nonzero(packed["text_segments"][rows * group:rows * (group + 1)].any(axis=1))
+      length_of(ids) for ids in batch["desc_ids"][examples].reshape(-1, 77)
+    )
+    used = np.count_nonzero(packed["text_segments"][rows * group : rows * (group + 1)].any(axis=1))
     # Best fit, longest first, wastes little: within one row of the token count's lower bound here.
     assert used <= -(-tokens // 77) + 1
   assert rows == padded_rows(rows)
@@ -141,8 +147,9 @@ def test_the_text_tower_gives_packed_texts_their_own_embeddings(stack):
   captions = texts_at(embeds, jnp.asarray(packed["caption_slot"]), 2)
   descriptions = texts_at(embeds, jnp.asarray(packed["desc_slot"]), 2)
   encode = nnx.jit(lambda m, ids: m.encode_text(ids))
-  np.testing.assert_allclose(np.asarray(captions), np.asarray(encode(model, jnp.asarray(batch["caption_ids"]))),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(captions), np.asarray(encode(model, jnp.asarray(batch["caption_ids"]))), rtol=1e-5, atol=1e-5
+  )
   alone = np.asarray(encode(model, jnp.asarray(batch["desc_ids"].reshape(-1, 77)))).reshape(6, 5, -1)
   valid = batch["box_valid"]
   np.testing.assert_allclose(np.asarray(descriptions)[valid], alone[valid], rtol=1e-5, atol=1e-5)

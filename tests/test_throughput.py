@@ -24,7 +24,7 @@ def random_window(seed: int) -> tuple[list[int], list[float], int, float]:
   device's peak (FLOP/s)."""
   rng = np.random.default_rng(seed)
   steps = int(rng.integers(1, 64))
-  flops = [int(count) for count in rng.integers(1, 10 ** 15, steps)]
+  flops = [int(count) for count in rng.integers(1, 10**15, steps)]
   seconds = [float(s) for s in rng.uniform(1e-3, 30.0, steps)]
   devices = int(rng.choice([1, 2, 8, 16, 64, 256, 512]))
   peak = float(rng.choice([chip.peak_bf16_flops for chip in CHIPS.values()]) * rng.uniform(0.5, 2.0))

@@ -123,13 +123,18 @@ def test_a_checkpoint_of_another_model_stops_the_run_before_it_writes(runs, tmp_
 
 def files_of(workdir) -> dict[str, float]:
   """Every file under `workdir` with its modification time."""
-  return {os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
-          for root, _, names in os.walk(workdir) for name in names}
+  return {
+    os.path.join(root, name): os.path.getmtime(os.path.join(root, name))
+    for root, _, names in os.walk(workdir)
+    for name in names
+  }
 
 
 @pytest.mark.parametrize("overrides", [dict(grad_accum_steps=3), dict(keep_checkpoints=0), dict(checkpoint_every=0)])
 def test_a_config_error_stops_the_run_before_it_makes_the_workdir(tmp_path, overrides):
-  with pytest.raises(ConfigError, match="|".join(f"config\\.train\\.{field}={value}" for field, value in overrides.items())):
+  with pytest.raises(
+    ConfigError, match="|".join(f"config\\.train\\.{field}={value}" for field, value in overrides.items())
+  ):
     main.run(train_config(**overrides), "train", str(tmp_path / "run"))
   assert os.listdir(tmp_path) == []
 
@@ -148,8 +153,11 @@ def test_num_steps_below_the_newest_checkpoint_is_refused_before_it_writes(runs,
   workdir = str(tmp_path / "copy")
   shutil.copytree(runs[0], workdir)
   before = files_of(workdir)
-  with pytest.raises(ConfigError, match=rf"num_steps={NUM_STEPS - 1} is below the step of the newest checkpoint in "
-                                        rf".*, {NUM_STEPS}: nothing to train"):
+  with pytest.raises(
+    ConfigError,
+    match=rf"num_steps={NUM_STEPS - 1} is below the step of the newest checkpoint in "
+    rf".*, {NUM_STEPS}: nothing to train",
+  ):
     trainer.train(train_config(num_steps=NUM_STEPS - 1), workdir)
   assert files_of(workdir) == before
 
@@ -159,8 +167,11 @@ def test_a_failed_asynchronous_save_stops_training_at_the_next_step(tmp_path, mo
   the cause and the newest committed step, instead of training on to the end."""
   fill_the_disk_at(4, monkeypatch)
   workdir = str(tmp_path / "run")
-  with pytest.raises(CheckpointSaveError, match=r"^saving the checkpoint of step 4 in .* failed \(OSError: \[Errno 28\] "
-                                                r"No space left on device\); .*newest committed checkpoint is step 2"):
+  with pytest.raises(
+    CheckpointSaveError,
+    match=r"^saving the checkpoint of step 4 in .* failed \(OSError: \[Errno 28\] "
+    r"No space left on device\); .*newest committed checkpoint is step 2",
+  ):
     trainer.train(train_config(num_steps=40, checkpoint_every=2, async_checkpointing=True), workdir)
   assert 4 <= max(metric_steps(workdir)) < 10
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")))[:1] == ["2"]
@@ -215,7 +226,9 @@ def make_step(config):
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(params, config.optim, NUM_STEPS)
-  step_fn = jax.jit(make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, NUM_STEPS)))
+  step_fn = jax.jit(
+    make_train_step(graphdef, rest, tx, config, 1, optim.learning_rate_schedule(config.optim, NUM_STEPS))
+  )
   return trainer.init_state(model, tx), step_fn
 
 
@@ -224,10 +237,14 @@ def raw_batch():
   rng = np.random.default_rng(0)
   ids = np.zeros((8, 16), np.int32)
   ids[:, 0], ids[:, 1:4], ids[:, 4] = 49406, rng.integers(1, 4000, (8, 3)), 49407
-  return dict(image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32), caption_ids=ids,
-              boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
-              box_valid=np.arange(5)[None].repeat(8, 0) < 2, desc_ids=np.repeat(ids[:, None], 5, 1),
-              desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5))
+  return dict(
+    image=rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+    caption_ids=ids,
+    boxes=np.tile(np.array([0.5, 0.5, 0.2, 0.3], np.float32), (8, 5, 1)),
+    box_valid=np.arange(5)[None].repeat(8, 0) < 2,
+    desc_ids=np.repeat(ids[:, None], 5, 1),
+    desc_text_id=np.arange(40, dtype=np.int32).reshape(8, 5),
+  )
 
 
 def make_batch(groups=1):
@@ -276,12 +293,21 @@ def test_micro_batches_interleave_the_shards():
 def test_weight_decay_skips_biases_norms_and_logit_scale():
   config = load_config("configs/base.py:tiny")
   model = nnx.eval_shape(lambda: build_model(config.model, 0))
-  decayed = {"/".join(map(str, path)) for path, flag in nnx.to_flat_state(
-      optim.weight_decay_mask(nnx.state(model, nnx.Param))) if flag}
+  decayed = {
+    "/".join(map(str, path))
+    for path, flag in nnx.to_flat_state(optim.weight_decay_mask(nnx.state(model, nnx.Param)))
+    if flag
+  }
   assert "visual/blocks/blocks/attn/qkv_kernel" in decayed and "text/token_embedding" in decayed
   assert "decoder/query_embed" in decayed and "decoder/proj/kernel" in decayed
-  for name in ("logit_scale", "visual/blocks/blocks/attn/qkv_bias", "visual/blocks/blocks/norm1/scale",
-               "decoder/layers/blocks/mlp/fc1/bias", "text/ln_final/scale", "visual/patch_bias"):
+  for name in (
+    "logit_scale",
+    "visual/blocks/blocks/attn/qkv_bias",
+    "visual/blocks/blocks/norm1/scale",
+    "decoder/layers/blocks/mlp/fc1/bias",
+    "text/ln_final/scale",
+    "visual/patch_bias",
+  ):
     assert name not in decayed
 
 

@@ -16,8 +16,11 @@ def toy_step(state, batch):
 def test_programs_are_compiled_once_per_batch_shape_and_compute_the_step(monkeypatch):
   barriers = []
   monkeypatch.setattr(compiled_step.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(compiled_step.ocp.multihost, "sync_global_processes",
-                      lambda name, timeout, processes: barriers.append((name, timeout, processes)))
+  monkeypatch.setattr(
+    compiled_step.ocp.multihost,
+    "sync_global_processes",
+    lambda name, timeout, processes: barriers.append((name, timeout, processes)),
+  )
   step = compiled_step.CompiledStep(jax.jit(toy_step, donate_argnums=0))
   state = jnp.float32(0)
   shapes = [(2,), (2,), (3,), (2,), (3, 1)]
@@ -28,8 +31,9 @@ def test_programs_are_compiled_once_per_batch_shape_and_compute_the_step(monkeyp
     assert float(state) == float(expected_state)
     assert float(metrics["loss"]) == float(expected_metrics["loss"])
   assert [name for name, _, _ in barriers] == [f"grain_jax_compiled_train_step_{n}" for n in (1, 2, 3)]
-  assert all(processes == {0, 1} and timeout == compiled_step.COMPILE_BARRIER_TIMEOUT_S
-             for _, timeout, processes in barriers)
+  assert all(
+    processes == {0, 1} and timeout == compiled_step.COMPILE_BARRIER_TIMEOUT_S for _, timeout, processes in barriers
+  )
 
 
 def test_a_single_process_run_never_waits(monkeypatch):

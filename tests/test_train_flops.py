@@ -8,11 +8,11 @@ from flax import nnx
 
 from grain_jax import sharding
 from grain_jax.bench.step import synthetic_batch
+from grain_jax.config.base import get_config
 from grain_jax.data import text_packing
+from grain_jax.models.grain import build_model
 from grain_jax.train import trainer
 from grain_jax.train.flops import dot_general_flops, matmul_flops
-from grain_jax.config.base import get_config
-from grain_jax.models.grain import build_model
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -46,6 +46,7 @@ def test_cond_counts_its_costliest_branch():
 
 def test_scanned_and_unrolled_models_count_the_same():
   """The reason for the counter: XLA's own count sees one iteration of a scanned stack."""
+
   def gradient_flops(scan_layers: bool) -> int:
     config = get_config("tiny").model
     config.scan_layers = scan_layers
@@ -65,6 +66,7 @@ def test_scanned_and_unrolled_models_count_the_same():
 
 def test_the_training_step_s_model_flops_leave_out_remat_s_recomputation():
   """MFU counts model FLOPs: remat's second forward pass is work the model does not need."""
+
   def counts(remat: bool) -> tuple[int, int]:
     config = get_config("tiny")
     config.model.remat = remat
@@ -72,8 +74,10 @@ def test_the_training_step_s_model_flops_leave_out_remat_s_recomputation():
     batch = text_packing.pack_batch(synthetic_batch(config, 2), 1, config.model.text.context_length)
     with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
       training = trainer.build_training(config, mesh, abstract=True)
-      return (matmul_flops(training.flops_fn, training.state, batch),
-              matmul_flops(training.step_fn, training.state, batch))
+      return (
+        matmul_flops(training.flops_fn, training.state, batch),
+        matmul_flops(training.step_fn, training.state, batch),
+      )
 
   model_flops, executed = counts(remat=False)
   remat_model_flops, remat_executed = counts(remat=True)

@@ -26,9 +26,11 @@ def authors_optim_policy(backbone: dict, decoder: dict) -> dict:
 def per_torch_key(mask, params, model_config) -> dict:
   """Our mask as {(state dict, PyTorch key): decayed}: every layer of a stacked parameter."""
   flags, shapes = dict(nnx.to_flat_state(mask)), {path: v.shape for path, v in nnx.to_flat_state(params)}
-  return {(entry.state_dict, entry.key.format(layer=index)): bool(flags[entry.path])
-          for entry in layout.reference_layout(model_config)
-          for index in range(shapes[entry.path][0] if entry.layered else 1)}
+  return {
+    (entry.state_dict, entry.key.format(layer=index)): bool(flags[entry.path])
+    for entry in layout.reference_layout(model_config)
+    for index in range(shapes[entry.path][0] if entry.layered else 1)
+  }
 
 
 @pytest.mark.parametrize("spec", ["configs/base.py:tiny", "configs/demo.py"])
@@ -37,17 +39,19 @@ def test_authors_rule_is_their_optim_policy_on_the_exported_names(spec):
   params = nnx.state(build_model(config.model, 0), nnx.Param)
   state_dicts = layout.to_reference(param_tree.flatten(params), config.model)
   untrained = set(layout.untrained_shapes(config.model))
-  trained = {group: {key: value for key, value in keys.items() if (group, key) not in untrained}
-             for group, keys in state_dicts.items()}
+  trained = {
+    group: {key: value for key, value in keys.items() if (group, key) not in untrained}
+    for group, keys in state_dicts.items()
+  }
   expected = authors_optim_policy(trained[layout.BACKBONE], trained[layout.DECODER])
-  ours = per_torch_key(optim.weight_decay_mask(params, "authors_name_rule", config.model), params,
-                       config.model)
+  ours = per_torch_key(optim.weight_decay_mask(params, "authors_name_rule", config.model), params, config.model)
   assert ours == expected
   # Where the two rules part: the decoder's LayerNorm weights and attention in_proj_bias.
   by_rank = per_torch_key(optim.weight_decay_mask(params), params, config.model)
   differ = sorted(key for (group, key), flag in by_rank.items() if flag != ours[group, key])
-  assert differ and all(key.endswith(("in_proj_bias", "norm.weight", "norm1.weight", "norm2.weight", "norm3.weight"))
-                        for key in differ), differ
+  assert differ and all(
+    key.endswith(("in_proj_bias", "norm.weight", "norm1.weight", "norm2.weight", "norm3.weight")) for key in differ
+  ), differ
   assert all(ours[layout.DECODER, key] for key in differ)
 
 

@@ -50,8 +50,9 @@ def one_device(config, batches):
   return losses_on(config, batches, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1),
-                                        dict(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize(
+  "mesh_sizes", [dict(data=8, fsdp=1, tensor=1), dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)]
+)
 def test_meshes_follow_the_single_device_trajectory(config, batches, one_device, mesh_sizes):
   sharded = losses_on(config, batches, mesh_sizes, jax.devices())
   assert one_device[-1]["loss"] != one_device[0]["loss"]

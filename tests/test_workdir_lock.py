@@ -19,19 +19,25 @@ from grain_jax.train import workdir_files, workdir_lock
 from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError
 
 
-
 def write_record(workdir, **record):
   with open(os.path.join(workdir, workdir_lock.LOCK_FILE), "w") as f:
     json.dump(record, f)
 
 
 def test_a_second_run_is_refused_naming_the_holder_and_takes_over_once_it_is_killed(tmp_path, caplog):
-  holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  holder = subprocess.Popen(
+    [sys.executable, "-c", LOCK_HOLDER, str(tmp_path)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   try:
     assert holder.stdout.readline() == "held\n"
-    with pytest.raises(WorkdirLockedError, match=rf"^another training run holds the workdir {tmp_path} \(host "
-                                                 rf"{socket.gethostname()}, pid {holder.pid}, started 20\d\d-[^)]*\)"):
+    with pytest.raises(
+      WorkdirLockedError,
+      match=rf"^another training run holds the workdir {tmp_path} \(host "
+      rf"{socket.gethostname()}, pid {holder.pid}, started 20\d\d-[^)]*\)",
+    ):
       workdir_lock.acquire(str(tmp_path))
   finally:
     holder.send_signal(signal.SIGKILL)
@@ -57,7 +63,9 @@ def test_a_holder_on_another_host_is_judged_by_its_heartbeat(tmp_path, caplog):
     workdir_lock.acquire(str(tmp_path))
   write_record(tmp_path, host="elsewhere", pid=1, started="yesterday", heartbeat=time.time() - 1000)
   lock = workdir_lock.acquire(str(tmp_path), stale_after_s=300)
-  assert "from a run that is gone (host elsewhere, pid 1, started yesterday: its heartbeat is 1000 s old)" in caplog.text
+  assert (
+    "from a run that is gone (host elsewhere, pid 1, started yesterday: its heartbeat is 1000 s old)" in caplog.text
+  )
   lock.release()
 
 

@@ -18,48 +18,58 @@ import os
 import sys
 from collections.abc import Sequence
 
-from grain_jax.annotate import descriptors
-from grain_jax.annotate import detector
-from grain_jax.annotate import mllm
-from grain_jax.annotate import run
+from grain_jax.annotate import descriptors, detector, mllm, run
 from grain_jax.errors import check_local_path, run_command
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.annotate", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--images", required=True,
-                      help="folder of images, or a record dataset (a folder with manifest.json)")
+  parser = argparse.ArgumentParser(
+    prog="python -m grain_jax.annotate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--images", required=True, help="folder of images, or a record dataset (a folder with manifest.json)"
+  )
   parser.add_argument("--out", required=True, help="output directory of shards + manifest.json")
-  parser.add_argument("--captions", default="",
-                      help="captions.csv (image_path,caption rows) with alt-texts of a folder")
-  parser.add_argument("--mllm", default=mllm.DEFAULT_MODEL,
-                      help="hub id or directory of an image-text-to-text model with a chat template")
-  parser.add_argument("--detector", default=detector.DEFAULT_MODEL,
-                      help="hub id or directory of an OWLv2 / OWL-ViT detector")
-  parser.add_argument("--threshold", type=float, default=detector.DEFAULT_THRESHOLD,
-                      help="keep boxes whose detector score is above this")
-  parser.add_argument("--max-descriptions", type=int, default=10,
-                      help="descriptions kept per image (the first ones the MLLM lists)")
-  parser.add_argument("--max-new-tokens", type=int, default=256,
-                      help="longest MLLM answer, in tokens")
+  parser.add_argument(
+    "--captions", default="", help="captions.csv (image_path,caption rows) with alt-texts of a folder"
+  )
+  parser.add_argument(
+    "--mllm", default=mllm.DEFAULT_MODEL, help="hub id or directory of an image-text-to-text model with a chat template"
+  )
+  parser.add_argument(
+    "--detector", default=detector.DEFAULT_MODEL, help="hub id or directory of an OWLv2 / OWL-ViT detector"
+  )
+  parser.add_argument(
+    "--threshold", type=float, default=detector.DEFAULT_THRESHOLD, help="keep boxes whose detector score is above this"
+  )
+  parser.add_argument(
+    "--max-descriptions", type=int, default=10, help="descriptions kept per image (the first ones the MLLM lists)"
+  )
+  parser.add_argument("--max-new-tokens", type=int, default=256, help="longest MLLM answer, in tokens")
   parser.add_argument("--batch-size", type=int, default=8, help="images per model call")
-  parser.add_argument("--shard-size", type=int, default=256,
-                      help="images per shard, the unit of resuming and of chunking")
+  parser.add_argument(
+    "--shard-size", type=int, default=256, help="images per shard, the unit of resuming and of chunking"
+  )
   parser.add_argument("--num-chunks", type=int, default=1, help="split the shards over N runs")
   parser.add_argument("--chunk-index", type=int, default=0, help="which of them this run is")
-  parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                      help="threads reading and decoding images")
-  parser.add_argument("--max-side", type=int, default=512,
-                      help="re-encode images whose longer side exceeds this (0 = keep all bytes)")
+  parser.add_argument(
+    "--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads reading and decoding images"
+  )
+  parser.add_argument(
+    "--max-side", type=int, default=512, help="re-encode images whose longer side exceeds this (0 = keep all bytes)"
+  )
   parser.add_argument("--device", default="auto", help="auto (the GPU if any), cpu, cuda, cuda:1")
-  parser.add_argument("--dtype", default="auto",
-                      help="auto (float16 on GPUs, float32 on CPUs), float32, float16, bfloat16")
-  parser.add_argument("--max-bad-fraction", type=float, default=0.05,
-                      help="stop with an error when more than this fraction of images is bad")
+  parser.add_argument(
+    "--dtype", default="auto", help="auto (float16 on GPUs, float32 on CPUs), float32, float16, bfloat16"
+  )
+  parser.add_argument(
+    "--max-bad-fraction",
+    type=float,
+    default=0.05,
+    help="stop with an error when more than this fraction of images is bad",
+  )
   args = parser.parse_args(argv)
-  for flag in ("batch_size", "shard_size", "num_chunks", "workers", "max_descriptions",
-               "max_new_tokens"):
+  for flag in ("batch_size", "shard_size", "num_chunks", "workers", "max_descriptions", "max_new_tokens"):
     if getattr(args, flag) < 1:
       parser.error(f"--{flag.replace('_', '-')} must be at least 1")
   if not 0 <= args.chunk_index < args.num_chunks:

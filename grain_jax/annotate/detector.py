@@ -29,8 +29,9 @@ def cxcywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
   return np.concatenate([center - size / 2, center + size / 2], axis=-1)
 
 
-def select_regions(logits: np.ndarray, boxes: np.ndarray, descriptions: Sequence[str],
-                   threshold: float = DEFAULT_THRESHOLD) -> list[records.Region]:
+def select_regions(
+  logits: np.ndarray, boxes: np.ndarray, descriptions: Sequence[str], threshold: float = DEFAULT_THRESHOLD
+) -> list[records.Region]:
   """One image's detector output -> its regions, highest score first.
 
   `logits [boxes, queries]` are the detector's scores of every predicted box against every text
@@ -40,30 +41,31 @@ def select_regions(logits: np.ndarray, boxes: np.ndarray, descriptions: Sequence
   """
   if not descriptions:
     return []
-  logits = np.asarray(logits, np.float64)[:, :len(descriptions)]
+  logits = np.asarray(logits, np.float64)[:, : len(descriptions)]
   labels = logits.argmax(axis=-1)
   scores = special.expit(logits.max(axis=-1))
   kept = [i for i in np.argsort(-scores, kind="stable") if scores[i] > threshold]
   corners = cxcywh_to_xyxy(np.asarray(boxes, np.float64)[kept])
-  return [records.Region(descriptions[labels[i]], tuple(float(v) for v in box), float(scores[i]))
-          for i, box in zip(kept, corners)]
+  return [
+    records.Region(descriptions[labels[i]], tuple(float(v) for v in box), float(scores[i]))
+    for i, box in zip(kept, corners)
+  ]
 
 
 class Detector:
   """Runs the detector on batches of images, each with its own descriptions as text queries."""
 
-  def __init__(self, model_id: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-               threshold: float = DEFAULT_THRESHOLD):
+  def __init__(
+    self, model_id: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", threshold: float = DEFAULT_THRESHOLD
+  ):
     self.torch, _ = hf.import_torch_and_transformers()
     self.device, self.dtype = hf.device_and_dtype(device, dtype)
-    self.processor, self.model = hf.load("AutoModelForZeroShotObjectDetection", model_id,
-                                         self.device, self.dtype)
+    self.processor, self.model = hf.load("AutoModelForZeroShotObjectDetection", model_id, self.device, self.dtype)
     size = self.processor.image_processor.size
     self.input_size = (size["width"], size["height"])
     self.threshold = threshold
 
-  def detect(self, images: Sequence[Image.Image],
-             descriptions: Sequence[Sequence[str]]) -> list[list[records.Region]]:
+  def detect(self, images: Sequence[Image.Image], descriptions: Sequence[Sequence[str]]) -> list[list[records.Region]]:
     """The regions of each RGB image for its descriptions; images without any are not run."""
     todo = [i for i, texts in enumerate(descriptions) if texts]
     regions: list[list[records.Region]] = [[] for _ in images]
@@ -72,8 +74,9 @@ class Detector:
     squashed = [images[i].resize(self.input_size, Image.BICUBIC) for i in todo]
     # The processor pads every image's query list to the longest with blank queries. Its resize
     # would be the identity on the squashed images, and costs as much as the rest of it.
-    inputs: Any = self.processor(text=[list(descriptions[i]) for i in todo], images=squashed,
-                                 truncation=True, do_resize=False, return_tensors="pt")
+    inputs: Any = self.processor(
+      text=[list(descriptions[i]) for i in todo], images=squashed, truncation=True, do_resize=False, return_tensors="pt"
+    )
     inputs = inputs.to(device=self.device, dtype=self.dtype)
     with self.torch.inference_mode():
       outputs = self.model(**inputs)

@@ -18,8 +18,9 @@ from grain_jax.data import quality
 
 # "- x", "* x", "• x", "+ x", "1. x", "2) x", "(3) x"; stacked markers are removed one by one.
 _BULLET = re.compile(r"^(?:[-*•+]\s*|(?:\d{1,2}[.)]|\(\d{1,2}\))\s+)")
-_HEADER = re.compile(r"^(caption|(?:distinctive\s+)?(?:visual\s+)?(?:features|descriptions))\s*:\s*(.*)$",
-                     re.IGNORECASE)
+_HEADER = re.compile(
+  r"^(caption|(?:distinctive\s+)?(?:visual\s+)?(?:features|descriptions))\s*:\s*(.*)$", re.IGNORECASE
+)
 _MARKDOWN = re.compile(r"\*\*|__|`")
 _EDGE_PUNCTUATION = " \t.,;:!?\"'"
 
@@ -28,7 +29,7 @@ def _strip_bullets(line: str) -> tuple[str, bool]:
   """(line without its leading list markers, whether it had any)."""
   had_bullet = False
   while match := _BULLET.match(line):
-    line, had_bullet = line[match.end():], True
+    line, had_bullet = line[match.end() :], True
   return line, had_bullet
 
 

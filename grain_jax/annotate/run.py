@@ -21,25 +21,29 @@ from typing import Any
 
 import tqdm
 
-from grain_jax.annotate import detector
-from grain_jax.annotate import mllm
-from grain_jax.annotate import parse
-from grain_jax.annotate import sources
-from grain_jax.data import convert
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.annotate import detector, mllm, parse, sources
+from grain_jax.data import convert, quality, records
 from grain_jax.errors import ArgumentError
 
 PROGRESS_DIR = "progress"
 SETTINGS = "settings.json"
 # The flags that change what is written; the others (batch size, device, chunks) do not.
-_SETTINGS_FLAGS = ("captions", "mllm", "detector", "threshold", "max_descriptions",
-                   "max_new_tokens", "shard_size", "max_side")
+_SETTINGS_FLAGS = (
+  "captions",
+  "mllm",
+  "detector",
+  "threshold",
+  "max_descriptions",
+  "max_new_tokens",
+  "shard_size",
+  "max_side",
+)
 
 
 @dataclasses.dataclass
 class Counts:
   """What the models produced for the images of some shards, and how long they took."""
+
   images: int = 0
   descriptions: int = 0
   boxes: int = 0
@@ -58,21 +62,21 @@ class Models:
 
   @functools.cached_property
   def describer(self) -> mllm.Describer:
-    return mllm.Describer(self._args.mllm, self._args.device, self._args.dtype,
-                          max_new_tokens=self._args.max_new_tokens)
+    return mllm.Describer(
+      self._args.mllm, self._args.device, self._args.dtype, max_new_tokens=self._args.max_new_tokens
+    )
 
   @functools.cached_property
   def detector(self) -> detector.Detector:
-    return detector.Detector(self._args.detector, self._args.device, self._args.dtype,
-                             self._args.threshold)
+    return detector.Detector(self._args.detector, self._args.device, self._args.dtype, self._args.threshold)
 
 
-def annotate_batch(batch: Sequence[sources.Loaded], models: Models, max_descriptions: int,
-                   counts: Counts) -> list[tuple[bytes | None, list[str]]]:
+def annotate_batch(
+  batch: Sequence[sources.Loaded], models: Models, max_descriptions: int, counts: Counts
+) -> list[tuple[bytes | None, list[str]]]:
   """Images -> (serialized record or None when skipped, reasons) each; adds to `counts`."""
   pixels = [item.pixels for item in batch]
-  parsed = [parse.parse_response(answer, max_descriptions)
-            for answer in models.describer.describe(pixels)]
+  parsed = [parse.parse_response(answer, max_descriptions) for answer in models.describer.describe(pixels)]
   found = models.detector.detect(pixels, [descriptions for _, descriptions in parsed])
   results = []
   for item, (caption, descriptions), regions in zip(batch, parsed, found):
@@ -106,8 +110,9 @@ def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     yield batch
 
 
-def _shard_results(loaded: Iterable[tuple[sources.Loaded | None, list[str]]], models: Models,
-                   args: argparse.Namespace, counts: Counts):
+def _shard_results(
+  loaded: Iterable[tuple[sources.Loaded | None, list[str]]], models: Models, args: argparse.Namespace, counts: Counts
+):
   """(serialized record or None, reasons) for each loaded image, in order."""
   for batch in _batches(loaded, args.batch_size):
     good = [item for item, _ in batch if item is not None]
@@ -124,11 +129,12 @@ def _check_settings(progress_dir: str, settings: dict[str, Any]) -> None:
   with open(path) as f:
     previous = json.load(f)
   if previous != settings:
-    changed = sorted(k for k in settings.keys() | previous.keys()
-                     if settings.get(k) != previous.get(k))
-    raise ArgumentError(f"{os.path.dirname(progress_dir)} holds an annotation run with other "
-                        f"settings ({', '.join(changed)} differ: {path}); use another --out or "
-                        "delete it")
+    changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+    raise ArgumentError(
+      f"{os.path.dirname(progress_dir)} holds an annotation run with other "
+      f"settings ({', '.join(changed)} differ: {path}); use another --out or "
+      "delete it"
+    )
 
 
 def _marker(progress_dir: str, shard: int) -> str:
@@ -143,8 +149,9 @@ def _read_marker(progress_dir: str, shard: int) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_manifest_when_complete(args: argparse.Namespace, progress_dir: str,
-                                  num_shards: int) -> dict[str, Any] | None:
+def _write_manifest_when_complete(
+  args: argparse.Namespace, progress_dir: str, num_shards: int
+) -> dict[str, Any] | None:
   markers = [_read_marker(progress_dir, shard) for shard in range(num_shards)]
   if not all(markers):
     return None
@@ -152,8 +159,11 @@ def _write_manifest_when_complete(args: argparse.Namespace, progress_dir: str,
   for marker in markers:
     skipped.merge(marker["stats"])
   return records.write_manifest(
-      args.out, [{"file": m["file"], "count": m["count"]} for m in markers],
-      source=os.path.abspath(args.images), skipped=dict(skipped.skipped))
+    args.out,
+    [{"file": m["file"], "count": m["count"]} for m in markers],
+    source=os.path.abspath(args.images),
+    skipped=dict(skipped.skipped),
+  )
 
 
 def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -169,11 +179,12 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
   _check_settings(progress_dir, settings)
 
   num_shards = max(1, -(-len(source) // args.shard_size))
-  spans = {shard: range(shard * args.shard_size, min(len(source), (shard + 1) * args.shard_size))
-           for shard in range(args.chunk_index, num_shards, args.num_chunks)}
+  spans = {
+    shard: range(shard * args.shard_size, min(len(source), (shard + 1) * args.shard_size))
+    for shard in range(args.chunk_index, num_shards, args.num_chunks)
+  }
   total = sum(len(span) for span in spans.values())
-  stats = quality.DataStats(args.max_bad_fraction, min_records=min(total, 200),
-                            source=args.images)
+  stats = quality.DataStats(args.max_bad_fraction, min_records=min(total, 200), source=args.images)
   counts, new = Counts(), Counts()
   models = Models(args)
   bar = tqdm.tqdm(total=total, unit="img", desc=f"annotate {args.chunk_index}/{args.num_chunks}")
@@ -191,12 +202,15 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
         loaded = pool.map(functools.partial(_load, source), span)
         results = _shard_results(loaded, models, args, shard_counts)
         name = records.shard_name(shard)
-        count = records.write_shard(os.path.join(args.out, name), convert.count_results(
-            results, (stats, shard_stats), lambda _reason: args.images, bar))
+        count = records.write_shard(
+          os.path.join(args.out, name),
+          convert.count_results(results, (stats, shard_stats), lambda _reason: args.images, bar),
+        )
         shard_counts.seconds = time.perf_counter() - start
-        records.write_json(_marker(progress_dir, shard),
-                           {"file": name, "count": count, "stats": shard_stats.get_state(),
-                            "counts": dataclasses.asdict(shard_counts)})
+        records.write_json(
+          _marker(progress_dir, shard),
+          {"file": name, "count": count, "stats": shard_stats.get_state(), "counts": dataclasses.asdict(shard_counts)},
+        )
         counts.add(shard_counts)
         new.add(shard_counts)
     finally:
@@ -207,15 +221,21 @@ def annotate(args: argparse.Namespace) -> dict[str, Any] | None:
   return manifest
 
 
-def summary(stats: quality.DataStats, counts: Counts, new: Counts, num_shards: int,
-            manifest: dict[str, Any] | None) -> str:
+def summary(
+  stats: quality.DataStats, counts: Counts, new: Counts, num_shards: int, manifest: dict[str, Any] | None
+) -> str:
   """Images read / written / skipped, descriptions and boxes per image, time, dataset status."""
   per_image = max(counts.images, 1)
-  lines = [convert.summary(stats, unit="images"),
-           f"  {counts.descriptions / per_image:.1f} descriptions and "
-           f"{counts.boxes / per_image:.1f} boxes per annotated image, over {num_shards} shards",
-           f"  {new.images} images annotated in this run in {new.seconds:.1f} s"
-           + (f" ({new.images / new.seconds:.2f} images/s)" if new.seconds else "")]
-  lines.append(f"  dataset complete: {manifest['count']} records" if manifest else
-               "  dataset not complete yet: other chunks still have shards to finish")
+  lines = [
+    convert.summary(stats, unit="images"),
+    f"  {counts.descriptions / per_image:.1f} descriptions and "
+    f"{counts.boxes / per_image:.1f} boxes per annotated image, over {num_shards} shards",
+    f"  {new.images} images annotated in this run in {new.seconds:.1f} s"
+    + (f" ({new.images / new.seconds:.2f} images/s)" if new.seconds else ""),
+  ]
+  lines.append(
+    f"  dataset complete: {manifest['count']} records"
+    if manifest
+    else "  dataset not complete yet: other chunks still have shards to finish"
+  )
   return "\n".join(lines)

@@ -19,9 +19,7 @@ from collections.abc import Iterable
 from array_record.python import array_record_data_source
 from PIL import Image
 
-from grain_jax.data import convert
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import convert, quality, records
 from grain_jax.errors import ArgumentError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -30,6 +28,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 @dataclasses.dataclass(frozen=True)
 class Loaded:
   """One input image: `image` is what the record stores, `pixels` what the models read."""
+
   key: str
   image: bytes
   alt_text: str
@@ -53,13 +52,16 @@ class ImageFolder:
       raise FileNotFoundError(f"--images {root} is not a directory")
     self.root, self.max_side = root, max_side
     self.keys = sorted(
-        os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
-        for folder, _, names in os.walk(root) for name in names
-        if name.lower().endswith(IMAGE_SUFFIXES))
+      os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+      for folder, _, names in os.walk(root)
+      for name in names
+      if name.lower().endswith(IMAGE_SUFFIXES)
+    )
     if not self.keys:
       raise FileNotFoundError(f"--images {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    self.captions = {path: text for path, text, reason in
-                     (convert.read_captions(captions) if captions else ()) if not reason}
+    self.captions = {
+      path: text for path, text, reason in (convert.read_captions(captions) if captions else ()) if not reason
+    }
 
   def __len__(self) -> int:
     return len(self.keys)
@@ -89,8 +91,7 @@ class RecordDataset:
 
   def __init__(self, data_dir: str):
     manifest = records.read_manifest(data_dir)
-    self.source = array_record_data_source.ArrayRecordDataSource(
-        records.shard_paths(data_dir, manifest))
+    self.source = array_record_data_source.ArrayRecordDataSource(records.shard_paths(data_dir, manifest))
     self.shards = [(s["file"], s["count"]) for s in manifest["shards"]]
 
   def __len__(self) -> int:
@@ -105,13 +106,13 @@ class RecordDataset:
     return Loaded(record.key, record.image, record.caption, decode_rgb(record.image, record.key))
 
 
-def open_source(images: str, captions: str = "",
-                max_side: int = 512) -> ImageFolder | RecordDataset:
+def open_source(images: str, captions: str = "", max_side: int = 512) -> ImageFolder | RecordDataset:
   """A record dataset when `images` holds a manifest.json, else a folder of image files."""
   if os.path.exists(os.path.join(images, records.MANIFEST)):
     if captions:
-      raise ArgumentError(f"--captions is for image folders; {images} is a record dataset, whose "
-                          "records carry their alt-text")
+      raise ArgumentError(
+        f"--captions is for image folders; {images} is a record dataset, whose records carry their alt-text"
+      )
     return RecordDataset(images)
   return ImageFolder(images, captions, max_side)
 

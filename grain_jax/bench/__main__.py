@@ -13,8 +13,10 @@ def available() -> list[str]:
 
 def main(argv: list[str]) -> int:
   names = available()
-  usage = (f"usage: python -m grain_jax.bench {{{'|'.join(names)}}} [flags]\n"
-           "  python -m grain_jax.bench NAME --help describes a benchmark's flags")
+  usage = (
+    f"usage: python -m grain_jax.bench {{{'|'.join(names)}}} [flags]\n"
+    "  python -m grain_jax.bench NAME --help describes a benchmark's flags"
+  )
   if len(argv) == 2 and argv[1] in ("-h", "--help"):
     print(usage)
     return 0

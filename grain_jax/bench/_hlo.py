@@ -14,8 +14,25 @@ import dataclasses
 import math
 import re
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-               "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\) -> .* \{$")
@@ -48,6 +65,7 @@ class Collective:
   source: `file.py:line function` of the innermost frame under the source root, else of the
     innermost frame, else the JAX op name.
   """
+
   op: str
   tensor: str
   tensor_bytes: int
@@ -77,14 +95,15 @@ def _split_instruction(line: str) -> _Instruction | None:
   match = _INSTRUCTION.match(line)
   if not match:
     return None
-  rest = line[match.end():]
+  rest = line[match.end() :]
   if rest.startswith("("):
-    depth = 0
-    for index, char in enumerate(rest):
-      depth += {"(": 1, ")": -1}.get(char, 0)
+    depth, end = 0, 0
+    while end < len(rest):  # to the parenthesis that closes the first
+      depth += {"(": 1, ")": -1}.get(rest[end], 0)
+      end += 1
       if depth == 0:
         break
-    result_type, rest = rest[:index + 1], rest[index + 2:]
+    result_type, rest = rest[:end], rest[end + 1 :]
   else:
     result_type, _, rest = rest.partition(" ")
   opcode, _, arguments = rest.partition("(")
@@ -222,7 +241,9 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
     if name in reduce_scatter_bodies or not executions.get(name):
       continue
     shapes = {instruction.name: instruction.result_type for instruction in instructions}
-    producers = {instruction.name: instruction.line for instruction in instructions if _STACK_FRAME.search(instruction.line)}
+    producers = {
+      instruction.name: instruction.line for instruction in instructions if _STACK_FRAME.search(instruction.line)
+    }
     for instruction in instructions:
       opcode, line = instruction.opcode, instruction.line
       callee = _CALLEE.search(line)
@@ -238,7 +259,7 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
       if op == "reduce-scatter" or (op == "collective-permute" and opcode.endswith("-start")):
         moved = operands
       elif op == "all-gather" and opcode.endswith("-start"):
-        moved = results[len(operands):]
+        moved = results[len(operands) :]
       else:
         moved = results
       tensor, origin = (moved[0][0] if len(moved) == 1 else f"{len(moved)} tensors"), line
@@ -251,9 +272,15 @@ def collectives(hlo_text: str, source_root: str = "grain_jax/") -> list[Collecti
       frame = _STACK_FRAME.search(origin)
       op_name = _OP_NAME.search(origin)
       source = sources.get(int(frame.group(1))) if frame else None
-      found.append(Collective(
-          op=op, tensor=tensor, tensor_bytes=sum(size for _, size in moved),
-          group_size=_group_size(line, num_partitions), executions=executions[name],
+      found.append(
+        Collective(
+          op=op,
+          tensor=tensor,
+          tensor_bytes=sum(size for _, size in moved),
+          group_size=_group_size(line, num_partitions),
+          executions=executions[name],
           backward="transpose(" in (op_name.group(1) if op_name else ""),
-          source=source or (op_name.group(1) if op_name else "?")))
+          source=source or (op_name.group(1) if op_name else "?"),
+        )
+      )
   return found

@@ -43,10 +43,10 @@ def _pairwise_giou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
   """GIoU of every pair of `[N, 4]` x `[M, 4]` (x1, y1, x2, y2) boxes -> `[N, M]`."""
   area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(-1)
   area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(-1)
-  inner = (torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.max(boxes1[:, None, :2], boxes2[None, :, :2]))
+  inner = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
   intersection = inner.clamp_min(0).prod(-1)
   union = area1[:, None] + area2[None, :] - intersection
-  hull = (torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.min(boxes1[:, None, :2], boxes2[None, :, :2]))
+  hull = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
   hull_area = hull.clamp_min(0).prod(-1)
   return intersection / union - (hull_area - union) / hull_area
 
@@ -67,19 +67,27 @@ class ReferenceStep:
     self.matching, self.weights = config.matching, config.loss
     parameters = [p for module in (self.backbone, self.decoder) for p in module.parameters()]
     self.optimizer = torch.optim.AdamW(
-        [dict(params=[p for p in parameters if p.ndim > 1], weight_decay=config.optim.weight_decay),
-         dict(params=[p for p in parameters if p.ndim <= 1], weight_decay=0.0)],
-        lr=config.optim.learning_rate, betas=(config.optim.b1, config.optim.b2), eps=config.optim.eps)
+      [
+        dict(params=[p for p in parameters if p.ndim > 1], weight_decay=config.optim.weight_decay),
+        dict(params=[p for p in parameters if p.ndim <= 1], weight_decay=0.0),
+      ],
+      lr=config.optim.learning_rate,
+      betas=(config.optim.b1, config.optim.b2),
+      eps=config.optim.eps,
+    )
 
   def train(self, mode: bool) -> None:
     self.backbone.train(mode)
     self.decoder.train(mode)
 
-  def _match(self, boxes: torch.Tensor, targets: torch.Tensor, valid: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+  def _match(
+    self, boxes: torch.Tensor, targets: torch.Tensor, valid: np.ndarray
+  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per image, (query indices, target indices) of the minimum-cost assignment, solved on the host."""
     boxes, targets = boxes.detach(), targets.detach()
-    cost = (self.matching.cost_l1 * torch.cdist(boxes.flatten(0, 1), targets.flatten(0, 1), p=1)
-            - self.matching.cost_giou * _pairwise_giou(_xyxy(boxes.flatten(0, 1)), _xyxy(targets.flatten(0, 1))))
+    cost = self.matching.cost_l1 * torch.cdist(
+      boxes.flatten(0, 1), targets.flatten(0, 1), p=1
+    ) - self.matching.cost_giou * _pairwise_giou(_xyxy(boxes.flatten(0, 1)), _xyxy(targets.flatten(0, 1)))
     cost = cost.view(boxes.shape[0], boxes.shape[1], -1).numpy()
     slots = targets.shape[1]
     assignments = []
@@ -123,7 +131,7 @@ class ReferenceStep:
     region_logits = scale * normalize(region_embed[images_index, queries]) @ descriptions.T
     region = cross_entropy(region_logits, own) if len(own) else region_logits.sum()
 
-    total = (image_caption + self.weights.box_l1 * l1 + self.weights.box_giou * giou + self.weights.region * region)
+    total = image_caption + self.weights.box_l1 * l1 + self.weights.box_giou * giou + self.weights.region * region
     parts = dict(loss_ic=image_caption.item(), loss_l1=l1.item(), loss_giou=giou.item(), loss_rd=region.item())
     return total, parts
 

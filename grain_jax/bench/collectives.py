@@ -36,35 +36,51 @@ def largest(rows: list[_hlo.Collective], top: int) -> list[dict]:
     group["executions"] += row.executions
     group["sent_bytes"] += row.executions * row.sent_bytes
   ranked = sorted(groups.items(), key=lambda item: -item[1]["sent_bytes"])[:top]
-  return [dict(op=op, tensor=tensor, group_size=size, source=source, backward=backward, **totals)
-          for (op, tensor, size, source, backward), totals in ranked]
+  return [
+    dict(op=op, tensor=tensor, group_size=size, source=source, backward=backward, **totals)
+    for (op, tensor, size, source, backward), totals in ranked
+  ]
 
 
 def report(row: dict, top: int) -> str:
   """Markdown: the memory line, the per-op summary and the largest collectives of one config."""
   collectives = [_hlo.Collective(**c) for c in row["collectives"]]
-  mib = lambda value: f"{value / 2 ** 20:,.1f}"
-  lines = [f"`{row['config']}` ({row['hardware']}, {row['compiler']}, mesh "
-           f"{' x '.join(str(s) for s in row['mesh'].values())}): {row['total'] / GIB:.2f} GiB per device "
-           f"({row['temporaries'] / GIB:.2f} GiB temporaries)", "",
-           "| op | per step | tensors (MiB) | sent per device (MiB) |", "|---|---|---|---|"]
+  mib = lambda value: f"{value / 2**20:,.1f}"
+  lines = [
+    f"`{row['config']}` ({row['hardware']}, {row['compiler']}, mesh "
+    f"{' x '.join(str(s) for s in row['mesh'].values())}): {row['total'] / GIB:.2f} GiB per device "
+    f"({row['temporaries'] / GIB:.2f} GiB temporaries)",
+    "",
+    "| op | per step | tensors (MiB) | sent per device (MiB) |",
+    "|---|---|---|---|",
+  ]
   per_op = summary(collectives)
   for op in per_op:
     lines.append(f"| {op['op']} | {op['executions']} | {mib(op['tensor_bytes'])} | {mib(op['sent_bytes'])} |")
-  lines.append(f"| all | {sum(op['executions'] for op in per_op)} | {mib(sum(op['tensor_bytes'] for op in per_op))} | "
-               f"{mib(sum(op['sent_bytes'] for op in per_op))} |")
-  lines += ["", "| op | tensor | group | pass | source (innermost project frame) | per step | sent per device (MiB) |",
-            "|---|---|---|---|---|---|---|"]
+  lines.append(
+    f"| all | {sum(op['executions'] for op in per_op)} | {mib(sum(op['tensor_bytes'] for op in per_op))} | "
+    f"{mib(sum(op['sent_bytes'] for op in per_op))} |"
+  )
+  lines += [
+    "",
+    "| op | tensor | group | pass | source (innermost project frame) | per step | sent per device (MiB) |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for group in largest(collectives, top):
-    lines.append(f"| {group['op']} | {group['tensor']} | {group['group_size']} | "
-                 f"{'backward' if group['backward'] else 'forward'} | `{group['source']}` | {group['executions']} | "
-                 f"{mib(group['sent_bytes'])} |")
+    lines.append(
+      f"| {group['op']} | {group['tensor']} | {group['group_size']} | "
+      f"{'backward' if group['backward'] else 'forward'} | `{group['source']}` | {group['executions']} | "
+      f"{mib(group['sent_bytes'])} |"
+    )
   return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.bench collectives", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m grain_jax.bench collectives",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   memory.add_config_flags(parser)
   parser.add_argument("--top", type=int, default=15, help="how many of the largest collectives to list")
   args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ METHODS = ("hungarian", "sinkhorn", "greedy")
 
 def _random_problem(rng: np.random.Generator, batch: int, num_queries: int, num_targets: int):
   """Costs `[batch, Q, T]` of random boxes and `[batch, T]` validity with 1..T valid targets."""
+
   def random_boxes(count):
     center = rng.uniform(0.1, 0.9, (batch, count, 2))
     size = rng.uniform(0.02, 0.6, (batch, count, 2))
@@ -89,13 +90,16 @@ def _machine() -> str:
       names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     cpu = names[0] if names else cpu
   # The load average says how much other work shared the cores while timing.
-  return (f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
+  return (
+    f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; "
+    f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})"
+  )
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.bench match", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m grain_jax.bench match", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--batch", default="128,1024", help="comma-separated batch sizes")
   parser.add_argument("--queries", type=int, default=5, help="region queries per image (Q)")
   parser.add_argument("--targets", type=int, default=5, help="boxes per image (T)")
@@ -105,10 +109,14 @@ def main(argv: list[str]) -> int:
   rng = np.random.default_rng(args.seed)
 
   print(f"machine: {_machine()}")
-  print(f"Q={args.queries} T={args.targets}; per step = {MATCHINGS_PER_STEP} matchings; "
-        "speedup vs the scipy loop; gap = mean (cost - optimal cost) per image\n")
-  header = (f"{'B':>5} {'method':<10} {'one call us':>12} {'speedup':>8} {'per step us':>12} "
-            f"{'speedup':>8} {'gap':>9} {'optimal':>8}")
+  print(
+    f"Q={args.queries} T={args.targets}; per step = {MATCHINGS_PER_STEP} matchings; "
+    "speedup vs the scipy loop; gap = mean (cost - optimal cost) per image\n"
+  )
+  header = (
+    f"{'B':>5} {'method':<10} {'one call us':>12} {'speedup':>8} {'per step us':>12} "
+    f"{'speedup':>8} {'gap':>9} {'optimal':>8}"
+  )
   print(header)
   print("-" * len(header))
   for batch in [int(size) for size in args.batch.split(",")]:
@@ -119,8 +127,10 @@ def main(argv: list[str]) -> int:
 
     device_cost, device_valid = jnp.asarray(step_cost), jnp.asarray(step_valid)
     call_cost, call_valid = jnp.asarray(step_cost[0]), jnp.asarray(step_valid[0])
-    timed = {("scipy loop", "call"): lambda: _scipy_loop(step_cost[0], step_valid[0]),
-             ("scipy loop", "step"): lambda: _scipy_loop(cost, valid)}
+    timed = {
+      ("scipy loop", "call"): functools.partial(_scipy_loop, step_cost[0], step_valid[0]),
+      ("scipy loop", "step"): functools.partial(_scipy_loop, cost, valid),
+    }
     gaps = {"scipy loop": np.zeros(len(cost))}
     for method in METHODS:
       one_call = jax.jit(functools.partial(matching.match, method=method))
@@ -132,8 +142,10 @@ def main(argv: list[str]) -> int:
     seconds = _median_seconds(timed, args.repeats)
     for method, gap in gaps.items():
       call, step = seconds[method, "call"], seconds[method, "step"]
-      print(f"{batch:>5} {method:<10} {call * 1e6:>12.1f} "
-            f"{seconds['scipy loop', 'call'] / call:>8.1f} {step * 1e6:>12.1f} "
-            f"{seconds['scipy loop', 'step'] / step:>8.1f} {gap.mean():>9.4f} "
-            f"{100 * np.mean(gap <= 1e-4):>7.1f}%")
+      print(
+        f"{batch:>5} {method:<10} {call * 1e6:>12.1f} "
+        f"{seconds['scipy loop', 'call'] / call:>8.1f} {step * 1e6:>12.1f} "
+        f"{seconds['scipy loop', 'step'] / step:>8.1f} {gap.mean():>9.4f} "
+        f"{100 * np.mean(gap <= 1e-4):>7.1f}%"
+      )
   return 0

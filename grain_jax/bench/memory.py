@@ -36,7 +36,7 @@ from grain_jax.config import load_config, validate
 from grain_jax.hardware import MACHINES, Machine
 from grain_jax.train import trainer
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def hardware_for(config_spec: str) -> Machine | None:
@@ -53,8 +53,10 @@ def abstract_batch(config, mesh):
   groups = trainer.text_groups(config, shards)
   one = trainer.pack_texts(synthetic_batch(config, config.data.batch_size // groups), config, shards)
   batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(("batch",)))
-  return {key: jax.ShapeDtypeStruct((groups * value.shape[0], *value.shape[1:]), value.dtype, sharding=batch_sharding)
-          for key, value in one.items()}
+  return {
+    key: jax.ShapeDtypeStruct((groups * value.shape[0], *value.shape[1:]), value.dtype, sharding=batch_sharding)
+    for key, value in one.items()
+  }
 
 
 def tpu_topology(machine: Machine) -> str | None:
@@ -69,6 +71,7 @@ def compile_step(config, topology: str | None = None):
   `topology` (deviceless, e.g. `v5p:4x4x4`), or this process's devices."""
   if topology:
     from jax.experimental import topologies
+
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
   else:
     devices = jax.devices()
@@ -80,8 +83,13 @@ def compile_step(config, topology: str | None = None):
     return training.step_fn.lower(training.state, abstract_batch(config, mesh)).compile(), mesh
 
 
-def analyze(config_spec: str, overrides: dict, topology: str | None = None, with_collectives: bool = False,
-            hlo_path: str | None = None) -> dict:
+def analyze(
+  config_spec: str,
+  overrides: dict,
+  topology: str | None = None,
+  with_collectives: bool = False,
+  hlo_path: str | None = None,
+) -> dict:
   """Compiles the train step of `config_spec` (with `overrides`, dotted field names -> values) for
   the TPU slice `topology` or on this process's devices; per-device bytes, and with
   `with_collectives` the program's collectives (`_hlo.Collective` fields). Writes the compiled
@@ -91,13 +99,24 @@ def analyze(config_spec: str, overrides: dict, topology: str | None = None, with
   compiled, mesh = compile_step(config, topology)
   stats = compiled.memory_analysis()
   devices = mesh.devices.size
-  total = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+  total = (
+    stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+  )
   compiler = f"TPU {topology} (libtpu, deviceless)" if topology else f"XLA:{jax.default_backend().upper()}"
-  row = dict(devices=devices, mesh=dict(zip(mesh.axis_names, mesh.devices.shape)), compiler=compiler,
-             per_device_batch=config.data.batch_size // devices, dtype=config.model.dtype,
-             remat=config.model.remat, grad_accum_steps=config.train.grad_accum_steps,
-             arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
-             aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes, total=total)
+  row = dict(
+    devices=devices,
+    mesh=dict(zip(mesh.axis_names, mesh.devices.shape)),
+    compiler=compiler,
+    per_device_batch=config.data.batch_size // devices,
+    dtype=config.model.dtype,
+    remat=config.model.remat,
+    grad_accum_steps=config.train.grad_accum_steps,
+    arguments=stats.argument_size_in_bytes,
+    outputs=stats.output_size_in_bytes,
+    aliased=stats.alias_size_in_bytes,
+    temporaries=stats.temp_size_in_bytes,
+    total=total,
+  )
   if with_collectives or hlo_path:
     hlo_text = compiled.as_text()
     if hlo_path:
@@ -108,15 +127,29 @@ def analyze(config_spec: str, overrides: dict, topology: str | None = None, with
   return row
 
 
-def analyze_in_subprocess(config_spec: str, devices: int, topology: str | None, overrides: dict,
-                          with_collectives: bool = False, hlo_path: str | None = None) -> dict:
+def analyze_in_subprocess(
+  config_spec: str,
+  devices: int,
+  topology: str | None,
+  overrides: dict,
+  with_collectives: bool = False,
+  hlo_path: str | None = None,
+) -> dict:
   """`analyze` in a fresh process: for the TPU slice `topology` (deviceless; `tpu_topology`) when
   given, else on a CPU backend with `devices` devices."""
   # libtpu takes a machine-wide lock unless told that several processes may load it (here they
   # only compile).
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  command = [sys.executable, "-m", "grain_jax.bench.memory", "--worker", "--config", config_spec,
-             "--overrides", json.dumps(overrides)]
+  command = [
+    sys.executable,
+    "-m",
+    "grain_jax.bench.memory",
+    "--worker",
+    "--config",
+    config_spec,
+    "--overrides",
+    json.dumps(overrides),
+  ]
   command += ["--topology", topology] if topology else []
   command += ["--with-collectives"] if with_collectives else []
   command += ["--hlo-path", hlo_path] if hlo_path else []
@@ -128,19 +161,22 @@ def analyze_in_subprocess(config_spec: str, devices: int, topology: str | None, 
 
 def table(rows: list[dict]) -> str:
   """Markdown: one row per config, GiB per device."""
-  lines = ["| config | hardware | compiler | mesh (data x fsdp x tensor) | batch / device | dtype, remat, accum | "
-           "arguments | outputs (aliased) | temporaries | total | device memory | fits |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| config | hardware | compiler | mesh (data x fsdp x tensor) | batch / device | dtype, remat, accum | "
+    "arguments | outputs (aliased) | temporaries | total | device memory | fits |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for row in rows:
     gib = {name: row[name] / GIB for name in ("arguments", "outputs", "aliased", "temporaries", "total")}
     mesh = " x ".join(str(size) for size in row["mesh"].values())
     memory = row["memory_gib"]
     fits = "n/a" if memory is None else ("yes" if gib["total"] <= memory else "**no**")
     lines.append(
-        f"| `{row['config']}` | {row['hardware']} | {row['compiler']} | {mesh} | {row['per_device_batch']} | "
-        f"{row['dtype']}, {'remat' if row['remat'] else 'no remat'}, {row['grad_accum_steps']} | "
-        f"{gib['arguments']:.2f} | {gib['outputs']:.2f} ({gib['aliased']:.2f}) | {gib['temporaries']:.2f} | "
-        f"{gib['total']:.2f} | {'?' if memory is None else f'{memory:g}'} | {fits} |")
+      f"| `{row['config']}` | {row['hardware']} | {row['compiler']} | {mesh} | {row['per_device_batch']} | "
+      f"{row['dtype']}, {'remat' if row['remat'] else 'no remat'}, {row['grad_accum_steps']} | "
+      f"{gib['arguments']:.2f} | {gib['outputs']:.2f} ({gib['aliased']:.2f}) | {gib['temporaries']:.2f} | "
+      f"{gib['total']:.2f} | {'?' if memory is None else f'{memory:g}'} | {fits} |"
+    )
   return "\n".join(lines)
 
 
@@ -149,8 +185,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", action="append", required=True, help="config path.py[:arg]; repeatable")
   parser.add_argument("--devices", type=int, help="device count (default: the config's mesh preset's machine)")
   parser.add_argument("--grad-accum-steps", type=int, help="override config.train.grad_accum_steps")
-  parser.add_argument("--xla-cpu", action="store_true",
-                      help="compile with XLA:CPU even where the TPU compiler applies (for comparison)")
+  parser.add_argument(
+    "--xla-cpu", action="store_true", help="compile with XLA:CPU even where the TPU compiler applies (for comparison)"
+  )
   parser.add_argument("--hlo-dir", help="write each config's compiled program (HLO text) to this directory")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--hlo-path", help=argparse.SUPPRESS)
@@ -174,26 +211,35 @@ def analyze_configs(parser: argparse.ArgumentParser, args, with_collectives: boo
       os.makedirs(args.hlo_dir, exist_ok=True)
       hlo_path = os.path.join(args.hlo_dir, re.sub(r"[^\w.,-]+", "_", spec) + ".hlo.txt")
     row = analyze_in_subprocess(spec, devices, topology, overrides, with_collectives, hlo_path)
-    row.update(config=spec, hardware=machine.chip if machine else f"{devices} devices",
-               memory_gib=getattr(args, "memory_gib", None) or (machine.memory_gib if machine else None))
+    row.update(
+      config=spec,
+      hardware=machine.chip if machine else f"{devices} devices",
+      memory_gib=getattr(args, "memory_gib", None) or (machine.memory_gib if machine else None),
+    )
     rows.append(row)
     print(f"{spec}: {row['compiler']}, {row['total'] / GIB:.2f} GiB per device", file=sys.stderr, flush=True)
   return rows
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.bench memory", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m grain_jax.bench memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   add_config_flags(parser)
   parser.add_argument("--memory-gib", type=float, help="memory per device (default: the mesh preset's machine's)")
   args = parser.parse_args(argv)
   if args.worker:
-    print(json.dumps(analyze(args.config[0], json.loads(args.overrides), args.topology, args.with_collectives,
-                             args.hlo_path)))
+    print(
+      json.dumps(
+        analyze(args.config[0], json.loads(args.overrides), args.topology, args.with_collectives, args.hlo_path)
+      )
+    )
     return 0
   rows = analyze_configs(parser, args)
-  print("Per-device memory of the train step (GiB) from the compiler's buffer assignment of the sharded "
-        "program, compiled on abstract shapes:")
+  print(
+    "Per-device memory of the train step (GiB) from the compiler's buffer assignment of the sharded "
+    "program, compiled on abstract shapes:"
+  )
   print(table(rows))
   return 0
 

@@ -36,7 +36,7 @@ def token_ids(rng: np.random.Generator, count: int, words: int) -> np.ndarray:
   """`[count, 77]` CLIP-style ids holding `words` random tokens each."""
   ids = np.zeros((count, 77), np.int32)
   ids[:, 0], ids[:, words + 1] = SOT_ID, EOT_ID
-  ids[:, 1:words + 1] = rng.integers(1, SOT_ID, (count, words))
+  ids[:, 1 : words + 1] = rng.integers(1, SOT_ID, (count, words))
   return ids
 
 
@@ -48,12 +48,13 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
   centers = rng.uniform(0.3, 0.7, (batch, slots, 2))
   sizes = rng.uniform(0.1, 0.4, (batch, slots, 2))
   return dict(
-      image=rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-      caption_ids=token_ids(rng, batch, 20),
-      boxes=np.concatenate([centers, sizes], -1).astype(np.float32),
-      box_valid=np.ones((batch, slots), bool),
-      desc_ids=token_ids(rng, batch * slots, 12).reshape(batch, slots, 77),
-      desc_text_id=np.arange(batch * slots, dtype=np.int32).reshape(batch, slots))
+    image=rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+    caption_ids=token_ids(rng, batch, 20),
+    boxes=np.concatenate([centers, sizes], -1).astype(np.float32),
+    box_valid=np.ones((batch, slots), bool),
+    desc_ids=token_ids(rng, batch * slots, 12).reshape(batch, slots, 77),
+    desc_text_id=np.arange(batch * slots, dtype=np.int32).reshape(batch, slots),
+  )
 
 
 def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
@@ -67,7 +68,7 @@ def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
     start = time.perf_counter()
     product(a).block_until_ready()
     times.append(time.perf_counter() - start)
-  return throughput.per_second(2 * n ** 3, statistics.median(times))
+  return throughput.per_second(2 * n**3, statistics.median(times))
 
 
 def _spread(times: list[float]) -> str:
@@ -79,10 +80,15 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--config", default="configs/base.py:small", help="config path.py[:arg] of the model to time")
   parser.add_argument("--batch", type=int, default=16, help="global batch of the timed step (one device)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
-  parser.add_argument("--scan-layers", choices=("true", "false"),
-                      help="scan or unroll the layer stacks (default: as the config says)")
-  parser.add_argument("--reference", choices=("true", "false"), default="false",
-                      help="also time the reference's step rebuilt in PyTorch (needs torch)")
+  parser.add_argument(
+    "--scan-layers", choices=("true", "false"), help="scan or unroll the layer stacks (default: as the config says)"
+  )
+  parser.add_argument(
+    "--reference",
+    choices=("true", "false"),
+    default="false",
+    help="also time the reference's step rebuilt in PyTorch (needs torch)",
+  )
   args = parser.parse_args(argv)
   reference_step = None
   if args.reference == "true":
@@ -101,8 +107,9 @@ def main(argv: list[str]) -> int:
   packed = trainer.pack_texts(full_batch, config, 1)
   with jax.set_mesh(mesh), sharding.axis_rules(config.sharding_rules):
     training = trainer.build_training(config, mesh)
-    initial = reference_step and layout.to_reference(param_tree.flatten(training.state.params), config.model,
-                                                     fetch=param_tree.to_host)
+    initial = reference_step and layout.to_reference(
+      param_tree.flatten(training.state.params), config.model, fetch=param_tree.to_host
+    )
     batch = trainer.global_batch(packed, mesh)
     start = time.perf_counter()
     compiled = training.step_fn.lower(training.state, batch).compile()
@@ -128,33 +135,49 @@ def main(argv: list[str]) -> int:
   step_s = statistics.median(times)
   peak = matmul_flops_per_second()
   device = jax.devices()[0]
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-        f"device {device.platform} ({device.device_kind}); jax {jax.__version__}")
-  print(f"config {args.config}, batch {args.batch}, {config.model.decoder.num_region_queries} regions per image, "
-        f"{config.model.decoder.depth} decoder layers, matching {config.matching.method}, "
-        f"layers {'scanned' if config.model.scan_layers else 'unrolled'}")
+  print(
+    f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    f"device {device.platform} ({device.device_kind}); jax {jax.__version__}"
+  )
+  print(
+    f"config {args.config}, batch {args.batch}, {config.model.decoder.num_region_queries} regions per image, "
+    f"{config.model.decoder.depth} decoder layers, matching {config.matching.method}, "
+    f"layers {'scanned' if config.model.scan_layers else 'unrolled'}"
+  )
   real = np.count_nonzero(packed["text_segments"])
-  print(f"texts: {len(full_batch['caption_ids'])} captions and {int(full_batch['box_valid'].sum())} descriptions packed "
-        f"into {packed['text_tokens'].shape[0]} rows of {packed['text_tokens'].shape[1]} tokens "
-        f"({1 - real / packed['text_tokens'].size:.0%} padding), one pass of the text tower")
+  print(
+    f"texts: {len(full_batch['caption_ids'])} captions and {int(full_batch['box_valid'].sum())} descriptions packed "
+    f"into {packed['text_tokens'].shape[0]} rows of {packed['text_tokens'].shape[1]} tokens "
+    f"({1 - real / packed['text_tokens'].size:.0%} padding), one pass of the text tower"
+  )
   print(f"compile: {compile_s:.1f} s")
   print(f"step: {_spread(times)}")
   print(f"throughput: {throughput.per_second(args.batch, step_s):.1f} images/s")
-  print(f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G, {flops / args.batch / 1e9:.2f} G per image; "
-        f"achieved {throughput.per_second(flops, step_s) / 1e9:.1f} GFLOP/s")
-  print(f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; "
-        f"utilization {throughput.model_flops_utilization(flops, step_s, 1, peak):.1%}")
+  print(
+    f"model FLOPs per step (matmuls): {flops / 1e9:.1f} G, {flops / args.batch / 1e9:.2f} G per image; "
+    f"achieved {throughput.per_second(flops, step_s) / 1e9:.1f} GFLOP/s"
+  )
+  print(
+    f"measured f32 matmul rate: {peak / 1e9:.1f} GFLOP/s; "
+    f"utilization {throughput.model_flops_utilization(flops, step_s, 1, peak):.1%}"
+  )
   bf16_peak = throughput.peak_flops_per_device(device.device_kind, config.train.peak_flops_per_device)
   if bf16_peak is None:
     print(f"MFU: no bf16 peak known for a {device.device_kind!r} device")
   else:
-    print(f"MFU (of the {device.device_kind}'s bf16 peak, {bf16_peak / 1e12:.0f} TFLOP/s): "
-          f"{throughput.model_flops_utilization(flops, step_s, 1, bf16_peak):.1%}")
+    print(
+      f"MFU (of the {device.device_kind}'s bf16 peak, {bf16_peak / 1e12:.0f} TFLOP/s): "
+      f"{throughput.model_flops_utilization(flops, step_s, 1, bf16_peak):.1%}"
+    )
   print(f"loss {float(metrics['loss']):.3f} (finite: {bool(np.isfinite(float(metrics['loss'])))})")
   if reference:
     ratios = [theirs / ours for theirs, ours in zip(reference_times, times)]
-    print(f"reference step (PyTorch {reference_step.torch.__version__}, eager, 77-token texts, matching on the host, "
-          f"alternating with ours): {_spread(reference_times)}; loss {reference_loss:.3f}")
-    print(f"speedup over the reference: {statistics.median(reference_times) / step_s:.2f}x "
-          f"(per pair of steps: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x)")
+    print(
+      f"reference step (PyTorch {reference_step.torch.__version__}, eager, 77-token texts, matching on the host, "
+      f"alternating with ours): {_spread(reference_times)}; loss {reference_loss:.3f}"
+    )
+    print(
+      f"speedup over the reference: {statistics.median(reference_times) / step_s:.2f}x "
+      f"(per pair of steps: median {statistics.median(ratios):.2f}x, min {min(ratios):.2f}x, max {max(ratios):.2f}x)"
+    )
   return 0

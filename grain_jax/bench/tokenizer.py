@@ -17,26 +17,97 @@ import time
 from grain_jax.data.tokenizer import CONTEXT_LENGTH, Tokenizer
 
 _ADJECTIVES = (
-    "red", "small", "old", "wooden", "bright", "crowded", "empty", "snowy", "vintage", "colorful",
-    "tall", "sleepy", "shiny", "rustic", "modern", "blurry", "golden", "tiny", "giant", "wet",
+  "red",
+  "small",
+  "old",
+  "wooden",
+  "bright",
+  "crowded",
+  "empty",
+  "snowy",
+  "vintage",
+  "colorful",
+  "tall",
+  "sleepy",
+  "shiny",
+  "rustic",
+  "modern",
+  "blurry",
+  "golden",
+  "tiny",
+  "giant",
+  "wet",
 )
 _NOUNS = (
-    "dog", "cat", "man", "woman", "child", "bicycle", "car", "bus", "table", "kitchen", "street",
-    "beach", "mountain", "horse", "train", "pizza", "laptop", "umbrella", "bench", "skateboard",
-    "giraffe", "elephant", "boat", "clock", "window", "building", "field", "river", "bridge", "cake",
+  "dog",
+  "cat",
+  "man",
+  "woman",
+  "child",
+  "bicycle",
+  "car",
+  "bus",
+  "table",
+  "kitchen",
+  "street",
+  "beach",
+  "mountain",
+  "horse",
+  "train",
+  "pizza",
+  "laptop",
+  "umbrella",
+  "bench",
+  "skateboard",
+  "giraffe",
+  "elephant",
+  "boat",
+  "clock",
+  "window",
+  "building",
+  "field",
+  "river",
+  "bridge",
+  "cake",
 )
 _VERBS = (
-    "sitting on", "standing next to", "riding", "walking along", "looking at", "holding",
-    "lying on", "jumping over", "parked near", "playing with", "reflected in", "covered with",
+  "sitting on",
+  "standing next to",
+  "riding",
+  "walking along",
+  "looking at",
+  "holding",
+  "lying on",
+  "jumping over",
+  "parked near",
+  "playing with",
+  "reflected in",
+  "covered with",
 )
 _PLACES = (
-    "in the park", "at sunset", "on a rainy day", "during the festival", "in downtown Chicago",
-    "near the lake", "in winter", "at night", "on the beach", "in a busy market",
+  "in the park",
+  "at sunset",
+  "on a rainy day",
+  "during the festival",
+  "in downtown Chicago",
+  "near the lake",
+  "in winter",
+  "at night",
+  "on the beach",
+  "in a busy market",
 )
 # Web captions carry some non-ASCII, entities and emoji; these take the slower ftfy path.
 _EXTRAS = (
-    "\u2014 stock photo", "&amp; friends", "\u201ccandid\u201d", "caf\u00e9 style", "\U0001f60a",
-    "\u6771\u4eac", "(c) 2019", "#travel #photography", "\u2019s view", "na\u00efve art",
+  "\u2014 stock photo",
+  "&amp; friends",
+  "\u201ccandid\u201d",
+  "caf\u00e9 style",
+  "\U0001f60a",
+  "\u6771\u4eac",
+  "(c) 2019",
+  "#travel #photography",
+  "\u2019s view",
+  "na\u00efve art",
 )
 
 
@@ -45,8 +116,15 @@ def make_captions(num_strings: int, seed: int = 0) -> list[str]:
   rng = random.Random(seed)
   captions = []
   for _ in range(num_strings):
-    parts = [rng.choice(("a", "the", "an image of a", "photo of a", "two")), rng.choice(_ADJECTIVES),
-             rng.choice(_NOUNS), rng.choice(_VERBS), "a", rng.choice(_ADJECTIVES), rng.choice(_NOUNS)]
+    parts = [
+      rng.choice(("a", "the", "an image of a", "photo of a", "two")),
+      rng.choice(_ADJECTIVES),
+      rng.choice(_NOUNS),
+      rng.choice(_VERBS),
+      "a",
+      rng.choice(_ADJECTIVES),
+      rng.choice(_NOUNS),
+    ]
     if rng.random() < 0.6:
       parts.append(rng.choice(_PLACES))
     if rng.random() < 0.3:
@@ -77,7 +155,7 @@ def _cpu_name() -> str:
 def _strings_per_second(tokenizer: Tokenizer, captions: list[str], batch_size: int) -> float:
   start = time.perf_counter()
   for i in range(0, len(captions), batch_size):
-    tokenizer(captions[i:i + batch_size], CONTEXT_LENGTH)
+    tokenizer(captions[i : i + batch_size], CONTEXT_LENGTH)
   return len(captions) / (time.perf_counter() - start)
 
 
@@ -98,10 +176,10 @@ def main(argv: list[str]) -> int:
   _strings_per_second(warm_tokenizer, captions, args.batch_size)
   warm = [_strings_per_second(warm_tokenizer, captions, args.batch_size) for _ in range(args.repeats)]
 
-  print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}")
-  print(f"{args.num_strings} captions, batch {args.batch_size}, context {CONTEXT_LENGTH}, "
-        f"median of {args.repeats} runs")
+  print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+  print(
+    f"{args.num_strings} captions, batch {args.batch_size}, context {CONTEXT_LENGTH}, median of {args.repeats} runs"
+  )
   print(f"cold cache: {statistics.median(cold):,.0f} strings/s")
   print(f"warm cache: {statistics.median(warm):,.0f} strings/s")
   return 0

@@ -17,5 +17,4 @@ from grain_jax.config.loading import apply_overrides, comparison_runs, field_sec
 from grain_jax.config.validation import validate
 from grain_jax.errors import ConfigError
 
-__all__ = ["ConfigError", "apply_overrides", "comparison_runs", "field_section", "load_config", "parse_arm",
-           "validate"]
+__all__ = ["ConfigError", "apply_overrides", "comparison_runs", "field_section", "load_config", "parse_arm", "validate"]

@@ -11,11 +11,9 @@ Entry syntax (the sets behind each name: grain_jax/eval/datasets.py):
 import os
 
 from grain_jax.errors import ConfigError
-from grain_jax.eval import datasets
+from grain_jax.eval import datasets, prompts, protocol
 from grain_jax.eval import descriptors as descriptor_files
 from grain_jax.eval import heads as heads_lib
-from grain_jax.eval import prompts
-from grain_jax.eval import protocol
 
 # The files of torchvision's Places365 download that `places365:full` reads.
 PLACES365_FILES = ("categories_places365.txt", "places365_val.txt", "val_large")
@@ -48,9 +46,11 @@ def check_entries(cfg) -> None:
     else:
       ok = datasets.spec_of(entry) is not None
     if not ok:
-      raise ConfigError(f"config.eval.classification entry {entry!r} is not a dataset: use one of "
-                        f"{sorted(datasets.TFDS_DATASETS)}, {', '.join(datasets.VARIANTS)}, "
-                        f"{', '.join('synthetic/' + s for s in datasets.SYNTHETIC_SPLITS)} or folder:PATH")
+      raise ConfigError(
+        f"config.eval.classification entry {entry!r} is not a dataset: use one of "
+        f"{sorted(datasets.TFDS_DATASETS)}, {', '.join(datasets.VARIANTS)}, "
+        f"{', '.join('synthetic/' + s for s in datasets.SYNTHETIC_SPLITS)} or folder:PATH"
+      )
   for entry in cfg.retrieval:
     kind, _, rest = entry.partition(":")
     json_path, _, image_root = rest.partition(":")
@@ -75,9 +75,11 @@ def check_files(cfg) -> None:
     folder = cfg.places365_dir
     absent = [n for n in PLACES365_FILES if not folder or not os.path.exists(os.path.join(folder, n))]
     if absent:
-      raise ConfigError(f"config.eval.classification has 'places365:full' but config.eval.places365_dir="
-                        f"{folder!r} lacks {', '.join(absent)}: torchvision.datasets.Places365(DIR, "
-                        "split='val', small=False, download=True) writes them")
+      raise ConfigError(
+        f"config.eval.classification has 'places365:full' but config.eval.places365_dir="
+        f"{folder!r} lacks {', '.join(absent)}: torchvision.datasets.Places365(DIR, "
+        "split='val', small=False, download=True) writes them"
+      )
 
 
 def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_data_dir: str = "") -> None:
@@ -100,10 +102,14 @@ def check_descriptors(names, descriptors_dir: str, allow_missing: bool, tfds_dat
       continue
     if allow_missing and spec.readable_labels:
       continue
-    where = (f"write it with `python -m grain_jax.annotate descriptors --dataset {name} --out DIR`, or set "
-             "config.eval.allow_missing_descriptors=True to evaluate it with class names only"
-             if spec.readable_labels else
-             "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release")
-    raise FileNotFoundError(f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
-                            f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
-                            "(docs/evaluation.md says where each file comes from)")
+    where = (
+      f"write it with `python -m grain_jax.annotate descriptors --dataset {name} --out DIR`, or set "
+      "config.eval.allow_missing_descriptors=True to evaluate it with class names only"
+      if spec.readable_labels
+      else "its tfds labels are ids, so only that file names its classes: get it from Menon & Vondrick's release"
+    )
+    raise FileNotFoundError(
+      f"config.eval.classification has {name!r} but its descriptor file {spec.descriptors_file} "
+      f"is not in config.eval.descriptors_dir={descriptors_dir!r}: {where} "
+      "(docs/evaluation.md says where each file comes from)"
+    )

@@ -51,8 +51,9 @@ def parse_arm(entry: str, field: str = "arms") -> tuple[str, dict[str, Any]]:
   name = name.strip()
   where = f"config.experiment.{field} entry {entry!r}"
   if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-    raise ConfigError(f"{where}: the name {name!r} must be a word of letters, digits and _.+- (it names the run's "
-                      "folder)")
+    raise ConfigError(
+      f"{where}: the name {name!r} must be a word of letters, digits and _.+- (it names the run's folder)"
+    )
   overrides = {}
   for item in filter(None, (part.strip() for part in rest.split(";"))):
     field, equals, value = item.partition("=")
@@ -80,13 +81,17 @@ def field_section(config: ml_collections.ConfigDict, field: str, where: str) -> 
 def _require_known(section, path: str, name: str, what: str) -> None:
   if isinstance(section, ml_collections.ConfigDict) and name in section:
     return
-  known = (f"known in {path}: {', '.join(sorted(section.keys()))}" if isinstance(section, ml_collections.ConfigDict)
-           else f"{path} is not a section")
+  known = (
+    f"known in {path}: {', '.join(sorted(section.keys()))}"
+    if isinstance(section, ml_collections.ConfigDict)
+    else f"{path} is not a section"
+  )
   raise ConfigError(f"{what} is not a known field ({known})")
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
-                    where: str = "override") -> ml_collections.ConfigDict:
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, Any], where: str = "override"
+) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted `field: value` overrides set; errors name `where` and the field."""
   config = config.copy_and_resolve_references()
   for field, value in overrides.items():

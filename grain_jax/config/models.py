@@ -21,30 +21,30 @@ def get_model_config(preset: str) -> ml_collections.ConfigDict:
   clip_text = _tower(512, 12, 8)
   reference_decoder = _tower(512, 6, 8, mlp_dim=2048)
   towers = {
-      "tiny": dict(
-          embed_dim=64,
-          image=_tower(64, 2, 4, image_size=32, patch_size=8),
-          text=_tower(64, 2, 4),
-          decoder=_tower(64, 2, 4, mlp_dim=128),
-      ),
-      "small": dict(
-          embed_dim=512,
-          image=_tower(384, 12, 12, image_size=224, patch_size=16),
-          text=clip_text,
-          decoder=reference_decoder,
-      ),
-      "b16": dict(
-          embed_dim=512,
-          image=_tower(768, 12, 12, image_size=224, patch_size=16),
-          text=clip_text,
-          decoder=reference_decoder,
-      ),
-      "l14": dict(
-          embed_dim=512,
-          image=_tower(1024, 24, 16, image_size=224, patch_size=14),
-          text=clip_text,
-          decoder=reference_decoder,
-      ),
+    "tiny": dict(
+      embed_dim=64,
+      image=_tower(64, 2, 4, image_size=32, patch_size=8),
+      text=_tower(64, 2, 4),
+      decoder=_tower(64, 2, 4, mlp_dim=128),
+    ),
+    "small": dict(
+      embed_dim=512,
+      image=_tower(384, 12, 12, image_size=224, patch_size=16),
+      text=clip_text,
+      decoder=reference_decoder,
+    ),
+    "b16": dict(
+      embed_dim=512,
+      image=_tower(768, 12, 12, image_size=224, patch_size=16),
+      text=clip_text,
+      decoder=reference_decoder,
+    ),
+    "l14": dict(
+      embed_dim=512,
+      image=_tower(1024, 24, 16, image_size=224, patch_size=14),
+      text=clip_text,
+      decoder=reference_decoder,
+    ),
   }[preset]
   model = default_model_config()
   model.preset = preset
@@ -60,7 +60,8 @@ def get_model_config(preset: str) -> ml_collections.ConfigDict:
 
 def default_model_config() -> ml_collections.ConfigDict:
   """Every model field with its meaning; sizes are the b16 reference."""
-  return ml_collections.ConfigDict(dict(
+  return ml_collections.ConfigDict(
+    dict(
       # Preset name this section was built from (informational; sizes below are what count).
       preset="b16",
       # "grain": global image query + region queries; "clip": CLS -> image_projection, no decoder.
@@ -83,50 +84,51 @@ def default_model_config() -> ml_collections.ConfigDict:
       # text_projection) and "image" (only a timm qk-norm ViT: open_clip's `visual.trunk.*`).
       init_towers=("text",),
       image=dict(
-          image_size=224,     # input height = width (images are squashed, not cropped)
-          patch_size=16,
-          width=768,
-          depth=12,
-          heads=12,
-          mlp_ratio=4.0,
-          qk_norm=True,       # LayerNorm over each head's q and k (the reference's timm ViT)
-          layer_norm_eps=1e-6,
-          # "trunc_normal" (timm's ViT init: linear weights N(0, 0.02) truncated, zero biases,
-          # LeCun-normal patch embedding) or "pytorch_default" (the authors': PyTorch's default
-          # Linear / Conv2d init, U(+-1/sqrt(fan_in)) for weights and biases; grain_jax/models/vit.py).
-          init="trunc_normal",
+        image_size=224,  # input height = width (images are squashed, not cropped)
+        patch_size=16,
+        width=768,
+        depth=12,
+        heads=12,
+        mlp_ratio=4.0,
+        qk_norm=True,  # LayerNorm over each head's q and k (the reference's timm ViT)
+        layer_norm_eps=1e-6,
+        # "trunc_normal" (timm's ViT init: linear weights N(0, 0.02) truncated, zero biases,
+        # LeCun-normal patch embedding) or "pytorch_default" (the authors': PyTorch's default
+        # Linear / Conv2d init, U(+-1/sqrt(fan_in)) for weights and biases; grain_jax/models/vit.py).
+        init="trunc_normal",
       ),
       text=dict(
-          vocab_size=49408,
-          context_length=77,
-          width=512,
-          depth=12,
-          heads=8,
-          mlp_ratio=4.0,
-          layer_norm_eps=1e-5,
-          # Evaluation runs its text batches on the shortest of these lengths that holds every EOT
-          # (training packs its texts into rows of context_length instead).
-          context_buckets=(16, 32, 48, 77),
+        vocab_size=49408,
+        context_length=77,
+        width=512,
+        depth=12,
+        heads=8,
+        mlp_ratio=4.0,
+        layer_norm_eps=1e-5,
+        # Evaluation runs its text batches on the shortest of these lengths that holds every EOT
+        # (training packs its texts into rows of context_length instead).
+        context_buckets=(16, 32, 48, 77),
       ),
       decoder=dict(
-          num_region_queries=5,   # plus one global image query (the last)
-          width=512,
-          depth=6,
-          heads=8,
-          mlp_dim=2048,
-          dropout=0.1,
-          layer_norm_eps=1e-5,
-          # Position code added to the cross-attention keys: "none" (the authors' code), "learned"
-          # (a table per image token), "sine" (2-D sine of each patch's centre; width divisible by
-          # 4) or "vit" (the ViT's position embedding through the decoder's input projection).
-          memory_position="none",
-          # Also add the position code to the cross-attention values: what a query reads then says
-          # where it was read.
-          position_in_values=False,
-          # Learned anchor box per region query, refined by every layer (DAB-DETR style).
-          box_refinement=False,
-          # With box_refinement: positional queries from the current boxes' sine code (width
-          # divisible by 4).
-          anchor_queries=False,
+        num_region_queries=5,  # plus one global image query (the last)
+        width=512,
+        depth=6,
+        heads=8,
+        mlp_dim=2048,
+        dropout=0.1,
+        layer_norm_eps=1e-5,
+        # Position code added to the cross-attention keys: "none" (the authors' code), "learned"
+        # (a table per image token), "sine" (2-D sine of each patch's centre; width divisible by
+        # 4) or "vit" (the ViT's position embedding through the decoder's input projection).
+        memory_position="none",
+        # Also add the position code to the cross-attention values: what a query reads then says
+        # where it was read.
+        position_in_values=False,
+        # Learned anchor box per region query, refined by every layer (DAB-DETR style).
+        box_refinement=False,
+        # With box_refinement: positional queries from the current boxes' sine code (width
+        # divisible by 4).
+        anchor_queries=False,
       ),
-  ))
+    )
+  )

@@ -22,10 +22,10 @@ EPOCHS = 35
 # Per mesh preset: what fits B/16 at the global batch in device memory (docs/performance.md, "Memory
 # per device", has the table that backs these choices: python -m grain_jax.bench memory).
 FITS = {
-    "gpu_2x8_h100": dict(remat=False, grad_accum_steps=1),
-    "tpu_v4_32": dict(remat=True, grad_accum_steps=1),
-    "tpu_v5e_64": dict(remat=False, grad_accum_steps=1),
-    "tpu_v5p_128": dict(remat=False, grad_accum_steps=1),
+  "gpu_2x8_h100": dict(remat=False, grad_accum_steps=1),
+  "tpu_v4_32": dict(remat=True, grad_accum_steps=1),
+  "tpu_v5e_64": dict(remat=False, grad_accum_steps=1),
+  "tpu_v5p_128": dict(remat=False, grad_accum_steps=1),
 }
 
 
@@ -33,8 +33,12 @@ def use_authors_training(config):
   """The authors' choices where ours differ (docs/authors_differences.md): L_rd against each device's
   own descriptions, identical texts as negatives; box losses per device; IoU's union + 1e-4; weight
   decay by their name rule; PyTorch's default init of the ViT. Returns `config`, changed in place."""
-  config.loss.update(region_negatives="per_device", mask_duplicate_descriptions=False, box_normalization="per_device",
-                     iou_union_epsilon=1e-4)
+  config.loss.update(
+    region_negatives="per_device",
+    mask_duplicate_descriptions=False,
+    box_normalization="per_device",
+    iou_union_epsilon=1e-4,
+  )
   config.optim.weight_decay_exempt = "authors_name_rule"
   config.model.image.init = "pytorch_default"
   return config
@@ -50,8 +54,9 @@ def get_recipe_config(num_train_images: int, arg: str | None):
     raise ValueError(f"recipe mesh {mesh!r} is unknown; choose one of {sorted(FITS)}")
   config = base.get_config(f"b16,{mesh}")
   fit = FITS[mesh]
-  config.model.update(kind="grain" if kind == "grain_grounded" else kind, dtype="bfloat16", scan_layers=True,
-                      remat=fit["remat"])
+  config.model.update(
+    kind="grain" if kind == "grain_grounded" else kind, dtype="bfloat16", scan_layers=True, remat=fit["remat"]
+  )
   if kind == "grain_grounded":
     base.use_grounding_options(config)
   else:
@@ -59,16 +64,29 @@ def get_recipe_config(num_train_images: int, arg: str | None):
 
   steps_per_epoch = math.ceil(num_train_images / GLOBAL_BATCH)
   config.data.update(batch_size=GLOBAL_BATCH, mllm_caption_prob=0.5, num_workers=16, read_threads=8)
-  config.optim.update(learning_rate=1e-3, warmup_init=1e-6, end_learning_rate=1e-5, warmup_steps=steps_per_epoch,
-                      b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)
-  config.train.update(num_steps=EPOCHS * steps_per_epoch, grad_accum_steps=fit["grad_accum_steps"],
-                      log_every=100, checkpoint_every=500, keep_checkpoints=3)
+  config.optim.update(
+    learning_rate=1e-3,
+    warmup_init=1e-6,
+    end_learning_rate=1e-5,
+    warmup_steps=steps_per_epoch,
+    b1=0.9,
+    b2=0.98,
+    eps=1e-8,
+    weight_decay=0.1,
+  )
+  config.train.update(
+    num_steps=EPOCHS * steps_per_epoch,
+    grad_accum_steps=fit["grad_accum_steps"],
+    log_every=100,
+    checkpoint_every=500,
+    keep_checkpoints=3,
+  )
 
   # The paper's 11 zero-shot sets as the authors evaluate them (tfds, prepare them first, and Places365's
   # full-size images in config.eval.places365_dir; see docs/evaluation.md) and ImageNet, with the
   # authors' zero-shot protocol for every kind, so that they compare; retrieval needs the Karpathy files:
   # --config.eval.retrieval='("karpathy:JSON:ROOT",)'.
-  config.eval.update(classification=(*AUTHORS_PAPER_SETS, "imagenet"), retrieval=(), grounding=(), probes=(),
-                     protocol="authors")
+  config.eval.update(
+    classification=(*AUTHORS_PAPER_SETS, "imagenet"), retrieval=(), grounding=(), probes=(), protocol="authors"
+  )
   return config
-

@@ -9,8 +9,7 @@ import jax
 import ml_collections
 
 from grain_jax import sharding
-from grain_jax.config import base
-from grain_jax.config import eval_rules
+from grain_jax.config import base, eval_rules
 from grain_jax.config.loading import comparison_runs, parse_arm
 from grain_jax.errors import ConfigError, check_local_path
 from grain_jax.models.decoder import MEMORY_POSITIONS
@@ -19,23 +18,48 @@ from grain_jax.models.vit import INITS as VIT_INITS
 INIT_TOWERS = ("text", "image")
 INIT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # The config's file and folder paths (read or written with the local file system's calls).
-PATH_FIELDS = ("data.train_dir", "data.synthetic_dir", "model.init_from", "eval.tfds_data_dir",
-               "eval.descriptors_dir", "eval.places365_dir")
+PATH_FIELDS = (
+  "data.train_dir",
+  "data.synthetic_dir",
+  "model.init_from",
+  "eval.tfds_data_dir",
+  "eval.descriptors_dir",
+  "eval.places365_dir",
+)
 # Counts of steps, intervals, batches and kept checkpoints: 0 would divide by zero, batch nothing or
 # keep nothing to resume from. (train.num_steps too, but for evaluating an imported model: see
 # _check_bounds.)
-AT_LEAST_ONE = ("train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.heartbeat_timeout_s", "data.batch_size", "data.read_threads",
-                "data.worker_buffer_size", "eval.batch_size", "eval.text_batch_size")
+AT_LEAST_ONE = (
+  "train.grad_accum_steps",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.heartbeat_timeout_s",
+  "data.batch_size",
+  "data.read_threads",
+  "data.worker_buffer_size",
+  "eval.batch_size",
+  "eval.text_batch_size",
+)
 # Rates, weights and counts where 0 means none or off.
-AT_LEAST_ZERO = ("optim.learning_rate", "optim.warmup_init", "optim.end_learning_rate", "optim.warmup_steps",
-                 "optim.weight_decay", "optim.grad_clip_norm", "data.num_workers", "eval.max_examples",
-                 "eval.num_pictures", "eval.fixed_box_records", "eval.num_confusions")
+AT_LEAST_ZERO = (
+  "optim.learning_rate",
+  "optim.warmup_init",
+  "optim.end_learning_rate",
+  "optim.warmup_steps",
+  "optim.weight_decay",
+  "optim.grad_clip_norm",
+  "data.num_workers",
+  "eval.max_examples",
+  "eval.num_pictures",
+  "eval.fixed_box_records",
+  "eval.num_confusions",
+)
 CHOICES = {
-    ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
-    ("loss", "region_negatives"): ("global", "per_device"),
-    ("loss", "box_normalization"): ("global", "per_device"),
-    ("optim", "weight_decay_exempt"): ("rank_below_2", "authors_name_rule"),
+  ("matching", "method"): ("hungarian", "sinkhorn", "greedy"),
+  ("loss", "region_negatives"): ("global", "per_device"),
+  ("loss", "box_normalization"): ("global", "per_device"),
+  ("optim", "weight_decay_exempt"): ("rank_below_2", "authors_name_rule"),
 }
 
 
@@ -71,29 +95,40 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_model(model) -> None:
   _require(model.kind in ("grain", "clip"), f"config.model.kind={model.kind!r} must be 'grain' or 'clip'")
-  _require(model.dtype in ("float32", "bfloat16"),
-           f"config.model.dtype={model.dtype!r} must be 'float32' or 'bfloat16'")
+  _require(
+    model.dtype in ("float32", "bfloat16"), f"config.model.dtype={model.dtype!r} must be 'float32' or 'bfloat16'"
+  )
   for tower in ("image", "text", "decoder"):
     cfg = model[tower]
     for field in ("width", "depth", "heads"):
       _require(cfg[field] > 0, f"config.model.{tower}.{field}={cfg[field]} must be positive")
-    _require(cfg.width % cfg.heads == 0,
-             f"config.model.{tower}.width={cfg.width} is not divisible by config.model.{tower}.heads={cfg.heads}")
+    _require(
+      cfg.width % cfg.heads == 0,
+      f"config.model.{tower}.width={cfg.width} is not divisible by config.model.{tower}.heads={cfg.heads}",
+    )
   image = model.image
-  _require(image.image_size % image.patch_size == 0,
-           f"config.model.image.image_size={image.image_size} is not a multiple of "
-           f"config.model.image.patch_size={image.patch_size}")
+  _require(
+    image.image_size % image.patch_size == 0,
+    f"config.model.image.image_size={image.image_size} is not a multiple of "
+    f"config.model.image.patch_size={image.patch_size}",
+  )
   _require(image.init in VIT_INITS, f"config.model.image.init={image.init!r} must be one of {VIT_INITS}")
   text = model.text
-  _require(all(0 < bucket <= text.context_length for bucket in text.context_buckets),
-           f"config.model.text.context_buckets={tuple(text.context_buckets)} must lie in "
-           f"[1, config.model.text.context_length={text.context_length}]")
+  _require(
+    all(0 < bucket <= text.context_length for bucket in text.context_buckets),
+    f"config.model.text.context_buckets={tuple(text.context_buckets)} must lie in "
+    f"[1, config.model.text.context_length={text.context_length}]",
+  )
   _check_decoder(model.decoder)
   towers = tuple(model.init_towers)
-  _require(bool(towers) and set(towers) <= set(INIT_TOWERS),
-           f"config.model.init_towers={towers} must be a non-empty subset of {INIT_TOWERS}")
-  _require(not model.init_from or model.init_from.endswith(INIT_SUFFIXES),
-           f"config.model.init_from={model.init_from!r} must be a {' / '.join(INIT_SUFFIXES)} file")
+  _require(
+    bool(towers) and set(towers) <= set(INIT_TOWERS),
+    f"config.model.init_towers={towers} must be a non-empty subset of {INIT_TOWERS}",
+  )
+  _require(
+    not model.init_from or model.init_from.endswith(INIT_SUFFIXES),
+    f"config.model.init_from={model.init_from!r} must be a {' / '.join(INIT_SUFFIXES)} file",
+  )
 
 
 def _check_decoder(cfg) -> None:
@@ -101,17 +136,24 @@ def _check_decoder(cfg) -> None:
   field = "config.model.decoder"
   _require(cfg.num_region_queries > 0, f"{field}.num_region_queries={cfg.num_region_queries} must be positive")
   _require(0.0 <= cfg.dropout < 1.0, f"{field}.dropout={cfg.dropout} must be in [0, 1)")
-  _require(cfg.memory_position in MEMORY_POSITIONS,
-           f"{field}.memory_position={cfg.memory_position!r} must be one of {MEMORY_POSITIONS}")
-  _require(not cfg.position_in_values or cfg.memory_position != "none",
-           f"{field}.position_in_values=True needs a {field}.memory_position")
-  _require(not cfg.anchor_queries or cfg.box_refinement,
-           f"{field}.anchor_queries=True needs {field}.box_refinement=True")
+  _require(
+    cfg.memory_position in MEMORY_POSITIONS,
+    f"{field}.memory_position={cfg.memory_position!r} must be one of {MEMORY_POSITIONS}",
+  )
+  _require(
+    not cfg.position_in_values or cfg.memory_position != "none",
+    f"{field}.position_in_values=True needs a {field}.memory_position",
+  )
+  _require(
+    not cfg.anchor_queries or cfg.box_refinement, f"{field}.anchor_queries=True needs {field}.box_refinement=True"
+  )
   # The sine codes split the width into 4 parts (x, y; sine, cosine).
   sine = [f"memory_position={cfg.memory_position!r}"] if cfg.memory_position == "sine" else []
   sine += ["anchor_queries=True"] if cfg.anchor_queries else []
-  _require(not sine or cfg.width % 4 == 0, f"{field}.width={cfg.width} must be divisible by 4 for the sine codes of "
-           f"{field}.{' and '.join(sine)}")
+  _require(
+    not sine or cfg.width % 4 == 0,
+    f"{field}.width={cfg.width} must be divisible by 4 for the sine codes of {field}.{' and '.join(sine)}",
+  )
 
 
 def _check_bounds(config) -> None:
@@ -124,8 +166,11 @@ def _check_bounds(config) -> None:
   _require(epochs is None or epochs >= 1, f"config.data.num_epochs={epochs} must be at least 1 (None: repeat forever)")
   steps = config.train.num_steps
   evaluates_import = steps == 0 and bool(config.model.init_from) and config.experiment.evaluate
-  _require(steps >= 1 or evaluates_import, f"config.train.num_steps={steps} must be at least 1 (0 only evaluates a "
-           "model imported with config.model.init_from)")
+  _require(
+    steps >= 1 or evaluates_import,
+    f"config.train.num_steps={steps} must be at least 1 (0 only evaluates a "
+    "model imported with config.model.init_from)",
+  )
 
 
 def _check_choices(config) -> None:
@@ -133,12 +178,17 @@ def _check_choices(config) -> None:
     if section in config and field in config[section]:
       value = config[section][field]
       _require(value in allowed, f"config.{section}.{field}={value!r} must be one of {allowed}")
-  _require(0.0 <= config.data.max_bad_fraction < 1.0,
-           f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)")
-  _require(config.loss.iou_union_epsilon >= 0,
-           f"config.loss.iou_union_epsilon={config.loss.iou_union_epsilon} must be >= 0")
-  _require(config.train.peak_flops_per_device >= 0,
-           f"config.train.peak_flops_per_device={config.train.peak_flops_per_device} must be >= 0 (0: from the table)")
+  _require(
+    0.0 <= config.data.max_bad_fraction < 1.0,
+    f"config.data.max_bad_fraction={config.data.max_bad_fraction} must be in [0, 1)",
+  )
+  _require(
+    config.loss.iou_union_epsilon >= 0, f"config.loss.iou_union_epsilon={config.loss.iou_union_epsilon} must be >= 0"
+  )
+  _require(
+    config.train.peak_flops_per_device >= 0,
+    f"config.train.peak_flops_per_device={config.train.peak_flops_per_device} must be >= 0 (0: from the table)",
+  )
 
 
 def _check_devices(config, num_devices: int, training: bool) -> None:
@@ -152,9 +202,11 @@ def _check_devices(config, num_devices: int, training: bool) -> None:
     return
   shards = sharding.batch_shards(jax.sharding.AbstractMesh(shape, sharding.MESH_AXES), config.sharding_rules)
   accumulate = config.train.grad_accum_steps
-  _require(config.data.batch_size % (shards * accumulate) == 0,
-           f"config.data.batch_size={config.data.batch_size} does not split into {shards} batch shards x "
-           f"config.train.grad_accum_steps={accumulate} micro-batches")
+  _require(
+    config.data.batch_size % (shards * accumulate) == 0,
+    f"config.data.batch_size={config.data.batch_size} does not split into {shards} batch shards x "
+    f"config.train.grad_accum_steps={accumulate} micro-batches",
+  )
 
 
 def _check_experiment(config, training: bool) -> None:
@@ -167,10 +219,13 @@ def _check_experiment(config, training: bool) -> None:
     _require(len(set(names)) == len(names), f"config.experiment.{field}={entries} repeats a name")
   if not training:
     return
-  _require(bool(cfg.arms) or not (cfg.worlds or cfg.settings),
-           "config.experiment.worlds and .settings vary the runs of a comparison: set config.experiment.arms")
-  _require(not cfg.arms or cfg.evaluate,
-           "config.experiment.arms compares evaluations: set config.experiment.evaluate=True")
+  _require(
+    bool(cfg.arms) or not (cfg.worlds or cfg.settings),
+    "config.experiment.worlds and .settings vary the runs of a comparison: set config.experiment.arms",
+  )
+  _require(
+    not cfg.arms or cfg.evaluate, "config.experiment.arms compares evaluations: set config.experiment.evaluate=True"
+  )
 
 
 def _check_run(config, num_devices: int | None, evaluation_files: bool, training: bool) -> None:
@@ -190,8 +245,12 @@ def _check_run(config, num_devices: int | None, evaluation_files: bool, training
     _check_devices(config, num_devices, training)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, evaluation_files: bool = False,
-             training: bool = False) -> ml_collections.ConfigDict:
+def validate(
+  config: ml_collections.ConfigDict,
+  num_devices: int | None = None,
+  evaluation_files: bool = False,
+  training: bool = False,
+) -> ml_collections.ConfigDict:
   """Checks the config of every run `config` makes against the documented schema (grain_jax/config/base.py)
   and every rule; returns `config` unchanged.
 

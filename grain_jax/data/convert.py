@@ -3,8 +3,8 @@ r"""Converts the reference's annotation files into record shards.
   python -m grain_jax.data.convert --captions captions.csv --mllm-captions mllm_captions.json \
       --bboxes bboxes.json --image-root DIR --out DIR [--workers N]
 
-Inputs (see docs/reference_behaviour.md, "Data"): `captions.csv` rows `image_path,caption` without a header (a caption may
-hold further commas); `mllm_captions.json` `{image_path: caption}`; `bboxes.json`
+Inputs (see docs/reference_behaviour.md, "Data"): `captions.csv` rows `image_path,caption` without a
+header (a caption may hold further commas); `mllm_captions.json` `{image_path: caption}`; `bboxes.json`
 `{image_path: [{"description", "bbox": [x1, y1, x2, y2], "score"}, ...]}` with boxes in the
 detector's `--box-frame` x `--box-frame` frame of the squashed image (OWLv2: 960).
 
@@ -26,8 +26,7 @@ from typing import Any
 import tqdm
 from PIL import Image
 
-from grain_jax.data import quality
-from grain_jax.data import records
+from grain_jax.data import quality, records
 from grain_jax.errors import ArgumentError, BadFileError, check_local_path, run_command
 
 PROGRESS = "progress.json"
@@ -83,7 +82,8 @@ def encode_image(path: str, max_side: int) -> bytes:
     if max_side and max(image.size) > max_side:
       scale = max_side / max(image.size)
       image = image.convert("RGB").resize(
-          (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC
+      )
       out = io.BytesIO()
       image.save(out, "JPEG", quality=90)
       data = out.getvalue()
@@ -105,8 +105,7 @@ def _regions(entries: Any, box_frame: float) -> tuple[list[records.Region], list
   return kept, reasons + clean_reasons
 
 
-def convert_one(item: tuple[tuple[str, str | None, str], Any, Any], image_root: str,
-                box_frame: float, max_side: int):
+def convert_one(item: tuple[tuple[str, str | None, str], Any, Any], image_root: str, box_frame: float, max_side: int):
   """(CSV row, its MLLM caption, its bboxes.json entries) -> (serialized record or None, reasons).
 
   Each work item carries its own annotations, so that workers never receive the whole JSONs.
@@ -134,8 +133,9 @@ def _load_progress(out_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
   with open(path) as f:
     progress = json.load(f)
   if progress["settings"] != settings:
-    raise ArgumentError(f"{out_dir} holds a conversion with other settings {progress['settings']}; "
-                        "use another --out or delete it")
+    raise ArgumentError(
+      f"{out_dir} holds a conversion with other settings {progress['settings']}; use another --out or delete it"
+    )
   return progress
 
 
@@ -162,16 +162,16 @@ def count_results(results, stats: Sequence[quality.DataStats], blame, bar):
 def convert(args: argparse.Namespace) -> dict[str, Any]:
   """Runs the conversion described by the parsed CLI `args`; returns the manifest."""
   os.makedirs(args.out, exist_ok=True)
-  settings = {k: getattr(args, k) for k in ("captions", "mllm_captions", "bboxes", "image_root",
-                                            "shard_size", "box_frame", "max_side")}
+  settings = {
+    k: getattr(args, k)
+    for k in ("captions", "mllm_captions", "bboxes", "image_root", "shard_size", "box_frame", "max_side")
+  }
   progress = _load_progress(args.out, settings)
   rows = read_captions(args.captions)
   mllm_captions, boxes = _read_json(args.mllm_captions), _read_json(args.bboxes)
-  work = functools.partial(convert_one, image_root=args.image_root, box_frame=args.box_frame,
-                           max_side=args.max_side)
+  work = functools.partial(convert_one, image_root=args.image_root, box_frame=args.box_frame, max_side=args.max_side)
   # The fraction is judged on the first few hundred rows, so a broken input stops early.
-  stats = quality.DataStats(args.max_bad_fraction, min_records=min(len(rows), 200),
-                            source=args.captions)
+  stats = quality.DataStats(args.max_bad_fraction, min_records=min(len(rows), 200), source=args.captions)
   blame = functools.partial(_blame, args)
   num_shards = max(1, -(-len(rows) // args.shard_size))
   # "spawn": forking a process that has started JAX's threads can deadlock.
@@ -179,7 +179,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
   bar = tqdm.tqdm(total=len(rows), unit="img", desc="convert")
   try:
     for shard in range(num_shards):
-      chunk = rows[shard * args.shard_size:(shard + 1) * args.shard_size]
+      chunk = rows[shard * args.shard_size : (shard + 1) * args.shard_size]
       done = progress["shards"].get(str(shard))
       if done:  # a finished shard's counts are replayed so that the summary covers the whole run
         stats.merge(done["stats"])
@@ -189,51 +189,59 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
       items = [(row, mllm_captions.get(row[0]), boxes.get(row[0])) for row in chunk]
       results = pool.imap(work, items, chunksize=8) if pool else map(work, items)
       name = records.shard_name(shard)
-      count = records.write_shard(os.path.join(args.out, name),
-                                  count_results(results, (stats, shard_stats), blame, bar))
-      progress["shards"][str(shard)] = {"file": name, "count": count,
-                                        "stats": shard_stats.get_state()}
+      count = records.write_shard(
+        os.path.join(args.out, name), count_results(results, (stats, shard_stats), blame, bar)
+      )
+      progress["shards"][str(shard)] = {"file": name, "count": count, "stats": shard_stats.get_state()}
       records.write_json(os.path.join(args.out, PROGRESS), progress)
   finally:
     bar.close()
     if pool:
       pool.terminate()
   stats.check()
-  shards = [{"file": s["file"], "count": s["count"]}
-            for _, s in sorted(progress["shards"].items(), key=lambda kv: int(kv[0]))]
-  manifest = records.write_manifest(args.out, shards, source=os.path.abspath(args.captions),
-                                    skipped=dict(stats.skipped))
+  shards = [
+    {"file": s["file"], "count": s["count"]} for _, s in sorted(progress["shards"].items(), key=lambda kv: int(kv[0]))
+  ]
+  manifest = records.write_manifest(
+    args.out, shards, source=os.path.abspath(args.captions), skipped=dict(stats.skipped)
+  )
   print(summary(stats), file=sys.stderr)
   return manifest
 
 
 def summary(stats: quality.DataStats, unit: str = "rows") -> str:
   """Human-readable counts: `unit` read, records written, skipped per reason, fixed per reason."""
-  lines = [f"{stats.seen} {unit} read, {stats.seen - stats.num_skipped} records written, "
-           f"{stats.num_skipped} skipped"]
+  lines = [f"{stats.seen} {unit} read, {stats.seen - stats.num_skipped} records written, {stats.num_skipped} skipped"]
   lines += [f"  skipped {reason}: {n}" for reason, n in sorted(stats.skipped.items())]
-  lines += [f"  fixed / dropped regions, {reason}: {n}"
-            for reason, n in sorted(stats.fixed.items())]
+  lines += [f"  fixed / dropped regions, {reason}: {n}" for reason, n in sorted(stats.fixed.items())]
   return "\n".join(lines)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog="python -m grain_jax.data.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m grain_jax.data.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--captions", required=True, help="captions.csv: image_path,caption rows")
   parser.add_argument("--mllm-captions", default="", help="mllm_captions.json (optional)")
   parser.add_argument("--bboxes", default="", help="bboxes.json (optional: no regions without)")
   parser.add_argument("--image-root", required=True, help="directory the image paths are under")
   parser.add_argument("--out", required=True, help="output directory of shards + manifest.json")
-  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                      help="processes decoding images (1 = in this process)")
+  parser.add_argument(
+    "--workers", type=int, default=os.cpu_count() or 1, help="processes decoding images (1 = in this process)"
+  )
   parser.add_argument("--shard-size", type=int, default=2048, help="CSV rows per shard")
-  parser.add_argument("--box-frame", type=float, default=960.0,
-                      help="side of the square frame the bboxes are in (OWLv2: 960)")
-  parser.add_argument("--max-side", type=int, default=512,
-                      help="re-encode images whose longer side exceeds this (0 = keep all bytes)")
-  parser.add_argument("--max-bad-fraction", type=float, default=0.05,
-                      help="stop with an error when more than this fraction of rows is bad")
+  parser.add_argument(
+    "--box-frame", type=float, default=960.0, help="side of the square frame the bboxes are in (OWLv2: 960)"
+  )
+  parser.add_argument(
+    "--max-side", type=int, default=512, help="re-encode images whose longer side exceeds this (0 = keep all bytes)"
+  )
+  parser.add_argument(
+    "--max-bad-fraction",
+    type=float,
+    default=0.05,
+    help="stop with an error when more than this fraction of rows is bad",
+  )
   args = parser.parse_args(argv)
   for flag in ("captions", "mllm_captions", "bboxes", "image_root", "out"):
     check_local_path(getattr(args, flag), f"--{flag.replace('_', '-')}")

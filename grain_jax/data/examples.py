@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from grain_jax.data import quality
-from grain_jax.data import records
-from grain_jax.data import tokenizer
+from grain_jax.data import quality, records, tokenizer
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -65,12 +63,12 @@ def text_ids(token_ids: np.ndarray) -> np.ndarray:
   """
   rows = np.ascontiguousarray(token_ids, np.int32)
   return np.array(
-      [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=4).digest(), "little") & 0x7FFFFFFF
-       for row in rows], np.int32).reshape(rows.shape[:-1])
+    [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=4).digest(), "little") & 0x7FFFFFFF for row in rows],
+    np.int32,
+  ).reshape(rows.shape[:-1])
 
 
-def choose_caption(record: records.Record, rng: np.random.Generator,
-                   mllm_prob: float) -> tuple[str, list[str]]:
+def choose_caption(record: records.Record, rng: np.random.Generator, mllm_prob: float) -> tuple[str, list[str]]:
   """The alt-text or, with probability `mllm_prob`, the MLLM caption; returns (caption, repairs)."""
   caption = quality.clean_text(record.caption)
   mllm = quality.clean_text(record.mllm_caption)
@@ -89,9 +87,9 @@ def top_regions(record: records.Record, num_regions: int) -> tuple[list[records.
   return sorted(regions, key=lambda r: -r.score)[:num_regions], repairs
 
 
-def make_example(record: records.Record, rng: np.random.Generator, image_size: int,
-                 num_regions: int,
-                 mllm_prob: float = 0.5) -> tuple[dict[str, np.ndarray], list[str]]:
+def make_example(
+  record: records.Record, rng: np.random.Generator, image_size: int, num_regions: int, mllm_prob: float = 0.5
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """One training example and the repairs it needed. Raises quality.BadRecordError to skip.
 
   Returns `image [H, W, 3] float32`, `caption_ids [77] int32`, `boxes [k, 4] float32` cxcywh,
@@ -112,12 +110,12 @@ def make_example(record: records.Record, rng: np.random.Generator, image_size: i
     desc_ids[:n] = tokens[1:]
     desc_text_id[:n] = text_ids(tokens[1:])
   example = {
-      "image": image,
-      "caption_ids": tokens[0],
-      "boxes": boxes,
-      "box_valid": np.arange(num_regions) < n,
-      "desc_ids": desc_ids,
-      "desc_text_id": desc_text_id,
+    "image": image,
+    "caption_ids": tokens[0],
+    "boxes": boxes,
+    "box_valid": np.arange(num_regions) < n,
+    "desc_ids": desc_ids,
+    "desc_text_id": desc_text_id,
   }
   return example, repairs + region_repairs
 

@@ -17,17 +17,13 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from absl import flags
 import grain
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
-from grain_jax.data import examples
-from grain_jax.data import quality
-from grain_jax.data import records
-from grain_jax.data import synthetic
-from grain_jax.data import workers
+from grain_jax.data import examples, quality, records, synthetic, workers
 
 BATCH_KEYS = ("image", "caption_ids", "boxes", "box_valid", "desc_ids", "desc_text_id")
 
@@ -88,8 +84,7 @@ class _BatchIterator(grain.DatasetIterator):
   would otherwise never fill a batch, and the trainer's check would never run.
   """
 
-  def __init__(self, parent: grain.DatasetIterator, batch_size: int, locate, max_bad_fraction: float,
-               source: str):
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int, locate, max_bad_fraction: float, source: str):
     super().__init__(parent)
     self._batch_size = batch_size
     self._locate = locate  # record index -> (shard file, number in it), to name them in errors
@@ -136,8 +131,7 @@ class _BatchDataset(grain.IterDataset):
     self._source = source
 
   def __iter__(self) -> _BatchIterator:
-    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._locate, self._max_bad_fraction,
-                          self._source)
+    return _BatchIterator(self._parent.__iter__(), self._batch_size, self._locate, self._max_bad_fraction, self._source)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -176,11 +170,22 @@ class TrainDataset(grain.IterDataset):
     return TrainIterator(self._parent.__iter__(), stats)
 
 
-def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num_regions: int,
-                  seed: int, mllm_prob: float = 0.5, num_epochs: int | None = None,
-                  num_workers: int = 0, worker_buffer_size: int = 2, read_threads: int = 4,
-                  max_bad_fraction: float = 0.05, process_index: int | None = None,
-                  process_count: int | None = None) -> TrainDataset:
+def train_dataset(
+  data_dir: str,
+  *,
+  global_batch_size: int,
+  image_size: int,
+  num_regions: int,
+  seed: int,
+  mllm_prob: float = 0.5,
+  num_epochs: int | None = None,
+  num_workers: int = 0,
+  worker_buffer_size: int = 2,
+  read_threads: int = 4,
+  max_bad_fraction: float = 0.05,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> TrainDataset:
   """This host's training batches from the record shards in `data_dir`.
 
   Each batch (numpy, b = global_batch_size / process_count, H = image_size, k = num_regions):
@@ -193,21 +198,17 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size % process_count:
-    raise ValueError(f"config.data.batch_size={global_batch_size} is not divisible by the "
-                     f"{process_count} processes")
+    raise ValueError(f"config.data.batch_size={global_batch_size} is not divisible by the {process_count} processes")
   manifest = records.read_manifest(data_dir)
   source = records.data_source(data_dir, manifest)
   if len(source) < process_count:
-    raise ValueError(f"{data_dir} holds {len(source)} records: none for host {process_index} "
-                     f"of {process_count}")
+    raise ValueError(f"{data_dir} holds {len(source)} records: none for host {process_index} of {process_count}")
   dataset = grain.MapDataset.source(source).map_with_index(_with_index)
   # Grain derives the shuffle's and the per-example seeds from this one, by global position.
   dataset = dataset.seed(seed).shuffle().repeat(num_epochs)
-  dataset = dataset.random_map(
-      _Prepare(image_size=image_size, num_regions=num_regions, mllm_prob=mllm_prob))
+  dataset = dataset.random_map(_Prepare(image_size=image_size, num_regions=num_regions, mllm_prob=mllm_prob))
   dataset = _HostRows(dataset, process_index, process_count, global_batch_size // process_count)
-  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                      prefetch_buffer_size=4 * read_threads))
+  dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * read_threads))
   locate = functools.partial(records.record_location, data_dir, manifest)
   dataset = _BatchDataset(dataset, global_batch_size // process_count, locate, max_bad_fraction, data_dir)
   if num_workers > 0:
@@ -215,8 +216,10 @@ def train_dataset(data_dir: str, *, global_batch_size: int, image_size: int, num
     # notebooks, a main without absl.app) take their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=worker_buffer_size), worker_init_fn=workers.init_worker)
+    dataset = dataset.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=worker_buffer_size),
+      worker_init_fn=workers.init_worker,
+    )
   return TrainDataset(dataset, data_dir, max_bad_fraction)
 
 
@@ -225,21 +228,20 @@ def training_data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.data.train_dir or synthetic.for_config(config, workdir)["train"]
 
 
-def train_dataset_from_config(config: ml_collections.ConfigDict, data_dir: str,
-                              **overrides: Any) -> TrainDataset:
+def train_dataset_from_config(config: ml_collections.ConfigDict, data_dir: str, **overrides: Any) -> TrainDataset:
   """train_dataset() with sizes from `config.model`, seed `config.seed`, options `config.data`."""
   data = config.data
   kwargs = dict(
-      global_batch_size=data.batch_size,
-      image_size=config.model.image.image_size,
-      num_regions=config.model.decoder.num_region_queries,
-      seed=config.seed,
-      mllm_prob=data.mllm_caption_prob,
-      num_epochs=data.num_epochs,
-      num_workers=data.num_workers,
-      worker_buffer_size=data.worker_buffer_size,
-      read_threads=data.read_threads,
-      max_bad_fraction=data.max_bad_fraction,
+    global_batch_size=data.batch_size,
+    image_size=config.model.image.image_size,
+    num_regions=config.model.decoder.num_region_queries,
+    seed=config.seed,
+    mllm_prob=data.mllm_caption_prob,
+    num_epochs=data.num_epochs,
+    num_workers=data.num_workers,
+    worker_buffer_size=data.worker_buffer_size,
+    read_threads=data.read_threads,
+    max_bad_fraction=data.max_bad_fraction,
   )
   kwargs.update(overrides)
   return train_dataset(data_dir, **kwargs)

@@ -15,7 +15,7 @@ from grain_jax.errors import UserError
 
 # Reasons a record is skipped.
 UNREADABLE_RECORD = "unreadable_record"
-DAMAGED_RECORD = "damaged_record"        # the shard's bytes do not read (a corrupt block, a truncated chunk)
+DAMAGED_RECORD = "damaged_record"  # the shard's bytes do not read (a corrupt block, a truncated chunk)
 MISSING_IMAGE = "missing_image"
 CORRUPT_IMAGE = "corrupt_image"
 NON_UTF8_TEXT = "non_utf8_text"
@@ -23,10 +23,10 @@ EMPTY_CAPTION = "empty_caption"
 # Repairs and dropped regions (the record is kept).
 BOX_CLIPPED = "box_clipped"
 BOX_REORDERED = "box_reordered"
-BAD_BOX = "bad_box"                      # not 4 finite numbers, or zero area after clipping
+BAD_BOX = "bad_box"  # not 4 finite numbers, or zero area after clipping
 EMPTY_DESCRIPTION = "empty_description"
 CAPTION_FROM_MLLM = "caption_from_mllm"  # empty alt-text replaced by the MLLM caption
-NO_REGIONS = "no_regions"                # kept: the image still trains the caption loss
+NO_REGIONS = "no_regions"  # kept: the image still trains the caption loss
 # Records read before the bad fraction is judged: fewer say too little.
 MIN_RECORDS = 200
 # Box coordinates at most this far outside [0, 1] are rounding, not errors worth counting.
@@ -146,11 +146,12 @@ class DataStats:
     worst, count = self.bad_by_file.most_common(1)[0]
     first = "; ".join(f"{reason} at {where}" for reason, where in sorted(self.first_skipped.items()) if where)
     raise BadDataError(
-        f"{self.num_skipped} of {self.seen} records read from {self.source or 'the dataset'} "
-        f"were skipped as bad (more than max_bad_fraction={self.max_bad_fraction}); "
-        f"reasons {dict(self.skipped)}; {count} of them in {worst or 'the input'}"
-        f"{f' (the first of each reason: {first})' if first else ''}. "
-        "Fix or re-convert the data, or raise config.data.max_bad_fraction.")
+      f"{self.num_skipped} of {self.seen} records read from {self.source or 'the dataset'} "
+      f"were skipped as bad (more than max_bad_fraction={self.max_bad_fraction}); "
+      f"reasons {dict(self.skipped)}; {count} of them in {worst or 'the input'}"
+      f"{f' (the first of each reason: {first})' if first else ''}. "
+      "Fix or re-convert the data, or raise config.data.max_bad_fraction."
+    )
 
   def summary(self) -> dict[str, int]:
     """Flat counts for the logs: `seen`, `skipped`, `skipped/<reason>`, `fixed/<reason>`."""
@@ -169,8 +170,13 @@ class DataStats:
       self.first_skipped.setdefault(reason, where)
 
   def get_state(self) -> dict[str, Any]:
-    return {"seen": self.seen, "skipped": dict(self.skipped), "fixed": dict(self.fixed),
-            "bad_by_file": dict(self.bad_by_file), "first_skipped": dict(self.first_skipped)}
+    return {
+      "seen": self.seen,
+      "skipped": dict(self.skipped),
+      "fixed": dict(self.fixed),
+      "bad_by_file": dict(self.bad_by_file),
+      "first_skipped": dict(self.first_skipped),
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.seen = int(state["seen"])

@@ -36,6 +36,7 @@ _WRITER_OPTIONS = "group_size:1"
 @dataclasses.dataclass(frozen=True)
 class Region:
   """One described region: `box` is normalized (x1, y1, x2, y2), `score` the detector's."""
+
   description: str
   box: tuple[float, float, float, float]
   score: float
@@ -44,27 +45,33 @@ class Region:
 @dataclasses.dataclass(frozen=True)
 class Record:
   """One training image with its captions and regions."""
-  key: str               # where the image came from (its path in the source dataset)
-  image: bytes           # encoded JPEG / PNG
-  caption: str           # alt-text
+
+  key: str  # where the image came from (its path in the source dataset)
+  image: bytes  # encoded JPEG / PNG
+  caption: str  # alt-text
   mllm_caption: str = ""  # "" when the source has none
   regions: tuple[Region, ...] = ()
 
 
 def serialize(record: Record) -> bytes:
-  return msgpack.packb({
+  return msgpack.packb(
+    {
       "schema": SCHEMA_VERSION,
       "key": record.key,
       "image": record.image,
       "caption": record.caption,
       "mllm_caption": record.mllm_caption,
-      "regions": [{"description": r.description, "box": [float(v) for v in r.box],
-                   "score": float(r.score)} for r in record.regions],
-  })
+      "regions": [
+        {"description": r.description, "box": [float(v) for v in r.box], "score": float(r.score)}
+        for r in record.regions
+      ],
+    }
+  )
 
 
 class DamagedRecord(NamedTuple):
   """What `RecordSource` gives for a record whose bytes do not read: where it is and why."""
+
   path: str
   position: int  # the record's number in its shard
   error: str
@@ -87,13 +94,17 @@ def deserialize(data: bytes | DamagedRecord) -> Record:
     raise quality.BadRecordError(quality.UNREADABLE_RECORD)
   try:
     regions = tuple(
-        Region(str(r["description"]), tuple(float(v) for v in r["box"]), float(r["score"]))
-        for r in fields["regions"])
+      Region(str(r["description"]), tuple(float(v) for v in r["box"]), float(r["score"])) for r in fields["regions"]
+    )
     if any(len(r.box) != 4 for r in regions):
       raise ValueError("box without 4 coordinates")
-    return Record(key=str(fields["key"]), image=bytes(fields["image"]),
-                  caption=str(fields["caption"]), mllm_caption=str(fields["mllm_caption"] or ""),
-                  regions=regions)
+    return Record(
+      key=str(fields["key"]),
+      image=bytes(fields["image"]),
+      caption=str(fields["caption"]),
+      mllm_caption=str(fields["mllm_caption"] or ""),
+      regions=regions,
+    )
   except (KeyError, TypeError, ValueError) as e:
     raise quality.BadRecordError(quality.UNREADABLE_RECORD) from e
 
@@ -115,15 +126,16 @@ def write_shard(path: str, records: Iterable[bytes]) -> int:
   return count
 
 
-def write_manifest(out_dir: str, shards: Sequence[dict[str, Any]], source: str,
-                   skipped: dict[str, int] | None = None) -> dict[str, Any]:
+def write_manifest(
+  out_dir: str, shards: Sequence[dict[str, Any]], source: str, skipped: dict[str, int] | None = None
+) -> dict[str, Any]:
   """Writes `manifest.json` for `shards` ([{"file", "count"}], in order) and returns it."""
   manifest = {
-      "schema_version": SCHEMA_VERSION,
-      "source": source,
-      "count": int(sum(s["count"] for s in shards)),
-      "shards": list(shards),
-      "skipped": dict(skipped or {}),
+    "schema_version": SCHEMA_VERSION,
+    "source": source,
+    "count": int(sum(s["count"] for s in shards)),
+    "shards": list(shards),
+    "skipped": dict(skipped or {}),
   }
   write_json(os.path.join(out_dir, MANIFEST), manifest)
   return manifest
@@ -137,8 +149,7 @@ def write_json(path: str, value: Any) -> None:
   os.replace(tmp, path)
 
 
-def write_dataset(out_dir: str, records: Iterable[Record], source: str,
-                  shard_size: int = 2048) -> dict[str, Any]:
+def write_dataset(out_dir: str, records: Iterable[Record], source: str, shard_size: int = 2048) -> dict[str, Any]:
   """Serializes `records` into shards of `shard_size` plus a manifest; returns the manifest."""
   os.makedirs(out_dir, exist_ok=True)
   shards, pending = [], []
@@ -161,8 +172,10 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   """Reads and validates `data_dir/manifest.json`; errors name the file and what is wrong."""
   path = os.path.join(data_dir, MANIFEST)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: {data_dir} is not a grain-jax record "
-                            "dataset (write one with python -m grain_jax.data.convert)")
+    raise FileNotFoundError(
+      f"{path} does not exist: {data_dir} is not a grain-jax record "
+      "dataset (write one with python -m grain_jax.data.convert)"
+    )
   redo = "Convert the data again (python -m grain_jax.data.convert) or restore the file."
   try:
     with open(path) as f:
@@ -171,11 +184,13 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     raise BadFileError(f"{path} is not valid JSON ({error}). {redo}") from None
   version = manifest.get("schema_version") if isinstance(manifest, dict) else None
   if version != SCHEMA_VERSION:
-    raise BadFileError(f"{path} has record schema version {version!r}; this code reads version "
-                       f"{SCHEMA_VERSION}. {redo}")
+    raise BadFileError(
+      f"{path} has record schema version {version!r}; this code reads version {SCHEMA_VERSION}. {redo}"
+    )
   shards = manifest.get("shards")
   if not isinstance(shards, list) or not all(
-      isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards):
+    isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("count"), int) for s in shards
+  ):
     raise BadFileError(f'{path}: "shards" must be a list of {{"file": name, "count": records}}. {redo}')
   for shard in shards:
     if not os.path.exists(os.path.join(data_dir, shard["file"])):
@@ -214,8 +229,10 @@ def data_source(data_dir: str, manifest: dict[str, Any]) -> RecordSource:
       try:
         grain.sources.ArrayRecordDataSource([path])
       except RuntimeError as error:
-        raise BadFileError(f"{path} is not a readable ArrayRecord file ({error}). Convert the data again "
-                           "(python -m grain_jax.data.convert) or restore the file.") from None
+        raise BadFileError(
+          f"{path} is not a readable ArrayRecord file ({error}). Convert the data again "
+          "(python -m grain_jax.data.convert) or restore the file."
+        ) from None
     raise
 
 

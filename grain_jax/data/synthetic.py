@@ -31,16 +31,42 @@ from grain_jax.data import synthetic_scenes as scenes
 
 PARAMS = "synthetic.json"
 _SPLIT_CODES = {"train": 0, "attributes": 1, "novel": 2, "retrieval": 3, "grounding": 4, "probe": 5}
-_SYLLABLES = ("zor", "blat", "quen", "fid", "mok", "trel", "vash", "pim", "gru", "lox", "dree",
-              "snib", "yuk", "tav", "wem", "crun")
+_SYLLABLES = (
+  "zor",
+  "blat",
+  "quen",
+  "fid",
+  "mok",
+  "trel",
+  "vash",
+  "pim",
+  "gru",
+  "lox",
+  "dree",
+  "snib",
+  "yuk",
+  "tav",
+  "wem",
+  "crun",
+)
 
 
 def default_params() -> dict[str, Any]:
   """Sizes of the demo's dataset (the `config.data.synthetic` fields)."""
-  return dict(seed=0, num_train=2048, image_size=64, image_format="png", caption_objects=1.0,
-              caption_attributes=1.0,
-              num_attribute_classes=12, num_novel_classes=8, images_per_class=10,
-              num_retrieval=100, num_grounding=100, num_probe=200)
+  return dict(
+    seed=0,
+    num_train=2048,
+    image_size=64,
+    image_format="png",
+    caption_objects=1.0,
+    caption_attributes=1.0,
+    num_attribute_classes=12,
+    num_novel_classes=8,
+    images_per_class=10,
+    num_retrieval=100,
+    num_grounding=100,
+    num_probe=200,
+  )
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -55,8 +81,7 @@ def descriptors(attributes: tuple[str, str, str]) -> list[str]:
 
 def _attribute_classes(seed: int, count: int, exclude=()) -> list[tuple[str, str, str]]:
   """`count` distinct (pattern, color, shape) combinations, not in `exclude`."""
-  combos = [c for c in itertools.product(scenes.PATTERNS, scenes.COLORS, scenes.SHAPES)
-            if c not in exclude]
+  combos = [c for c in itertools.product(scenes.PATTERNS, scenes.COLORS, scenes.SHAPES) if c not in exclude]
   order = np.random.default_rng([seed, 99]).permutation(len(combos))
   return [combos[i] for i in order[:count]]
 
@@ -72,8 +97,14 @@ def invented_names(seed: int, count: int) -> list[str]:
   return names
 
 
-def train_records(seed: int, count: int, image_size: int, image_format: str = "png",
-                  caption_objects: float = 1.0, caption_attributes: float = 1.0) -> Iterator[records.Record]:
+def train_records(
+  seed: int,
+  count: int,
+  image_size: int,
+  image_format: str = "png",
+  caption_objects: float = 1.0,
+  caption_attributes: float = 1.0,
+) -> Iterator[records.Record]:
   """Scenes of 1-4 objects with a weak alt-text, an MLLM caption and detector-like regions.
 
   The MLLM caption names `caption_objects` of the objects by `caption_attributes` of their
@@ -86,8 +117,7 @@ def train_records(seed: int, count: int, image_size: int, image_format: str = "p
     things = scenes.sample_scene(rng, int(rng.integers(1, 5)))
     pixels = scenes.render(rng, things, image_size)
     regions = tuple(records.Region(*d) for d in scenes.detections(things, rng))
-    captions = (scenes.weak_caption(things, rng),
-                scenes.rich_caption(things, rng, caption_objects, caption_attributes))
+    captions = (scenes.weak_caption(things, rng), scenes.rich_caption(things, rng, caption_objects, caption_attributes))
     yield records.Record(f"synthetic/train/{index}", encode(pixels), *captions, regions)
 
 
@@ -96,8 +126,9 @@ def _save(pixels: np.ndarray, path: str) -> None:
   Image.fromarray(pixels).save(path, compress_level=1)
 
 
-def write_image_folder(out_dir: str, split: str, classes: dict[str, tuple[str, str, str]],
-                       seed: int, images_per_class: int, image_size: int) -> None:
+def write_image_folder(
+  out_dir: str, split: str, classes: dict[str, tuple[str, str, str]], seed: int, images_per_class: int, image_size: int
+) -> None:
   """`out_dir/<class>/<i>.png` (the class's object, maybe a distractor), class list, descriptors."""
   os.makedirs(out_dir, exist_ok=True)
   for label, (name, attributes) in enumerate(classes.items()):
@@ -128,8 +159,15 @@ def write_retrieval(out_dir: str, seed: int, count: int, image_size: int) -> Non
   images = []
   for index, name, things, rng in _scenes(seed, "retrieval", count, image_size, out_dir):
     sentences = [scenes.rich_caption(things, rng) for _ in range(2)]
-    images.append({"filepath": "images", "filename": name, "imgid": index, "split": "test",
-                   "sentences": [{"raw": s, "tokens": s.split()} for s in sentences]})
+    images.append(
+      {
+        "filepath": "images",
+        "filename": name,
+        "imgid": index,
+        "split": "test",
+        "sentences": [{"raw": s, "tokens": s.split()} for s in sentences],
+      }
+    )
   with open(os.path.join(out_dir, "captions.json"), "w") as f:
     json.dump({"dataset": "synthetic", "images": images}, f)
 
@@ -151,8 +189,13 @@ def write_probe(out_dir: str, seed: int, count: int, image_size: int) -> None:
   os.makedirs(out_dir, exist_ok=True)
   images = []
   for _, name, (thing,), _ in _scenes(seed, "probe", count, image_size, out_dir, num_things=1):
-    images.append({"file": os.path.join("images", name), "box": list(thing.box),
-                   "attributes": {a: getattr(thing, a) for a in scenes.ATTRIBUTES}})
+    images.append(
+      {
+        "file": os.path.join("images", name),
+        "box": list(thing.box),
+        "attributes": {a: getattr(thing, a) for a in scenes.ATTRIBUTES},
+      }
+    )
   with open(os.path.join(out_dir, "probe.json"), "w") as f:
     json.dump({"images": images}, f)
 
@@ -171,15 +214,16 @@ def generate(out_dir: str, **params: Any) -> dict[str, str]:
   paths = {split: os.path.join(out_dir, split) for split in _SPLIT_CODES}
   for path in paths.values():
     shutil.rmtree(path, ignore_errors=True)
-  train = train_records(seed, p["num_train"], size, p["image_format"], p["caption_objects"],
-                        p["caption_attributes"])
+  train = train_records(seed, p["num_train"], size, p["image_format"], p["caption_objects"], p["caption_attributes"])
   records.write_dataset(paths["train"], train, source=f"synthetic seed={seed}")
   attributes = _attribute_classes(seed, p["num_attribute_classes"])
-  write_image_folder(paths["attributes"], "attributes", {" ".join(a): a for a in attributes},
-                     seed, p["images_per_class"], size)
+  write_image_folder(
+    paths["attributes"], "attributes", {" ".join(a): a for a in attributes}, seed, p["images_per_class"], size
+  )
   novel = _attribute_classes(seed + 1, p["num_novel_classes"])
-  write_image_folder(paths["novel"], "novel", dict(zip(invented_names(seed, len(novel)), novel)),
-                     seed, p["images_per_class"], size)
+  write_image_folder(
+    paths["novel"], "novel", dict(zip(invented_names(seed, len(novel)), novel)), seed, p["images_per_class"], size
+  )
   write_retrieval(paths["retrieval"], seed, p["num_retrieval"], size)
   write_grounding(paths["grounding"], seed, p["num_grounding"], size)
   write_probe(paths["probe"], seed, p["num_probe"], size)
@@ -198,8 +242,9 @@ def for_config(config, workdir: str) -> dict[str, str]:
   out_dir = config.data.synthetic_dir or os.path.join(workdir, "synthetic")
   if errors.is_url(out_dir):
     raise errors.RemotePathError(
-        f"the built-in synthetic data would be written to {out_dir}, but its ArrayRecord shards are read by Grain "
-        "from local paths only: with a gs:// --workdir, set config.data.synthetic_dir to a local folder")
+      f"the built-in synthetic data would be written to {out_dir}, but its ArrayRecord shards are read by Grain "
+      "from local paths only: with a gs:// --workdir, set config.data.synthetic_dir to a local folder"
+    )
   if jax.process_count() > 1:
     out_dir = os.path.join(out_dir, f"process{jax.process_index()}")
   return ensure(out_dir, **config.data.synthetic)

@@ -14,9 +14,14 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 COLORS = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 80, 230), "yellow": (245, 215, 30),
-    "purple": (150, 50, 200), "orange": (250, 130, 20), "white": (245, 245, 245),
-    "black": (15, 15, 15),
+  "red": (220, 30, 30),
+  "green": (30, 170, 50),
+  "blue": (40, 80, 230),
+  "yellow": (245, 215, 30),
+  "purple": (150, 50, 200),
+  "orange": (250, 130, 20),
+  "white": (245, 245, 245),
+  "black": (15, 15, 15),
 }
 PATTERNS = ("solid", "striped", "dotted")
 ATTRIBUTES = ("size", "pattern", "color", "shape")  # in the order a description names them
@@ -27,6 +32,7 @@ _DARK = ("blue", "purple", "black", "red", "green")
 @dataclasses.dataclass(frozen=True)
 class Thing:
   """One object: attributes and its exact box, normalized (x1, y1, x2, y2)."""
+
   shape: str
   color: str
   pattern: str
@@ -56,8 +62,9 @@ def sample_box(rng: np.random.Generator, size: str) -> tuple[float, float, float
   return (float(x1), float(y1), float(x1 + side), float(y1 + side))
 
 
-def sample_scene(rng: np.random.Generator, num_things: int, max_overlap: float = 0.25,
-                 attributes: tuple[str, str, str] | None = None) -> list[Thing]:
+def sample_scene(
+  rng: np.random.Generator, num_things: int, max_overlap: float = 0.25, attributes: tuple[str, str, str] | None = None
+) -> list[Thing]:
   """`num_things` objects with distinct descriptions, overlapping (occluding) at most a little.
 
   `attributes` = (pattern, color, shape) fixes those of the first object (eval splits).
@@ -66,13 +73,13 @@ def sample_scene(rng: np.random.Generator, num_things: int, max_overlap: float =
   for _ in range(50 * num_things):
     if len(things) == num_things:
       break
-    pattern, color, shape = (attributes if attributes and not things else
-                             (rng.choice(PATTERNS), rng.choice(list(COLORS)), rng.choice(SHAPES)))
+    pattern, color, shape = (
+      attributes if attributes and not things else (rng.choice(PATTERNS), rng.choice(list(COLORS)), rng.choice(SHAPES))
+    )
     size = str(rng.choice(list(SIZES)))
     box = sample_box(rng, size)
     thing = Thing(str(shape), str(color), str(pattern), size, box)
-    if all(t.description != thing.description and _iou(t.box, box) <= max_overlap
-           for t in things):
+    if all(t.description != thing.description and _iou(t.box, box) <= max_overlap for t in things):
       things.append(thing)
   return things
 
@@ -95,8 +102,20 @@ def _shape_polygon(shape: str, box: np.ndarray) -> list[tuple[float, float]] | N
     return list(zip(cx + rx * radius * np.cos(angles), cy + ry * radius * np.sin(angles)))
   t = 0.3  # cross: arms 40% of the side wide
   a, b = (x1 + t * 2 * rx, x2 - t * 2 * rx), (y1 + t * 2 * ry, y2 - t * 2 * ry)
-  return [(a[0], y1), (a[1], y1), (a[1], b[0]), (x2, b[0]), (x2, b[1]), (a[1], b[1]),
-          (a[1], y2), (a[0], y2), (a[0], b[1]), (x1, b[1]), (x1, b[0]), (a[0], b[0])]
+  return [
+    (a[0], y1),
+    (a[1], y1),
+    (a[1], b[0]),
+    (x2, b[0]),
+    (x2, b[1]),
+    (a[1], b[1]),
+    (a[1], y2),
+    (a[0], y2),
+    (a[0], b[1]),
+    (x1, b[1]),
+    (x1, b[0]),
+    (a[0], b[0]),
+  ]
 
 
 def _pattern_mask(pattern: str, size: int) -> np.ndarray:
@@ -165,30 +184,44 @@ def mention(thing: Thing, named) -> str:
   return " ".join(["a", *words, thing.shape if "shape" in named else "shape"])
 
 
-def rich_caption(things: list[Thing], rng: np.random.Generator, object_share: float = 1.0,
-                 attribute_share: float = 1.0) -> str:
+def rich_caption(
+  things: list[Thing], rng: np.random.Generator, object_share: float = 1.0, attribute_share: float = 1.0
+) -> str:
   """What an MLLM would say, in a random order: ceil(object_share x objects) of the objects, each by
   ceil(attribute_share x 4) of its attributes: what it is (its shape) first, then adjectives drawn at
   random. By default every object with all its attributes, drawing nothing beyond the order."""
-  order = rng.permutation(len(things))[:math.ceil(object_share * len(things))]
+  order = rng.permutation(len(things))[: math.ceil(object_share * len(things))]
   count = math.ceil(attribute_share * len(ATTRIBUTES))
   adjectives = ATTRIBUTES[:-1]
-  parts = [mention(things[i], ATTRIBUTES if count >= len(ATTRIBUTES) else
-                   {"shape", *rng.choice(adjectives, count - 1, replace=False)} if count else ())
-           for i in order]
+  parts = [
+    mention(
+      things[i],
+      ATTRIBUTES
+      if count >= len(ATTRIBUTES)
+      else {"shape", *rng.choice(adjectives, count - 1, replace=False)}
+      if count
+      else (),
+    )
+    for i in order
+  ]
   return (_join(parts) if parts else "some shapes") + " on a gray background"
 
 
 def weak_caption(things: list[Thing], rng: np.random.Generator) -> str:
   """Alt-text-like: noisy, mentions one attribute of one object or just the count."""
   thing = things[rng.integers(len(things))]
-  templates = (f"a picture with {len(things)} shapes", f"{thing.color} stuff",
-               f"a {thing.shape} and more", f"clip art, {thing.pattern} {thing.shape}")
+  templates = (
+    f"a picture with {len(things)} shapes",
+    f"{thing.color} stuff",
+    f"a {thing.shape} and more",
+    f"clip art, {thing.pattern} {thing.shape}",
+  )
   return templates[rng.integers(len(templates))]
 
 
-def detections(things: list[Thing], rng: np.random.Generator, miss_prob: float = 0.1,
-               jitter: float = 0.02) -> list[tuple[str, tuple[float, ...], float]]:
+def detections(
+  things: list[Thing], rng: np.random.Generator, miss_prob: float = 0.1, jitter: float = 0.02
+) -> list[tuple[str, tuple[float, ...], float]]:
   """Detector-like regions: (description, jittered box, score); misses some objects."""
   out = []
   for thing in things:

@@ -85,8 +85,13 @@ def _pack_group(lengths: np.ndarray, row_length: int):
   return rows, placed
 
 
-def pack_batch(batch: dict[str, np.ndarray], groups: int, row_length: int, with_descriptions: bool = True,
-               agree_rows: Callable[[int], int] | None = None) -> dict[str, np.ndarray]:
+def pack_batch(
+  batch: dict[str, np.ndarray],
+  groups: int,
+  row_length: int,
+  with_descriptions: bool = True,
+  agree_rows: Callable[[int], int] | None = None,
+) -> dict[str, np.ndarray]:
   """Replaces `caption_ids [b, L]` and `desc_ids [b, k, L]` of a host batch by the packed texts of
   its `groups` groups of `b / groups` examples (see the module docstring).
 
@@ -100,15 +105,26 @@ def pack_batch(batch: dict[str, np.ndarray], groups: int, row_length: int, with_
     raise ValueError(f"a batch of {size} examples does not split into {groups} groups of equal size")
   per_group = size // groups
   # Captions at least one token: an all-zero row reads its embedding at position 0, as unpacked.
-  lengths = np.concatenate([np.maximum(text_lengths(captions), 1).reshape(groups, per_group),
-                            np.where(valid & with_descriptions, np.maximum(text_lengths(descriptions), 1), 0)
-                            .reshape(groups, per_group * slots)], axis=1)
+  lengths = np.concatenate(
+    [
+      np.maximum(text_lengths(captions), 1).reshape(groups, per_group),
+      np.where(valid & with_descriptions, np.maximum(text_lengths(descriptions), 1), 0).reshape(
+        groups, per_group * slots
+      ),
+    ],
+    axis=1,
+  )
   if lengths.max() > row_length:
     raise ValueError(f"a text of {lengths.max()} tokens does not fit rows of {row_length}")
   fit = lambda x: np.pad(x[..., :row_length], [(0, 0)] * (x.ndim - 1) + [(0, max(0, row_length - x.shape[-1]))])
   # [G, n, P]: each group's captions, then its descriptions, n = per_group * (1 + k).
-  ids = np.concatenate([fit(captions).reshape(groups, per_group, row_length),
-                        fit(descriptions).reshape(groups, per_group * slots, row_length)], axis=1)
+  ids = np.concatenate(
+    [
+      fit(captions).reshape(groups, per_group, row_length),
+      fit(descriptions).reshape(groups, per_group * slots, row_length),
+    ],
+    axis=1,
+  )
   packs = [_pack_group(group_lengths, row_length) for group_lengths in lengths]
   num_rows = padded_rows(max(len(rows.used) for rows, _ in packs))
   if agree_rows is not None:
@@ -133,7 +149,17 @@ def pack_batch(batch: dict[str, np.ndarray], groups: int, row_length: int, with_
   slot = np.zeros((groups, per_group * (1 + slots)), np.int32)
   slot[group, index] = row * TEXTS_PER_ROW + segment
   packed = {key: value for key, value in batch.items() if key not in ("caption_ids", "desc_ids")}
-  packed.update(zip(PACKED_KEYS, (tokens.reshape(-1, row_length), segments.reshape(-1, row_length),
-                                  positions.reshape(-1, row_length), eot.reshape(-1, TEXTS_PER_ROW),
-                                  slot[:, :per_group].reshape(size), slot[:, per_group:].reshape(size, slots))))
+  packed.update(
+    zip(
+      PACKED_KEYS,
+      (
+        tokens.reshape(-1, row_length),
+        segments.reshape(-1, row_length),
+        positions.reshape(-1, row_length),
+        eot.reshape(-1, TEXTS_PER_ROW),
+        slot[:, :per_group].reshape(size),
+        slot[:, per_group:].reshape(size, slots),
+      ),
+    )
+  )
   return packed

@@ -87,7 +87,7 @@ class Tokenizer:
         raw = f.read()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     # Line 0 is a version header.
-    merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
       raise ValueError(f"{vocab_path or VOCAB_FILE}: expected {NUM_MERGES} merge lines of two symbols")
 
@@ -185,7 +185,7 @@ class Tokenizer:
       if len(tokens) > context_length:
         tokens = tokens[:context_length]
         tokens[-1] = EOT_ID
-      result[row, :len(tokens)] = tokens
+      result[row, : len(tokens)] = tokens
     return result
 
 

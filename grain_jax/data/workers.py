@@ -30,5 +30,4 @@ def init_worker(worker_index: int, worker_count: int) -> None:
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True,
-                   name="exit_when_orphaned").start()
+  threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="exit_when_orphaned").start()

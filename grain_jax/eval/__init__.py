@@ -1,6 +1,6 @@
 """Evaluation: zero-shot classification with descriptions, retrieval and grounding.
 
-  from grain_jax.eval import classify, ground, run_evaluation
+from grain_jax.eval import classify, ground, run_evaluation
 """
 
 from grain_jax.eval.grounding import ground

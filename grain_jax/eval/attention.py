@@ -24,9 +24,7 @@ from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
 from grain_jax import files
-from grain_jax.eval import datasets
-from grain_jax.eval import grounding
-from grain_jax.eval import pictures
+from grain_jax.eval import datasets, grounding, pictures
 from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row, scored_compared, scored_rows
 from grain_jax.eval.runner import Runner, image_embeddings, model_image_size, spread
 from grain_jax.ops import boxes as box_ops
@@ -52,7 +50,7 @@ def inside(boxes: np.ndarray, grid: int) -> np.ndarray:
   centre lies inside the box."""
   centres = (np.arange(grid) + 0.5) / grid
   x1, y1, x2, y2 = np.moveaxis(np.asarray(box_ops.cxcywh_to_xyxy(np.asarray(boxes, np.float32))), -1, 0)
-  rows = (centres >= y1[..., None]) & (centres <= y2[..., None])     # [..., grid]
+  rows = (centres >= y1[..., None]) & (centres <= y2[..., None])  # [..., grid]
   columns = (centres >= x1[..., None]) & (centres <= x2[..., None])  # [..., grid]
   return (rows[..., :, None] & columns[..., None, :]).reshape(*rows.shape[:-1], grid * grid)
 
@@ -62,8 +60,11 @@ def map_scores(maps: np.ndarray, target: np.ndarray) -> dict[str, float]:
   uniform map scores on both ("uniform": the mean share of target patches)."""
   peak = maps.argmax(axis=-1)
   share = target.mean(axis=-1)
-  return {"pointing": 100 * float(target[np.arange(len(maps)), peak].mean()),
-          "mass": 100 * float((maps * target).sum(axis=-1).mean()), "uniform": 100 * float(share.mean())}
+  return {
+    "pointing": 100 * float(target[np.arange(len(maps)), peak].mean()),
+    "mass": 100 * float((maps * target).sum(axis=-1).mean()),
+    "uniform": 100 * float(share.mean()),
+  }
 
 
 def _picture(image, boxes: np.ndarray, phrases, attention: np.ndarray, title: str, path: str, size: int = 384) -> str:
@@ -105,10 +106,10 @@ class AttentionMaps(Evaluator):
     beside the global map)."""
     data = self.data
     outputs = runner.map_images(_maps, model, data.source, model_image_size(model))
-    maps = outputs["maps"]                         # [N, R, P]
+    maps = outputs["maps"]  # [N, R, P]
     grid = int(round(np.sqrt(maps.shape[-1])))
     union = np.stack([inside(b, grid).any(axis=0) for b in data.boxes])  # [N, P]
-    global_maps = maps[:, -1]                      # GRAIN's image query is its last row; CLIP has one row
+    global_maps = maps[:, -1]  # GRAIN's image query is its last row; CLIP has one row
     scores = {"global": map_scores(global_maps, union)}
     if model.kind == "grain":
       phrase_image = np.repeat(np.arange(len(data.phrases)), [len(p) for p in data.phrases])
@@ -119,16 +120,36 @@ class AttentionMaps(Evaluator):
     title = "where the image query reads" if model.kind == "grain" else "where CLS reads"
     picture_dir = self.context.picture_dir(self.section, self.name)
     num_pictures = min(self.context.config.eval.num_pictures, len(data.phrases)) if picture_dir else 0
-    drawn = [_picture(data.source[i]["image"], data.boxes[i], data.phrases[i], global_maps[i], title,
-                      os.path.join(picture_dir, f"attention_{i}.png"))
-             for i in range(num_pictures)]
+    drawn = [
+      _picture(
+        data.source[i]["image"],
+        data.boxes[i],
+        data.phrases[i],
+        global_maps[i],
+        title,
+        os.path.join(picture_dir, f"attention_{i}.png"),
+      )
+      for i in range(num_pictures)
+    ]
     target = {"global": "true boxes", "chosen query": "own box"}
-    rows = {f"attention {key} in {target[which]} ({which})": values[key]
-            for which, values in scores.items() for key in ("pointing", "mass")}
-    uniform = {f"attention {key} in {target[which]} ({which})": values["uniform"]
-               for which, values in scores.items() for key in ("pointing", "mass")}
-    return {"rows": rows, "no_skill": uniform, "grid": grid, "num_images": len(data.source),
-            "num_phrases": int(sum(len(p) for p in data.phrases)), "pictures": drawn}
+    rows = {
+      f"attention {key} in {target[which]} ({which})": values[key]
+      for which, values in scores.items()
+      for key in ("pointing", "mass")
+    }
+    uniform = {
+      f"attention {key} in {target[which]} ({which})": values["uniform"]
+      for which, values in scores.items()
+      for key in ("pointing", "mass")
+    }
+    return {
+      "rows": rows,
+      "no_skill": uniform,
+      "grid": grid,
+      "num_images": len(data.source),
+      "num_phrases": int(sum(len(p) for p in data.phrases)),
+      "pictures": drawn,
+    }
 
   @staticmethod
   def table_rows(results: dict) -> list[Row]:

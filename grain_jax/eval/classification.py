@@ -11,10 +11,8 @@ import logging
 
 import numpy as np
 
-from grain_jax.eval import datasets
+from grain_jax.eval import datasets, prompts, zeroshot
 from grain_jax.eval import heads as heads_lib
-from grain_jax.eval import prompts
-from grain_jax.eval import zeroshot
 from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row
 from grain_jax.eval.runner import Runner, Subset, model_image_size, spread
 
@@ -33,26 +31,56 @@ class Classification(Evaluator):
     self.name, self.context = self.dataset.name, context
     if self.dataset.alignment in ("mixed", "partial"):
       hows = collections.Counter(p["how"] for p in self.dataset.descriptors["pairing"])
-      logging.warning("%s: descriptors paired with classes %s (results.json lists each class's pairing)",
-                      self.name, ", ".join(f"{n} by {how}" for how, n in hows.items()))
+      logging.warning(
+        "%s: descriptors paired with classes %s (results.json lists each class's pairing)",
+        self.name,
+        ", ".join(f"{n} by {how}" for how, n in hows.items()),
+      )
     data = self.dataset.data
     self.source = Subset(data.source, spread(len(data.source), context.config.eval.max_examples))
 
   def run(self, model, runner: Runner) -> dict:
     data, cfg, settings = self.dataset.data, self.context.config.eval, self.context.settings
-    runnable = [head for head in settings["heads"]
-                if (data.descriptors or not heads_lib.needs_descriptors(head))
-                and (model.kind == "grain" or not heads_lib.needs_regions(head))]
-    texts = zeroshot.texts_for_heads(model, runner, runnable, data.class_names, data.descriptors,
-                                     prompts.templates(settings["templates"]), renormalize=settings["renormalize"],
-                                     whole_words=cfg.whole_word_connectives, cache=self.context.text_cache)
-    metrics = zeroshot.evaluate(model, runner, self.source, model_image_size(model), texts, runnable,
-                                data.class_names, settings["alpha"], cfg.num_confusions)
+    runnable = [
+      head
+      for head in settings["heads"]
+      if (data.descriptors or not heads_lib.needs_descriptors(head))
+      and (model.kind == "grain" or not heads_lib.needs_regions(head))
+    ]
+    texts = zeroshot.texts_for_heads(
+      model,
+      runner,
+      runnable,
+      data.class_names,
+      data.descriptors,
+      prompts.templates(settings["templates"]),
+      renormalize=settings["renormalize"],
+      whole_words=cfg.whole_word_connectives,
+      cache=self.context.text_cache,
+    )
+    metrics = zeroshot.evaluate(
+      model,
+      runner,
+      self.source,
+      model_image_size(model),
+      texts,
+      runnable,
+      data.class_names,
+      settings["alpha"],
+      cfg.num_confusions,
+    )
     undescribed = [c for c in data.class_names if not data.descriptors.get(c)] if data.descriptors else []
-    return {"name": self.name, "in_average": self.dataset.in_average, "alignment": self.dataset.alignment,
-            "num_classes": len(data.class_names), "num_examples": len(self.source),
-            "chance_top1": 100 / len(data.class_names), "classes_without_descriptors": undescribed,
-            "descriptors": self.dataset.descriptors, "heads": metrics}
+    return {
+      "name": self.name,
+      "in_average": self.dataset.in_average,
+      "alignment": self.dataset.alignment,
+      "num_classes": len(data.class_names),
+      "num_examples": len(self.source),
+      "chance_top1": 100 / len(data.class_names),
+      "classes_without_descriptors": undescribed,
+      "descriptors": self.dataset.descriptors,
+      "heads": metrics,
+    }
 
   @staticmethod
   def table_rows(results: dict) -> list[Row]:
@@ -65,17 +93,22 @@ class Classification(Evaluator):
       rows.append(Row(name, "top1 chance", f"{result['chance_top1']:.2f}"))
     average = results.get("classification_average")
     for head, value in (average or {}).get("top1", {}).items():
-      label = (f"paper mean of {average['of']}" if head in average["paper_metric"] else
-               f"partial mean ({len(average['covers'][head])} of {average['of']})")
+      label = (
+        f"paper mean of {average['of']}"
+        if head in average["paper_metric"]
+        else f"partial mean ({len(average['covers'][head])} of {average['of']})"
+      )
       rows.append(Row(label, f"top1 {head}", f"{value:.2f}"))
     return rows
 
   @staticmethod
   def compared(results: dict) -> list[Compared]:
     """Top-1 per set and head, the paper's head first (no skill: chance)."""
-    return [Compared(f"{name} top-1 ({head})", result["heads"][head]["top1"], result["chance_top1"])
-            for name, result in results["classification"].items()
-            for head in sorted(result["heads"], key=_head_rank)]
+    return [
+      Compared(f"{name} top-1 ({head})", result["heads"][head]["top1"], result["chance_top1"])
+      for name, result in results["classification"].items()
+      for head in sorted(result["heads"], key=_head_rank)
+    ]
 
 
 def _head_rank(head: str) -> tuple:
@@ -100,7 +133,12 @@ def average(classification: dict) -> dict:
   top1 = {h: float(np.mean([r["heads"][h]["top1"] for r in members if counted(r, h)])) for h in heads if covers[h]}
   evaluated = {datasets.paper_set(r["name"]) for r in members}
   paper = set(datasets.PAPER_AVERAGE)
-  return {"datasets": [r["name"] for r in members], "of": len(datasets.PAPER_AVERAGE),
-          "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated], "covers": covers, "top1": top1,
-          "partially_paired": partial,
-          "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= paper]}
+  return {
+    "datasets": [r["name"] for r in members],
+    "of": len(datasets.PAPER_AVERAGE),
+    "missing": [n for n in datasets.PAPER_AVERAGE if n not in evaluated],
+    "covers": covers,
+    "top1": top1,
+    "partially_paired": partial,
+    "paper_metric": [h for h in heads if {datasets.paper_set(n) for n in covers[h]} >= paper],
+  }

@@ -42,15 +42,16 @@ from grain_jax.eval import sets
 @dataclasses.dataclass(frozen=True)
 class TfdsDataset:
   """A tfds classification set: its tfds name, eval split and descriptor file."""
+
   tfds_name: str
   split: str
-  descriptors_file: str      # the Menon & Vondrick release's name for it
-  in_average: bool = True    # one of the paper's 11 datasets
+  descriptors_file: str  # the Menon & Vondrick release's name for it
+  in_average: bool = True  # one of the paper's 11 datasets
   readable_labels: bool = True  # False: tfds labels are ids; class names come from the descriptors
-  class_list: str = ""       # grain_jax/eval/class_lists/<this>: names in label order, for sets
-                             # whose tfds label names are only known once prepared
+  class_list: str = ""  # grain_jax/eval/class_lists/<this>: names in label order, for sets
+  # whose tfds label names are only known once prepared
   drop_classes: tuple[str, ...] = ()  # tfds label names left out, with their images
-  reader: str = "tfds"       # "places365_full": torchvision's download in config.eval.places365_dir
+  reader: str = "tfds"  # "places365_full": torchvision's download in config.eval.places365_dir
   # For id labels, where the classes' names are known, to check a descriptor file's order: the
   # feature of each example naming its class, or ImageNet's wnids in tfds's order.
   example_names: str = ""
@@ -58,36 +59,40 @@ class TfdsDataset:
 
 
 TFDS_DATASETS = {
-    "cifar10": TfdsDataset("cifar10", "test", "descriptors_cifar10.json", class_list="cifar10.txt"),
-    "cifar100": TfdsDataset("cifar100", "test", "descriptors_cifar100.json", class_list="cifar100.txt"),
-    "sun397": TfdsDataset("sun397", "test", "descriptors_sun.json"),
-    "cars": TfdsDataset("cars196", "test", "descriptors_cars.json"),
-    "dtd": TfdsDataset("dtd", "test", "descriptors_dtd.json"),
-    "pets": TfdsDataset("oxford_iiit_pet", "test", "descriptors_pets.json"),
-    # The authors read Caltech-101 through torchvision: all 8,677 images of the 101 object classes.
-    # tfds splits the same images into train and test and adds the 467 of "background_google".
-    "caltech101": TfdsDataset("caltech101", "train+test", "descriptors_caltech.json",
-                              drop_classes=("background_google",)),
-    "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
-    "cub": TfdsDataset("caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False,
-                       example_names="label_name"),
-    "places365": TfdsDataset("places365_small", "validation", "descriptors_places365.json"),
-    "food101": TfdsDataset("food101", "validation", "descriptors_food101.json"),
-    "imagenet": TfdsDataset("imagenet2012", "validation", "descriptors_imagenet.json", in_average=False,
-                            readable_labels=False, wnid_labels=True),
-    "imagenet_v2": TfdsDataset("imagenet_v2", "test", "descriptors_imagenet.json", in_average=False,
-                               readable_labels=False, wnid_labels=True),
-    "eurosat": TfdsDataset("eurosat/rgb", "train", "descriptors_eurosat.json", in_average=False),
+  "cifar10": TfdsDataset("cifar10", "test", "descriptors_cifar10.json", class_list="cifar10.txt"),
+  "cifar100": TfdsDataset("cifar100", "test", "descriptors_cifar100.json", class_list="cifar100.txt"),
+  "sun397": TfdsDataset("sun397", "test", "descriptors_sun.json"),
+  "cars": TfdsDataset("cars196", "test", "descriptors_cars.json"),
+  "dtd": TfdsDataset("dtd", "test", "descriptors_dtd.json"),
+  "pets": TfdsDataset("oxford_iiit_pet", "test", "descriptors_pets.json"),
+  # The authors read Caltech-101 through torchvision: all 8,677 images of the 101 object classes.
+  # tfds splits the same images into train and test and adds the 467 of "background_google".
+  "caltech101": TfdsDataset(
+    "caltech101", "train+test", "descriptors_caltech.json", drop_classes=("background_google",)
+  ),
+  "flowers102": TfdsDataset("oxford_flowers102", "test", "descriptors_flowers.json"),
+  "cub": TfdsDataset(
+    "caltech_birds2011", "test", "descriptors_cub.json", readable_labels=False, example_names="label_name"
+  ),
+  "places365": TfdsDataset("places365_small", "validation", "descriptors_places365.json"),
+  "food101": TfdsDataset("food101", "validation", "descriptors_food101.json"),
+  "imagenet": TfdsDataset(
+    "imagenet2012", "validation", "descriptors_imagenet.json", in_average=False, readable_labels=False, wnid_labels=True
+  ),
+  "imagenet_v2": TfdsDataset(
+    "imagenet_v2", "test", "descriptors_imagenet.json", in_average=False, readable_labels=False, wnid_labels=True
+  ),
+  "eurosat": TfdsDataset("eurosat/rgb", "train", "descriptors_eurosat.json", in_average=False),
 }
 PAPER_AVERAGE = tuple(name for name, d in TFDS_DATASETS.items() if d.in_average)
 # Other protocols of a registry set, entries "NAME:VARIANT" evaluated in its place (and counted as it
 # in the paper's mean).
 VARIANTS = {
-    # Every image, as torchvision's SUN397 (the authors'): tfds's three random splits joined, 108,752
-    # images (torchvision's 108,754 less the two tfds's builder skips).
-    "sun397:all": dataclasses.replace(TFDS_DATASETS["sun397"], split="train+validation+test"),
-    # The full-size validation images (the authors'): tfds has only the 256x256 ones.
-    "places365:full": dataclasses.replace(TFDS_DATASETS["places365"], reader="places365_full"),
+  # Every image, as torchvision's SUN397 (the authors'): tfds's three random splits joined, 108,752
+  # images (torchvision's 108,754 less the two tfds's builder skips).
+  "sun397:all": dataclasses.replace(TFDS_DATASETS["sun397"], split="train+validation+test"),
+  # The full-size validation images (the authors'): tfds has only the 256x256 ones.
+  "places365:full": dataclasses.replace(TFDS_DATASETS["places365"], reader="places365_full"),
 }
 # The paper's 11 as the authors evaluate them.
 AUTHORS_PAPER_SETS = tuple({"sun397": "sun397:all", "places365": "places365:full"}.get(n, n) for n in PAPER_AVERAGE)
@@ -127,12 +132,13 @@ def _read_json(path: str) -> dict:
 @dataclasses.dataclass
 class Classification:
   """A resolved classification entry."""
+
   name: str
   data: sets.ClassificationSet  # class_names / descriptors already paired
-  alignment: str                      # how descriptors met class names ("none" without any; see
-                                      # descriptors.summary)
+  alignment: str  # how descriptors met class names ("none" without any; see
+  # descriptors.summary)
   in_average: bool = False
-  descriptors: dict | None = None     # descriptors.record() of a tfds set's file, None without one
+  descriptors: dict | None = None  # descriptors.record() of a tfds set's file, None without one
 
 
 def registry_class_names(name: str, label_names=None) -> list[str]:
@@ -142,6 +148,7 @@ def registry_class_names(name: str, label_names=None) -> list[str]:
   spec = spec_of(name)
   if label_names is None:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
     label_names = tfds.builder(spec.tfds_name).info.features["label"].names
   label_names = [n for n in label_names if n not in spec.drop_classes]
   if not spec.class_list:
@@ -190,8 +197,14 @@ def check_id_file(path: str, keys: list[str], num_classes: int, known: list[list
     raise type(error)(f"{path}: {error}") from None
 
 
-def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels_are_ids: bool = False,
-                      in_average: bool = False, known: list[list[str]] | None = None) -> Classification:
+def _with_descriptors(
+  name: str,
+  data: sets.ClassificationSet,
+  path: str,
+  labels_are_ids: bool = False,
+  in_average: bool = False,
+  known: list[list[str]] | None = None,
+) -> Classification:
   """Set `name` with the descriptor file at `path` paired with its classes (descriptors.pair; with id
   labels in the order the classes' `known` names give, when known) and recorded (descriptors.record),
   or by class names only when there is no file there (logged)."""
@@ -205,12 +218,12 @@ def _with_descriptors(name: str, data: sets.ClassificationSet, path: str, labels
   names = descriptor_files.prompt_names(pairs)
   paired = {prompt: list(raw[p.key]) for prompt, p in zip(names, pairs) if p.key is not None}
   info = descriptor_files.record(path, digest, pairs, raw)
-  return Classification(name, sets.ClassificationSet(names, paired, data.source), info["alignment"],
-                        in_average, info)
+  return Classification(name, sets.ClassificationSet(names, paired, data.source), info["alignment"], in_average, info)
 
 
-def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str = "",
-                        source=None, places365_dir: str = "") -> Classification:
+def tfds_classification(
+  name: str, tfds_data_dir: str = "", descriptors_dir: str = "", source=None, places365_dir: str = ""
+) -> Classification:
   """A registry dataset or variant, its descriptor file checked beforehand (grain_jax/config/eval_rules.py,
   `check_descriptors`); `source` replaces the `tfds.data_source` call (tests);
   `places365_dir` is torchvision's Places365 download (`places365:full`)."""
@@ -223,15 +236,17 @@ def tfds_classification(name: str, tfds_data_dir: str = "", descriptors_dir: str
     data = sets.from_tfds_source(source, drop_classes=spec.drop_classes)
   data.class_names = registry_class_names(name, data.class_names)
   known = None if spec.readable_labels else id_class_names(spec, tfds_data_dir, source)
-  return _with_descriptors(name, data, descriptors_path(name, descriptors_dir), not spec.readable_labels,
-                           spec.in_average, known)
+  return _with_descriptors(
+    name, data, descriptors_path(name, descriptors_dir), not spec.readable_labels, spec.in_average, known
+  )
 
 
 def folder_classification(root: str, name: str = "") -> Classification:
   """An image folder (sets.image_folder) with its optional root/descriptors.json; `name`
   defaults to the folder's."""
-  return _with_descriptors(name or os.path.basename(os.path.normpath(root)), sets.image_folder(root),
-                           os.path.join(root, "descriptors.json"))
+  return _with_descriptors(
+    name or os.path.basename(os.path.normpath(root)), sets.image_folder(root), os.path.join(root, "descriptors.json")
+  )
 
 
 def probe(entry: str, config, workdir: str) -> tuple[str, str]:
@@ -248,8 +263,9 @@ def classification(entry: str, config, workdir: str) -> Classification:
     return folder_classification(synthetic.for_config(config, workdir)[entry.split("/", 1)[1]], entry)
   if entry.startswith("folder:"):
     return folder_classification(entry.split(":", 1)[1])
-  return tfds_classification(entry, config.eval.tfds_data_dir, config.eval.descriptors_dir,
-                             places365_dir=config.eval.places365_dir)
+  return tfds_classification(
+    entry, config.eval.tfds_data_dir, config.eval.descriptors_dir, places365_dir=config.eval.places365_dir
+  )
 
 
 def retrieval(entry: str, config, workdir: str) -> tuple[str, sets.RetrievalSet]:
@@ -265,7 +281,8 @@ def retrieval(entry: str, config, workdir: str) -> tuple[str, sets.RetrievalSet]
 def grounding(entry: str, config, workdir: str) -> tuple[str, sets.GroundingSet]:
   """Resolves one `config.eval.grounding` entry to (name, set)."""
   if entry == "synthetic":
-    return "synthetic", sets.grounding(os.path.join(synthetic.for_config(config, workdir)["grounding"],
-                                                    "grounding.json"))
+    return "synthetic", sets.grounding(
+      os.path.join(synthetic.for_config(config, workdir)["grounding"], "grounding.json")
+    )
   path = entry.partition(":")[2]
   return os.path.splitext(os.path.basename(path))[0], sets.grounding(path)

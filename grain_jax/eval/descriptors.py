@@ -50,6 +50,7 @@ def unqualified(name: str) -> str:
 class Pair:
   """One class's descriptors: its label's name, the file's key for it (None: missing), and how
   (`how`: "name", "position" or "missing", as the module doc describes)."""
+
   label_name: str
   key: str | None
   how: str
@@ -64,7 +65,8 @@ def read(path: str) -> tuple[dict[str, list[str]], str]:
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise BadFileError(f"descriptor file {path} is not JSON: {error}") from None
   if not isinstance(raw, dict) or not all(
-      isinstance(v, list) and all(isinstance(d, str) for d in v) for v in raw.values()):
+    isinstance(v, list) and all(isinstance(d, str) for d in v) for v in raw.values()
+  ):
     raise BadFileError(f"descriptor file {path} must be a JSON object {{class name: [descriptor, ...]}}")
   return raw, hashlib.sha256(content).hexdigest()
 
@@ -85,8 +87,10 @@ def pair(keys: Sequence[str], label_names: Sequence[str], labels_are_ids: bool =
   """
   if labels_are_ids:
     if len(keys) != len(label_names):
-      raise BadFileError(f"the labels are ids, so the descriptor file must have one key per class in "
-                         f"label order: it has {len(keys)} keys for {len(label_names)} classes")
+      raise BadFileError(
+        f"the labels are ids, so the descriptor file must have one key per class in "
+        f"label order: it has {len(keys)} keys for {len(label_names)} classes"
+      )
     return [Pair(name, key, "position") for name, key in zip(label_names, keys)]
   paired: dict[int, int] = {}  # label index -> key index
   for form in (normalized, unqualified):
@@ -100,9 +104,14 @@ def pair(keys: Sequence[str], label_names: Sequence[str], labels_are_ids: bool =
   by_name = set(paired)
   if len(keys) == len(label_names) and _renamed_in_place(keys, label_names, paired):
     paired.update({i: i for i in range(len(label_names)) if i not in paired})
-  return [Pair(name, keys[paired[i]] if i in paired else None,
-               "name" if i in by_name else "position" if i in paired else "missing")
-          for i, name in enumerate(label_names)]
+  return [
+    Pair(
+      name,
+      keys[paired[i]] if i in paired else None,
+      "name" if i in by_name else "position" if i in paired else "missing",
+    )
+    for i, name in enumerate(label_names)
+  ]
 
 
 def _renamed_in_place(keys: Sequence[str], label_names: Sequence[str], paired: Mapping[int, int]) -> bool:
@@ -112,8 +121,9 @@ def _renamed_in_place(keys: Sequence[str], label_names: Sequence[str], paired: M
   if any(i != j for i, j in paired.items()):
     return False
   unpaired = [i for i in range(len(label_names)) if i not in paired]
-  return not any(f" {normalized(label_names[i])} " in f" {normalized(keys[j])} "
-                 for j in unpaired for i in unpaired if i != j)
+  return not any(
+    f" {normalized(label_names[i])} " in f" {normalized(keys[j])} " for j in unpaired for i in unpaired if i != j
+  )
 
 
 def check_order(keys: Sequence[str], class_names: Sequence[Sequence[str]]) -> None:
@@ -126,12 +136,17 @@ def check_order(keys: Sequence[str], class_names: Sequence[Sequence[str]]) -> No
   forms = [{normalized(name) for name in names} for names in class_names]
   at_own = sum(normalized(key) in forms[i] for i, key in enumerate(keys))
   named = {form: i for i, names in enumerate(forms) for form in names}
-  elsewhere = [(key, i, named[normalized(key)]) for i, key in enumerate(keys)
-               if normalized(key) in named and normalized(key) not in forms[i]]
+  elsewhere = [
+    (key, i, named[normalized(key)])
+    for i, key in enumerate(keys)
+    if normalized(key) in named and normalized(key) not in forms[i]
+  ]
   if at_own == 0 or len(elsewhere) >= at_own:
     examples = "; ".join(f"key {i} {key!r} names class {j}" for key, i, j in elsewhere[:3])
-    raise BadFileError(f"its keys are not in label order: {at_own} of {len(keys)} keys name the class at their "
-                       f"position, {len(elsewhere)} name another class ({examples or 'none'})")
+    raise BadFileError(
+      f"its keys are not in label order: {at_own} of {len(keys)} keys name the class at their "
+      f"position, {len(elsewhere)} name another class ({examples or 'none'})"
+    )
 
 
 def prompt_names(pairs: Sequence[Pair]) -> list[str]:
@@ -152,6 +167,10 @@ def summary(pairs: Sequence[Pair]) -> str:
 def record(path: str, digest: str, pairs: Sequence[Pair], raw: Mapping[str, Sequence[str]]) -> dict:
   """What results.json says of a set's descriptors: the file, its sha256, each class's pairing, and
   the classes paired with an empty descriptor list (they are described by their name)."""
-  return {"file": os.path.abspath(path), "sha256": digest, "alignment": summary(pairs),
-          "pairing": [dataclasses.asdict(p) for p in pairs],
-          "empty": [p.label_name for p in pairs if p.key is not None and not raw[p.key]]}
+  return {
+    "file": os.path.abspath(path),
+    "sha256": digest,
+    "alignment": summary(pairs),
+    "pairing": [dataclasses.asdict(p) for p in pairs],
+    "empty": [p.label_name for p in pairs if p.key is not None and not raw[p.key]],
+  }

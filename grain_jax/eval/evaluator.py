@@ -22,6 +22,7 @@ from grain_jax.eval.runner import Runner
 
 class Row(NamedTuple):
   """One line of the printed table: the set, what was measured, the value as printed."""
+
   set: str
   metric: str
   cell: str
@@ -30,6 +31,7 @@ class Row(NamedTuple):
 class Compared(NamedTuple):
   """One row of a comparison of runs: its label, the value (%) and what no skill scores there (%; None
   where that is unknown)."""
+
   label: str
   value: float
   no_skill: float | None
@@ -46,6 +48,7 @@ class Context:
   text_cache: the class text embeddings of the model's text tower.
   fitted_boxes: grounding's image-blind fixed boxes, fitted once per training data folder.
   """
+
   config: ml_collections.ConfigDict
   workdir: str
   out_dir: str
@@ -62,7 +65,7 @@ class Evaluator(abc.ABC):
   """An evaluation kind: one instance per set it evaluates."""
 
   section: ClassVar[str]  # the kind's key in results.json: {section: {set name: result}}
-  name: str               # the set's name under it
+  name: str  # the set's name under it
 
   @staticmethod
   @abc.abstractmethod
@@ -90,11 +93,17 @@ class Evaluator(abc.ABC):
 
 def scored_rows(section: dict) -> list[Row]:
   """The rows of a section whose results hold {"rows": {metric: %}, "no_skill": {metric: %}}."""
-  return [Row(name, metric, f"{value:.1f} (no skill {result['no_skill'][metric]:.1f})")
-          for name, result in section.items() for metric, value in result["rows"].items()]
+  return [
+    Row(name, metric, f"{value:.1f} (no skill {result['no_skill'][metric]:.1f})")
+    for name, result in section.items()
+    for metric, value in result["rows"].items()
+  ]
 
 
 def scored_compared(section: dict) -> list[Compared]:
   """`scored_rows`' metrics as compared rows, each labelled with its set."""
-  return [Compared(f"{name} {metric}", value, result["no_skill"][metric])
-          for name, result in section.items() for metric, value in result["rows"].items()]
+  return [
+    Compared(f"{name} {metric}", value, result["no_skill"][metric])
+    for name, result in section.items()
+    for metric, value in result["rows"].items()
+  ]

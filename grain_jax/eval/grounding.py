@@ -17,13 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from grain_jax.data import examples
-from grain_jax.data import pipeline
-from grain_jax.data import quality
-from grain_jax.data import records
-from grain_jax.eval import datasets
-from grain_jax.eval import pictures
-from grain_jax.eval import sets
+from grain_jax.data import examples, pipeline, quality, records
+from grain_jax.eval import datasets, pictures, sets
 from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row
 from grain_jax.eval.runner import Runner, Subset, embed_images, eval_copy, load_images, model_image_size, spread
 from grain_jax.ops import boxes as box_ops
@@ -52,8 +47,7 @@ def _require_regions(model) -> None:
     raise ValueError("grounding needs region queries; the plain-CLIP baseline (model.kind='clip') has none")
 
 
-def ground(model, image, phrases: Sequence[str], runner: Runner | None = None,
-           picture: str = "") -> list[dict]:
+def ground(model, image, phrases: Sequence[str], runner: Runner | None = None, picture: str = "") -> list[dict]:
   """Where each phrase lands in one image.
 
   Args:
@@ -72,11 +66,14 @@ def ground(model, image, phrases: Sequence[str], runner: Runner | None = None,
   single = image[None] if isinstance(image, np.ndarray) and image.dtype == np.float32 else [image]
   regions = runner.map_image_array(embed_images, model, load_images(model, single))
   query, similarity = assign(runner.encode_texts(model, phrases), regions["region"][0])
-  placed = [{"phrase": p, "query": int(q), "box": regions["boxes"][0, q].tolist(), "score": float(s[q])}
-            for p, q, s in zip(phrases, query, similarity)]
+  placed = [
+    {"phrase": p, "query": int(q), "box": regions["boxes"][0, q].tolist(), "score": float(s[q])}
+    for p, q, s in zip(phrases, query, similarity)
+  ]
   if picture:
-    pictures.draw(image, np.array([p["box"] for p in placed]), [f"{p['phrase']} ({p['score']:.2f})" for p in placed],
-         picture)
+    pictures.draw(
+      image, np.array([p["box"] for p in placed]), [f"{p['phrase']} ({p['score']:.2f})" for p in placed], picture
+    )
   return placed
 
 
@@ -102,15 +99,20 @@ def fixed_box_baseline(fixed_boxes: np.ndarray, true_boxes: np.ndarray, iou_thre
   (`localization.fit_fixed_boxes`, best first) as "best_of_k_recall" (some box hits: the bar for the
   best query) and the first of them alone as "single_box_recall" (the bar for the chosen query)."""
   return {
-      "boxes": np.asarray(fixed_boxes).tolist(),
-      "best_of_k_recall": localization.best_of_k_recall(fixed_boxes, true_boxes, iou_threshold),
-      "single_box_recall": localization.best_of_k_recall(fixed_boxes[:1], true_boxes, iou_threshold),
+    "boxes": np.asarray(fixed_boxes).tolist(),
+    "best_of_k_recall": localization.best_of_k_recall(fixed_boxes, true_boxes, iou_threshold),
+    "single_box_recall": localization.best_of_k_recall(fixed_boxes[:1], true_boxes, iou_threshold),
   }
 
 
-def box_metrics(image_boxes: np.ndarray, phrase_image: np.ndarray, chosen_query: np.ndarray,
-                true_boxes: np.ndarray, iou_threshold: float = 0.5,
-                fixed_boxes: np.ndarray | None = None) -> dict:
+def box_metrics(
+  image_boxes: np.ndarray,
+  phrase_image: np.ndarray,
+  chosen_query: np.ndarray,
+  true_boxes: np.ndarray,
+  iou_threshold: float = 0.5,
+  fixed_boxes: np.ndarray | None = None,
+) -> dict:
   """The grounding metrics of predicted boxes (what `Grounding.run` reports, pictures aside).
 
   Args:
@@ -138,13 +140,13 @@ def box_metrics(image_boxes: np.ndarray, phrase_image: np.ndarray, chosen_query:
   ious = all_ious[np.arange(len(true_boxes)), chosen_query]
   hit, localizable = ious >= iou_threshold, all_ious.max(axis=1) >= iou_threshold
   results = {
-      "iou_threshold": iou_threshold,
-      "recall": 100 * float(hit.mean()),
-      "any_query_recall": 100 * float(localizable.mean()),
-      "mean_iou": float(ious.mean()),
-      "query_choice_accuracy": 100 * float(hit[localizable].mean()) if localizable.any() else 0.0,
-      "conditioning_ratio": float(localization.conditioning_ratio(image_boxes, true_boxes)),
-      "num_phrases": int(len(ious)),
+    "iou_threshold": iou_threshold,
+    "recall": 100 * float(hit.mean()),
+    "any_query_recall": 100 * float(localizable.mean()),
+    "mean_iou": float(ious.mean()),
+    "query_choice_accuracy": 100 * float(hit[localizable].mean()) if localizable.any() else 0.0,
+    "conditioning_ratio": float(localization.conditioning_ratio(image_boxes, true_boxes)),
+    "num_phrases": int(len(ious)),
   }
   if fixed_boxes is not None:
     results["fixed_box_baseline"] = fixed_box_baseline(fixed_boxes, true_boxes, iou_threshold)
@@ -176,9 +178,15 @@ def fitted_fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict |
       boxes = np.zeros((0, 4), np.float32)
     if not len(boxes):
       logging.warning("grounding: no fixed-box baseline, %s holds no region boxes", data_dir)
-    fitted[data_dir] = None if not len(boxes) else {
+    fitted[data_dir] = (
+      None
+      if not len(boxes)
+      else {
         "boxes": localization.fit_fixed_boxes(boxes, num_regions, cfg.iou_threshold),
-        "fitted_on_boxes": int(len(boxes)), "data_dir": data_dir}
+        "fitted_on_boxes": int(len(boxes)),
+        "data_dir": data_dir,
+      }
+    )
   return fitted[data_dir]
 
 
@@ -217,12 +225,24 @@ class Grounding(Evaluator):
       mine = np.flatnonzero(phrase_image == i)
       unchosen = np.setdiff1d(np.arange(regions["boxes"].shape[1]), query[mine])
       labels = [f"{data.phrases[i][j]} ({similarity[p, query[p]]:.2f})" for j, p in enumerate(mine)]
-      drawn.append(pictures.draw(data.source[i]["image"], regions["boxes"][i, query[mine]], labels,
-                                 os.path.join(picture_dir, f"grounding_{i}.png"), true_boxes=data.boxes[i],
-                                 true_labels=data.phrases[i], other_boxes=regions["boxes"][i, unchosen]))
+      drawn.append(
+        pictures.draw(
+          data.source[i]["image"],
+          regions["boxes"][i, query[mine]],
+          labels,
+          os.path.join(picture_dir, f"grounding_{i}.png"),
+          true_boxes=data.boxes[i],
+          true_labels=data.phrases[i],
+          other_boxes=regions["boxes"][i, unchosen],
+        )
+      )
     true = np.concatenate(data.boxes).reshape(-1, 4)
-    result = dict(box_metrics(regions["boxes"], phrase_image, query, true, cfg.iou_threshold,
-                              None if fixed is None else fixed["boxes"]), pictures=drawn)
+    result = dict(
+      box_metrics(
+        regions["boxes"], phrase_image, query, true, cfg.iou_threshold, None if fixed is None else fixed["boxes"]
+      ),
+      pictures=drawn,
+    )
     if fixed is not None:
       result["fixed_box_baseline"].update(fitted_on_boxes=fixed["fitted_on_boxes"], data_dir=fixed["data_dir"])
     return result
@@ -234,13 +254,19 @@ class Grounding(Evaluator):
       if "skipped" in r:
         rows.append(Row(name, "grounding", r["skipped"]))
         continue
-      rows.append(Row(name, f"box recall@{r['iou_threshold']:g} (any query)",
-                      f"{r['recall']:.1f} ({r['any_query_recall']:.1f})"))
+      rows.append(
+        Row(name, f"box recall@{r['iou_threshold']:g} (any query)", f"{r['recall']:.1f} ({r['any_query_recall']:.1f})")
+      )
       rows.append(Row(name, "box conditioning ratio", f"{r['conditioning_ratio']:.2f}"))
       if "fixed_box_baseline" in r:
         fixed = r["fixed_box_baseline"]
-        rows.append(Row(name, "fixed boxes recall (best of k)",
-                        f"{fixed['single_box_recall']:.1f} ({fixed['best_of_k_recall']:.1f})"))
+        rows.append(
+          Row(
+            name,
+            "fixed boxes recall (best of k)",
+            f"{fixed['single_box_recall']:.1f} ({fixed['best_of_k_recall']:.1f})",
+          )
+        )
     return rows
 
   @staticmethod
@@ -252,9 +278,15 @@ class Grounding(Evaluator):
       if "recall" not in r:
         continue
       at, fixed = f"@{r['iou_threshold']:g}", r.get("fixed_box_baseline")
-      rows += [Compared(f"{name} grounding recall{at} (chosen query)", r["recall"],
-                        fixed["single_box_recall"] if fixed else None),
-               Compared(f"{name} grounding recall{at} (best query)", r["any_query_recall"],
-                        fixed["best_of_k_recall"] if fixed else None),
-               Compared(f"{name} grounding box spread (% of the true boxes')", 100 * r["conditioning_ratio"], 0.0)]
+      rows += [
+        Compared(
+          f"{name} grounding recall{at} (chosen query)", r["recall"], fixed["single_box_recall"] if fixed else None
+        ),
+        Compared(
+          f"{name} grounding recall{at} (best query)",
+          r["any_query_recall"],
+          fixed["best_of_k_recall"] if fixed else None,
+        ),
+        Compared(f"{name} grounding box spread (% of the true boxes')", 100 * r["conditioning_ratio"], 0.0),
+      ]
     return rows

@@ -30,8 +30,17 @@ PROMPT_SETS = ("names", "descriptions", "descriptors", "joined")
 RULES = ("global", "region", "best_region")
 # Prompt sets whose single prompts are kept for the region rules (the templated sets are only averaged).
 PER_PROMPT_SETS = ("descriptors", "joined")
-HEADS = ("names/global", "descriptions/global", "descriptors/global", "joined/global", "descriptors/region",
-         "descriptors/best_region", "joined/best_region", "mixed/region", "mixed/best_region")
+HEADS = (
+  "names/global",
+  "descriptions/global",
+  "descriptors/global",
+  "joined/global",
+  "descriptors/region",
+  "descriptors/best_region",
+  "joined/best_region",
+  "mixed/region",
+  "mixed/best_region",
+)
 # The number the paper reports: the global embedding, class names with descriptions.
 PAPER_HEAD = "descriptions/global"
 _MIXED_GLOBAL = "descriptions/global"
@@ -46,14 +55,16 @@ class ClassTexts:
     the templated sets.
   prompt_mask: `[C, P]` bool, True on real prompts; None with `prompt_embeds`.
   """
+
   class_vectors: np.ndarray
   prompt_embeds: np.ndarray | None = None
   prompt_mask: np.ndarray | None = None
 
 
 # A pytree, so that jitted functions take it as an argument.
-jax.tree_util.register_dataclass(ClassTexts, data_fields=["class_vectors", "prompt_embeds", "prompt_mask"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(
+  ClassTexts, data_fields=["class_vectors", "prompt_embeds", "prompt_mask"], meta_fields=[]
+)
 
 
 def parts(head: str) -> tuple[str, str]:
@@ -91,8 +102,9 @@ def check(head: str) -> None:
     raise ValueError(f"unknown head {head!r}; known: {', '.join(HEADS)}")
 
 
-def scores(head: str, global_embed: jax.Array, region_embed: jax.Array | None, texts: dict[str, ClassTexts],
-           alpha: float) -> jax.Array:
+def scores(
+  head: str, global_embed: jax.Array, region_embed: jax.Array | None, texts: dict[str, ClassTexts], alpha: float
+) -> jax.Array:
   """Class scores `[B, C]` of `head`.
 
   Args:
@@ -104,8 +116,9 @@ def scores(head: str, global_embed: jax.Array, region_embed: jax.Array | None, t
   """
   if parts(head)[0] == "mixed":
     global_head, region_head = components(head)
-    return (alpha * scores(global_head, global_embed, region_embed, texts, alpha)
-            + (1 - alpha) * scores(region_head, global_embed, region_embed, texts, alpha))
+    return alpha * scores(global_head, global_embed, region_embed, texts, alpha) + (1 - alpha) * scores(
+      region_head, global_embed, region_embed, texts, alpha
+    )
   check(head)
   prompts, rule = parts(head)
   text = texts[prompts]

@@ -27,8 +27,9 @@ def _to_pixels(boxes: np.ndarray, size: int) -> list[list[float]]:
   return (np.asarray(box_ops.cxcywh_to_xyxy(np.asarray(boxes, np.float32))) * size).reshape(-1, 4).tolist()
 
 
-def draw_labelled(canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str],
-                   other_boxes: np.ndarray | None = None) -> None:
+def draw_labelled(
+  canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str], other_boxes: np.ndarray | None = None
+) -> None:
   """Draws `boxes [N, 4]` cxcywh in colour i with `labels[i]` above box i, over `other_boxes` as
   thin grey outlines."""
   pen, font, size = ImageDraw.Draw(canvas), ImageFont.load_default(), canvas.size[0]
@@ -50,8 +51,16 @@ def draw_labelled(canvas: Image.Image, boxes: np.ndarray, labels: Sequence[str],
     pen.text((x + 2 - left, y + 2 - top), label, fill="white", font=font)
 
 
-def draw(image, boxes: np.ndarray, labels: Sequence[str], path: str, true_boxes: np.ndarray | None = None,
-         true_labels: Sequence[str] | None = None, other_boxes: np.ndarray | None = None, size: int = 384) -> str:
+def draw(
+  image,
+  boxes: np.ndarray,
+  labels: Sequence[str],
+  path: str,
+  true_boxes: np.ndarray | None = None,
+  true_labels: Sequence[str] | None = None,
+  other_boxes: np.ndarray | None = None,
+  size: int = 384,
+) -> str:
   """Writes a PNG of `image` with labelled boxes; returns its path.
 
   Args:

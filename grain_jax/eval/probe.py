@@ -15,8 +15,7 @@ import os
 import numpy as np
 from scipy import optimize
 
-from grain_jax.eval import datasets
-from grain_jax.eval import grounding
+from grain_jax.eval import datasets, grounding
 from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row, scored_compared, scored_rows
 from grain_jax.eval.runner import Runner, embed_images, model_image_size
 from grain_jax.ops import boxes as box_ops
@@ -53,21 +52,24 @@ def loss_and_gradient(flat: np.ndarray, features: np.ndarray, onehot: np.ndarray
   probs = np.exp(logits)
   probs /= probs.sum(1, keepdims=True)
   value = -np.log(np.maximum((probs * onehot).sum(1), 1e-30)).mean() + L2 * (weights[:-1] ** 2).sum()
-  gradient = np.concatenate([features.T @ (probs - onehot) / len(features) + 2 * L2 * weights[:-1],
-                             (probs - onehot).mean(0, keepdims=True)])
+  gradient = np.concatenate(
+    [features.T @ (probs - onehot) / len(features) + 2 * L2 * weights[:-1], (probs - onehot).mean(0, keepdims=True)]
+  )
   return value, gradient.ravel()
 
 
-def fit_and_score(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
-                  num_classes: int) -> float:
+def fit_and_score(
+  train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, num_classes: int
+) -> float:
   """Test top-1 (%) of a multinomial logistic regression (`loss_and_gradient`, L-BFGS) fitted on
   standardized `train [n, E]` with `train_labels [n]` ints in [0, num_classes)."""
   mean, std = train.mean(0), train.std(0) + 1e-6
   features, test_features = (train - mean) / std, (test - mean) / std
   onehot = np.eye(num_classes)[train_labels]
   start = np.zeros((features.shape[1] + 1) * num_classes)
-  result = optimize.minimize(loss_and_gradient, start, args=(features, onehot), jac=True, method="L-BFGS-B",
-                             options={"maxiter": 500})
+  result = optimize.minimize(
+    loss_and_gradient, start, args=(features, onehot), jac=True, method="L-BFGS-B", options={"maxiter": 500}
+  )
   weights = result.x.reshape(features.shape[1] + 1, num_classes)
   predicted = (test_features @ weights[:-1] + weights[-1]).argmax(1)
   return 100 * float((predicted == test_labels).mean())
@@ -91,7 +93,7 @@ class Probes(Evaluator):
     outputs = runner.map_images(embed_images, model, sources, model_image_size(model))
     embeddings = {"global": outputs["global"]}
     if "region" in outputs:
-      ious = grounding.box_iou(outputs["boxes"], true_boxes[:, None])           # [N, Q]
+      ious = grounding.box_iou(outputs["boxes"], true_boxes[:, None])  # [N, Q]
       embeddings["region"] = outputs["region"][np.arange(len(sources)), ious.argmax(1)]
     train, test = np.arange(0, len(sources), 2), np.arange(1, len(sources), 2)
     rows, no_skill = {}, {}

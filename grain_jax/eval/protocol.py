@@ -14,9 +14,10 @@ from grain_jax.eval import heads as heads_lib
 
 FIELDS = ("templates", "renormalize", "heads", "alpha")
 PROTOCOLS = {
-    "authors": dict(templates="birds", renormalize=False,
-                    heads=("names/global", heads_lib.PAPER_HEAD, "descriptors/region"), alpha=1.0),
-    "ours": dict(templates="clip", renormalize=True, heads=heads_lib.HEADS, alpha=0.5),
+  "authors": dict(
+    templates="birds", renormalize=False, heads=("names/global", heads_lib.PAPER_HEAD, "descriptors/region"), alpha=1.0
+  ),
+  "ours": dict(templates="clip", renormalize=True, heads=heads_lib.HEADS, alpha=0.5),
 }
 
 

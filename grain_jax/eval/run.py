@@ -15,8 +15,7 @@ import jax
 
 from grain_jax import files
 from grain_jax.eval import heads as heads_lib
-from grain_jax.eval import protocol
-from grain_jax.eval import text_cache
+from grain_jax.eval import protocol, text_cache
 from grain_jax.eval.classification import average
 from grain_jax.eval.evaluator import Context
 from grain_jax.eval.kinds import KINDS
@@ -24,8 +23,9 @@ from grain_jax.eval.runner import eval_copy, runner_from_config
 from grain_jax.eval.table import format_table
 
 
-def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None = None,
-                   checkpoint_id: str = "", out_dir: str = "") -> dict:
+def run_evaluation(
+  config, model, workdir: str, mesh: jax.sharding.Mesh | None = None, checkpoint_id: str = "", out_dir: str = ""
+) -> dict:
   """Evaluates `model` on every set in `config.eval`; writes workdir/eval/results.json and prints a table.
 
   Args:
@@ -51,14 +51,18 @@ def run_evaluation(config, model, workdir: str, mesh: jax.sharding.Mesh | None =
   runner = runner_from_config(config, mesh)
   out_dir = out_dir or os.path.join(workdir, "eval")
   writer = jax.process_index() == 0
-  cache = text_cache.TextCache(model, heads_lib.ClassTexts,
-                               os.path.join(out_dir, "text_cache") if checkpoint_id else "")
+  cache = text_cache.TextCache(
+    model, heads_lib.ClassTexts, os.path.join(out_dir, "text_cache") if checkpoint_id else ""
+  )
   context = Context(config, workdir, out_dir if writer else "", settings, cache)
   results = {
-      "model": {"kind": model.kind, "checkpoint": checkpoint_id},
-      "settings": {**settings, "paper_head": heads_lib.PAPER_HEAD,
-                   **{k: cfg[k] for k in ("whole_word_connectives", "max_examples", "iou_threshold")}},
-      **{kind.section: {} for kind in KINDS},
+    "model": {"kind": model.kind, "checkpoint": checkpoint_id},
+    "settings": {
+      **settings,
+      "paper_head": heads_lib.PAPER_HEAD,
+      **{k: cfg[k] for k in ("whole_word_connectives", "max_examples", "iou_threshold")},
+    },
+    **{kind.section: {} for kind in KINDS},
   }
   for kind in KINDS:
     for entry in kind.entries(cfg):

@@ -104,6 +104,7 @@ class Runner:
     context_buckets: token lengths texts are cut to (see `truncate_to_bucket`).
     num_threads: image decoding threads per host.
   """
+
   mesh: jax.sharding.Mesh | None = None
   rules: sharding.Rules = ()
   batch_size: int = 64
@@ -149,8 +150,9 @@ class Runner:
       return jax.tree.map(np.asarray, tree)
     return multihost_utils.process_allgather(tree, tiled=True)
 
-  def map_images(self, fn: Callable[..., dict[str, jax.Array]], model, source: Sequence[dict[str, Any]],
-                 image_size: int, *args) -> dict[str, np.ndarray]:
+  def map_images(
+    self, fn: Callable[..., dict[str, jax.Array]], model, source: Sequence[dict[str, Any]], image_size: int, *args
+  ) -> dict[str, np.ndarray]:
     """Runs `fn(model, images [b, H, H, 3], *args) -> {key: [b, ...]}` over an eval source.
 
     `fn` must be jitted (each batch has the same shape, so it compiles once). Returns
@@ -175,18 +177,20 @@ class Runner:
     order = np.argsort(merged.pop("index")[valid], kind="stable")
     return {k: v[valid][order] for k, v in merged.items()}
 
-  def map_image_array(self, fn: Callable[..., dict[str, jax.Array]], model, images: np.ndarray,
-                      *args) -> dict[str, np.ndarray]:
+  def map_image_array(
+    self, fn: Callable[..., dict[str, jax.Array]], model, images: np.ndarray, *args
+  ) -> dict[str, np.ndarray]:
     """`map_images` over an in-memory batch of preprocessed images `[n, H, W, 3]` (every host the same)."""
     size = self._round(len(images))
     padded = np.zeros((size,) + images.shape[1:], np.float32)
-    padded[:len(images)] = images
+    padded[: len(images)] = images
     with self.context():
       outputs = fn(model, self._from_full(padded), *args)
-    return {k: v[:len(images)] for k, v in self._to_host(outputs).items()}
+    return {k: v[: len(images)] for k, v in self._to_host(outputs).items()}
 
-  def encode_texts(self, model, texts: Sequence[str], groups: np.ndarray | None = None,
-                   num_groups: int = 0) -> np.ndarray:
+  def encode_texts(
+    self, model, texts: Sequence[str], groups: np.ndarray | None = None, num_groups: int = 0
+  ) -> np.ndarray:
     """L2-normalized text embeddings, `[len(texts), E]`, or their sum per group.
 
     Args:
@@ -201,23 +205,26 @@ class Runner:
     embed_dim = model.text.text_projection.shape[1]
     out = np.zeros((len(texts) if groups is None else num_groups, embed_dim), np.float32)
     for start in range(0, len(texts), size):
-      chunk = examples.tokenize(texts[start:start + size])
+      chunk = examples.tokenize(texts[start : start + size])
       ids = np.zeros((size, chunk.shape[1]), np.int32)
-      ids[:len(chunk)] = chunk
+      ids[: len(chunk)] = chunk
       with self.context():
         embeds = _encode_text(model, self._from_full(truncate_to_bucket(ids, self.context_buckets)))
-      embeds = self._to_host(embeds)[:len(chunk)]
+      embeds = self._to_host(embeds)[: len(chunk)]
       if groups is None:
-        out[start:start + len(chunk)] = embeds
+        out[start : start + len(chunk)] = embeds
       else:
-        np.add.at(out, groups[start:start + len(chunk)], embeds)
+        np.add.at(out, groups[start : start + len(chunk)], embeds)
     return out
 
 
 def runner_from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runner:
   """A Runner with the batch sizes of `config.eval` and the text buckets of `config.model`."""
-  return Runner(mesh=mesh, rules=tuple(config.sharding_rules), batch_size=config.eval.batch_size,
-                text_batch_size=config.eval.text_batch_size,
-                context_buckets=tuple(config.model.text.context_buckets),
-                num_threads=config.eval.num_threads)
-
+  return Runner(
+    mesh=mesh,
+    rules=tuple(config.sharding_rules),
+    batch_size=config.eval.batch_size,
+    text_batch_size=config.eval.text_batch_size,
+    context_buckets=tuple(config.model.text.context_buckets),
+    num_threads=config.eval.num_threads,
+  )

@@ -21,5 +21,7 @@ def headline_metrics(results: dict) -> tuple[dict[str, float], dict[str, float]]
   """The rows a comparison of runs shows (%), and what no skill scores on each where that is known:
   label -> value, label -> no skill."""
   compared = [row for kind in KINDS for row in kind.compared(results)]
-  return ({row.label: row.value for row in compared},
-          {row.label: row.no_skill for row in compared if row.no_skill is not None})
+  return (
+    {row.label: row.value for row in compared},
+    {row.label: row.no_skill for row in compared if row.no_skill is not None},
+  )

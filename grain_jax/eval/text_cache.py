@@ -37,8 +37,10 @@ def fingerprint(model) -> str:
   checksums, shapes, dtypes) and its compute dtype. A collective with several processes."""
   params = nnx.state(model.text, nnx.Param)
   sums = checksums(params)
-  arrays = {name: [list(leaf.shape), str(leaf.dtype), sums[name]]
-            for name, leaf in zip(sums, jax.tree.leaves(params), strict=True)}
+  arrays = {
+    name: [list(leaf.shape), str(leaf.dtype), sums[name]]
+    for name, leaf in zip(sums, jax.tree.leaves(params), strict=True)
+  }
   text = json.dumps({"dtype": str(np.dtype(model.text.dtype)), "arrays": arrays}, sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()
 
@@ -80,13 +82,17 @@ class TextCache:
       with np.load(io.BytesIO(files.read_bytes(path))) as stored:
         return self._value_type(**{name: stored[name] for name in stored.files})
     except _UNREADABLE as error:
-      logging.warning("the text cache entry %s does not read (%s: %s): computing it again", path,
-                      type(error).__name__, error)
+      logging.warning(
+        "the text cache entry %s does not read (%s: %s): computing it again", path, type(error).__name__, error
+      )
       return None
 
   def put(self, key: str, value) -> None:
     self._memory[key] = value
     if self._directory and jax.process_index() == 0:
-      arrays = {field.name: getattr(value, field.name) for field in dataclasses.fields(value)
-                if getattr(value, field.name) is not None}
+      arrays = {
+        field.name: getattr(value, field.name)
+        for field in dataclasses.fields(value)
+        if getattr(value, field.name) is not None
+      }
       files.write_through(self._path(key), lambda f: np.savez(f, **arrays))

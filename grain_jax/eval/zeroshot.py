@@ -21,8 +21,9 @@ from grain_jax.eval.text_cache import TextCache
 from grain_jax.ops.normalize import l2_normalize
 
 
-def _prompts_of(prompt_set: str, name: str, described: Sequence[str] | None, template_set: Sequence[str],
-                whole_words: bool) -> list[str]:
+def _prompts_of(
+  prompt_set: str, name: str, described: Sequence[str] | None, template_set: Sequence[str], whole_words: bool
+) -> list[str]:
   """The texts of class `name` in `prompt_set`; a class without descriptors is described by its name."""
   if prompt_set == "names":
     return prompts.class_texts(name, template_set)
@@ -32,10 +33,18 @@ def _prompts_of(prompt_set: str, name: str, described: Sequence[str] | None, tem
   return descriptors if prompt_set == "descriptors" else [", ".join(descriptors)]
 
 
-def class_texts(model, runner: Runner, prompt_set: str, class_names: Sequence[str],
-                descriptors: Mapping[str, Sequence[str]] | None = None,
-                template_set: Sequence[str] = prompts.CLIP_TEMPLATES, *, renormalize: bool = True,
-                whole_words: bool = False, cache: TextCache | None = None) -> ClassTexts:
+def class_texts(
+  model,
+  runner: Runner,
+  prompt_set: str,
+  class_names: Sequence[str],
+  descriptors: Mapping[str, Sequence[str]] | None = None,
+  template_set: Sequence[str] = prompts.CLIP_TEMPLATES,
+  *,
+  renormalize: bool = True,
+  whole_words: bool = False,
+  cache: TextCache | None = None,
+) -> ClassTexts:
   """The ClassTexts of one prompt set (heads.PROMPT_SETS) for `class_names`.
 
   Args:
@@ -50,13 +59,17 @@ def class_texts(model, runner: Runner, prompt_set: str, class_names: Sequence[st
   """
   descriptors = dict(descriptors or {})
   templated = prompt_set in ("names", "descriptions")
-  key = cache.key(prompt_set, list(class_names), descriptors, list(template_set) if templated else [],
-                  renormalize, whole_words) if cache else ""
+  key = (
+    cache.key(
+      prompt_set, list(class_names), descriptors, list(template_set) if templated else [], renormalize, whole_words
+    )
+    if cache
+    else ""
+  )
   cached = cache.get(key) if cache else None
   if cached is not None:
     return cached
-  per_class = [_prompts_of(prompt_set, name, descriptors.get(name), template_set, whole_words)
-               for name in class_names]
+  per_class = [_prompts_of(prompt_set, name, descriptors.get(name), template_set, whole_words) for name in class_names]
   owner = np.repeat(np.arange(len(class_names)), [len(texts) for texts in per_class])
   texts = [text for class_prompts in per_class for text in class_prompts]
   if prompt_set in heads_lib.PER_PROMPT_SETS:
@@ -78,12 +91,15 @@ def class_texts(model, runner: Runner, prompt_set: str, class_names: Sequence[st
 
 
 @functools.partial(nnx.jit, static_argnames=("heads", "alpha", "top_k"))
-def _top_classes(model, images, texts: dict[str, ClassTexts], heads: tuple[str, ...], alpha: float,
-                 top_k: int) -> dict[str, jax.Array]:
+def _top_classes(
+  model, images, texts: dict[str, ClassTexts], heads: tuple[str, ...], alpha: float, top_k: int
+) -> dict[str, jax.Array]:
   """The `top_k` classes `[b, top_k]` of each head."""
   embeds = image_embeddings(model, images)
-  return {head: jax.lax.top_k(heads_lib.scores(head, embeds["global"], embeds.get("region"), texts, alpha), top_k)[1]
-          for head in heads}
+  return {
+    head: jax.lax.top_k(heads_lib.scores(head, embeds["global"], embeds.get("region"), texts, alpha), top_k)[1]
+    for head in heads
+  }
 
 
 @functools.partial(nnx.jit, static_argnames=("head", "alpha"))
@@ -92,18 +108,34 @@ def _all_scores(model, images, texts: dict[str, ClassTexts], head: str, alpha: f
   return {"scores": heads_lib.scores(head, embeds["global"], embeds.get("region"), texts, alpha)}
 
 
-def texts_for_heads(model, runner: Runner, heads: Sequence[str], class_names: Sequence[str],
-                    descriptors: Mapping[str, Sequence[str]] | None, template_set: Sequence[str],
-                    **options) -> dict[str, ClassTexts]:
+def texts_for_heads(
+  model,
+  runner: Runner,
+  heads: Sequence[str],
+  class_names: Sequence[str],
+  descriptors: Mapping[str, Sequence[str]] | None,
+  template_set: Sequence[str],
+  **options,
+) -> dict[str, ClassTexts]:
   """Prompt set -> ClassTexts for every prompt set the `heads` read (`options`: see class_texts)."""
-  return {prompt_set: class_texts(model, runner, prompt_set, class_names, descriptors, template_set, **options)
-          for prompt_set in heads_lib.prompt_sets(heads)}
+  return {
+    prompt_set: class_texts(model, runner, prompt_set, class_names, descriptors, template_set, **options)
+    for prompt_set in heads_lib.prompt_sets(heads)
+  }
 
 
-def classify(model, images, class_names: Sequence[str],
-             descriptors: Mapping[str, Sequence[str]] | None = None, *, template_set: str = "clip",
-             head: str = "names/global", alpha: float = 0.5, renormalize: bool = True,
-             runner: Runner | None = None) -> np.ndarray:
+def classify(
+  model,
+  images,
+  class_names: Sequence[str],
+  descriptors: Mapping[str, Sequence[str]] | None = None,
+  *,
+  template_set: str = "clip",
+  head: str = "names/global",
+  alpha: float = 0.5,
+  renormalize: bool = True,
+  runner: Runner | None = None,
+) -> np.ndarray:
   """Zero-shot class scores of a few images.
 
   Args:
@@ -127,13 +159,13 @@ def classify(model, images, class_names: Sequence[str],
   if heads_lib.needs_descriptors(head) and not descriptors:
     raise ValueError(f"head {head!r} reads descriptors: pass descriptors")
   runner, model = runner or Runner(), eval_copy(model)
-  texts = texts_for_heads(model, runner, (head,), class_names, descriptors, prompts.templates(template_set),
-                          renormalize=renormalize)
+  texts = texts_for_heads(
+    model, runner, (head,), class_names, descriptors, prompts.templates(template_set), renormalize=renormalize
+  )
   return runner.map_image_array(_all_scores, model, load_images(model, images), texts, head, alpha)["scores"]
 
 
-def metrics(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-            num_confusions: int = 10) -> dict:
+def metrics(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str], num_confusions: int = 10) -> dict:
   """Top-1 / top-5 accuracy (in %), per-class accuracy and the most frequent confusions.
 
   Args:
@@ -149,19 +181,29 @@ def metrics(top: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
   accuracy = 100 * hits[seen] / counts[seen]
   pairs = collections.Counter((int(t), int(p)) for t, p in zip(labels, top[:, 0]) if t != p)
   return {
-      "top1": 100 * float(correct.mean()),
-      "top5": 100 * float((top[:, :5] == labels[:, None]).any(axis=1).mean()),
-      "mean_per_class": float(accuracy.mean()),
-      "num_examples": int(len(labels)),
-      "per_class": dict(zip(np.asarray(class_names)[seen].tolist(), accuracy.tolist())),
-      "confusions": [{"true": class_names[t], "predicted": class_names[p], "count": n}
-                     for (t, p), n in pairs.most_common(num_confusions)],
+    "top1": 100 * float(correct.mean()),
+    "top5": 100 * float((top[:, :5] == labels[:, None]).any(axis=1).mean()),
+    "mean_per_class": float(accuracy.mean()),
+    "num_examples": int(len(labels)),
+    "per_class": dict(zip(np.asarray(class_names)[seen].tolist(), accuracy.tolist())),
+    "confusions": [
+      {"true": class_names[t], "predicted": class_names[p], "count": n}
+      for (t, p), n in pairs.most_common(num_confusions)
+    ],
   }
 
 
-def evaluate(model, runner: Runner, source, image_size: int, texts: dict[str, ClassTexts],
-             heads: Sequence[str], class_names: Sequence[str], alpha: float = 0.5,
-             num_confusions: int = 10) -> dict[str, dict]:
+def evaluate(
+  model,
+  runner: Runner,
+  source,
+  image_size: int,
+  texts: dict[str, ClassTexts],
+  heads: Sequence[str],
+  class_names: Sequence[str],
+  alpha: float = 0.5,
+  num_confusions: int = 10,
+) -> dict[str, dict]:
   """Metrics of every head over a labelled source (`{"image", "label"}` elements); the images are
   encoded once. `texts` holds the prompt sets the heads read (`texts_for_heads`)."""
   top_k = min(5, len(class_names))

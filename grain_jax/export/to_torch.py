@@ -22,8 +22,7 @@ import os
 import jax
 from flax import nnx
 
-from grain_jax import files
-from grain_jax import sharding
+from grain_jax import files, sharding
 from grain_jax.errors import output_dir
 from grain_jax.torch_format import layout, param_tree
 from grain_jax.train import checkpoint
@@ -48,10 +47,12 @@ def extension_message(model_config) -> str:
   extensions = layout.decoder_extensions(model_config)
   if not extensions:
     return ""
-  return (f"config.model.decoder has options the authors' PyTorch classes lack ({', '.join(extensions)}): they "
-          f"cannot run this model, so its decoder is written as '{layout.EXTENDED_DECODER_GROUP}' instead of "
-          "'state_dict' (their loaders stop there rather than run a different model). Load it with "
-          "grain_jax.export.torch_modules.load_exported.")
+  return (
+    f"config.model.decoder has options the authors' PyTorch classes lack ({', '.join(extensions)}): they "
+    f"cannot run this model, so its decoder is written as '{layout.EXTENDED_DECODER_GROUP}' instead of "
+    "'state_dict' (their loaders stop there rather than run a different model). Load it with "
+    "grain_jax.export.torch_modules.load_exported."
+  )
 
 
 def training_progress(step: int) -> dict[str, int]:
@@ -65,8 +66,9 @@ def training_progress(step: int) -> dict[str, int]:
   return {"epoch": 0, "iteration": step}
 
 
-def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str,
-                 module_prefix: bool = False) -> dict[str, str]:
+def write_export(
+  state_dicts: dict[str, layout.StateDict], metadata: dict, directory: str, module_prefix: bool = False
+) -> dict[str, str]:
   """Writes `grain_clip.pth` and `grain_clip.safetensors` into `directory`; returns their paths.
 
   Group names come from `layout.group_names(metadata["model"])`. `module_prefix` prepends `module.`
@@ -80,17 +82,28 @@ def write_export(state_dicts: dict[str, layout.StateDict], metadata: dict, direc
 
   prefix = layout.MODULE_PREFIX if module_prefix else ""
   names = layout.group_names(metadata["model"])
-  groups = {names[name]: {prefix + key: value for key, value in state_dict.items()}
-            for name, state_dict in state_dicts.items() if state_dict}
-  paths = {"pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
-           "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors")}
-  checkpoint = {group: {key: torch.from_numpy(value) for key, value in tensors.items()}
-                for group, tensors in groups.items()}
+  groups = {
+    names[name]: {prefix + key: value for key, value in state_dict.items()}
+    for name, state_dict in state_dicts.items()
+    if state_dict
+  }
+  paths = {
+    "pth": os.path.join(directory, f"{EXPORT_NAME}.pth"),
+    "safetensors": os.path.join(directory, f"{EXPORT_NAME}.safetensors"),
+  }
+  checkpoint = {
+    group: {key: torch.from_numpy(value) for key, value in tensors.items()} for group, tensors in groups.items()
+  }
   files.write_through(
-      paths["pth"], lambda f: torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), f))
-  files.replace_durably(paths["safetensors"], save(
+    paths["pth"], lambda f: torch.save(dict(checkpoint, config=metadata, **training_progress(metadata["step"])), f)
+  )
+  files.replace_durably(
+    paths["safetensors"],
+    save(
       {f"{group}.{key}": value for group, tensors in groups.items() for key, value in tensors.items()},
-      metadata={"config": json.dumps(metadata)}))
+      metadata={"config": json.dumps(metadata)},
+    ),
+  )
   return paths
 
 
@@ -99,15 +112,15 @@ def export_checkpoint(config, workdir: str, module_prefix: bool = False, directo
   see the module doc). Reads `workdir` only, so a read-only (archived) run exports elsewhere."""
   directory = output_dir(directory, workdir, "export")
   model, step = checkpoint.restore_model(config, workdir, sharding.make_mesh(config.mesh))
-  state_dicts = layout.to_reference(param_tree.flatten(nnx.state(model, nnx.Param)), config.model,
-                                    fetch=param_tree.to_host)
+  state_dicts = layout.to_reference(
+    param_tree.flatten(nnx.state(model, nnx.Param)), config.model, fetch=param_tree.to_host
+  )
   paths = {}
   if jax.process_index() == 0:
     message = extension_message(config.model)
     if message:
       print(message, flush=True)
     paths = write_export(state_dicts, export_metadata(config, step), directory, module_prefix)
-    sizes = {kind: f"{files.size(path) / 2 ** 20:.1f} MiB" for kind, path in paths.items()}
+    sizes = {kind: f"{files.size(path) / 2**20:.1f} MiB" for kind, path in paths.items()}
     print(f"exported step {step} of {checkpoint.checkpoint_dir(workdir)} to {directory}: {sizes}", flush=True)
   return paths
-

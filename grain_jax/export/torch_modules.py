@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from grain_jax.models import positions
-from grain_jax.torch_format.layout import (REFERENCE_CLASSES, REFERENCE_FRAMES, REFERENCE_PATCHES, group_names,
-                                           strip_module_prefix)
+from grain_jax.torch_format.layout import (
+  REFERENCE_CLASSES,
+  REFERENCE_FRAMES,
+  REFERENCE_PATCHES,
+  group_names,
+  strip_module_prefix,
+)
 
 
 class TimmAttention(nn.Module):
@@ -103,8 +108,9 @@ class ResidualAttentionBlock(nn.Module):
     self.attn = nn.MultiheadAttention(width, cfg["heads"], batch_first=True)
     self.ln_1 = nn.LayerNorm(width, eps=eps)
     hidden = int(width * cfg["mlp_ratio"])
-    self.mlp = nn.Sequential(collections.OrderedDict(
-        c_fc=nn.Linear(width, hidden), gelu=QuickGELU(), c_proj=nn.Linear(hidden, width)))
+    self.mlp = nn.Sequential(
+      collections.OrderedDict(c_fc=nn.Linear(width, hidden), gelu=QuickGELU(), c_proj=nn.Linear(hidden, width))
+    )
     self.ln_2 = nn.LayerNorm(width, eps=eps)
 
   def forward(self, x: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
@@ -167,8 +173,14 @@ class DecoderLayer(nn.Module):
     self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width, eps=eps) for _ in range(3))
     self.dropout1, self.dropout2, self.dropout3 = (nn.Dropout(dropout) for _ in range(3))
 
-  def forward(self, targets: torch.Tensor, memory: torch.Tensor, query_pos: torch.Tensor,
-              memory_pos: torch.Tensor | None = None, position_in_values: bool = False) -> torch.Tensor:
+  def forward(
+    self,
+    targets: torch.Tensor,
+    memory: torch.Tensor,
+    query_pos: torch.Tensor,
+    memory_pos: torch.Tensor | None = None,
+    position_in_values: bool = False,
+  ) -> torch.Tensor:
     normed = self.norm1(targets)
     with_pos = normed + query_pos
     targets = targets + self.dropout1(self.self_attn(with_pos, with_pos, normed, need_weights=False)[0])
@@ -211,7 +223,7 @@ def sine_encode(coords: torch.Tensor, features_per_coord: int) -> torch.Tensor:
   """`[..., n]` in [0, 1] -> `[..., n * F]`: (sin, cos) pairs of 2 pi x / 10000^(2i / F) per coordinate
   (grain_jax.models.positions, in torch)."""
   exponents = torch.arange(features_per_coord // 2, dtype=torch.float32, device=coords.device) * 2 / features_per_coord
-  angles = coords.float()[..., None] * (2 * math.pi) / positions.TEMPERATURE ** exponents
+  angles = coords.float()[..., None] * (2 * math.pi) / positions.TEMPERATURE**exponents
   return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-3)
 
 
@@ -246,8 +258,9 @@ class RegionQueryDecoder(nn.Module):
       self.memory_pos_embed = nn.Parameter(torch.zeros(1 + grid * grid, width))
     if self.memory_position == "sine":
       self.register_buffer("sine_table", torch.from_numpy(positions.patch_grid_table(grid, width)), persistent=False)
-    self.anchor_box_logits = (nn.Parameter(torch.zeros(self.num_region_queries, 4)) if cfg.get("box_refinement")
-                              else None)
+    self.anchor_box_logits = (
+      nn.Parameter(torch.zeros(self.num_region_queries, 4)) if cfg.get("box_refinement") else None
+    )
     self.anchor_pos_mlp = BoxMlp([2 * width, width, width]) if cfg.get("anchor_queries") else None
 
   def _memory_pos(self, vit_pos_embed: torch.Tensor | None) -> torch.Tensor | None:
@@ -257,8 +270,9 @@ class RegionQueryDecoder(nn.Module):
       return self.sine_table[None]
     if self.memory_position == "vit":
       if vit_pos_embed is None:
-        raise ValueError("memory_position='vit': call the decoder with backbone.visual.pos_embed as its "
-                         "second argument")
+        raise ValueError(
+          "memory_position='vit': call the decoder with backbone.visual.pos_embed as its second argument"
+        )
       return self.proj(vit_pos_embed)
     return None
 
@@ -268,10 +282,13 @@ class RegionQueryDecoder(nn.Module):
       return query_pos
     width = query_pos.shape[-1]
     regions = query_pos[:, : self.num_region_queries] + self.anchor_pos_mlp(sine_encode(boxes, width // 2))
-    return torch.cat([regions, query_pos[:, self.num_region_queries:].expand(boxes.shape[0], -1, -1)], dim=1)
+    return torch.cat([regions, query_pos[:, self.num_region_queries :].expand(boxes.shape[0], -1, -1)], dim=1)
 
-  def forward(self, image_tokens: torch.Tensor, vit_pos_embed: torch.Tensor | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+  def forward(
+    self,
+    image_tokens: torch.Tensor,
+    vit_pos_embed: torch.Tensor | None = None,
+  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     memory = self.transformer.pre_norm(self.proj(image_tokens))
     memory_pos = self._memory_pos(vit_pos_embed)
     batch, queries = image_tokens.shape[0], self.num_region_queries
@@ -311,4 +328,3 @@ def load_exported(path: str) -> tuple[GrainClipBackbone, RegionQueryDecoder | No
     decoder.eval()
   backbone.eval()
   return backbone, decoder
-

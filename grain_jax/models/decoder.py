@@ -31,6 +31,7 @@ class DecoderOutputs(NamedTuple):
   global_embed: `[B, E]` the image query of the last layer through `img_proj`.
   boxes: `[L, B, Q, 4]` normalized (cx, cy, w, h) of the region queries at every layer.
   """
+
   region_embed: jax.Array
   global_embed: jax.Array
   boxes: jax.Array
@@ -48,9 +49,18 @@ class DecoderLayer(nnx.Module):
     self.norm2 = layers.layer_norm(width, eps, dtype, rngs)
     self.multihead_attn = layers.Attention(width, cfg.heads, **attention)
     self.norm3 = layers.layer_norm(width, eps, dtype, rngs)
-    self.mlp = layers.Mlp(width, cfg.mlp_dim, "relu", rngs=rngs, dtype=dtype, fc1_init=xavier, fc2_init=xavier,
-                          fc1_bias_init=layers.torch_linear_init(width),
-                          fc2_bias_init=layers.torch_linear_init(cfg.mlp_dim), dropout=cfg.dropout)
+    self.mlp = layers.Mlp(
+      width,
+      cfg.mlp_dim,
+      "relu",
+      rngs=rngs,
+      dtype=dtype,
+      fc1_init=xavier,
+      fc2_init=xavier,
+      fc1_bias_init=layers.torch_linear_init(width),
+      fc2_bias_init=layers.torch_linear_init(cfg.mlp_dim),
+      dropout=cfg.dropout,
+    )
     self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def _self_attend(self, targets: jax.Array, query_pos: jax.Array) -> jax.Array:
@@ -58,8 +68,14 @@ class DecoderLayer(nnx.Module):
     with_pos = normed + query_pos
     return targets + self.dropout(self.self_attn(with_pos, with_pos, normed))
 
-  def __call__(self, targets: jax.Array, memory: jax.Array, query_pos: jax.Array,
-               memory_pos: jax.Array | None = None, position_in_values: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    targets: jax.Array,
+    memory: jax.Array,
+    query_pos: jax.Array,
+    memory_pos: jax.Array | None = None,
+    position_in_values: bool = False,
+  ) -> jax.Array:
     """targets `[B, Q+1, D]`, memory `[B, T, D]`, query_pos `[1 or B, Q+1, D]`, memory_pos `[1, T, D]`
     or None (the reference: memory keys carry no position) -> `[B, Q+1, D]`."""
     targets = self._self_attend(targets, query_pos)
@@ -69,8 +85,9 @@ class DecoderLayer(nnx.Module):
     targets = targets + self.dropout(self.mlp(self.norm3(targets)))
     return constrain(targets, RESIDUAL)
 
-  def cross_attention(self, targets: jax.Array, memory: jax.Array, query_pos: jax.Array,
-                      memory_pos: jax.Array | None = None) -> jax.Array:
+  def cross_attention(
+    self, targets: jax.Array, memory: jax.Array, query_pos: jax.Array, memory_pos: jax.Array | None = None
+  ) -> jax.Array:
     """The cross-attention weights `[B, heads, Q+1, T]` of `__call__` with the same inputs."""
     targets = self._self_attend(targets, query_pos)
     keys = memory if memory_pos is None else memory + memory_pos
@@ -87,9 +104,13 @@ class BoxHead(nnx.Module):
   """MLP 3 layers (ReLU between) + sigmoid: `[..., D] -> [..., 4]` normalized (cx, cy, w, h)."""
 
   def __init__(self, width: int, *, rngs: nnx.Rngs, dtype):
-    self.layers = nnx.List([_mlp_layer(width, width, ("embed", "mlp"), rngs, dtype),
-                            _mlp_layer(width, width, ("mlp", "embed"), rngs, dtype),
-                            _mlp_layer(width, 4, ("embed", "box"), rngs, dtype)])
+    self.layers = nnx.List(
+      [
+        _mlp_layer(width, width, ("embed", "mlp"), rngs, dtype),
+        _mlp_layer(width, width, ("mlp", "embed"), rngs, dtype),
+        _mlp_layer(width, 4, ("embed", "box"), rngs, dtype),
+      ]
+    )
 
   def logits(self, x: jax.Array) -> jax.Array:
     """`[..., D] -> [..., 4]` float32 before the sigmoid (box refinement adds them to a reference)."""
@@ -109,8 +130,12 @@ class AnchorPositions(nnx.Module):
 
   def __init__(self, width: int, *, rngs: nnx.Rngs, dtype):
     self.width = width
-    self.layers = nnx.List([_mlp_layer(2 * width, width, ("embed", "mlp"), rngs, dtype),
-                            _mlp_layer(width, width, ("mlp", "embed"), rngs, dtype)])
+    self.layers = nnx.List(
+      [
+        _mlp_layer(2 * width, width, ("embed", "mlp"), rngs, dtype),
+        _mlp_layer(width, width, ("mlp", "embed"), rngs, dtype),
+      ]
+    )
 
   def __call__(self, boxes: jax.Array) -> jax.Array:
     hidden = jax.nn.relu(self.layers[0](positions.sine_encode(boxes, self.width // 2, xp=jnp)))
@@ -139,27 +164,33 @@ class RegionQueryDecoder(nnx.Module):
   `cfg` is `config.model.decoder`, its options checked together by grain_jax/config/validation.py.
   """
 
-  def __init__(self, cfg, image_cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               scan: bool = False, remat: bool = False):
+  def __init__(
+    self, cfg, image_cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, scan: bool = False, remat: bool = False
+  ):
     width, queries = cfg.width, cfg.num_region_queries
     self.num_region_queries, self.dtype, self.memory_position = queries, dtype, cfg.memory_position
     self.position_in_values = cfg.position_in_values
-    self.proj = layers.dense(image_cfg.width, width, ("embed", "mlp"), dtype, rngs,
-                             layers.torch_linear_init(image_cfg.width), bias_init=None)
+    self.proj = layers.dense(
+      image_cfg.width, width, ("embed", "mlp"), dtype, rngs, layers.torch_linear_init(image_cfg.width), bias_init=None
+    )
     self.pre_norm = layers.layer_norm(width, cfg.layer_norm_eps, dtype, rngs)
     self.query_embed = layers.param(rngs, layers.normal(1.0), (queries + 1, width), ("length", "embed"))
     num_tokens = 1 + (image_cfg.image_size // image_cfg.patch_size) ** 2
-    self.memory_pos_embed = (layers.param(rngs, layers.normal(1.0), (num_tokens, width), ("length", "embed"))
-                             if cfg.memory_position == "learned" else None)
+    self.memory_pos_embed = (
+      layers.param(rngs, layers.normal(1.0), (num_tokens, width), ("length", "embed"))
+      if cfg.memory_position == "learned"
+      else None
+    )
     self.patch_grid = image_cfg.image_size // image_cfg.patch_size
     self.anchors = layers.param(rngs, _anchor_init, (queries, 4), ("length", "box")) if cfg.box_refinement else None
     self.anchor_positions = AnchorPositions(width, rngs=rngs, dtype=dtype) if cfg.anchor_queries else None
-    self.layers = layers.LayerStack(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype), cfg.depth,
-                                    rngs=rngs, scan=scan, remat=remat)
+    self.layers = layers.LayerStack(
+      lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype), cfg.depth, rngs=rngs, scan=scan, remat=remat
+    )
     self.norm = layers.layer_norm(width, cfg.layer_norm_eps, dtype, rngs)
     self.bbox_embed = BoxHead(width, rngs=rngs, dtype=dtype)
-    self.obj_proj = layers.param(rngs, layers.normal(width ** -0.5), (width, embed_dim), ("embed", "joint"))
-    self.img_proj = layers.param(rngs, layers.normal(width ** -0.5), (width, embed_dim), ("embed", "joint"))
+    self.obj_proj = layers.param(rngs, layers.normal(width**-0.5), (width, embed_dim), ("embed", "joint"))
+    self.img_proj = layers.param(rngs, layers.normal(width**-0.5), (width, embed_dim), ("embed", "joint"))
 
   def _memory_pos(self, vit_pos_embed: jax.Array) -> jax.Array | None:
     """`[1, T, D]` position code of the memory tokens, or None."""
@@ -181,7 +212,7 @@ class RegionQueryDecoder(nnx.Module):
     if self.anchor_positions is None:
       return query_pos
     regions = query_pos[:, : self.num_region_queries] + self.anchor_positions(boxes.astype(self.dtype))
-    image_query = jnp.broadcast_to(query_pos[:, self.num_region_queries:], (boxes.shape[0], 1, query_pos.shape[-1]))
+    image_query = jnp.broadcast_to(query_pos[:, self.num_region_queries :], (boxes.shape[0], 1, query_pos.shape[-1]))
     return jnp.concatenate([regions, image_query], axis=1)
 
   def _start(self, image_tokens: jax.Array, vit_pos_embed: jax.Array | None):
@@ -197,8 +228,7 @@ class RegionQueryDecoder(nnx.Module):
 
     def refine(layer, carry):
       targets, box_logits = carry
-      targets = layer(targets, memory, self._query_pos(jax.nn.sigmoid(box_logits)), memory_pos,
-                      self.position_in_values)
+      targets = layer(targets, memory, self._query_pos(jax.nn.sigmoid(box_logits)), memory_pos, self.position_in_values)
       hidden = self.norm(targets)
       box_logits = box_logits + self.bbox_embed.logits(hidden[:, :queries])
       # As in DAB-DETR, each layer learns its own correction: the next starts from a constant.
@@ -231,8 +261,9 @@ class RegionQueryDecoder(nnx.Module):
     memory, memory_pos, targets = self._start(image_tokens, vit_pos_embed)
     queries = self.num_region_queries
     if self.anchors is None:
-      per_layer = self.layers(targets, memory, self._query_pos(None), memory_pos, self.position_in_values,
-                              keep_intermediates=True)
+      per_layer = self.layers(
+        targets, memory, self._query_pos(None), memory_pos, self.position_in_values, keep_intermediates=True
+      )
       hidden = self.norm(per_layer)
       boxes = self.bbox_embed(hidden[:, :, :queries])
     else:
@@ -240,6 +271,7 @@ class RegionQueryDecoder(nnx.Module):
       _, (hidden, boxes) = self.layers.scan(self._refine_step(memory, memory_pos), (targets, start))
     regions, image_query = hidden[-1, :, :queries], hidden[-1, :, queries]
     return DecoderOutputs(
-        region_embed=(regions @ self.obj_proj.astype(self.dtype)).astype(jnp.float32),
-        global_embed=(image_query @ self.img_proj.astype(self.dtype)).astype(jnp.float32),
-        boxes=boxes)
+      region_embed=(regions @ self.obj_proj.astype(self.dtype)).astype(jnp.float32),
+      global_embed=(image_query @ self.img_proj.astype(self.dtype)).astype(jnp.float32),
+      boxes=boxes,
+    )

@@ -28,6 +28,7 @@ class ImageOutputs(NamedTuple):
   region_embed: `[B, Q, E]` (not normalized), or None.
   boxes: `[L, B, Q, 4]` normalized (cx, cy, w, h) for each of the L decoder layers, or None.
   """
+
   global_embed: jax.Array
   region_embed: jax.Array | None
   boxes: jax.Array | None
@@ -47,16 +48,16 @@ class GrainModel(nnx.Module):
     if cfg.kind == "grain":
       self.decoder = RegionQueryDecoder(cfg.decoder, cfg.image, cfg.embed_dim, rngs=rngs, dtype=dtype, **stack)
     else:
-      self.image_projection = layers.param(rngs, layers.normal(cfg.image.width ** -0.5),
-                                           (cfg.image.width, cfg.embed_dim), ("embed", "joint"))
+      self.image_projection = layers.param(
+        rngs, layers.normal(cfg.image.width**-0.5), (cfg.image.width, cfg.embed_dim), ("embed", "joint")
+      )
     self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07), jnp.float32), out_sharding=())
 
   def encode_image(self, images: jax.Array) -> ImageOutputs:
     """`images [B, H, W, 3]` (normalized) -> ImageOutputs, embeddings and boxes in float32."""
     tokens = self.visual(images)
     if self.kind == "clip":
-      return ImageOutputs((tokens[:, 0] @ self.image_projection.astype(tokens.dtype)).astype(jnp.float32),
-                          None, None)
+      return ImageOutputs((tokens[:, 0] @ self.image_projection.astype(tokens.dtype)).astype(jnp.float32), None, None)
     decoded = self.decoder(tokens, self.visual.pos_embed[...])
     return ImageOutputs(decoded.global_embed, decoded.region_embed, decoded.boxes)
 
@@ -73,8 +74,9 @@ class GrainModel(nnx.Module):
     """`ids [T, L]` int32 (L <= context length) -> `[T, E]` float32 (not normalized)."""
     return self.text(ids).astype(jnp.float32)
 
-  def encode_packed_text(self, tokens: jax.Array, segments: jax.Array, positions: jax.Array,
-                         eot: jax.Array) -> jax.Array:
+  def encode_packed_text(
+    self, tokens: jax.Array, segments: jax.Array, positions: jax.Array, eot: jax.Array
+  ) -> jax.Array:
     """Texts packed into rows (`[R, P]` each; `eot [R, M]`) -> `[R, M, E]` float32 (not normalized);
     see `TextTransformer.packed`."""
     return self.text.packed(tokens, segments, positions, eot).astype(jnp.float32)

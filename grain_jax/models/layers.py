@@ -28,15 +28,15 @@ trunc_normal_02 = jax.nn.initializers.truncated_normal(0.02)
 # (`[layers, tokens, 4 * width]` each): less memory traffic, same values. About 8% of the `small`
 # train step on CPU.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": jax.checkpoint(lambda x: jax.nn.gelu(x, approximate=False)),
-    "quick_gelu": jax.checkpoint(lambda x: x * jax.nn.sigmoid(1.702 * x)),
-    "relu": jax.nn.relu,
+  "gelu": jax.checkpoint(lambda x: jax.nn.gelu(x, approximate=False)),
+  "quick_gelu": jax.checkpoint(lambda x: x * jax.nn.sigmoid(1.702 * x)),
+  "relu": jax.nn.relu,
 }
 
 
 def torch_linear_init(fan_in: int) -> Initializer:
   """PyTorch's default `nn.Linear` init for weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = fan_in ** -0.5
+  bound = fan_in**-0.5
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -48,27 +48,49 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tupl
 def layer_norm(width: int, eps: float, dtype, rngs: nnx.Rngs, name: str = "embed") -> nnx.LayerNorm:
   """LayerNorm with statistics in float32 and exact (two-pass) variance, as PyTorch computes it."""
   return nnx.LayerNorm(
-      width, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs,
-      scale_metadata=dict(out_sharding=(name,)), bias_metadata=dict(out_sharding=(name,)))
+    width,
+    epsilon=eps,
+    dtype=dtype,
+    use_fast_variance=False,
+    rngs=rngs,
+    scale_metadata=dict(out_sharding=(name,)),
+    bias_metadata=dict(out_sharding=(name,)),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class GatheredDotGeneral:
   """`jax.lax.dot_general` with its kernel (logical `names`) gathered over the FSDP axes first."""
+
   names: tuple[str, ...]
 
   def __call__(self, inputs, kernel, dimension_numbers, **kwargs):
     return jax.lax.dot_general(inputs, gathered(kernel, self.names), dimension_numbers, **kwargs)
 
 
-def dense(in_features: int, out_features: int, names: tuple[str, str], dtype, rngs: nnx.Rngs,
-          kernel_init: Initializer, bias_init: Initializer | None = zeros) -> nnx.Linear:
+def dense(
+  in_features: int,
+  out_features: int,
+  names: tuple[str, str],
+  dtype,
+  rngs: nnx.Rngs,
+  kernel_init: Initializer,
+  bias_init: Initializer | None = zeros,
+) -> nnx.Linear:
   """A Linear layer; `bias_init=None` drops the bias. Its kernel, cast to `dtype`, is gathered over
   the FSDP axes where it is used (see `gathered`)."""
   return nnx.Linear(
-      in_features, out_features, use_bias=bias_init is not None, dtype=dtype, rngs=rngs,
-      kernel_init=kernel_init, bias_init=bias_init or zeros, dot_general=GatheredDotGeneral(names),
-      kernel_metadata=dict(out_sharding=names), bias_metadata=dict(out_sharding=names[1:]))
+    in_features,
+    out_features,
+    use_bias=bias_init is not None,
+    dtype=dtype,
+    rngs=rngs,
+    kernel_init=kernel_init,
+    bias_init=bias_init or zeros,
+    dot_general=GatheredDotGeneral(names),
+    kernel_metadata=dict(out_sharding=names),
+    bias_metadata=dict(out_sharding=names[1:]),
+  )
 
 
 class Attention(nnx.Module):
@@ -78,10 +100,21 @@ class Attention(nnx.Module):
   query embeddings go into q and k but not v). Softmax runs in float32.
   """
 
-  def __init__(self, width: int, heads: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               qkv_init: Initializer, out_init: Initializer, qkv_bias_init: Initializer = zeros,
-               out_bias_init: Initializer = zeros, qk_norm: bool = False, norm_eps: float = 1e-6,
-               dropout: float = 0.0):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    qkv_init: Initializer,
+    out_init: Initializer,
+    qkv_bias_init: Initializer = zeros,
+    out_bias_init: Initializer = zeros,
+    qk_norm: bool = False,
+    norm_eps: float = 1e-6,
+    dropout: float = 0.0,
+  ):
     head_dim = width // heads
     self.heads, self.head_dim, self.dtype = heads, head_dim, dtype
     self.qkv_kernel = param(rngs, qkv_init, (width, 3, heads, head_dim), ("embed", "qkv", "heads", "kv"))
@@ -102,7 +135,7 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     logits = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32)
-    logits = logits * self.head_dim ** -0.5
+    logits = logits * self.head_dim**-0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1)
@@ -114,8 +147,14 @@ class Attention(nnx.Module):
     k = self._project(query_input if key_input is None else key_input, slice(1, 2))[:, :, 0]
     return self._softmax(q, k, None)
 
-  def __call__(self, query_input: jax.Array, key_input: jax.Array | None = None,
-               value_input: jax.Array | None = None, *, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    query_input: jax.Array,
+    key_input: jax.Array | None = None,
+    value_input: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
     """Attends `[B, Tq, D]` queries over `[B, Tk, D]` keys/values.
 
     Args:
@@ -145,10 +184,20 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
   """Two-layer MLP `[B, T, D] -> [B, T, hidden] -> [B, T, D]`."""
 
-  def __init__(self, width: int, hidden: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               fc1_init: Initializer, fc2_init: Initializer,
-               fc1_bias_init: Initializer = zeros, fc2_bias_init: Initializer = zeros,
-               dropout: float = 0.0):
+  def __init__(
+    self,
+    width: int,
+    hidden: int,
+    activation: str,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    fc1_init: Initializer,
+    fc2_init: Initializer,
+    fc1_bias_init: Initializer = zeros,
+    fc2_bias_init: Initializer = zeros,
+    dropout: float = 0.0,
+  ):
     self.fc1 = dense(width, hidden, ("embed", "mlp"), dtype, rngs, fc1_init, fc1_bias_init)
     self.fc2 = dense(hidden, width, ("mlp", "embed"), dtype, rngs, fc2_init, fc2_bias_init)
     self.activation = ACTIVATIONS[activation]
@@ -170,8 +219,15 @@ class LayerStack(nnx.Module):
   any per-block step that carries more than `x` (the decoder's box refinement).
   """
 
-  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], depth: int, *, rngs: nnx.Rngs,
-               scan: bool = False, remat: bool = False):
+  def __init__(
+    self,
+    make_block: Callable[[nnx.Rngs], nnx.Module],
+    depth: int,
+    *,
+    rngs: nnx.Rngs,
+    scan: bool = False,
+    remat: bool = False,
+  ):
     self.scanned, self.remat, self.depth = scan, remat, depth
 
     @nnx.split_rngs(splits=depth)
@@ -207,6 +263,7 @@ class LayerStack(nnx.Module):
   def __call__(self, x: jax.Array, *extra, keep_intermediates: bool = False, upto: int | None = None) -> jax.Array:
     """Returns the final `x` (after the first `upto` blocks when given), or with
     `keep_intermediates` every block's output `[depth, *x.shape]`."""
+
     def step(block, x):
       x = block(x, *extra)
       return x, (x if keep_intermediates else None)

@@ -18,13 +18,21 @@ class TextBlock(nnx.Module):
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype):
     width, eps = cfg.width, cfg.layer_norm_eps
     # OpenAI CLIP's init: residual outputs are scaled down with depth.
-    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * cfg.depth) ** -0.5, (2 * width) ** -0.5
+    attn_std, proj_std, fc_std = width**-0.5, width**-0.5 * (2 * cfg.depth) ** -0.5, (2 * width) ** -0.5
     self.ln_1 = layers.layer_norm(width, eps, dtype, rngs)
-    self.attn = layers.Attention(width, cfg.heads, rngs=rngs, dtype=dtype,
-                                 qkv_init=layers.normal(attn_std), out_init=layers.normal(proj_std))
+    self.attn = layers.Attention(
+      width, cfg.heads, rngs=rngs, dtype=dtype, qkv_init=layers.normal(attn_std), out_init=layers.normal(proj_std)
+    )
     self.ln_2 = layers.layer_norm(width, eps, dtype, rngs)
-    self.mlp = layers.Mlp(width, int(width * cfg.mlp_ratio), "quick_gelu", rngs=rngs, dtype=dtype,
-                          fc1_init=layers.normal(fc_std), fc2_init=layers.normal(proj_std))
+    self.mlp = layers.Mlp(
+      width,
+      int(width * cfg.mlp_ratio),
+      "quick_gelu",
+      rngs=rngs,
+      dtype=dtype,
+      fc1_init=layers.normal(fc_std),
+      fc2_init=layers.normal(proj_std),
+    )
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     x = x + self.attn(self.ln_1(x), mask=mask)
@@ -60,17 +68,21 @@ class TextTransformer(nnx.Module):
   MLP the M EOT rows of each row (M = 1 for one text per row, `TEXTS_PER_ROW` when packed).
   """
 
-  def __init__(self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               scan: bool = False, remat: bool = False):
+  def __init__(
+    self, cfg, embed_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32, scan: bool = False, remat: bool = False
+  ):
     self.dtype = dtype
     self.token_embedding = layers.param(rngs, layers.normal(0.02), (cfg.vocab_size, cfg.width), ("vocab", "embed"))
-    self.positional_embedding = layers.param(rngs, layers.normal(0.01), (cfg.context_length, cfg.width),
-                                             ("length", "embed"))
-    self.blocks = layers.LayerStack(lambda r: TextBlock(cfg, rngs=r, dtype=dtype), cfg.depth,
-                                    rngs=rngs, scan=scan, remat=remat)
+    self.positional_embedding = layers.param(
+      rngs, layers.normal(0.01), (cfg.context_length, cfg.width), ("length", "embed")
+    )
+    self.blocks = layers.LayerStack(
+      lambda r: TextBlock(cfg, rngs=r, dtype=dtype), cfg.depth, rngs=rngs, scan=scan, remat=remat
+    )
     self.ln_final = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
-    self.text_projection = layers.param(rngs, layers.normal(cfg.width ** -0.5), (cfg.width, embed_dim),
-                                        ("embed", "joint"))
+    self.text_projection = layers.param(
+      rngs, layers.normal(cfg.width**-0.5), (cfg.width, embed_dim), ("embed", "joint")
+    )
 
   def __call__(self, ids: jax.Array) -> jax.Array:
     """`ids [T, L]`, one text per row -> `[T, embed_dim]`."""

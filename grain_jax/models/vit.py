@@ -16,7 +16,6 @@ from flax import nnx
 from grain_jax.models import layers
 from grain_jax.sharding import RESIDUAL, constrain
 
-
 INITS = ("trunc_normal", "pytorch_default")
 
 
@@ -37,11 +36,29 @@ class VitBlock(nnx.Module):
     (fc1, fc1_bias), (fc2, fc2_bias) = _linear_inits(cfg.init, width), _linear_inits(cfg.init, hidden)
     self.norm1 = layers.layer_norm(width, eps, dtype, rngs)
     self.attn = layers.Attention(
-        width, cfg.heads, rngs=rngs, dtype=dtype, qk_norm=cfg.qk_norm, norm_eps=eps,
-        qkv_init=qkv, out_init=out, qkv_bias_init=qkv_bias, out_bias_init=out_bias)
+      width,
+      cfg.heads,
+      rngs=rngs,
+      dtype=dtype,
+      qk_norm=cfg.qk_norm,
+      norm_eps=eps,
+      qkv_init=qkv,
+      out_init=out,
+      qkv_bias_init=qkv_bias,
+      out_bias_init=out_bias,
+    )
     self.norm2 = layers.layer_norm(width, eps, dtype, rngs)
-    self.mlp = layers.Mlp(width, hidden, "gelu", rngs=rngs, dtype=dtype, fc1_init=fc1, fc2_init=fc2,
-                          fc1_bias_init=fc1_bias, fc2_bias_init=fc2_bias)
+    self.mlp = layers.Mlp(
+      width,
+      hidden,
+      "gelu",
+      rngs=rngs,
+      dtype=dtype,
+      fc1_init=fc1,
+      fc2_init=fc2,
+      fc1_bias_init=fc1_bias,
+      fc2_bias_init=fc2_bias,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x))
@@ -54,23 +71,31 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, scan: bool = False, remat: bool = False):
     if cfg.image_size % cfg.patch_size:
-      raise ValueError(f"config.model.image.image_size={cfg.image_size} is not a multiple of "
-                       f"config.model.image.patch_size={cfg.patch_size}")
+      raise ValueError(
+        f"config.model.image.image_size={cfg.image_size} is not a multiple of "
+        f"config.model.image.patch_size={cfg.patch_size}"
+      )
     if cfg.init not in INITS:
       raise ValueError(f"config.model.image.init={cfg.init!r} must be one of {INITS}")
     self.patch_size, self.dtype = cfg.patch_size, dtype
     num_patches = (cfg.image_size // cfg.patch_size) ** 2
     patch_in = cfg.patch_size * cfg.patch_size * 3
-    patch_init = (layers.torch_linear_init(patch_in) if cfg.init == "pytorch_default"
-                  else jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3))
-    self.patch_kernel = layers.param(rngs, patch_init, (cfg.patch_size, cfg.patch_size, 3, cfg.width),
-                                     ("patch", "patch", "patch", "embed"))
+    patch_init = (
+      layers.torch_linear_init(patch_in)
+      if cfg.init == "pytorch_default"
+      else jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3)
+    )
+    self.patch_kernel = layers.param(
+      rngs, patch_init, (cfg.patch_size, cfg.patch_size, 3, cfg.width), ("patch", "patch", "patch", "embed")
+    )
     self.patch_bias = layers.param(rngs, layers.torch_linear_init(patch_in), (cfg.width,), ("embed",))
     self.cls_token = layers.param(rngs, layers.normal(1e-6), (1, 1, cfg.width), (None, None, "embed"))
-    self.pos_embed = layers.param(rngs, layers.trunc_normal_02, (1, 1 + num_patches, cfg.width),
-                                  (None, "length", "embed"))
-    self.blocks = layers.LayerStack(lambda r: VitBlock(cfg, rngs=r, dtype=dtype), cfg.depth,
-                                    rngs=rngs, scan=scan, remat=remat)
+    self.pos_embed = layers.param(
+      rngs, layers.trunc_normal_02, (1, 1 + num_patches, cfg.width), (None, "length", "embed")
+    )
+    self.blocks = layers.LayerStack(
+      lambda r: VitBlock(cfg, rngs=r, dtype=dtype), cfg.depth, rngs=rngs, scan=scan, remat=remat
+    )
     self.norm = layers.layer_norm(cfg.width, cfg.layer_norm_eps, dtype, rngs)
 
   def _embed(self, images: jax.Array) -> jax.Array:

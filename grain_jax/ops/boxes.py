@@ -57,8 +57,7 @@ def _iou_and_union(boxes1: jnp.ndarray, boxes2: jnp.ndarray, union_epsilon: floa
   return _safe_divide(intersection, union + union_epsilon), union
 
 
-def iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False,
-        union_epsilon: float = 0.0) -> jnp.ndarray:
+def iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False, union_epsilon: float = 0.0) -> jnp.ndarray:
   """Intersection over union of (x1, y1, x2, y2) boxes.
 
   Args:
@@ -73,8 +72,9 @@ def iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False,
   return _iou_and_union(*_paired(boxes1, boxes2, all_pairs), union_epsilon)[0]
 
 
-def generalized_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False,
-                    union_epsilon: float = 0.0) -> jnp.ndarray:
+def generalized_iou(
+  boxes1: jnp.ndarray, boxes2: jnp.ndarray, all_pairs: bool = False, union_epsilon: float = 0.0
+) -> jnp.ndarray:
   """Generalized IoU (Rezatofighi et al. 2019) of (x1, y1, x2, y2) boxes, in [-1, 1].
 
   IoU minus the fraction of the smallest enclosing box that the union leaves empty, so that disjoint

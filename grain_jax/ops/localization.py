@@ -21,8 +21,9 @@ def _masked_std(values: jnp.ndarray, weights: jnp.ndarray, axis) -> jnp.ndarray:
   return jnp.sqrt(((values - mean) ** 2 * weights).sum(axis=axis, keepdims=True) / total)
 
 
-def conditioning_ratio(pred_boxes: jnp.ndarray, true_boxes: jnp.ndarray,
-                       true_valid: jnp.ndarray | None = None) -> jnp.ndarray:
+def conditioning_ratio(
+  pred_boxes: jnp.ndarray, true_boxes: jnp.ndarray, true_valid: jnp.ndarray | None = None
+) -> jnp.ndarray:
   """Spread of predicted boxes across images over the spread of the true boxes (jnp or numpy).
 
   Args:
@@ -37,8 +38,9 @@ def conditioning_ratio(pred_boxes: jnp.ndarray, true_boxes: jnp.ndarray,
   """
   pred = jnp.asarray(pred_boxes, jnp.float32)
   true = jnp.asarray(true_boxes, jnp.float32).reshape(-1, 4)
-  valid = (jnp.ones(true.shape[:1], jnp.float32) if true_valid is None
-           else jnp.asarray(true_valid, jnp.float32).reshape(-1))
+  valid = (
+    jnp.ones(true.shape[:1], jnp.float32) if true_valid is None else jnp.asarray(true_valid, jnp.float32).reshape(-1)
+  )
   # Padding may hold anything (NaN included): replace it before any arithmetic.
   true = jnp.where(valid[:, None] > 0, true, 0.0)
   pred_spread = _masked_std(pred, jnp.ones(pred.shape[:1] + (1, 1)), axis=0).mean()
@@ -50,10 +52,19 @@ def _covers(boxes: np.ndarray, targets: np.ndarray, iou_threshold: float, chunk:
   """`[N, M]` bool: box n overlaps target m with IoU >= threshold (cxcywh), computed over chunks of
   targets so that memory stays at `N x chunk` whatever M."""
   boxes = box_ops.cxcywh_to_xyxy(np.asarray(boxes, np.float32))
-  return np.concatenate([
-      np.asarray(box_ops.iou(boxes, box_ops.cxcywh_to_xyxy(np.asarray(targets[start:start + chunk], np.float32)),
-                             all_pairs=True)) >= iou_threshold
-      for start in range(0, len(targets), chunk)] or [np.zeros((len(boxes), 0), bool)], axis=1)
+  return np.concatenate(
+    [
+      np.asarray(
+        box_ops.iou(
+          boxes, box_ops.cxcywh_to_xyxy(np.asarray(targets[start : start + chunk], np.float32)), all_pairs=True
+        )
+      )
+      >= iou_threshold
+      for start in range(0, len(targets), chunk)
+    ]
+    or [np.zeros((len(boxes), 0), bool)],
+    axis=1,
+  )
 
 
 def best_of_k_recall(fixed_boxes: np.ndarray, true_boxes: np.ndarray, iou_threshold: float = 0.5) -> float:
@@ -63,8 +74,9 @@ def best_of_k_recall(fixed_boxes: np.ndarray, true_boxes: np.ndarray, iou_thresh
   return 100 * float(_covers(fixed_boxes, true_boxes, iou_threshold).any(axis=0).mean())
 
 
-def fit_fixed_boxes(targets: np.ndarray, k: int, iou_threshold: float = 0.5,
-                    max_candidates: int = 2000, seed: int = 0) -> np.ndarray:
+def fit_fixed_boxes(
+  targets: np.ndarray, k: int, iou_threshold: float = 0.5, max_candidates: int = 2000, seed: int = 0
+) -> np.ndarray:
   """The K boxes `[k, 4]` that cover most of `targets [M, 4]` at IoU >= threshold.
 
   Greedy maximum coverage over candidate boxes drawn from the targets themselves (at most
@@ -77,8 +89,9 @@ def fit_fixed_boxes(targets: np.ndarray, k: int, iou_threshold: float = 0.5,
   if not len(targets):
     raise ValueError("fit_fixed_boxes needs at least one target box")
   rng = np.random.default_rng(seed)
-  candidates = targets if len(targets) <= max_candidates else targets[rng.choice(len(targets), max_candidates,
-                                                                                 replace=False)]
+  candidates = (
+    targets if len(targets) <= max_candidates else targets[rng.choice(len(targets), max_candidates, replace=False)]
+  )
   covers = _covers(candidates, targets, iou_threshold)  # [C, M]
   uncovered = np.ones(len(targets), bool)
   picked = []

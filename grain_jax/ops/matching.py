@@ -31,8 +31,9 @@ from grain_jax.ops import boxes as box_ops
 MAX_ENUMERATED_MAPS = 720
 
 
-def matching_cost(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight: float,
-                  giou_weight: float, union_epsilon: float = 0.0) -> jnp.ndarray:
+def matching_cost(
+  pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight: float, giou_weight: float, union_epsilon: float = 0.0
+) -> jnp.ndarray:
   """Cost of assigning each query to each target: l1 * L1 - giou * GIoU (no class term).
 
   Args:
@@ -49,14 +50,16 @@ def matching_cost(pred_boxes: jnp.ndarray, target_boxes: jnp.ndarray, l1_weight:
   pred_boxes = jax.lax.stop_gradient(pred_boxes).astype(jnp.float32)
   target_boxes = jax.lax.stop_gradient(target_boxes).astype(jnp.float32)
   l1 = jnp.abs(pred_boxes[:, :, None, :] - target_boxes[:, None, :, :]).sum(-1)
-  giou = box_ops.generalized_iou(box_ops.cxcywh_to_xyxy(pred_boxes),
-                                 box_ops.cxcywh_to_xyxy(target_boxes), all_pairs=True,
-                                 union_epsilon=union_epsilon)
+  giou = box_ops.generalized_iou(
+    box_ops.cxcywh_to_xyxy(pred_boxes),
+    box_ops.cxcywh_to_xyxy(target_boxes),
+    all_pairs=True,
+    union_epsilon=union_epsilon,
+  )
   return l1_weight * l1 - giou_weight * giou
 
 
-def match(cost: jnp.ndarray, target_valid: jnp.ndarray, method: str = "hungarian",
-          **options) -> jnp.ndarray:
+def match(cost: jnp.ndarray, target_valid: jnp.ndarray, method: str = "hungarian", **options) -> jnp.ndarray:
   """Matches queries to the valid targets of each image.
 
   Args:
@@ -84,8 +87,7 @@ def match(cost: jnp.ndarray, target_valid: jnp.ndarray, method: str = "hungarian
 
 def _exact(cost: jnp.ndarray, target_valid: jnp.ndarray) -> jnp.ndarray:
   _, num_queries, num_targets = cost.shape
-  if (num_targets <= num_queries
-      and math.perm(num_queries, num_targets) <= MAX_ENUMERATED_MAPS):
+  if num_targets <= num_queries and math.perm(num_queries, num_targets) <= MAX_ENUMERATED_MAPS:
     return _enumerate_assignments(cost)
   return _augmenting_paths(cost, target_valid)
 
@@ -137,12 +139,10 @@ def _augmenting_paths(cost: jnp.ndarray, target_valid: jnp.ndarray) -> jnp.ndarr
   queries = jnp.arange(size) < num_queries
   targets = jnp.pad(target_valid, [(0, 0), (0, size - num_targets)])
   queries_as_rows = targets.sum(1) > num_queries
-  rows_cost = jnp.where(queries_as_rows[:, None, None], pad(cost),
-                        pad(jnp.swapaxes(cost, 1, 2)))
+  rows_cost = jnp.where(queries_as_rows[:, None, None], pad(cost), pad(jnp.swapaxes(cost, 1, 2)))
   row_active = jnp.where(queries_as_rows[:, None], queries, targets)
   column_active = jnp.where(queries_as_rows[:, None], targets, queries)
-  column_of_row, row_of_column = jax.vmap(_solve_rows_into_columns)(
-      rows_cost, row_active, column_active)
+  column_of_row, row_of_column = jax.vmap(_solve_rows_into_columns)(rows_cost, row_active, column_active)
   return jnp.where(queries_as_rows[:, None], row_of_column, column_of_row)[:, :num_targets]
 
 
@@ -177,18 +177,32 @@ def _solve_rows_into_columns(cost, row_active, column_active):
       seen_columns = seen_columns.at[column].set(True)
       free = row_of_column[column] < 0
       sink = jnp.where(free & jnp.isfinite(path_cost), column, -1)
-      return (row_of_column[column], path_cost, distance, parent, seen_rows, seen_columns, sink,
-              jnp.where(jnp.isfinite(path_cost), steps + 1, size))
+      return (
+        row_of_column[column],
+        path_cost,
+        distance,
+        parent,
+        seen_rows,
+        seen_columns,
+        sink,
+        jnp.where(jnp.isfinite(path_cost), steps + 1, size),
+      )
 
-    start = (row, jnp.float32(0), jnp.full(size, jnp.inf), jnp.full(size, -1),
-             jnp.zeros(size, bool), jnp.zeros(size, bool), jnp.int32(-1), jnp.int32(0))
-    _, path_cost, distance, parent, seen_rows, seen_columns, sink, _ = jax.lax.while_loop(
-        searching, extend, start)
+    start = (
+      row,
+      jnp.float32(0),
+      jnp.full(size, jnp.inf),
+      jnp.full(size, -1),
+      jnp.zeros(size, bool),
+      jnp.zeros(size, bool),
+      jnp.int32(-1),
+      jnp.int32(0),
+    )
+    _, path_cost, distance, parent, seen_rows, seen_columns, sink, _ = jax.lax.while_loop(searching, extend, start)
 
     # Dual update: reduced costs stay >= 0 and are 0 on the assignment (complementary slackness).
     assigned_distance = distance[jnp.maximum(column_of_row, 0)]
-    row_dual = row_dual + jnp.where(index == row, path_cost,
-                                    jnp.where(seen_rows, path_cost - assigned_distance, 0.0))
+    row_dual = row_dual + jnp.where(index == row, path_cost, jnp.where(seen_rows, path_cost - assigned_distance, 0.0))
     column_dual = column_dual - jnp.where(seen_columns, path_cost - distance, 0.0)
 
     def flip_edge(walk):
@@ -200,7 +214,8 @@ def _solve_rows_into_columns(cost, row_active, column_active):
       return previous, column_of_row, row_of_column, parent_row == row
 
     _, column_of_row, row_of_column, _ = jax.lax.while_loop(
-        lambda walk: ~walk[-1], flip_edge, (sink, column_of_row, row_of_column, sink < 0))
+      lambda walk: ~walk[-1], flip_edge, (sink, column_of_row, row_of_column, sink < 0)
+    )
     return row_dual, column_dual, column_of_row, row_of_column
 
   def maybe_add_row(row, state):
@@ -211,8 +226,7 @@ def _solve_rows_into_columns(cost, row_active, column_active):
   return column_of_row, row_of_column
 
 
-def _sinkhorn(cost: jnp.ndarray, target_valid: jnp.ndarray, epsilon: float = 0.05,
-              iterations: int = 50) -> jnp.ndarray:
+def _sinkhorn(cost: jnp.ndarray, target_valid: jnp.ndarray, epsilon: float = 0.05, iterations: int = 50) -> jnp.ndarray:
   """Entropic OT plan between queries and valid targets, rounded greedily to an assignment.
 
   Every query and every valid target has mass 1. A zero-cost dummy target takes the mass of queries
@@ -226,8 +240,7 @@ def _sinkhorn(cost: jnp.ndarray, target_valid: jnp.ndarray, epsilon: float = 0.0
   cost = jnp.pad(cost, [(0, 0), (0, 1), (0, 1)]).transpose(1, 2, 0)
   valid = target_valid.T.astype(jnp.float32)
   num_valid = valid.sum(0)
-  query_mass = jnp.concatenate(
-      [jnp.ones((num_queries, valid.shape[1])), jnp.maximum(num_valid - num_queries, 0)[None]])
+  query_mass = jnp.concatenate([jnp.ones((num_queries, valid.shape[1])), jnp.maximum(num_valid - num_queries, 0)[None]])
   target_mass = jnp.concatenate([valid, jnp.maximum(num_queries - num_valid, 0)[None]])
   log_query_mass, log_target_mass = _log_or_minus_inf(query_mass), _log_or_minus_inf(target_mass)
   cost_range = jnp.maximum(cost.max((0, 1)) - cost.min((0, 1)), epsilon)
@@ -238,10 +251,8 @@ def _sinkhorn(cost: jnp.ndarray, target_valid: jnp.ndarray, epsilon: float = 0.0
     _, target_potential = potentials
     progress = jnp.minimum(step / anneal_steps, 1.0)
     eps = epsilon * (cost_range / epsilon) ** (1.0 - progress)
-    query_potential = eps * (log_query_mass - _logsumexp(
-        (target_potential[None] - cost) / eps, 1))
-    target_potential = eps * (log_target_mass - _logsumexp(
-        (query_potential[:, None] - cost) / eps, 0))
+    query_potential = eps * (log_query_mass - _logsumexp((target_potential[None] - cost) / eps, 1))
+    target_potential = eps * (log_target_mass - _logsumexp((query_potential[:, None] - cost) / eps, 0))
     return query_potential, target_potential
 
   # Padding targets start (and stay) at -inf, so they never enter a sum.
@@ -280,12 +291,14 @@ def _greedy(cost: jnp.ndarray, target_valid: jnp.ndarray) -> jnp.ndarray:
     open_pair = query_free[:, :, None] & (target_valid & (query_of_target < 0))[:, None, :]
     open_cost = jnp.where(open_pair, cost, jnp.inf).reshape(batch, -1)
     lowest = open_cost.min(1, keepdims=True)
-    pair = jnp.where((open_cost == lowest) & open_pair.reshape(batch, -1),
-                     pair_index.reshape(-1), pair_index.size).min(1)
+    pair = jnp.where((open_cost == lowest) & open_pair.reshape(batch, -1), pair_index.reshape(-1), pair_index.size).min(
+      1
+    )
     any_open = pair < pair_index.size
     query, target = pair // num_targets, pair % num_targets
-    query_of_target = jnp.where(any_open[:, None] & (np.arange(num_targets) == target[:, None]),
-                                query[:, None], query_of_target)
+    query_of_target = jnp.where(
+      any_open[:, None] & (np.arange(num_targets) == target[:, None]), query[:, None], query_of_target
+    )
     query_free = query_free & ~(any_open[:, None] & (np.arange(num_queries) == query[:, None]))
     return query_of_target, query_free
 

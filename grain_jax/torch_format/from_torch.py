@@ -30,6 +30,7 @@ class TorchCheckpoint(NamedTuple):
   """state_dicts: `{"backbone": {key: float32 array}, "decoder": {...}}`, `module.` stripped.
   reference: whether the file had the reference's `backbone_state_dict` (else a CLIP state dict).
   """
+
   state_dicts: dict[str, layout.StateDict]
   reference: bool
 
@@ -71,14 +72,17 @@ def _read_torch(path: str) -> dict:
   try:
     import torch
   except ImportError:
-    raise ImportError(f"reading {path} needs torch (pip install -r requirements-export.txt), "
-                      "or convert it to .safetensors") from None
+    raise ImportError(
+      f"reading {path} needs torch (pip install -r requirements-export.txt), or convert it to .safetensors"
+    ) from None
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as error:  # noqa: BLE001 - pickle/zip errors of every kind mean the same to a user
-    raise layout.LayoutMismatchError(f"{path} is not a weights-only PyTorch checkpoint ({type(error).__name__}: "
-                     f"{str(error).splitlines()[0]}); a TorchScript archive must first be saved as "
-                     "torch.save(torch.jit.load(path).state_dict(), new_path)") from None
+    raise layout.LayoutMismatchError(
+      f"{path} is not a weights-only PyTorch checkpoint ({type(error).__name__}: "
+      f"{str(error).splitlines()[0]}); a TorchScript archive must first be saved as "
+      "torch.save(torch.jit.load(path).state_dict(), new_path)"
+    ) from None
 
 
 def read_checkpoint(path: str) -> TorchCheckpoint:
@@ -89,8 +93,9 @@ def read_checkpoint(path: str) -> TorchCheckpoint:
   if not isinstance(top, dict):
     raise layout.LayoutMismatchError(f"{path} holds a {type(top).__name__}, not a state dict")
   if "backbone_state_dict" in top:
-    return TorchCheckpoint({GROUPS[group]: _as_state_dict(top[group]) for group in GROUPS if group in top},
-                           reference=True)
+    return TorchCheckpoint(
+      {GROUPS[group]: _as_state_dict(top[group]) for group in GROUPS if group in top}, reference=True
+    )
   clip = top["state_dict"] if isinstance(top.get("state_dict"), dict) else top
   return TorchCheckpoint({layout.BACKBONE: _as_state_dict(clip)}, reference=False)
 
@@ -99,11 +104,14 @@ def _clip_names(backbone: layout.StateDict, towers, path: str) -> layout.StateDi
   """open_clip's timm trunk -> the reference's `visual.` names; refuses OpenAI's own ViT."""
   if "image" in towers and OPENAI_VISION_KEY in backbone:
     raise layout.LayoutMismatchError(
-        f"{path} has OpenAI CLIP's vision tower ({OPENAI_VISION_KEY}, ln_pre, no qk-norm, QuickGELU), a "
-        "different architecture from our qk-norm ViT: initialize only the text tower "
-        "(config.model.init_towers=('text',))")
-  return {("visual." + key[len(OPEN_CLIP_TIMM_TRUNK):] if key.startswith(OPEN_CLIP_TIMM_TRUNK) else key): value
-          for key, value in backbone.items()}
+      f"{path} has OpenAI CLIP's vision tower ({OPENAI_VISION_KEY}, ln_pre, no qk-norm, QuickGELU), a "
+      "different architecture from our qk-norm ViT: initialize only the text tower "
+      "(config.model.init_towers=('text',))"
+    )
+  return {
+    ("visual." + key[len(OPEN_CLIP_TIMM_TRUNK) :] if key.startswith(OPEN_CLIP_TIMM_TRUNK) else key): value
+    for key, value in backbone.items()
+  }
 
 
 def import_params(path: str, params, model_config, towers=None):
@@ -135,8 +143,9 @@ def initial_params(params, model_config):
 def _import(checkpoint: TorchCheckpoint, path: str, params, model_config, towers):
   if towers is None and not checkpoint.reference:
     raise layout.LayoutMismatchError(
-        f"{path} has no 'backbone_state_dict': it is not a reference GRAIN checkpoint (a CLIP state dict "
-        "initializes only towers: config.model.init_towers)")
+      f"{path} has no 'backbone_state_dict': it is not a reference GRAIN checkpoint (a CLIP state dict "
+      "initializes only towers: config.model.init_towers)"
+    )
   state_dicts = checkpoint.state_dicts
   if towers is not None:
     state_dicts = {layout.BACKBONE: _clip_names(state_dicts[layout.BACKBONE], towers, path)}

@@ -34,6 +34,7 @@ def replace(state, values: Mapping[Path, np.ndarray]):
 
   Leaves not in `values` are kept; dtypes follow the old leaves.
   """
+
   def put(key_path, leaf):
     value = values.get(_path_of(key_path))
     if value is None:

@@ -28,8 +28,9 @@ at most `checkpoint_every` steps. An asynchronous save commits while training go
 save waits for it, so a kill loses at most 2 x `checkpoint_every` steps. A save cut short leaves a
 `<step>.orbax-checkpoint-tmp-*` folder, which a writable Checkpointer removes (logged): the workdir
 lock makes sure no other run is writing it. (In a gs:// workdir it leaves a `<step>` folder without
-Orbax's `commit_success.txt`, which is never restored and which a save of that step replaces.) A save that fails (a full disk) stops training at the
-next step (`check()`) with CheckpointSaveError, which names the newest committed checkpoint.
+Orbax's `commit_success.txt`, which is never restored and which a save of that step replaces.) A save
+that fails (a full disk) stops training at the next step (`check()`) with CheckpointSaveError, which
+names the newest committed checkpoint.
 """
 
 import logging
@@ -42,8 +43,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from grain_jax import files
-from grain_jax import sharding
+from grain_jax import files, sharding
 from grain_jax.checksums import checksums, leaf_checks, leaf_names, to_host
 from grain_jax.errors import UserError
 from grain_jax.models.grain import build_model
@@ -78,8 +78,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return dict(zip(leaf_names(tree), (tuple(leaf.shape) for leaf in jax.tree.leaves(tree)), strict=True))
 
 
-def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]],
-                      limit: int = 5) -> str:
+def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], limit: int = 5) -> str:
   """How the arrays of a checkpoint (`saved`) differ from the config's (`wanted`), "" when they fit."""
   params_first = lambda name: (not name.startswith("params/"), name)  # the optimizer's copies say less
   missing = sorted(set(wanted) - set(saved), key=params_first)
@@ -87,8 +86,11 @@ def describe_mismatch(saved: dict[str, tuple[int, ...]], wanted: dict[str, tuple
   reshaped = sorted((name for name in set(saved) & set(wanted) if saved[name] != wanted[name]), key=params_first)
   parts = []
   if reshaped:
-    parts.append(f"{len(reshaped)} arrays have other shapes (" + "; ".join(
-        f"{name}: checkpoint {saved[name]}, config {wanted[name]}" for name in reshaped[:limit]) + ")")
+    parts.append(
+      f"{len(reshaped)} arrays have other shapes ("
+      + "; ".join(f"{name}: checkpoint {saved[name]}, config {wanted[name]}" for name in reshaped[:limit])
+      + ")"
+    )
   if missing:
     parts.append(f"{len(missing)} arrays of the config are not in the checkpoint ({', '.join(missing[:limit])})")
   if extra:
@@ -110,8 +112,9 @@ def remove_unfinished_saves(directory: str) -> None:
       if suffix in name and files.is_dir(path):
         size = files.tree_size(path) / 2**20
         files.remove_tree(path)
-        logging.warning("removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path,
-                        size)
+        logging.warning(
+          "removed %s (%.1f MB): a save that never committed (cut short by a kill or a failure)", path, size
+        )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("grain_jax_checkpoint_unfinished_saves_removed")
 
@@ -135,9 +138,12 @@ class Checkpointer:
     if not read_only:
       remove_unfinished_saves(directory)
     self.manager = ocp.CheckpointManager(
-        directory, item_names=("state", "data", CHECKSUMS),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             create=not read_only, read_only=read_only))
+      directory,
+      item_names=("state", "data", CHECKSUMS),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
+      ),
+    )
 
   def save(self, state: TrainState, data_iterator) -> None:
     """Starts saving at step `state.step` (asynchronously when enabled), with the arrays' checksums,
@@ -149,9 +155,15 @@ class Checkpointer:
     self.wait()
     step, tree = int(state.step), state._asdict()
     try:
-      self.manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(tree), data=grain.checkpoint.CheckpointSave(data_iterator),
-          **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))}), force=True)
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(tree),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          **{CHECKSUMS: ocp.args.JsonSave(checksums(tree))},
+        ),
+        force=True,
+      )
     except Exception as error:  # noqa: BLE001 - whatever the storage raised, the run stops on one line
       raise self._save_error(step, error) from error
     self._pending = step
@@ -173,11 +185,16 @@ class Checkpointer:
   def _save_error(self, step: int | None, error: Exception) -> CheckpointSaveError:
     self.manager.reload()  # the steps that committed, read from the directory
     committed = self.manager.latest_step()
-    newest = (f"the newest committed checkpoint is step {committed}, where running the same command again resumes"
-              if committed is not None else "no checkpoint has committed in this workdir")
+    newest = (
+      f"the newest committed checkpoint is step {committed}, where running the same command again resumes"
+      if committed is not None
+      else "no checkpoint has committed in this workdir"
+    )
     cause = " ".join(f"{type(error).__name__}: {error}".split())
-    return CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed ({cause}); training "
-                               f"stopped; {newest} once the cause (a full disk, say) is fixed")
+    return CheckpointSaveError(
+      f"saving the checkpoint of step {step} in {self.directory} failed ({cause}); training "
+      f"stopped; {newest} once the cause (a full disk, say) is fixed"
+    )
 
   def restore_latest(self, like: TrainState) -> TrainState | None:
     """The newest intact checkpoint's state restored into `like`'s shapes and shardings; None when
@@ -197,9 +214,12 @@ class Checkpointer:
     (not the optimizer state), into `like_params`' shapes and shardings (arrays or
     ShapeDtypeStructs with shardings). Raises like `restore_latest`."""
     target = dict(params=jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params))
-    restored = self._restore_newest(ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True),
-        _shapes(target))
+    restored = self._restore_newest(
+      ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+      ),
+      _shapes(target),
+    )
     return None if restored is None else (restored[0], restored[1]["params"])
 
   def restore_data(self, step: int, data_iterator) -> None:
@@ -214,13 +234,15 @@ class Checkpointer:
       self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
     except Exception as e:  # noqa: BLE001 - every process must reach the agreement below
       error = CheckpointMismatchError(
-          f"the data iterator's position saved at step {step} in {self.directory} does not fit this run's input "
-          f"pipeline ({type(e).__name__}: {e}). config.data.num_workers or the number of processes "
-          f"({jax.process_count()} now) differs from the run that saved it: run with the same values, or use a "
-          "new --workdir. Nothing was moved.")
+        f"the data iterator's position saved at step {step} in {self.directory} does not fit this run's input "
+        f"pipeline ({type(e).__name__}: {e}). config.data.num_workers or the number of processes "
+        f"({jax.process_count()} now) differs from the run that saved it: run with the same values, or use a "
+        "new --workdir. Nothing was moved."
+      )
     if any_process(error is not None):
-      raise error or CheckpointMismatchError(f"another process could not restore the data position of step {step} "
-                                             f"in {self.directory}; see its log")
+      raise error or CheckpointMismatchError(
+        f"another process could not restore the data position of step {step} in {self.directory}; see its log"
+      )
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -234,9 +256,14 @@ class Checkpointer:
       outcome, restored = self._read(step, state_args, wanted)
       mismatch = isinstance(outcome, CheckpointMismatchError)
       if any_process(mismatch):
-        raise outcome if mismatch else CheckpointMismatchError(
+        raise (
+          outcome
+          if mismatch
+          else CheckpointMismatchError(
             f"another process found that the checkpoint at step {step} in {self.directory} does not fit this "
-            "config; see its log")
+            "config; see its log"
+          )
+        )
       if any_process(outcome is not None):
         unread.append((step, outcome or "another process could not read it; see its log"))
         continue
@@ -253,9 +280,15 @@ class Checkpointer:
     if unread:
       raise self._read_error(*unread[0])
     if steps:
-      after = ("" if self.read_only else f" They were moved to {os.path.join(self.directory, UNREADABLE)}; training "
-               "again in this workdir starts from step 0, so to keep this run apart use a new workdir.")
-      raise NoReadableCheckpointError(f"every checkpoint in {self.directory} is corrupt ({'; '.join(problems)}).{after}")
+      after = (
+        ""
+        if self.read_only
+        else f" They were moved to {os.path.join(self.directory, UNREADABLE)}; training "
+        "again in this workdir starts from step 0, so to keep this run apart use a new workdir."
+      )
+      raise NoReadableCheckpointError(
+        f"every checkpoint in {self.directory} is corrupt ({'; '.join(problems)}).{after}"
+      )
     return None
 
   def _read(self, step: int, state_args, wanted: dict) -> tuple[CheckpointMismatchError | str | None, tuple]:
@@ -267,14 +300,16 @@ class Checkpointer:
     except Exception as error:  # noqa: BLE001
       return f"its metadata does not read ({type(error).__name__}: {error})", ()
     items_wanted = {name.split("/")[0] for name in wanted}  # "params" alone for a partial restore
-    mismatch = describe_mismatch({name: shape for name, shape in saved.items() if name.split("/")[0] in items_wanted},
-                                 wanted)
+    mismatch = describe_mismatch(
+      {name: shape for name, shape in saved.items() if name.split("/")[0] in items_wanted}, wanted
+    )
     if mismatch:
       return CheckpointMismatchError(
-          f"the checkpoint at step {step} in {self.directory} does not fit this config: {mismatch}. It is "
-          "another model's (its run's config is config.json in the same workdir). To train this config, "
-          "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
-          "that run's config) and set config.model.init_from to the exported .safetensors file."), ()
+        f"the checkpoint at step {step} in {self.directory} does not fit this config: {mismatch}. It is "
+        "another model's (its run's config is config.json in the same workdir). To train this config, "
+        "use a new --workdir; to start it from that checkpoint's weights, export them (--mode export with "
+        "that run's config) and set config.model.init_from to the exported .safetensors file."
+      ), ()
     items = dict(state=state_args)
     if files.is_dir(os.path.join(step_dir, CHECKSUMS)):
       items[CHECKSUMS] = ocp.args.JsonRestore()
@@ -286,10 +321,11 @@ class Checkpointer:
 
   def _read_error(self, step: int, why: str) -> CheckpointReadError:
     return CheckpointReadError(
-        f"the checkpoint at step {step} in {self.directory} does not read ({why}), and no older one restores. "
-        "The checkpoints that do not read were not moved: a changed environment or config can cause this as well "
-        f"as damage. If they are damaged, move them aside (e.g. to {os.path.join(self.directory, UNREADABLE)}) or "
-        "use a new --workdir to train from step 0.")
+      f"the checkpoint at step {step} in {self.directory} does not read ({why}), and no older one restores. "
+      "The checkpoints that do not read were not moved: a changed environment or config can cause this as well "
+      f"as damage. If they are damaged, move them aside (e.g. to {os.path.join(self.directory, UNREADABLE)}) or "
+      "use a new --workdir to train from step 0."
+    )
 
   def _corruption(self, step: int, state: dict, saved: dict | None) -> str:
     """What proves the restored `state` corrupt ("" = nothing): checksums that differ from the
@@ -297,8 +333,13 @@ class Checkpointer:
     values, finite = leaf_checks(state)
     names = leaf_names(state)
     if saved is None:
-      logging.warning("the checkpoint at step %d in %s has no %s (saved by an earlier grain_jax): only the "
-                      "finiteness of its values is checked", step, self.directory, CHECKSUMS)
+      logging.warning(
+        "the checkpoint at step %d in %s has no %s (saved by an earlier grain_jax): only the "
+        "finiteness of its values is checked",
+        step,
+        self.directory,
+        CHECKSUMS,
+      )
       differ = []
     else:
       differ = [name for name, value in zip(names, to_host(values), strict=True) if saved.get(name) != int(value)]
@@ -320,9 +361,17 @@ class Checkpointer:
     if jax.process_index() == 0:
       files.rename(self._step_dir(step), aside)
       # Nothing deletes what is moved aside (it may be needed to find out what went wrong): say what it costs.
-      logging.warning("checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
-                      "them when they are no longer needed", step, self.directory, problem, aside, unreadable,
-                      len(files.listdir(unreadable)), files.tree_size(unreadable) / 2**20)
+      logging.warning(
+        "checkpoint at step %d in %s %s; moved to %s. %s now holds %d checkpoints, %.1f MB: delete "
+        "them when they are no longer needed",
+        step,
+        self.directory,
+        problem,
+        aside,
+        unreadable,
+        len(files.listdir(unreadable)),
+        files.tree_size(unreadable) / 2**20,
+      )
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"grain_jax_checkpoint_{step}_set_aside")
     self.manager.reload()
@@ -355,8 +404,10 @@ def restore_model(config, workdir: str, mesh: jax.sharding.Mesh) -> tuple[nnx.Mo
   finally:
     checkpointer.close()
   if restored is None:
-    raise FileNotFoundError(f"--workdir {workdir} holds no checkpoint ({directory} has none): give the workdir "
-                            "of a training run, or train there first")
+    raise FileNotFoundError(
+      f"--workdir {workdir} holds no checkpoint ({directory} has none): give the workdir "
+      "of a training run, or train there first"
+    )
   step, params = restored
   model = nnx.merge(graphdef, params, rest)
   model.eval()

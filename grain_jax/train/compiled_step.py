@@ -31,8 +31,9 @@ def wait_for_other_processes(name: str) -> None:
   """Returns once every process has called this with the same unique `name` (at once when there is
   one process)."""
   if jax.process_count() > 1:
-    ocp.multihost.sync_global_processes(name, timeout=COMPILE_BARRIER_TIMEOUT_S,
-                                        processes=set(range(jax.process_count())))
+    ocp.multihost.sync_global_processes(
+      name, timeout=COMPILE_BARRIER_TIMEOUT_S, processes=set(range(jax.process_count()))
+    )
 
 
 class CompiledStep:

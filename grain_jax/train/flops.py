@@ -45,8 +45,7 @@ def jaxpr_matmul_flops(jaxpr) -> int:
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "dot_general":
-      total += dot_general_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape,
-                                 eqn.params["dimension_numbers"])
+      total += dot_general_flops(eqn.invars[0].aval.shape, eqn.invars[1].aval.shape, eqn.params["dimension_numbers"])
       continue
     if name == "cond":
       total += max(jaxpr_matmul_flops(branch.jaxpr) for branch in eqn.params["branches"])

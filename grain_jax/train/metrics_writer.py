@@ -40,8 +40,11 @@ def drop_rows_after(path: str, step: int) -> None:
   kept = [line for line, row_step in zip(lines, steps) if row_step is not None and row_step <= step]
   unreadable = steps.count(None)
   if unreadable:
-    logging.warning("%s: dropped %d lines that are not JSON rows with a step (a row cut short by a kill, or "
-                    "garbage)", path, unreadable)
+    logging.warning(
+      "%s: dropped %d lines that are not JSON rows with a step (a row cut short by a kill, or garbage)",
+      path,
+      unreadable,
+    )
   if len(kept) < len(lines):
     files.replace_durably(path, "".join(kept))
 
@@ -56,8 +59,9 @@ class MetricsWriter:
     if self.active:
       self.path = os.path.join(workdir, "metrics.jsonl")
       if first_step == 0 and files.exists(self.path) and files.size(self.path):
-        logging.warning("this run starts from step 0: the earlier run's %s is now %s", self.path,
-                        files.keep_earlier(self.path))
+        logging.warning(
+          "this run starts from step 0: the earlier run's %s is now %s", self.path, files.keep_earlier(self.path)
+        )
       drop_rows_after(self.path, first_step)
       self.summary = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

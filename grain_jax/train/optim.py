@@ -17,9 +17,12 @@ def learning_rate_schedule(optim_config, num_steps: int) -> optax.Schedule:
   """Linear warmup from `warmup_init` to `learning_rate`, then cosine to `end_learning_rate` at `num_steps`."""
   warmup = min(optim_config.warmup_steps, num_steps)
   return optax.warmup_cosine_decay_schedule(
-      init_value=optim_config.warmup_init, peak_value=optim_config.learning_rate,
-      warmup_steps=warmup, decay_steps=max(num_steps, warmup + 1),
-      end_value=optim_config.end_learning_rate)
+    init_value=optim_config.warmup_init,
+    peak_value=optim_config.learning_rate,
+    warmup_steps=warmup,
+    decay_steps=max(num_steps, warmup + 1),
+    end_value=optim_config.end_learning_rate,
+  )
 
 
 def decays(name: str, variable: nnx.Variable) -> bool:
@@ -72,8 +75,14 @@ def make_optimizer(params: nnx.State, optim_config, num_steps: int, model_config
   names the parameters for `optim_config.weight_decay_exempt` "authors_name_rule"."""
   schedule = learning_rate_schedule(optim_config, num_steps)
   mask = weight_decay_mask(params, optim_config.weight_decay_exempt, model_config)
-  adamw = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                      weight_decay=optim_config.weight_decay, mask=mask)
+  adamw = optax.adamw(
+    schedule,
+    b1=optim_config.b1,
+    b2=optim_config.b2,
+    eps=optim_config.eps,
+    weight_decay=optim_config.weight_decay,
+    mask=mask,
+  )
   if optim_config.grad_clip_norm > 0:
     adamw = optax.chain(optax.clip_by_global_norm(optim_config.grad_clip_norm), adamw)
   return adamw

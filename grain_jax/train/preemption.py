@@ -57,8 +57,10 @@ class Preempted(Exception):
   and stopped."""
 
   def __init__(self, step: int, workdir: str, interrupted: bool = False):
-    super().__init__(f"{'interrupted' if interrupted else 'preempted'}: saved the checkpoint of step {step} in "
-                     f"{workdir}; running the same command again resumes from it")
+    super().__init__(
+      f"{'interrupted' if interrupted else 'preempted'}: saved the checkpoint of step {step} in "
+      f"{workdir}; running the same command again resumes from it"
+    )
     self.step = step
     self.status = INTERRUPTED_STATUS if interrupted else PREEMPTED_STATUS
 
@@ -104,8 +106,10 @@ class PreemptionNotice:
     # From now on SIGINT does what it does by default: a second Ctrl-C ends the process at once,
     # even in the middle of a compile or a save.
     signal.signal(signum, signal.SIG_DFL)
-    logging.warning("Ctrl-C: saving a checkpoint after the step in progress, then stopping (Ctrl-C again stops "
-                    "at once, losing the steps since the newest checkpoint)")
+    logging.warning(
+      "Ctrl-C: saving a checkpoint after the step in progress, then stopping (Ctrl-C again stops "
+      "at once, losing the steps since the newest checkpoint)"
+    )
     self.interrupted = True
     if self.shared:
       os.kill(os.getpid(), signal.SIGTERM)  # the preemption service's notice, which the processes agree on

@@ -24,6 +24,7 @@ class TrainState(NamedTuple):
   opt_state: the optax state.
   skipped_steps: int32 scalar, steps whose loss or gradients were not finite.
   """
+
   step: jax.Array
   params: nnx.State
   opt_state: Any
@@ -37,18 +38,28 @@ def batch_loss(model, batch: dict[str, jax.Array], config, batch_shards: int):
   shard) and run through the text tower in one pass.
   """
   outputs = model.encode_image(batch["image"])
-  texts = model.encode_packed_text(batch["text_tokens"], batch["text_segments"], batch["text_positions"],
-                                   batch["text_eot"])
+  texts = model.encode_packed_text(
+    batch["text_tokens"], batch["text_segments"], batch["text_positions"], batch["text_eot"]
+  )
   regions = {}
   if outputs.region_embed is not None:
-    regions = dict(region_embed=outputs.region_embed, layer_boxes=outputs.boxes,
-                   desc_embed=texts_at(texts, batch["desc_slot"], batch_shards),
-                   target_boxes=batch["boxes"], box_valid=batch["box_valid"],
-                   desc_text_id=batch["desc_text_id"], batch_shards=batch_shards)
-  return losses.grain_loss(image_embed=outputs.global_embed,
-                           caption_embed=texts_at(texts, batch["caption_slot"], batch_shards),
-                           logit_scale=model.logit_scale[...], matching_config=config.matching,
-                           loss_config=config.loss, **regions)
+    regions = dict(
+      region_embed=outputs.region_embed,
+      layer_boxes=outputs.boxes,
+      desc_embed=texts_at(texts, batch["desc_slot"], batch_shards),
+      target_boxes=batch["boxes"],
+      box_valid=batch["box_valid"],
+      desc_text_id=batch["desc_text_id"],
+      batch_shards=batch_shards,
+    )
+  return losses.grain_loss(
+    image_embed=outputs.global_embed,
+    caption_embed=texts_at(texts, batch["caption_slot"], batch_shards),
+    logit_scale=model.logit_scale[...],
+    matching_config=config.matching,
+    loss_config=config.loss,
+    **regions,
+  )
 
 
 def split_micro_batches(batch: dict[str, jax.Array], num_micro: int, batch_shards: int) -> dict[str, jax.Array]:
@@ -57,6 +68,7 @@ def split_micro_batches(batch: dict[str, jax.Array], num_micro: int, batch_shard
   Row `r` of shard `s` lives on that shard's devices; interleaving keeps every micro-batch spread
   over all devices instead of gathering one shard's rows onto the others.
   """
+
   def split(x):
     per_shard = x.reshape(batch_shards, num_micro, -1, *x.shape[1:])
     return jnp.swapaxes(per_shard, 0, 1).reshape(num_micro, -1, *x.shape[1:])
@@ -64,8 +76,14 @@ def split_micro_batches(batch: dict[str, jax.Array], num_micro: int, batch_shard
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientTransformation, config,
-                    batch_shards: int, learning_rate: optax.Schedule) -> Callable:
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  rest: nnx.State,
+  tx: optax.GradientTransformation,
+  config,
+  batch_shards: int,
+  learning_rate: optax.Schedule,
+) -> Callable:
   """`train_step(state, batch) -> (state, metrics)` for a model split as `(graphdef, params, rest)`.
 
   Dropout keys are derived from `config.seed` and the step, so a resumed run draws the same
@@ -93,8 +111,10 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
     metric_shapes = jax.eval_shape(lambda: loss_fn(state.params, first, step_key))[1]
-    zeros = (jax.tree.map(jnp.zeros_like, state.params),
-             {name: jnp.zeros((), jnp.float32) for name in [*metric_shapes, "loss"]})
+    zeros = (
+      jax.tree.map(jnp.zeros_like, state.params),
+      {name: jnp.zeros((), jnp.float32) for name in [*metric_shapes, "loss"]},
+    )
     (grads, metrics), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(num_micro), micro_batches))
     grads, metrics = jax.tree.map(lambda x: x / num_micro, (grads, metrics))
 
@@ -105,13 +125,19 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, tx: optax.GradientT
     model.clamp_logit_scale()
     params = nnx.state(model, nnx.Param)
     keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=state.step + 1, params=keep_if_finite(params, state.params),
-                           opt_state=keep_if_finite(opt_state, state.opt_state),
-                           skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32))
+    new_state = TrainState(
+      step=state.step + 1,
+      params=keep_if_finite(params, state.params),
+      opt_state=keep_if_finite(opt_state, state.opt_state),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+    )
     # optax counts applied updates only, so skipped steps do not advance the schedule.
-    metrics.update(grad_norm=grad_norm, learning_rate=learning_rate(state.step - state.skipped_steps),
-                   temperature=jnp.exp(new_state.params["logit_scale"][...]),
-                   skipped=(~finite).astype(jnp.float32))
+    metrics.update(
+      grad_norm=grad_norm,
+      learning_rate=learning_rate(state.step - state.skipped_steps),
+      temperature=jnp.exp(new_state.params["logit_scale"][...]),
+      skipped=(~finite).astype(jnp.float32),
+    )
     return new_state, metrics
 
   return train_step

@@ -35,11 +35,19 @@ class StepReport:
     device_kind = jax.devices()[0].device_kind
     self.peak_flops = throughput.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
     if self.peak_flops is None:
-      logging.info("no mfu: the bf16 peak of a %r device is not known (set config.train.peak_flops_per_device "
-                   "to log it)", device_kind)
+      logging.info(
+        "no mfu: the bf16 peak of a %r device is not known (set config.train.peak_flops_per_device to log it)",
+        device_kind,
+      )
     self.writer = MetricsWriter(workdir, first_step)
-    self.bar = tqdm.tqdm(total=config.train.num_steps, initial=first_step, desc="train", unit="step",
-                         disable=jax.process_index() != 0, dynamic_ncols=True)
+    self.bar = tqdm.tqdm(
+      total=config.train.num_steps,
+      initial=first_step,
+      desc="train",
+      unit="step",
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
+    )
     self.skipped_logged = skipped_before
     self.last_metrics: dict[str, float] = {}
     self._restart_window()
@@ -69,15 +77,18 @@ class StepReport:
     elapsed = time.perf_counter() - self.window_start
     row["images_per_second"] = throughput.per_second(self.window_steps * self.batch_size, elapsed)
     if self.peak_flops is not None and self.window_flops:
-      row["mfu"] = throughput.model_flops_utilization(self.window_flops, elapsed, jax.device_count(),
-                                                      self.peak_flops)
+      row["mfu"] = throughput.model_flops_utilization(self.window_flops, elapsed, jax.device_count(), self.peak_flops)
     row["skipped_steps_total"] = float(state.skipped_steps)
     self.writer.write(done, row, data_stats)
     self.bar.set_postfix({name: f"{row[name]:.3g}" for name in BAR_FIELDS if name in row})
     if row["skipped_steps_total"] > self.skipped_logged:
-      logging.warning("steps %d-%d: %d updates skipped because the loss or gradients were not finite (%d in all)",
-                      done - self.window_steps + 1, done, row["skipped_steps_total"] - self.skipped_logged,
-                      row["skipped_steps_total"])
+      logging.warning(
+        "steps %d-%d: %d updates skipped because the loss or gradients were not finite (%d in all)",
+        done - self.window_steps + 1,
+        done,
+        row["skipped_steps_total"] - self.skipped_logged,
+        row["skipped_steps_total"],
+      )
       self.skipped_logged = row["skipped_steps_total"]
     self.last_metrics = row
     self._restart_window()

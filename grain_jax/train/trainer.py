@@ -18,17 +18,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from grain_jax import files
-from grain_jax import sharding
-from grain_jax.data import pipeline
-from grain_jax.data import text_packing
+from grain_jax import files, sharding
+from grain_jax.data import pipeline, text_packing
 from grain_jax.errors import ConfigError
 from grain_jax.models.grain import build_model
 from grain_jax.torch_format import from_torch
-from grain_jax.train import optim
-from grain_jax.train import preemption
-from grain_jax.train import workdir_files
-from grain_jax.train import workdir_lock
+from grain_jax.train import optim, preemption, workdir_files, workdir_lock
 from grain_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from grain_jax.train.compiled_step import CompiledStep, wait_for_other_processes
 from grain_jax.train.step import TrainState, make_train_step
@@ -48,14 +43,21 @@ def pack_texts(batch: dict[str, np.ndarray], config, batch_shards: int) -> dict[
   per_group = config.data.batch_size // text_groups(config, batch_shards)
   examples = len(batch["caption_ids"])
   if examples % per_group:
-    raise ConfigError(f"this process holds {examples} examples of each batch, not a multiple of the {per_group} "
-                      f"each device's micro-batch takes: give the mesh's batch axes (config.mesh) at least as "
-                      f"many devices as there are processes")
+    raise ConfigError(
+      f"this process holds {examples} examples of each batch, not a multiple of the {per_group} "
+      f"each device's micro-batch takes: give the mesh's batch axes (config.mesh) at least as "
+      f"many devices as there are processes"
+    )
   agree = None
   if jax.process_count() > 1:
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.array(rows))))
-  return text_packing.pack_batch(batch, examples // per_group, config.model.text.context_length,
-                                 with_descriptions=config.model.kind == "grain", agree_rows=agree)
+  return text_packing.pack_batch(
+    batch,
+    examples // per_group,
+    config.model.text.context_length,
+    with_descriptions=config.model.kind == "grain",
+    agree_rows=agree,
+  )
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
@@ -71,24 +73,32 @@ def optimizer_shardings(tx, params: nnx.State, mesh: jax.sharding.Mesh):
   Left to `jax.jit`, the moments would be replicated on every device: they are `zeros_like` the
   parameters, so nothing propagates the parameters' layout to them.
   """
-  return optax.tree_map_params(tx, lambda _, param_sharding: param_sharding, jax.eval_shape(tx.init, params),
-                               jax.tree.map(lambda x: x.sharding, params),
-                               transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+  return optax.tree_map_params(
+    tx,
+    lambda _, param_sharding: param_sharding,
+    jax.eval_shape(tx.init, params),
+    jax.tree.map(lambda x: x.sharding, params),
+    transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()),
+  )
 
 
 def init_state(model: nnx.Module, tx, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """The step-0 TrainState; with `mesh`, the optimizer state is sharded like the parameters."""
   params = nnx.state(model, nnx.Param)
   init = jax.jit(tx.init) if mesh is None else jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=init(params),
-                    skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=init(params), skipped_steps=jnp.zeros((), jnp.int32)
+  )
 
 
 def abstract_state(model: nnx.Module, tx, mesh: jax.sharding.Mesh) -> TrainState:
   """The step-0 TrainState as `jax.ShapeDtypeStruct`s with the shardings `init_state` gives."""
   params = nnx.state(model, nnx.Param)
-  opt_state = jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-                           jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
+  opt_state = jax.tree.map(
+    lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+    jax.eval_shape(tx.init, params),
+    optimizer_shardings(tx, params, mesh),
+  )
   counter = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
   return TrainState(step=counter, params=params, opt_state=opt_state, skipped_steps=counter)
 
@@ -105,6 +115,7 @@ class Training(NamedTuple):
     (`flops.matmul_flops(flops_fn, state, batch)`) are the step's model FLOPs, which do not count
     the forward pass that remat computes again in the backward pass.
   """
+
   graphdef: nnx.GraphDef
   rest: nnx.State
   state: TrainState
@@ -128,11 +139,17 @@ def build_training(config, mesh: jax.sharding.Mesh, abstract: bool = False) -> T
   tx = optim.make_optimizer(params, config.optim, num_steps, config.model)
   state = (abstract_state if abstract else init_state)(model, tx, mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
-  make_step = functools.partial(make_train_step, rest=rest, tx=tx, config=config,
-                                batch_shards=sharding.batch_shards(mesh, config.sharding_rules),
-                                learning_rate=optim.learning_rate_schedule(config.optim, num_steps))
-  step_fn = jax.jit(make_step(graphdef), in_shardings=(state_shardings, None),
-                    out_shardings=(state_shardings, None), donate_argnums=0)
+  make_step = functools.partial(
+    make_train_step,
+    rest=rest,
+    tx=tx,
+    config=config,
+    batch_shards=sharding.batch_shards(mesh, config.sharding_rules),
+    learning_rate=optim.learning_rate_schedule(config.optim, num_steps),
+  )
+  step_fn = jax.jit(
+    make_step(graphdef), in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=0
+  )
   flops_fn = make_step(_without_remat(config) if config.model.remat else graphdef)
   return Training(graphdef, rest, state, step_fn, flops_fn)
 
@@ -187,8 +204,9 @@ def train(config, workdir: str, stop_at_step: int | None = None) -> tuple[nnx.Mo
     return _train(config, workdir, mesh, lock, stop_at_step)
 
 
-def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: int | None
-           ) -> tuple[nnx.Module, dict[str, float]]:
+def _train(
+  config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: int | None
+) -> tuple[nnx.Module, dict[str, float]]:
   """`train` in a workdir that exists and whose lock this run holds."""
   rules = config.sharding_rules
   shards = sharding.batch_shards(mesh, rules)
@@ -201,16 +219,19 @@ def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: in
 
     # ---- Checkpoint: the state first, so that a checkpoint of another model stops the run before
     # the input pipeline (re)generates synthetic data in the workdir ------------------------------
-    checkpointer = Checkpointer(checkpoint_dir(workdir), config.train.keep_checkpoints,
-                                config.train.async_checkpointing)
+    checkpointer = Checkpointer(
+      checkpoint_dir(workdir), config.train.keep_checkpoints, config.train.async_checkpointing
+    )
     restored = checkpointer.restore_latest(state)
     state = restored or state._replace(params=from_torch.initial_params(state.params, config.model))
     first_step = int(state.step)
     if first_step > num_steps:
       checkpointer.close()
-      raise ConfigError(f"config.train.num_steps={num_steps} is below the step of the newest checkpoint in "
-                        f"{checkpointer.directory}, {first_step}: nothing to train. Raise num_steps to train on, "
-                        "evaluate it with --mode eval, or use a new --workdir to train from step 0")
+      raise ConfigError(
+        f"config.train.num_steps={num_steps} is below the step of the newest checkpoint in "
+        f"{checkpointer.directory}, {first_step}: nothing to train. Raise num_steps to train on, "
+        "evaluate it with --mode eval, or use a new --workdir to train from step 0"
+      )
     if first_step == num_steps:
       logging.info("the newest checkpoint is at step %d = config.train.num_steps: nothing to train", first_step)
 
@@ -229,8 +250,12 @@ def _train(config, workdir: str, mesh: jax.sharding.Mesh, lock, stop_at_step: in
     # Counting a step's FLOPs traces it again: only where they make an mfu.
     step_fn = CompiledStep(step_fn, flops_fn if report.peak_flops is not None else None)
     preempted = False
-    with (preemption.PreemptionNotice() as notice, contextlib.closing(data_iterator), contextlib.closing(checkpointer),
-          contextlib.closing(report)):
+    with (
+      preemption.PreemptionNotice() as notice,
+      contextlib.closing(data_iterator),
+      contextlib.closing(checkpointer),
+      contextlib.closing(report),
+    ):
       for step in range(first_step, last_step):
         # A failed asynchronous save, or a workdir gone from under the run, stops it here.
         checkpointer.check()

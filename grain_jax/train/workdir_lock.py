@@ -156,8 +156,9 @@ class WorkdirLock:
     self.lost = ""  # why the lock is no longer this run's; set by the heartbeat or verify()
     self._mutex = threading.Lock()  # the heartbeat's rewrite and verify()'s reading, one at a time
     self._stop = threading.Event()
-    self._heartbeat = threading.Thread(target=self._beat, args=(heartbeat_s,), daemon=True,
-                                       name="grain_jax_workdir_lock")
+    self._heartbeat = threading.Thread(
+      target=self._beat, args=(heartbeat_s,), daemon=True, name="grain_jax_workdir_lock"
+    )
     self._heartbeat.start()
 
   def _problem(self) -> str:
@@ -245,8 +246,9 @@ class _ObjectLock(WorkdirLock):
     except FileNotFoundError:
       return self._deleted()
     except Exception as error:  # noqa: BLE001 - the bucket out of reach: nothing known, ask again later
-      logging.warning("could not read the workdir lock %s (%s: %s); trying again", self.path,
-                      type(error).__name__, error)
+      logging.warning(
+        "could not read the workdir lock %s (%s: %s); trying again", self.path, type(error).__name__, error
+      )
       return ""
     return "" if generation == self._generation else self._taken_over(_parse(content))
 
@@ -256,8 +258,9 @@ class _ObjectLock(WorkdirLock):
     except FileExistsError:  # not the version this run wrote last: gone, or another run's
       self.lost = self._problem() or self._taken_over({})
     except Exception as error:  # noqa: BLE001 - the next heartbeat tries again
-      logging.warning("could not renew the workdir lock %s (%s: %s); trying again", self.path, type(error).__name__,
-                      error)
+      logging.warning(
+        "could not renew the workdir lock %s (%s: %s); trying again", self.path, type(error).__name__, error
+      )
 
   def _remove(self) -> None:
     try:
@@ -278,24 +281,30 @@ class _HeldByProcessZero:
 
 def _new_record() -> dict:
   now = time.time()
-  return {"host": socket.gethostname(), "pid": os.getpid(), "process": _process_id(os.getpid()),
-          "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
-          "heartbeat": now}
+  return {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "process": _process_id(os.getpid()),
+    "started": datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+    "heartbeat": now,
+  }
 
 
 def _locked_error(workdir: str, path: str, holder: dict, stale_after_s: float) -> WorkdirLockedError:
   heartbeat = holder.get("heartbeat")
   seen = f", last heartbeat {time.time() - heartbeat:.0f} s ago" if isinstance(heartbeat, (int, float)) else ""
   return WorkdirLockedError(
-      f"another training run holds the workdir {workdir} ({describe(holder)}{seen}): wait for it to end or stop "
-      f"it; {path} of a run that is gone is taken over (on another host after {stale_after_s:.0f} s without its "
-      "heartbeat). Evaluating beside it (--mode eval) needs no lock")
+    f"another training run holds the workdir {workdir} ({describe(holder)}{seen}): wait for it to end or stop "
+    f"it; {path} of a run that is gone is taken over (on another host after {stale_after_s:.0f} s without its "
+    "heartbeat). Evaluating beside it (--mode eval) needs no lock"
+  )
 
 
 def _took_over(workdir: str, holder: dict, gone: str) -> None:
   if holder:
-    logging.warning("took over the lock of the workdir %s from a run that is gone (%s: %s)", workdir,
-                    describe(holder), gone)
+    logging.warning(
+      "took over the lock of the workdir %s from a run that is gone (%s: %s)", workdir, describe(holder), gone
+    )
 
 
 def acquire(workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> WorkdirLock:
@@ -306,8 +315,10 @@ def acquire(workdir: str, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float
     WorkdirLockedError naming the holder when another run holds the workdir.
     ArgumentError when the workdir cannot be written (a read-only, archived run).
   """
-  why = ("training writes its checkpoints, metrics and config there (--mode eval and --mode export read a "
-         "read-only run, writing to --output-dir)")
+  why = (
+    "training writes its checkpoints, metrics and config there (--mode eval and --mode export read a "
+    "read-only run, writing to --output-dir)"
+  )
   if files.is_bucket(workdir):
     return _acquire_object(workdir, heartbeat_s, stale_after_s, why)
   check_writable(workdir, "--workdir", why)
@@ -354,8 +365,9 @@ def _acquire_object(workdir: str, heartbeat_s: float, stale_after_s: float, why:
         raise _locked_error(workdir, path, holder, stale_after_s) from None
       continue
     except OSError as error:  # no such bucket, no permission
-      raise ArgumentError(f"--workdir {workdir} cannot be written ({type(error).__name__}: "
-                          f"{' '.join(str(error).split())}): {why}") from error
+      raise ArgumentError(
+        f"--workdir {workdir} cannot be written ({type(error).__name__}: {' '.join(str(error).split())}): {why}"
+      ) from error
     _took_over(workdir, holder, gone)
     return _ObjectLock(path, generation, record, heartbeat_s)
 
