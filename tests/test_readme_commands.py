@@ -312,18 +312,39 @@ def test_a_documented_command_is_valid(document, command, tmp_path, monkeypatch)
     raise AssertionError(f"{document}: {command}\n{type(error).__name__}: {error}") from error
 
 
-def python_blocks() -> list[tuple[str, str]]:
-  return [
-    (str(path.relative_to(ROOT)), body)
-    for path in MARKDOWN
-    for language, body in fenced_blocks(path.read_text())
-    if language == "python"
-  ]
+# What the extras install (requirements-export.txt, requirements-annotate.txt): a block using one of these
+# runs with the extras' tests (`pytest -m extras`).
+EXTRA_PACKAGES = ("torch", "safetensors", "transformers", "tokenizers", "huggingface_hub")
+
+
+def python_blocks() -> list:
+  """(document, code) of every python block, marked `extras` when it imports an extra's package."""
+  blocks = []
+  for path in MARKDOWN:
+    for language, body in fenced_blocks(path.read_text()):
+      if language == "python":
+        imported = {
+          alias.name.split(".")[0]
+          for node in ast.walk(ast.parse(body))
+          if isinstance(node, ast.Import)
+          for alias in node.names
+        }
+        marks = [pytest.mark.extras] if imported & set(EXTRA_PACKAGES) else []
+        blocks.append(pytest.param(str(path.relative_to(ROOT)), body, marks=marks))
+  return blocks
 
 
 @pytest.mark.parametrize("document, code", python_blocks())
 def test_a_documented_python_block_imports_what_exists(document, code):
   tree = ast.parse(code, document)
+  for node in ast.walk(tree):  # a block for an extra (torch, ...) skips without it, as its modules need it
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if not alias.name.startswith("grain_jax"):
+          pytest.importorskip(
+            alias.name.split(".")[0],
+            reason=f"{document}'s block needs {alias.name}, which that document says how to install",
+          )
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.module.startswith("grain_jax"):
       module = importlib.import_module(node.module)
