@@ -41,6 +41,9 @@ import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
+# The launcher's command for two processes of two CPU devices each; grain_jax.main's flags follow.
+TWO_PROCESSES = ["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2", "--"]
+
 # How long a test waits for a subprocess (a training run, a launcher) before killing its process group.
 TIMEOUT_S = 600
 

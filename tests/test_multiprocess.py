@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TIMEOUT_S, finish
+from conftest import TIMEOUT_S, TWO_PROCESSES, finish
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +69,7 @@ def launch_two(workdir: str, *extra: str) -> None:
   """Two processes of two CPU devices each, through the launcher."""
   run(
     [
-      "bash",
-      "launch/local_multiprocess.sh",
-      "--processes",
-      "2",
-      "--devices-per-process",
-      "2",
-      "--",
+      *TWO_PROCESSES,
       *ARGS,
       "--workdir",
       workdir,
@@ -135,13 +129,7 @@ def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
   args = [arg for arg in ARGS if not arg.startswith("--config.train.num_steps")] + ["--config.train.num_steps=1000"]
   launcher = subprocess.Popen(
     [
-      "bash",
-      "launch/local_multiprocess.sh",
-      "--processes",
-      "2",
-      "--devices-per-process",
-      "2",
-      "--",
+      *TWO_PROCESSES,
       *args,
       "--workdir",
       workdir,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TIMEOUT_S, finish, flip_bytes
+from conftest import TIMEOUT_S, TWO_PROCESSES, finish, flip_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,7 @@ def launch(workdir: Path, *extra: str) -> subprocess.Popen:
   """Two processes of two CPU devices each, in a process group of their own."""
   return subprocess.Popen(
     [
-      "bash",
-      "launch/local_multiprocess.sh",
-      "--processes",
-      "2",
-      "--devices-per-process",
-      "2",
-      "--",
+      *TWO_PROCESSES,
       *ARGS,
       *extra,
       "--workdir",
