@@ -10,8 +10,9 @@ grain_jax/config/meshes.py):
   python -m grain_jax.main --config configs/base.py:b16,tpu_v5p_128 --workdir /gcs/BUCKET/runs/b16 \
       --config.data.train_dir=/gcs/BUCKET/shards/cc12m
 
-Paths are local: a bucket is used through its mount (launch/mount_bucket.sh BUCKET mounts gs://BUCKET at
-/gcs/BUCKET); a URL (gs://, s3://, ...) in --workdir or a path field is refused.
+--workdir (and --output-dir) may be a bucket's gs://BUCKET/PATH; the path fields are local, a bucket
+read through its mount (launch/mount_bucket.sh BUCKET mounts gs://BUCKET at /gcs/BUCKET), and a URL in
+one of them is refused.
 """
 
 from grain_jax.config import base

@@ -182,7 +182,7 @@ def write_object(path: str, content: bytes, if_generation: str) -> str:
     "POST",
     f"{filesystem._location}/upload/storage/v1/b/{{}}/o",
     bucket,
-    uploadType="multipart",  # noqa: SLF001
+    uploadType="multipart",
     ifGenerationMatch=if_generation,
     headers={"Content-Type": 'multipart/related; boundary="==0=="'},
     data=body,

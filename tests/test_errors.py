@@ -127,6 +127,10 @@ def _main_cases(tmp_path) -> dict[str, tuple[list[str], str]]:
       r"command line: config\.model\.decoder\.dpth is not a known field \(known in "
       r"config\.model\.decoder: anchor_queries, .*depth, ",
     ),
+    "unknown preset": (
+      ["--config", "configs/base.py:huge", "--workdir", str(tmp_path / "run")],
+      r"config\.model preset 'huge' is unknown; choose one of",
+    ),
     "missing config file": (
       ["--config", "configs/missing.py:tiny", "--workdir", str(tmp_path / "run")],
       r"config file 'configs/missing.py' does not exist",
@@ -193,10 +197,12 @@ def main_results(tmp_path_factory):
   return results
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
   "name",
   [
     "unknown field",
+    "unknown preset",
     "missing config file",
     "url workdir",
     "url in config",
@@ -216,11 +222,13 @@ def test_main_reports_a_user_error_in_one_message(main_results, name):
   assert message.startswith("error: ") and re.search(pattern, message), stderr[-3000:]
 
 
+@pytest.mark.integration
 def test_a_run_that_fails_leaves_no_empty_workdir(main_results):
   """Config errors stop before the workdir is made; data errors come after it was made, and the run
   removes it again as long as it holds no file."""
   for name in (
     "unknown field",
+    "unknown preset",
     "url in config",
     "manifest not json",
     "garbage shard",

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> int:
   config.data.batch_size = args.batch
   if args.scan_layers:
     config.model.scan_layers = args.scan_layers == "true"
-  validate(config)
+  validate(config, num_devices=1, training=True)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   full_batch = synthetic_batch(config, args.batch)
   packed = trainer.pack_texts(full_batch, config, 1)

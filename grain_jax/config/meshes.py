@@ -7,6 +7,7 @@ presets are named after their machines in `grain_jax.hardware.MACHINES` (devices
 which also say whether they span several processes.
 """
 
+from grain_jax.errors import ConfigError
 from grain_jax.hardware import MACHINES
 
 
@@ -38,7 +39,7 @@ MESHES = {
 def apply(config, name: str) -> None:
   """Sets `config.mesh` and `config.train.multiprocess` from preset `name`."""
   if name not in MESHES:
-    raise ValueError(f"mesh preset {name!r} is unknown; choose one of {sorted(MESHES)}")
+    raise ConfigError(f"mesh preset {name!r} is unknown; choose one of {sorted(MESHES)}")
   preset = dict(MESHES[name])
   config.train.multiprocess = preset.pop("multiprocess")
   config.mesh.update(preset)

@@ -7,6 +7,8 @@ The text tower is OpenAI CLIP's 512x12x8 for every preset but `tiny`; the decode
 
 import ml_collections
 
+from grain_jax.errors import ConfigError
+
 PRESETS = ("tiny", "small", "b16", "l14")
 
 
@@ -15,9 +17,9 @@ def _tower(width: int, depth: int, heads: int, **extra) -> dict:
 
 
 def get_model_config(preset: str) -> ml_collections.ConfigDict:
-  """The `model` section for `preset`; raises ValueError naming the preset if unknown."""
+  """The `model` section for `preset`; raises ConfigError naming the preset if unknown."""
   if preset not in PRESETS:
-    raise ValueError(f"config.model preset {preset!r} is unknown; choose one of {PRESETS}")
+    raise ConfigError(f"config.model preset {preset!r} is unknown; choose one of {PRESETS}")
   clip_text = _tower(512, 12, 8)
   reference_decoder = _tower(512, 6, 8, mlp_dim=2048)
   towers = {

@@ -13,6 +13,7 @@ our training choices) or `clip` (the plain-CLIP baseline, trained as `grain`), m
 import math
 
 from grain_jax.config import base
+from grain_jax.errors import ConfigError
 from grain_jax.eval.datasets import AUTHORS_PAPER_SETS
 
 KINDS = ("grain", "grain_grounded", "clip")
@@ -49,9 +50,9 @@ def get_recipe_config(num_train_images: int, arg: str | None):
   kind, _, mesh = (arg or "grain").partition(",")
   mesh = mesh or "gpu_2x8_h100"
   if kind not in KINDS:
-    raise ValueError(f"recipe kind {kind!r} is unknown; choose one of {KINDS}")
+    raise ConfigError(f"recipe kind {kind!r} is unknown; choose one of {KINDS}")
   if mesh not in FITS:
-    raise ValueError(f"recipe mesh {mesh!r} is unknown; choose one of {sorted(FITS)}")
+    raise ConfigError(f"recipe mesh {mesh!r} is unknown; choose one of {sorted(FITS)}")
   config = base.get_config(f"b16,{mesh}")
   fit = FITS[mesh]
   config.model.update(

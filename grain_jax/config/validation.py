@@ -35,6 +35,7 @@ AT_LEAST_ONE = (
   "train.checkpoint_every",
   "train.keep_checkpoints",
   "train.heartbeat_timeout_s",
+  "train.initialization_timeout_s",
   "data.batch_size",
   "data.read_threads",
   "data.worker_buffer_size",

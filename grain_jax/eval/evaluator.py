@@ -74,7 +74,7 @@ class Evaluator(abc.ABC):
 
   @abc.abstractmethod
   def __init__(self, entry: str, context: Context):
-    """Reads the set `entry` names (at most `config.eval.max_examples` of its images)."""
+    """Prepares the set `entry` names: reads it (at most `config.eval.max_examples` images) or locates it."""
 
   @abc.abstractmethod
   def run(self, model, runner: Runner) -> dict:
