@@ -24,9 +24,9 @@ from flax import nnx
 from PIL import Image, ImageDraw, ImageFont
 
 from grain_jax import files
-from grain_jax.eval import datasets, grounding, pictures
+from grain_jax.eval import grounding, pictures
 from grain_jax.eval.evaluator import Compared, Context, Evaluator, Row, scored_compared, scored_rows
-from grain_jax.eval.runner import Runner, image_embeddings, model_image_size, spread
+from grain_jax.eval.runner import Runner, image_embeddings, model_image_size
 from grain_jax.ops import boxes as box_ops
 
 
@@ -97,8 +97,7 @@ class AttentionMaps(Evaluator):
 
   def __init__(self, entry: str, context: Context):
     self.context = context
-    self.name, data = datasets.grounding(entry, context.config, context.workdir)
-    self.data = grounding.subset(data, spread(len(data.source), context.config.eval.max_examples))
+    self.name, self.data = grounding.grounding_set(entry, context)
 
   def run(self, model, runner: Runner) -> dict:
     """{"rows": {metric: %}, "no_skill": {metric: % of a uniform map}, "grid", "num_images",

@@ -47,6 +47,8 @@ class Context:
   settings: `protocol.settings(config.eval)`, the zero-shot protocol's effective settings.
   text_cache: the class text embeddings of the model's text tower.
   fitted_boxes: grounding's image-blind fixed boxes, fitted once per training data folder.
+  grounding_sets: the grounding sets read so far (entry -> (name, set)), which grounding and the
+    attention maps both score.
   """
 
   config: ml_collections.ConfigDict
@@ -55,6 +57,7 @@ class Context:
   settings: dict
   text_cache: text_cache.TextCache
   fitted_boxes: dict = dataclasses.field(default_factory=dict)
+  grounding_sets: dict = dataclasses.field(default_factory=dict)
 
   def picture_dir(self, section: str, name: str) -> str:
     """Where set `name` of `section` writes its pictures ("" when this process writes none)."""

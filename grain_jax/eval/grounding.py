@@ -190,6 +190,15 @@ def fitted_fixed_boxes(config, workdir: str, entry: str, fitted: dict) -> dict |
   return fitted[data_dir]
 
 
+def grounding_set(entry: str, context: Context) -> tuple[str, sets.GroundingSet]:
+  """(name, set) of the grounding set `entry` names, at most `config.eval.max_examples` of its images
+  spread over it; read once per evaluation for every kind that scores it (grounding, attention maps)."""
+  if entry not in context.grounding_sets:
+    name, data = datasets.grounding(entry, context.config, context.workdir)
+    context.grounding_sets[entry] = name, subset(data, spread(len(data.source), context.config.eval.max_examples))
+  return context.grounding_sets[entry]
+
+
 class Grounding(Evaluator):
   """Box recall and localization diagnostics (`box_metrics`) over one grounding set, beside the
   image-blind fixed boxes fitted on the training data; GRAIN models only (the plain-CLIP baseline's
@@ -203,8 +212,7 @@ class Grounding(Evaluator):
 
   def __init__(self, entry: str, context: Context):
     self.entry, self.context = entry, context
-    self.name, data = datasets.grounding(entry, context.config, context.workdir)
-    self.data = subset(data, spread(len(data.source), context.config.eval.max_examples))
+    self.name, self.data = grounding_set(entry, context)
 
   def run(self, model, runner: Runner) -> dict:
     """`box_metrics`, with "fixed_box_baseline" (where fitted) and "pictures": the first
