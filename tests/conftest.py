@@ -44,6 +44,25 @@ from PIL import Image  # noqa: E402
 # The launcher's command for two processes of two CPU devices each; grain_jax.main's flags follow.
 TWO_PROCESSES = ["bash", "launch/local_multiprocess.sh", "--processes", "2", "--devices-per-process", "2", "--"]
 
+
+def tiny_run_flags(steps: int, examples: int = 2) -> list[str]:
+  """grain_jax.main's flags for a run a subprocess test can afford: the tiny preset, batches of 8 from 32
+  synthetic scenes, `steps` steps each logged, no evaluation; `examples` retrieval and grounding scenes."""
+  return [
+    "--config",
+    "configs/base.py:tiny",
+    "--config.data.batch_size=8",
+    f"--config.train.num_steps={steps}",
+    "--config.train.log_every=1",
+    "--config.experiment.evaluate=False",
+    "--config.optim.warmup_steps=1",
+    "--config.data.synthetic.num_train=32",
+    "--config.data.synthetic.images_per_class=1",
+    f"--config.data.synthetic.num_retrieval={examples}",
+    f"--config.data.synthetic.num_grounding={examples}",
+  ]
+
+
 # How long a test waits for a subprocess (a training run, a launcher) before killing its process group.
 TIMEOUT_S = 600
 

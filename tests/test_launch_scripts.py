@@ -13,6 +13,8 @@ from grain_jax.hardware import CHIPS, MACHINES
 
 pytestmark = pytest.mark.integration
 
+# launch/gke_xpk.sh run with the least it takes (cluster, zone, bucket, base image).
+GKE_RUN = ["run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"]
 SCRIPTS = sorted(glob.glob("launch/*.sh") + glob.glob("launch/*.sbatch") + glob.glob("tests/fakes/*"))
 
 
@@ -115,7 +117,7 @@ def test_the_launch_scripts_read_the_hardware_table_and_hold_no_copy(tmp_path):
   assert option(create, "--version") == "runtime-of-the-table"
   start = find(dry_run(tpu_pod, "run", *location, "--workdir", "/gcs/b/r"), "gcloud", "compute", "tpus")[-1]
   assert "--config configs/cc12m_b16.py:grain,preset_of_the_table " in option(start, "--command")
-  [submit] = find(dry_run(gke_xpk, "run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"), "xpk")
+  [submit] = find(dry_run(gke_xpk, *GKE_RUN), "xpk")
   main = shlex.split(option(submit, "--command"))
   assert option(main, "--config") == "configs/cc12m_b16.py:grain,preset_of_the_table"
 
@@ -296,21 +298,13 @@ def xpk_restart_codes(flag: str) -> set[int]:
 def test_gke_xpk_restarts_a_preempted_or_crashed_pod_and_gives_it_time_to_save():
   """xpk restarts only on 42 and 127-255 unless told more: the trainer's 75 (saved on SIGTERM) and a
   crash's 1 would end the job for good. A user error (2) fails the same way on every try."""
-  [submit] = dry_run("launch/gke_xpk.sh", "run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i")
+  [submit] = dry_run("launch/gke_xpk.sh", *GKE_RUN)
   codes = xpk_restart_codes(option(submit, "--restart-on-exit-codes"))
   assert {1, 75, 137, 143} <= codes and 2 not in codes and 0 not in codes
   assert option(submit, "--termination-grace-period-seconds") == "300"  # xpk's default is 30
   [submit] = dry_run(
     "launch/gke_xpk.sh",
-    "run",
-    "--cluster",
-    "c",
-    "--zone",
-    "z",
-    "--bucket",
-    "b",
-    "--base-image",
-    "i",
+    *GKE_RUN,
     "--grace-seconds",
     "600",
   )
@@ -370,15 +364,7 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
   command = [
     "bash",
     str(root / "launch" / "gke_xpk.sh"),
-    "run",
-    "--cluster",
-    "c",
-    "--zone",
-    "z",
-    "--bucket",
-    "b",
-    "--base-image",
-    "i",
+    *GKE_RUN,
     "--max-archive-mb",
     "1",
     "--dry-run",
@@ -395,7 +381,7 @@ def test_gke_xpk_refuses_an_image_of_a_large_checkout(tmp_path):
 
 # Each launcher with arguments that would run for real, and the tool it would run.
 LAUNCHERS = [
-  ("launch/gke_xpk.sh", ["run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"], "xpk"),
+  ("launch/gke_xpk.sh", GKE_RUN, "xpk"),
   ("launch/tpu_pod.sh", ["delete", "--name", "p", "--zone", "z"], "gcloud"),
   ("launch/slurm_gpu.sh", [], "sbatch"),
   ("launch/local_multiprocess.sh", ["--port", "1234"], "python"),
@@ -439,7 +425,7 @@ OLD_BASH = os.environ.get("GRAIN_JAX_OLD_BASH", "")
 @pytest.mark.parametrize(
   "script, args, needed",
   [
-    ("launch/gke_xpk.sh", ["run", "--cluster", "c", "--zone", "z", "--bucket", "b", "--base-image", "i"], "4.4"),
+    ("launch/gke_xpk.sh", GKE_RUN, "4.4"),
     ("launch/tpu_pod.sh", ["up", "--name", "p", "--zone", "z", "--bucket", "b"], "4.4"),
     ("launch/slurm_gpu.sh", ["--", "--workdir", "/w"], "4.4"),
     ("launch/local_multiprocess.sh", ["--", "--workdir", "/w"], "5.1"),

@@ -14,23 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from conftest import TIMEOUT_S, TWO_PROCESSES, finish
+from conftest import TIMEOUT_S, TWO_PROCESSES, finish, tiny_run_flags
 
 pytestmark = pytest.mark.integration
 
-ARGS = [
-  "--config",
-  "configs/base.py:tiny",
-  "--config.data.batch_size=8",
-  "--config.train.num_steps=3",
-  "--config.train.log_every=1",
-  "--config.experiment.evaluate=False",
-  "--config.optim.warmup_steps=1",
-  "--config.data.synthetic.num_train=32",
-  "--config.data.synthetic.images_per_class=1",
-  "--config.data.synthetic.num_retrieval=2",
-  "--config.data.synthetic.num_grounding=2",
-]
+ARGS = tiny_run_flags(3)
 HEARTBEAT_S = 5
 # One of two processes started by `grain_jax.main.initialize_distributed` (argv: process id, port);
 # process 0 then waits at a barrier that process 1, killed by the test, never reaches.
@@ -126,7 +114,7 @@ def children(pid: int) -> list[int]:
 
 def test_a_notice_to_one_process_makes_both_save_the_same_step(tmp_path):
   workdir = str(tmp_path / "preempted")
-  args = [arg for arg in ARGS if not arg.startswith("--config.train.num_steps")] + ["--config.train.num_steps=1000"]
+  args = tiny_run_flags(1000)
   launcher = subprocess.Popen(
     [
       *TWO_PROCESSES,

@@ -14,26 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TIMEOUT_S, TWO_PROCESSES, finish, flip_bytes
+from conftest import TIMEOUT_S, TWO_PROCESSES, finish, flip_bytes, tiny_run_flags
 
 pytestmark = pytest.mark.integration
 
 STEPS = 6
 HEARTBEAT_S = 20  # config.train.heartbeat_timeout_s's default
-ARGS = [
-  "--config",
-  "configs/base.py:tiny",
-  "--config.data.batch_size=8",
-  f"--config.train.num_steps={STEPS}",
-  "--config.train.log_every=1",
-  "--config.train.checkpoint_every=2",
-  "--config.experiment.evaluate=False",
-  "--config.optim.warmup_steps=1",
-  "--config.data.synthetic.num_train=32",
-  "--config.data.synthetic.images_per_class=1",
-  "--config.data.synthetic.num_retrieval=2",
-  "--config.data.synthetic.num_grounding=2",
-]
+ARGS = [*tiny_run_flags(STEPS), "--config.train.checkpoint_every=2"]
 
 
 def launch(workdir: Path, *extra: str) -> subprocess.Popen:
